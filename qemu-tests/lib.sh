@@ -1,0 +1,453 @@
+# shellcheck shell=bash
+# qemu-tests/lib.sh — helpers sourced by every qemu-tests/t-*.sh script.
+#
+#   . "$(dirname "$0")/lib.sh"
+#
+# Everything a test creates lives in a per-run temp dir ($T, from mktemp -d)
+# that the EXIT trap removes (set KEEP_TMP=1 to keep it for debugging). The same
+# trap stops every process the test started: lazybd (by its recorded pid), the
+# nginx origin (by its pid file) and clients registered with bg_track.
+#
+# Env:
+#   LAZYBD               binary under test (default $REPO/target/release/lazybd)
+#   LAZYBD_START_TIMEOUT seconds to wait for the listener (default 30)
+#   LAZYBD_STOP_TIMEOUT  seconds to wait for exit after SIGTERM (default 20)
+#   NBD_PYTHON           python3 with the libnbd bindings (default /usr/bin/python3;
+#                        python3-libnbd, installed by scripts/install-deps.sh)
+#   KEEP_TMP=1           keep $T after the test
+#
+# Only loopback addresses are used, for nginx and for lazybd.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LAZYBD=${LAZYBD:-$REPO/target/release/lazybd}
+NBD_PYTHON=${NBD_PYTHON:-/usr/bin/python3}
+TEST_NAME=$(basename "$0" .sh)
+T=$(mktemp -d "${TMPDIR:-/tmp}/lazybd-$TEST_NAME.XXXXXX")
+# nginx workers drop to an unprivileged user when the test runs as root: they
+# must be able to traverse $T and read the images.
+chmod 0755 "$T"
+_T0=$(date +%s.%N)
+
+LAZYBD_PID=""      # pid of the running lazybd (empty when none)
+LAZYBD_RC=""       # exit status of the last lazybd that was stopped/killed
+LAZYBD_LOG=""      # log (stderr+stdout) of the current / last lazybd
+LAZYBD_URI=""      # nbd:// URI of the first TCP listener of the current lazybd
+LAZYBD_UNIX_URI="" # nbd+unix:// URI of the first unix listener, if any
+LAZYBD_PORT=""     # port of the first TCP listener
+LAZYBD_NAME=disk   # export name of the current lazybd
+_LAZYBD_N=0        # how many lazybd processes this test started
+BG_PIDS=()         # other background processes (bg_track) to kill at exit
+ORIGIN_URL=""      # http://127.0.0.1:PORT of the nginx origin
+ORIGIN_DIR=""      # directory nginx serves
+NGINX_STATE=$T/nginx
+ORIGIN_ACCESS_LOG=$NGINX_STATE/access.log
+
+# ---------------------------------------------------------------- messages
+
+log() {
+  local now; now=$(date +%s.%N)
+  printf '[%s +%5.1fs] %s\n' "$TEST_NAME" "$(awk -v a="$_T0" -v b="$now" 'BEGIN{print b-a}')" "$*" >&2
+}
+
+fail() {
+  printf '[%s] FAIL: %s\n' "$TEST_NAME" "$*" >&2
+  exit 1
+}
+
+# ---------------------------------------------------------------- cleanup
+
+_pid_alive() {  # PID -> 0 if it exists and is not a zombie
+  local pid=$1 st
+  kill -0 "$pid" 2>/dev/null || return 1
+  st=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || echo X)
+  [[ $st != Z && $st != X ]]
+}
+
+_cleanup() {
+  local rc=$?
+  set +e
+  trap - EXIT INT TERM
+  local p
+  for p in "${BG_PIDS[@]}"; do
+    _pid_alive "$p" && kill "$p" 2>/dev/null
+  done
+  if [[ -n $LAZYBD_PID ]] && _pid_alive "$LAZYBD_PID"; then
+    kill -TERM "$LAZYBD_PID" 2>/dev/null
+    for _ in $(seq 50); do _pid_alive "$LAZYBD_PID" || break; sleep 0.1; done
+    _pid_alive "$LAZYBD_PID" && kill -KILL "$LAZYBD_PID" 2>/dev/null
+  fi
+  for p in "${BG_PIDS[@]}"; do
+    _pid_alive "$p" && kill -KILL "$p" 2>/dev/null
+  done
+  origin_stop
+  wait 2>/dev/null
+  if [[ $rc != 0 ]]; then
+    local f
+    for f in "$T"/lazybd-*.log; do
+      [[ -f $f ]] || continue
+      echo "---- last lines of $(basename "$f") ----" >&2
+      tail -n 25 "$f" >&2
+    done
+    if [[ -s $NGINX_STATE/error.log ]]; then
+      echo "---- nginx error.log ----" >&2
+      tail -n 10 "$NGINX_STATE/error.log" >&2
+    fi
+  fi
+  if [[ ${KEEP_TMP:-0} == 1 ]]; then
+    echo "[$TEST_NAME] kept temp dir $T" >&2
+  else
+    rm -rf "$T"
+  fi
+  exit "$rc"
+}
+trap _cleanup EXIT
+trap 'exit 143' TERM
+trap 'exit 130' INT
+
+bg_track() {  # PID... : kill these at exit if they are still running
+  BG_PIDS+=("$@")
+}
+
+# ---------------------------------------------------------------- assertions
+
+assert_eq() {  # EXPECTED ACTUAL MESSAGE
+  [[ $1 == "$2" ]] || fail "$3: expected '$1', got '$2'"
+}
+
+assert_le() {  # A B MESSAGE : A <= B (integers)
+  (($1 <= $2)) || fail "$3: expected $1 <= $2"
+}
+
+assert_ge() {  # A B MESSAGE : A >= B (integers)
+  (($1 >= $2)) || fail "$3: expected $1 >= $2"
+}
+
+assert_grep() {  # ERE FILE MESSAGE
+  grep -Eq -- "$1" "$2" || fail "$3 (no line matching /$1/ in $(basename "$2"))"
+}
+
+assert_no_grep() {  # ERE FILE MESSAGE
+  if grep -Eq -- "$1" "$2"; then
+    fail "$3: $(grep -Em3 -- "$1" "$2" | tr '\n' ' ')"
+  fi
+}
+
+require_cmd() {
+  local c
+  for c in "$@"; do
+    command -v "$c" >/dev/null 2>&1 || fail "missing tool '$c' (run scripts/install-deps.sh)"
+  done
+}
+
+require_nbd_python() {
+  "$NBD_PYTHON" -c 'import nbd' 2>/dev/null ||
+    fail "$NBD_PYTHON cannot import nbd (apt-get install python3-libnbd; scripts/install-deps.sh does it)"
+}
+
+# ---------------------------------------------------------------- data
+
+free_port() {  # print a TCP port on 127.0.0.1 nobody is bound to (below the ephemeral range)
+  local p i
+  for i in $(seq 200); do
+    p=$((20000 + RANDOM % 12000))
+    if [[ -z $(ss -Htan "( sport = :$p )" 2>/dev/null) ]] &&
+       ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "$p"; return 0
+    fi
+  done
+  fail "free_port: no free port found"
+}
+
+MIB=$((1024 * 1024))
+ZERO_OFF=0  # set by mkimage: byte offset and length of its all-zero region
+ZERO_LEN=0
+
+# mkimage PATH MIB [EXTRA_BYTES]
+# Random raw image of MIB MiB (+ EXTRA_BYTES, to get a size that is not a
+# multiple of any block size) with an all-zero region of 4 MiB (1 MiB for
+# images < 16 MiB) starting at a 4 MiB-aligned offset near the middle. Sets
+# ZERO_OFF / ZERO_LEN (call it directly, not in $(...)).
+mkimage() {
+  local path=$1 mib=$2 extra=${3:-0} zmib
+  mkdir -p "$(dirname "$path")"
+  head -c "$((mib * MIB + extra))" /dev/urandom > "$path.tmp"
+  if ((mib >= 16)); then zmib=4; else zmib=1; fi
+  ZERO_OFF=$(((mib / 2) / zmib * zmib * MIB))
+  ZERO_LEN=$((zmib * MIB))
+  dd if=/dev/zero of="$path.tmp" bs=1M seek=$((ZERO_OFF / MIB)) count="$zmib" conv=notrunc status=none
+  chmod 0644 "$path.tmp"
+  mv -f "$path.tmp" "$path"
+}
+
+sha_file() {  # FILE -> sha256 hex
+  sha256sum "$1" | awk '{print $1}'
+}
+
+# sha_nbd URI [NBDCOPY-OPTIONS...] -> sha256 of the whole export, read with nbdcopy
+sha_nbd() {
+  local uri=$1; shift
+  nbdcopy "$@" "$uri" - | sha256sum | awk '{print $1}'
+}
+
+# assert_same_as_file FILE URI [NBDCOPY-OPTIONS...]
+assert_same_as_file() {
+  local file=$1 uri=$2 want got; shift 2
+  want=$(sha_file "$file")
+  got=$(sha_nbd "$uri" "$@") || fail "nbdcopy $* $uri failed"
+  [[ $want == "$got" ]] || fail "content of $uri ($got) differs from $(basename "$file") ($want)"
+  log "nbdcopy $* $uri: sha256 matches $(basename "$file")"
+}
+
+# ---------------------------------------------------------------- origin (nginx)
+
+# origin_start DIR : nginx on a free 127.0.0.1 port serving DIR, one range per
+# request (max_ranges 1), access log on in $ORIGIN_ACCESS_LOG. Sets ORIGIN_URL
+# and prints it. Locations:
+#   /secure/...  403 unless the request has "X-Test-Token: $ORIGIN_TOKEN" (default abc)
+#   /slow/...    rate-limited to $ORIGIN_SLOW_RATE per connection (default 16m)
+# Access log lines are '|'-separated:
+#   msec|method|uri|status|range|x-test-token|body_bytes|if-range|if-match|if-none-match|connection
+origin_start() {
+  local dir port
+  dir=$(readlink -f "${1:?origin_start DIR}")
+  chmod 0755 "$dir"
+  port=$(free_port)
+  mkdir -p "$NGINX_STATE/tmp"
+  cat > "$NGINX_STATE/nginx.conf" <<EOF
+daemon on;
+worker_processes 2;
+pid $NGINX_STATE/nginx.pid;
+error_log $NGINX_STATE/error.log warn;
+events { worker_connections 1024; }
+http {
+  log_format lazybd '\$msec|\$request_method|\$uri|\$status|\$http_range|\$http_x_test_token|\$body_bytes_sent|\$http_if_range|\$http_if_match|\$http_if_none_match|\$connection';
+  access_log $ORIGIN_ACCESS_LOG lazybd;
+  sendfile on; tcp_nodelay on;
+  keepalive_requests 1000000; keepalive_timeout 300s;
+  max_ranges 1;
+  client_body_temp_path $NGINX_STATE/tmp; proxy_temp_path $NGINX_STATE/tmp;
+  fastcgi_temp_path $NGINX_STATE/tmp; uwsgi_temp_path $NGINX_STATE/tmp; scgi_temp_path $NGINX_STATE/tmp;
+  default_type application/octet-stream;
+  server {
+    listen 127.0.0.1:$port;
+    root $dir;
+    location = /__ready { access_log off; return 204; }
+    location / { }
+    location /secure/ {
+      if (\$http_x_test_token != "${ORIGIN_TOKEN:-abc}") { return 403; }
+    }
+    location /slow/ { limit_rate ${ORIGIN_SLOW_RATE:-16m}; }
+  }
+}
+EOF
+  : > "$ORIGIN_ACCESS_LOG"
+  nginx -c "$NGINX_STATE/nginx.conf" -p "$NGINX_STATE" -e "$NGINX_STATE/error.log" ||
+    fail "nginx did not start"
+  local ok=0
+  for _ in $(seq 100); do
+    if curl -fsS -o /dev/null "http://127.0.0.1:$port/__ready" 2>/dev/null; then ok=1; break; fi
+    sleep 0.05
+  done
+  ((ok)) || fail "nginx on 127.0.0.1:$port not answering"
+  ORIGIN_URL=http://127.0.0.1:$port
+  ORIGIN_DIR=$dir
+  echo "$ORIGIN_URL"
+}
+
+origin_stop() {
+  local pid
+  [[ -f $NGINX_STATE/nginx.pid ]] || return 0
+  pid=$(cat "$NGINX_STATE/nginx.pid" 2>/dev/null) || return 0
+  [[ -n $pid ]] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+  rm -f "$NGINX_STATE/nginx.pid"
+  return 0
+}
+
+origin_mark() {  # print the current number of access log lines (a position)
+  wc -l < "$ORIGIN_ACCESS_LOG" | tr -d ' '
+}
+
+# _origin_lines [MARK] : access log lines after line MARK (default 0)
+_origin_lines() {
+  tail -n "+$((${1:-0} + 1))" "$ORIGIN_ACCESS_LOG"
+}
+
+# origin_requests [PATH] : number of GET requests in the access log (for PATH only
+# if given, e.g. /disk.img)
+origin_requests() {
+  origin_requests_since 0 "${1:-}"
+}
+
+# origin_requests_since MARK [PATH] : GET requests after MARK
+origin_requests_since() {
+  _origin_lines "$1" | awk -F'|' -v p="${2:-}" '$2=="GET" && (p=="" || $3==p) {n++} END {print n+0}'
+}
+
+# origin_all_requests_since MARK : requests of any method after MARK
+origin_all_requests_since() {
+  _origin_lines "$1" | awk -F'|' 'NF>=4 {n++} END {print n+0}'
+}
+
+# origin_probes_since MARK [PATH] : GETs with "Range: bytes=0-0" (lazybd's open probe)
+origin_probes_since() {
+  _origin_lines "$1" | awk -F'|' -v p="${2:-}" '$2=="GET" && (p=="" || $3==p) && $5=="bytes=0-0" {n++} END {print n+0}'
+}
+
+# origin_data_requests_since MARK [PATH] : GETs that fetch data (everything but the probe)
+origin_data_requests_since() {
+  _origin_lines "$1" | awk -F'|' -v p="${2:-}" '$2=="GET" && (p=="" || $3==p) && $5!="bytes=0-0" {n++} END {print n+0}'
+}
+
+# origin_bytes_since MARK [PATH] : body bytes nginx sent for GETs after MARK
+origin_bytes_since() {
+  _origin_lines "$1" | awk -F'|' -v p="${2:-}" '$2=="GET" && (p=="" || $3==p) {n+=$7} END {printf "%d\n", n+0}'
+}
+
+# ---------------------------------------------------------------- lazybd
+
+require_lazybd() {
+  [[ -x $LAZYBD ]] || fail "lazybd binary $LAZYBD not found (cargo build --release, or set LAZYBD)"
+}
+
+# _listen_uri ADDR NAME -> NBD URI for one --listen value
+_listen_uri() {
+  local addr=$1 name=$2
+  if [[ $addr == unix:* ]]; then
+    echo "nbd+unix:///$name?socket=${addr#unix:}"
+  else
+    echo "nbd://$addr/$name"
+  fi
+}
+
+# lazybd_start SERVE-ARGS...
+# Runs "$LAZYBD serve SERVE-ARGS..." in the background (stdout+stderr to
+# $T/lazybd-N.log = $LAZYBD_LOG) and waits until every listener answers
+# nbdinfo --size. Without any --listen in the args it adds
+# --listen 127.0.0.1:<free port>. Sets LAZYBD_PID, LAZYBD_URI, LAZYBD_UNIX_URI,
+# LAZYBD_PORT, LAZYBD_NAME. Must not be called in a subshell.
+lazybd_start() {
+  require_lazybd
+  [[ -z $LAZYBD_PID ]] || fail "lazybd_start: lazybd $LAZYBD_PID is still running"
+  local args=("$@") listens=() name=disk i a
+  for ((i = 0; i < ${#args[@]}; i++)); do
+    a=${args[i]}
+    case $a in
+      --listen) listens+=("${args[i + 1]}"); i=$((i + 1)) ;;
+      --listen=*) listens+=("${a#--listen=}") ;;
+      --name) name=${args[i + 1]}; i=$((i + 1)) ;;
+      --name=*) name=${a#--name=} ;;
+    esac
+  done
+  if ((${#listens[@]} == 0)); then
+    listens=("127.0.0.1:$(free_port)")
+    args+=(--listen "${listens[0]}")
+  fi
+  LAZYBD_NAME=$name; LAZYBD_URI=""; LAZYBD_UNIX_URI=""; LAZYBD_PORT=""
+  for a in "${listens[@]}"; do
+    if [[ $a == unix:* ]]; then
+      [[ -n $LAZYBD_UNIX_URI ]] || LAZYBD_UNIX_URI=$(_listen_uri "$a" "$name")
+    else
+      if [[ -z $LAZYBD_URI ]]; then LAZYBD_URI=$(_listen_uri "$a" "$name"); LAZYBD_PORT=${a##*:}; fi
+    fi
+  done
+  _LAZYBD_N=$((_LAZYBD_N + 1))
+  LAZYBD_LOG=$T/lazybd-$_LAZYBD_N.log
+  log "start #$_LAZYBD_N: lazybd serve ${args[*]}"
+  "$LAZYBD" serve "${args[@]}" </dev/null >"$LAZYBD_LOG" 2>&1 &
+  LAZYBD_PID=$!
+  local deadline=$((SECONDS + ${LAZYBD_START_TIMEOUT:-30})) uri
+  for a in "${listens[@]}"; do
+    uri=$(_listen_uri "$a" "$name")
+    while :; do
+      if ! _pid_alive "$LAZYBD_PID"; then
+        wait "$LAZYBD_PID" 2>/dev/null && LAZYBD_RC=0 || LAZYBD_RC=$?
+        LAZYBD_PID=""
+        fail "lazybd exited (status $LAZYBD_RC) before $uri was ready; log: $(tail -n 5 "$LAZYBD_LOG" | tr '\n' ' ')"
+      fi
+      if [[ $a == unix:* && ! -S ${a#unix:} ]]; then
+        :
+      elif nbdinfo --size "$uri" >/dev/null 2>&1; then
+        break
+      fi
+      ((SECONDS < deadline)) || fail "lazybd not ready on $uri after ${LAZYBD_START_TIMEOUT:-30}s"
+      sleep 0.1
+    done
+  done
+  log "lazybd pid $LAZYBD_PID ready: ${LAZYBD_URI:-} ${LAZYBD_UNIX_URI:-}"
+}
+
+# _lazybd_wait_exit TIMEOUT : wait for $LAZYBD_PID to exit; sets LAZYBD_RC; 1 on timeout
+_lazybd_wait_exit() {
+  local deadline=$((SECONDS + $1))
+  while _pid_alive "$LAZYBD_PID"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.1
+  done
+  wait "$LAZYBD_PID" 2>/dev/null && LAZYBD_RC=0 || LAZYBD_RC=$?
+  LAZYBD_PID=""
+}
+
+# lazybd_stop [SIGNAL] : graceful stop (default TERM); asserts exit status 0 and
+# the final summary line with origin_requests=N
+lazybd_stop() {
+  local sig=${1:-TERM}
+  [[ -n $LAZYBD_PID ]] || fail "lazybd_stop: no lazybd running"
+  kill -"$sig" "$LAZYBD_PID"
+  if ! _lazybd_wait_exit "${LAZYBD_STOP_TIMEOUT:-20}"; then
+    kill -KILL "$LAZYBD_PID" 2>/dev/null
+    fail "lazybd did not exit within ${LAZYBD_STOP_TIMEOUT:-20}s of SIG$sig"
+  fi
+  [[ $LAZYBD_RC == 0 ]] || fail "lazybd exited with status $LAZYBD_RC after SIG$sig (want 0)"
+  grep -q 'origin_requests=' "$LAZYBD_LOG" || fail "lazybd log has no final summary line with origin_requests="
+  log "lazybd stopped by SIG$sig, exit 0; summary: $(lazybd_summary)"
+}
+
+# lazybd_kill9 : SIGKILL, reap
+lazybd_kill9() {
+  [[ -n $LAZYBD_PID ]] || fail "lazybd_kill9: no lazybd running"
+  kill -KILL "$LAZYBD_PID"
+  _lazybd_wait_exit 10 || fail "lazybd did not die on SIGKILL"
+  log "lazybd killed with SIGKILL (status $LAZYBD_RC)"
+}
+
+# lazybd_log_plain [LOG] : the log without ANSI colour codes
+lazybd_log_plain() {
+  sed 's/\x1b\[[0-9;]*m//g' "${1:-$LAZYBD_LOG}"
+}
+
+# lazybd_summary [LOG] : the last log line with origin_requests=
+lazybd_summary() {
+  lazybd_log_plain "${1:-}" | grep 'origin_requests=' | tail -n 1
+}
+
+# lazybd_origin_requests [LOG] : N from the summary's origin_requests=N
+lazybd_origin_requests() {
+  lazybd_summary "${1:-}" | sed -n 's/.*origin_requests=\([0-9][0-9]*\).*/\1/p'
+}
+
+# lazybd_expect_start_failure TIMEOUT SERVE-ARGS... : the server must exit with a
+# non-zero status within TIMEOUT seconds (e.g. the origin refuses it)
+lazybd_expect_start_failure() {
+  require_lazybd
+  local timeout=$1; shift
+  _LAZYBD_N=$((_LAZYBD_N + 1))
+  LAZYBD_LOG=$T/lazybd-$_LAZYBD_N.log
+  log "start #$_LAZYBD_N (must fail): lazybd serve $*"
+  "$LAZYBD" serve "$@" </dev/null >"$LAZYBD_LOG" 2>&1 &
+  LAZYBD_PID=$!
+  if ! _lazybd_wait_exit "$timeout"; then
+    fail "lazybd serve $* was still running after ${timeout}s; it should have failed at start"
+  fi
+  [[ $LAZYBD_RC != 0 ]] || fail "lazybd serve $* exited 0; want a non-zero status"
+  log "lazybd failed at start as expected (status $LAZYBD_RC): $(sed 's/\x1b\[[0-9;]*m//g' "$LAZYBD_LOG" | tail -n 1)"
+}
+
+# lazybd_cache ARGS... : run "lazybd cache ARGS..." (output to stdout)
+lazybd_cache() {
+  require_lazybd
+  "$LAZYBD" cache "$@"
+}

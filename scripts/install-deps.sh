@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# install-deps.sh — install every tool lazybd's tests and benchmarks use, on
+# Debian 12 (bookworm), as root. Idempotent: a second run only checks.
+#
+# Why backports: the machine ships qemu-utils 10 from bookworm-backports, which
+# Breaks qemu-system-common << 8.0, and plain bookworm only has qemu-system 7.2.
+# So qemu-system-x86 (and qemu-block-extra, for qemu's curl/http driver used by
+# the benchmark peer) must come from the same backports suite. The suite is
+# added from the mirror that is already configured, never a new host.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+need=(qemu-img qemu-io qemu-system-x86_64 qemu-storage-daemon nbdkit nbdinfo nbdcopy fio nginx
+      nbd-server curl ip mcopy mkfs.fat syslinux busybox cpio sfdisk)
+missing=0
+for t in "${need[@]}"; do command -v "$t" >/dev/null 2>&1 || { missing=1; break; }; done
+[[ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]] || missing=1
+[[ -e /usr/lib/nbdkit/plugins/nbdkit-curl-plugin.so ]] || missing=1
+if [[ $missing == 0 ]]; then
+  echo "install-deps: all tools present"
+  exit 0
+fi
+
+if [[ $(id -u) != 0 ]]; then
+  echo "install-deps: tools are missing and this is not root; run as root" >&2
+  exit 1
+fi
+
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  mirror=$(awk '/^URIs:/ && $2 ~ /\/debian\/?$/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [[ -n $mirror ]] || mirror=$(awk '$1=="deb" && $3=="bookworm" {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  [[ -n $mirror ]] || { echo "install-deps: cannot find the configured Debian mirror" >&2; exit 1; }
+  echo "deb $mirror bookworm-backports main" > /etc/apt/sources.list.d/lazybd-backports.list
+fi
+apt-get update -q
+apt-get install -y -q --no-install-recommends \
+  nbdkit libnbd-bin fio nginx-light nbd-server curl iproute2 \
+  syslinux syslinux-common mtools dosfstools busybox-static cpio fdisk kmod ca-certificates
+apt-get install -y -q --no-install-recommends -t bookworm-backports \
+  qemu-system-x86 qemu-block-extra qemu-utils
+echo "install-deps: done"

@@ -1,0 +1,518 @@
+//! The persistent, verified block cache in front of an origin.
+//!
+//! One [`ImageCache`] per origin image, shared by every export of it. Reads
+//! are served from the local data file when the block map says present and
+//! every 4 KiB page touched passes its CRC; otherwise the missing blocks are
+//! fetched from the origin:
+//!
+//! * single-flight: a block being fetched is in `inflight`; later readers
+//!   join that fetch instead of asking the origin again;
+//! * coalescing: adjacent missing blocks of one read become one ranged GET
+//!   (up to `max_fetch` bytes);
+//! * fetches run as their own tasks, so a reader that goes away (client
+//!   disconnect) never leaves joiners waiting on a dropped future;
+//! * a fetched block is stored, then its CRCs, then it is marked present;
+//!   all-zero blocks are recorded as `zero` and not stored;
+//! * if storing fails (disk full), the bytes are still served, uncached.
+
+pub mod dir;
+pub mod map;
+pub mod verify;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::watch;
+
+use crate::block::{BlockIndex, BlockSize, ByteRange, PAGE};
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::{BlockDevice, Extent, ReadData};
+use crate::origin::{BoxFuture, Origin};
+use crate::stats::Stats;
+use map::{BlockMap, BlockState};
+
+pub use dir::CacheDir;
+
+/// Largest single origin request made by coalescing (bytes).
+pub const DEFAULT_MAX_FETCH: u64 = 4 << 20;
+
+/// The outcome of one origin fetch: the run's bytes, shared by all joiners.
+type FetchResult = Option<Result<Bytes>>;
+
+/// One origin fetch in progress covering blocks `[first, first + count)`.
+struct Flight {
+    first: u64,
+    rx: watch::Receiver<FetchResult>,
+}
+
+struct Inner {
+    origin: Arc<dyn Origin>,
+    map: BlockMap,
+    /// Sparse file, same offsets as the image.
+    data: File,
+    bs: BlockSize,
+    size: u64,
+    /// Block number -> the fetch that will bring it. Lock held only for map
+    /// lookups/updates, never across `.await` or I/O.
+    inflight: Mutex<HashMap<u64, Arc<Flight>>>,
+    max_fetch: u64,
+    stats: Arc<Stats>,
+    /// Log "cannot store" once, not per block.
+    store_warned: AtomicBool,
+    /// Holds the directory's exclusive flock for the cache's lifetime.
+    _lock: File,
+}
+
+/// A cached view of one origin image. Cheap to clone.
+#[derive(Clone)]
+pub struct ImageCache {
+    inner: Arc<Inner>,
+}
+
+/// Where the bytes of a piece of a read come from.
+enum Plan {
+    /// Already in `out` (served locally, or zero).
+    Done,
+    /// Needs this flight's result.
+    Wait(Arc<Flight>),
+}
+
+impl ImageCache {
+    /// Build a cache over an opened map and data file. Used by [`CacheDir`].
+    fn new(
+        origin: Arc<dyn Origin>,
+        map: BlockMap,
+        data: File,
+        stats: Arc<Stats>,
+        lock: File,
+    ) -> Self {
+        let g = map.geometry();
+        ImageCache {
+            inner: Arc::new(Inner {
+                origin,
+                bs: g.block_size,
+                size: g.image_size,
+                map,
+                data,
+                inflight: Mutex::new(HashMap::new()),
+                max_fetch: DEFAULT_MAX_FETCH.max(g.block_size.bytes()),
+                stats,
+                store_warned: AtomicBool::new(false),
+                _lock: lock,
+            }),
+        }
+    }
+
+    pub fn block_size(&self) -> BlockSize {
+        self.inner.bs
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.inner.stats
+    }
+
+    pub fn origin(&self) -> &Arc<dyn Origin> {
+        &self.inner.origin
+    }
+
+    /// (present, zero, total) blocks.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let (p, z) = self.inner.map.counts();
+        (p, z, self.inner.map.blocks())
+    }
+
+    /// Persist metadata and data (shutdown, FLUSH).
+    pub fn sync(&self) -> Result<()> {
+        self.inner
+            .data
+            .sync_data()
+            .map_err(|e| Error::io("syncing cache data", e))?;
+        self.inner.map.flush()
+    }
+
+    async fn read_impl(&self, r: ByteRange) -> Result<ReadData> {
+        let inner = &self.inner;
+        let mut out = BytesMut::zeroed(r.len as usize);
+        let mut zero = Vec::new();
+        if r.is_empty() {
+            return Ok(ReadData {
+                data: out.freeze(),
+                zero,
+            });
+        }
+        let blocks = inner.bs.covering(r);
+        // Blocks of this read not yet in `out`.
+        let mut todo: Vec<u64> = blocks.clone().collect();
+        // A block can fail its CRC or be evicted between planning and
+        // reading; a few rounds settle that, more means real trouble.
+        for _round in 0..4 {
+            let mut local_ok = 0u64;
+            let mut need = Vec::new();
+            let mut i = 0;
+            while i < todo.len() {
+                let b = todo[i];
+                match inner.map.state(BlockIndex(b)) {
+                    BlockState::Present => {
+                        // Extend over consecutive present blocks: one pread.
+                        let mut j = i + 1;
+                        while j < todo.len()
+                            && todo[j] == todo[j - 1] + 1
+                            && inner.map.state(BlockIndex(todo[j])) == BlockState::Present
+                        {
+                            j += 1;
+                        }
+                        let bad = inner.read_local(r, b, todo[j - 1] + 1, &mut out)?;
+                        local_ok += (j - i) as u64 - bad.len() as u64;
+                        need.extend(bad);
+                        i = j;
+                    }
+                    BlockState::Zero => {
+                        let mut j = i + 1;
+                        while j < todo.len()
+                            && todo[j] == todo[j - 1] + 1
+                            && inner.map.state(BlockIndex(todo[j])) == BlockState::Zero
+                        {
+                            j += 1;
+                        }
+                        let zr = ByteRange {
+                            offset: b * inner.bs.bytes(),
+                            len: (todo[j - 1] + 1 - b) * inner.bs.bytes(),
+                        };
+                        if let Some(z) = zr.intersect(&r) {
+                            // `out` starts zeroed; a previous round may have
+                            // written here only if the block was then present.
+                            let s = (z.offset - r.offset) as usize;
+                            out[s..s + z.len as usize].fill(0);
+                            zero.push(z);
+                        }
+                        local_ok += (j - i) as u64;
+                        i = j;
+                    }
+                    BlockState::Missing => {
+                        need.push(b);
+                        i += 1;
+                    }
+                }
+            }
+            Stats::add(&inner.stats.hits, local_ok);
+            if need.is_empty() {
+                merge_ranges(&mut zero);
+                return Ok(ReadData {
+                    data: out.freeze(),
+                    zero,
+                });
+            }
+            Stats::add(&inner.stats.misses, need.len() as u64);
+            let plans = self.plan_fetch(&need);
+            todo.clear();
+            for (b, plan) in need.iter().zip(plans) {
+                match plan {
+                    Plan::Done => todo.push(*b),
+                    Plan::Wait(f) => {
+                        let bytes = wait(&f).await?;
+                        inner.copy_from_flight(r, *b, &f, &bytes, &mut out);
+                    }
+                }
+            }
+            if todo.is_empty() {
+                merge_ranges(&mut zero);
+                return Ok(ReadData {
+                    data: out.freeze(),
+                    zero,
+                });
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("read {r}: blocks keep failing their checksum after refetch"),
+        ))
+    }
+
+    /// For each needed block: join its flight, start a new one (coalescing
+    /// adjacent claims), or report it became available meanwhile (`Done`:
+    /// the caller reads it locally in its next round).
+    fn plan_fetch(&self, need: &[u64]) -> Vec<Plan> {
+        let inner = &self.inner;
+        let mut plans: Vec<Option<Plan>> = Vec::with_capacity(need.len());
+        let mut claims: Vec<(usize, u64)> = Vec::new(); // (index in need, block)
+        {
+            let mut inflight = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, &b) in need.iter().enumerate() {
+                if let Some(f) = inflight.get(&b) {
+                    plans.push(Some(Plan::Wait(f.clone())));
+                } else if inner.map.state(BlockIndex(b)) != BlockState::Missing {
+                    plans.push(Some(Plan::Done));
+                } else {
+                    plans.push(None);
+                    claims.push((i, b));
+                }
+            }
+            // Group claims into runs of adjacent blocks, each at most max_fetch.
+            let per_run = (inner.max_fetch / inner.bs.bytes()).max(1);
+            let mut k = 0;
+            while k < claims.len() {
+                let first = claims[k].1;
+                let mut n = 1;
+                while k + (n as usize) < claims.len()
+                    && claims[k + n as usize].1 == first + n
+                    && n < per_run
+                {
+                    n += 1;
+                }
+                let flight = self.start_fetch(first, n);
+                for c in &claims[k..k + n as usize] {
+                    inflight.insert(c.1, flight.clone());
+                    plans[c.0] = Some(Plan::Wait(flight.clone()));
+                }
+                k += n as usize;
+            }
+        }
+        plans.into_iter().map(|p| p.unwrap_or(Plan::Done)).collect()
+    }
+
+    /// Spawn the fetch of blocks `[first, first + count)`. The caller holds
+    /// the inflight lock and inserts the flight for each block; the task
+    /// removes them only after the blocks are stored, so a reader always
+    /// finds a block either in flight or in its final state.
+    fn start_fetch(&self, first: u64, count: u64) -> Arc<Flight> {
+        let (tx, rx) = watch::channel(None);
+        let flight = Arc::new(Flight { first, rx });
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let start = inner.bs.range_of(BlockIndex(first), inner.size).offset;
+            let end = inner
+                .bs
+                .range_of(BlockIndex(first + count - 1), inner.size)
+                .end();
+            let range = ByteRange {
+                offset: start,
+                len: end - start,
+            };
+            let res = inner.origin.read_range(range).await;
+            match &res {
+                Ok(bytes) => {
+                    let (inner2, bytes2) = (inner.clone(), bytes.clone());
+                    let stored =
+                        tokio::task::spawn_blocking(move || inner2.store(first, count, &bytes2))
+                            .await;
+                    if let Ok(Err(e)) | Err(e) =
+                        stored.map_err(|e| Error::with_source(ErrorKind::Io, "cache store task", e))
+                    {
+                        Stats::add(&inner.stats.store_failures, count);
+                        if !inner.store_warned.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(error = %e, "cannot store fetched blocks in the cache; serving them uncached");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, first_block = first, blocks = count, "origin fetch failed");
+                }
+            }
+            {
+                let mut inflight = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                for b in first..first + count {
+                    inflight.remove(&b);
+                }
+            }
+            let _ = tx.send(Some(res));
+        });
+        flight
+    }
+
+    fn prefetch_impl(&self, r: ByteRange) {
+        let inner = &self.inner;
+        let missing: Vec<u64> = inner
+            .bs
+            .covering(r)
+            .filter(|&b| inner.map.state(BlockIndex(b)) == BlockState::Missing)
+            .collect();
+        if !missing.is_empty() {
+            // Starting the flights is the whole job; nobody waits on them.
+            let _ = self.plan_fetch(&missing);
+        }
+    }
+
+    fn extents_impl(&self, r: ByteRange) -> Vec<Extent> {
+        let inner = &self.inner;
+        let mut out: Vec<Extent> = Vec::new();
+        for (b, piece) in inner.bs.split(r, inner.size) {
+            let zero = inner.map.state(b) == BlockState::Zero;
+            match out.last_mut() {
+                Some(last) if last.zero == zero => last.len += piece.len,
+                _ => out.push(Extent {
+                    len: piece.len,
+                    zero,
+                }),
+            }
+        }
+        out
+    }
+}
+
+impl Inner {
+    /// Read present blocks `[b0, b1)`'s part of `r` into `out`, verifying
+    /// every page touched. Returns the blocks that failed verification
+    /// (already marked missing, so they will be refetched).
+    fn read_local(&self, r: ByteRange, b0: u64, b1: u64, out: &mut [u8]) -> Result<Vec<u64>> {
+        let bs = self.bs.bytes();
+        let run = ByteRange {
+            offset: b0 * bs,
+            len: (b1 * bs).min(self.size) - b0 * bs,
+        };
+        let Some(want) = run.intersect(&r) else {
+            return Ok(Vec::new());
+        };
+        // Expand to whole checksum pages (the last page may be short).
+        let ps = want.offset / PAGE * PAGE;
+        let pe = want
+            .end()
+            .div_ceil(PAGE)
+            .saturating_mul(PAGE)
+            .min(self.size);
+        let dst_off = (want.offset - r.offset) as usize;
+        let dst = &mut out[dst_off..dst_off + want.len as usize];
+        let read_err = |e| Error::io(format!("reading cache data at {ps}"), e);
+        let bad = if ps == want.offset && pe == want.end() {
+            // Page-aligned: read straight into the reply buffer.
+            self.data.read_exact_at(dst, ps).map_err(read_err)?;
+            self.verify_pages(ps, dst)
+        } else {
+            let mut scratch = vec![0u8; (pe - ps) as usize];
+            self.data
+                .read_exact_at(&mut scratch, ps)
+                .map_err(read_err)?;
+            let s = (want.offset - ps) as usize;
+            dst.copy_from_slice(&scratch[s..s + want.len as usize]);
+            self.verify_pages(ps, &scratch)
+        };
+        for &b in &bad {
+            if self
+                .map
+                .transition(BlockIndex(b), BlockState::Present, BlockState::Missing)
+            {
+                Stats::add(&self.stats.crc_failures, 1);
+                tracing::warn!(
+                    block = b,
+                    "cache block failed its CRC check; refetching from origin"
+                );
+            }
+        }
+        Ok(bad)
+    }
+
+    /// Check the pages of `buf` (starting at page-aligned image offset
+    /// `start`) against their CRCs; return the blocks with a bad page.
+    fn verify_pages(&self, start: u64, buf: &[u8]) -> Vec<u64> {
+        let mut bad = Vec::new();
+        for (i, page) in buf.chunks(PAGE as usize).enumerate() {
+            let p = start / PAGE + i as u64;
+            if crc32fast::hash(page) != self.map.page_crc(p) {
+                let b = p * PAGE / self.bs.bytes();
+                if bad.last() != Some(&b) {
+                    bad.push(b);
+                }
+            }
+        }
+        bad
+    }
+
+    /// Copy block `b`'s part of `r` from a completed flight into `out`.
+    fn copy_from_flight(&self, r: ByteRange, b: u64, f: &Flight, bytes: &Bytes, out: &mut [u8]) {
+        let br = self.bs.range_of(BlockIndex(b), self.size);
+        let flight_start = f.first * self.bs.bytes();
+        if let Some(piece) = br.intersect(&r) {
+            let src = (piece.offset - flight_start) as usize;
+            let dst = (piece.offset - r.offset) as usize;
+            out[dst..dst + piece.len as usize]
+                .copy_from_slice(&bytes[src..src + piece.len as usize]);
+        }
+    }
+
+    /// Store fetched blocks: data, then CRCs, then state (see map.rs).
+    /// Blocking; runs on the blocking pool.
+    fn store(&self, first: u64, count: u64, bytes: &Bytes) -> Result<()> {
+        let bs = self.bs.bytes();
+        for b in first..first + count {
+            let br = self.bs.range_of(BlockIndex(b), self.size);
+            let s = (br.offset - first * bs) as usize;
+            let data = &bytes[s..s + br.len as usize];
+            if is_zero(data) {
+                self.map.set_state(BlockIndex(b), BlockState::Zero);
+                Stats::add(&self.stats.zero_blocks, 1);
+                continue;
+            }
+            self.data
+                .write_all_at(data, br.offset)
+                .map_err(|e| Error::io(format!("writing cache block {b}"), e))?;
+            for (i, page) in data.chunks(PAGE as usize).enumerate() {
+                self.map
+                    .set_page_crc(br.offset / PAGE + i as u64, crc32fast::hash(page));
+            }
+            self.map.set_state(BlockIndex(b), BlockState::Present);
+        }
+        Ok(())
+    }
+}
+
+async fn wait(f: &Flight) -> Result<Bytes> {
+    let mut rx = f.rx.clone();
+    let r = rx
+        .wait_for(|v| v.is_some())
+        .await
+        .map_err(|_| Error::new(ErrorKind::Io, "origin fetch task ended without a result"))?;
+    match &*r {
+        Some(Ok(b)) => Ok(b.clone()),
+        Some(Err(e)) => Err(e.clone()),
+        None => Err(Error::new(ErrorKind::Io, "origin fetch has no result")),
+    }
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    let (head, body, tail) = {
+        // SAFETY: u64 has no invalid bit patterns, so viewing aligned bytes
+        // as u64 is sound; `align_to` handles the unaligned ends.
+        unsafe { data.align_to::<u64>() }
+    };
+    head.iter().all(|&x| x == 0) && body.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+/// Sort and merge adjacent zero ranges.
+fn merge_ranges(v: &mut Vec<ByteRange>) {
+    v.sort_by_key(|r| r.offset);
+    let mut merged: Vec<ByteRange> = Vec::with_capacity(v.len());
+    for r in v.drain(..) {
+        match merged.last_mut() {
+            Some(m) if m.end() == r.offset => m.len += r.len,
+            _ => merged.push(r),
+        }
+    }
+    *v = merged;
+}
+
+impl BlockDevice for ImageCache {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
+        Box::pin(self.read_impl(r))
+    }
+
+    fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
+        Ok(self.extents_impl(r))
+    }
+
+    fn prefetch(&self, r: ByteRange) {
+        self.prefetch_impl(r)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        // A read-only cache has nothing a client wrote; FLUSH is a no-op
+        // (cache durability is not a client promise).
+        Box::pin(async { Ok(()) })
+    }
+}

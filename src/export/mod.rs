@@ -1,0 +1,115 @@
+//! Exports: what an NBD client sees. The NBD-facing device trait, the export
+//! description (name, flags, block sizes) and the registry of named exports.
+//!
+//! [`stack`] is the one place where layers are composed into a device.
+
+pub mod stack;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+
+use crate::block::ByteRange;
+use crate::error::Result;
+use crate::origin::BoxFuture;
+
+/// The bytes of a read plus what is known to be zero inside it.
+#[derive(Debug, Clone)]
+pub struct ReadData {
+    /// Exactly the requested length; zero ranges are zero-filled here too,
+    /// so a simple reply can send `data` as is.
+    pub data: Bytes,
+    /// Sorted, non-overlapping absolute ranges inside the request known to
+    /// read as zero (structured replies send them as holes).
+    pub zero: Vec<ByteRange>,
+}
+
+/// One `base:allocation` extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// Known to read as zeroes (reported as HOLE|ZERO).
+    pub zero: bool,
+}
+
+/// The NBD-facing device: mirrors the NBD read-side commands.
+///
+/// Contract: the protocol edge has validated every request, so callers
+/// guarantee `r` lies within `[0, size())` and is at most the maximum
+/// payload for reads. Implementations may `debug_assert!` that.
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Size in bytes; constant for the device's lifetime.
+    fn size(&self) -> u64;
+
+    /// Read `r`. On success `data.len() == r.len`.
+    fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>>;
+
+    /// Allocation status of `r`: consecutive extents starting at
+    /// `r.offset`, summing to `r.len`.
+    fn extents(&self, r: ByteRange) -> Result<Vec<Extent>>;
+
+    /// Advisory: start bringing `r` close (NBD_CMD_CACHE). Returns at once.
+    fn prefetch(&self, _r: ByteRange) {}
+
+    /// Make everything the client wrote and saw acknowledged durable.
+    fn flush(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+/// A named export and how it is advertised.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub device: Arc<dyn BlockDevice>,
+    pub read_only: bool,
+    /// True when all connections see one consistent device (shared cache,
+    /// flush covers all): advertised as NBD_FLAG_CAN_MULTI_CONN.
+    pub multi_conn: bool,
+    /// Preferred I/O size advertised in NBD_INFO_BLOCK_SIZE.
+    pub preferred_block: u32,
+}
+
+/// Named exports, looked up at handshake time. The empty name reaches the
+/// default export.
+#[derive(Default)]
+pub struct Exports {
+    map: RwLock<BTreeMap<String, Arc<Export>>>,
+    default: RwLock<Option<String>>,
+}
+
+impl Exports {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add an export; the first one added becomes the default.
+    pub fn add(&self, e: Export) {
+        let name = e.name.clone();
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(name.clone(), Arc::new(e));
+        let mut d = self.default.write().unwrap_or_else(|p| p.into_inner());
+        if d.is_none() {
+            *d = Some(name);
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        if name.is_empty() {
+            if let Some(e) = map.get("") {
+                return Some(e.clone());
+            }
+            let d = self.default.read().unwrap_or_else(|p| p.into_inner());
+            return d.as_ref().and_then(|n| map.get(n).cloned());
+        }
+        map.get(name).cloned()
+    }
+
+    /// (name, description) of every export, for NBD_OPT_LIST.
+    pub fn list(&self) -> Vec<(String, String)> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .map(|e| (e.name.clone(), e.description.clone()))
+            .collect()
+    }
+}

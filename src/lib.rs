@@ -1,0 +1,30 @@
+//! lazybd: a copy-on-demand NBD block server.
+//!
+//! A VM reads its disk over NBD; lazybd fetches each block from the origin
+//! (HTTP(S) or a file) on first use, keeps it in a local persistent cache
+//! checked by CRC32 per 4 KiB page, and serves it locally from then on.
+//!
+//! Module map (read path: `nbd::transmission -> export -> cache -> origin`):
+//! - [`block`]   units: byte ranges, block sizes and indices, the range split
+//! - [`error`]   the one error type (kind + context + source) and its NBD errno
+//! - [`nbd`]     the NBD protocol: `wire` (pure codec), `handshake`, `transmission`
+//! - [`server`]  TCP/Unix listeners, connection limits, graceful shutdown
+//! - [`export`]  the NBD-facing device trait, exports registry, `stack` (composition)
+//! - [`cache`]   persistent verified block cache: `map` (state + CRCs), `dir`, `verify`
+//! - [`origin`]  where bytes live: `http` (ranged GETs), `file`
+//! - [`daemon`]  `serve` as a library call: wire everything and run
+//! - [`sample`]  the built-in sample image used when no origin is given
+//! - [`stats`]   counters
+//! - [`util`]    small helpers (sizes, stable hash, jitter)
+
+pub mod block;
+pub mod cache;
+pub mod daemon;
+pub mod error;
+pub mod export;
+pub mod nbd;
+pub mod origin;
+pub mod sample;
+pub mod server;
+pub mod stats;
+pub mod util;

@@ -1,0 +1,510 @@
+//! The transmission phase: requests in, replies out, concurrently.
+//!
+//! ```text
+//!   socket --read--> [reader loop: decode + validate] --spawn--> handler tasks
+//!                                                                  |
+//!   socket <--write-- [writer task: batches replies] <---mpsc------+
+//! ```
+//!
+//! Requests are validated once, here, before any layer sees them
+//! (flags, ranges, read-only, payload size). Each valid request runs in its
+//! own task, so a cache hit is never queued behind an origin miss; replies
+//! go out in completion order. A per-connection semaphore caps requests in
+//! flight (and so the memory a client can pin); when it is exhausted the
+//! reader stops reading the socket and TCP pushes back on the client.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use super::handshake::Negotiated;
+use super::wire::{self, chunk, cmd, cmdflag, errno, state, Request};
+use crate::block::ByteRange;
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::{Export, ReadData};
+use crate::stats::Stats;
+
+/// Requests one connection may have in flight.
+pub const MAX_IN_FLIGHT: usize = 128;
+/// Most extents returned by one BLOCK_STATUS (the spec allows fewer than
+/// asked; this bounds reply size for huge requests).
+const MAX_EXTENTS: usize = 1 << 14;
+
+/// One reply: buffers written back to back, in order.
+type Reply = Vec<Bytes>;
+
+/// A request that passed validation.
+#[derive(Debug, Clone, Copy)]
+enum Command {
+    Read { range: ByteRange, df: bool },
+    Flush,
+    Cache { range: ByteRange },
+    BlockStatus { range: ByteRange, req_one: bool },
+}
+
+/// Why a request is refused: NBD errno + message for structured errors.
+#[derive(Debug)]
+struct Refusal {
+    errno: u32,
+    msg: String,
+}
+
+fn refuse(errno: u32, msg: impl Into<String>) -> Refusal {
+    Refusal {
+        errno,
+        msg: msg.into(),
+    }
+}
+
+/// Per-connection facts validation depends on.
+struct Ctx {
+    export: Arc<Export>,
+    structured: bool,
+    base_allocation: bool,
+    stats: Option<Arc<Stats>>,
+}
+
+/// Validate a request header. This is the only place requests are checked;
+/// the layers below rely on it (see `BlockDevice`).
+fn validate(req: &Request, ctx: &Ctx) -> std::result::Result<Command, Refusal> {
+    let size = ctx.export.device.size();
+    let allowed = match req.typ {
+        cmd::READ => cmdflag::FUA | cmdflag::DF,
+        cmd::WRITE | cmd::TRIM => cmdflag::FUA,
+        cmd::WRITE_ZEROES => cmdflag::FUA | cmdflag::NO_HOLE | cmdflag::FAST_ZERO,
+        cmd::BLOCK_STATUS => cmdflag::FUA | cmdflag::REQ_ONE,
+        cmd::FLUSH | cmd::CACHE | cmd::DISC => cmdflag::FUA,
+        t => return Err(refuse(errno::EINVAL, format!("unknown command {t}"))),
+    };
+    if req.flags & !allowed != 0 {
+        return Err(refuse(
+            errno::EINVAL,
+            format!("flags {:#x} not valid for command {}", req.flags, req.typ),
+        ));
+    }
+    if req.flags & cmdflag::DF != 0 && !ctx.structured {
+        return Err(refuse(errno::EINVAL, "DF needs structured replies"));
+    }
+    let range = ByteRange::new(req.offset, req.len as u64)
+        .map_err(|_| refuse(errno::EINVAL, "offset + length overflows"))?;
+    let in_range = || {
+        if range.within(size) {
+            Ok(range)
+        } else {
+            Err(refuse(
+                errno::EINVAL,
+                format!("request {range} beyond the export size {size}"),
+            ))
+        }
+    };
+    match req.typ {
+        cmd::READ => {
+            if req.len > wire::MAX_PAYLOAD {
+                return Err(refuse(
+                    errno::EINVAL,
+                    format!(
+                        "read of {} bytes exceeds the {} byte maximum",
+                        req.len,
+                        wire::MAX_PAYLOAD
+                    ),
+                ));
+            }
+            Ok(Command::Read {
+                range: in_range()?,
+                df: req.flags & cmdflag::DF != 0,
+            })
+        }
+        // Every export is read-only until copy-on-write overlays exist; the
+        // flag is still checked so a writable export cannot slip through.
+        cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES => {
+            debug_assert!(ctx.export.read_only);
+            Err(refuse(errno::EPERM, "export is read-only"))
+        }
+        cmd::FLUSH => {
+            if req.offset != 0 || req.len != 0 {
+                return Err(refuse(
+                    errno::EINVAL,
+                    "FLUSH offset and length must be zero",
+                ));
+            }
+            Ok(Command::Flush)
+        }
+        cmd::CACHE => Ok(Command::Cache { range: in_range()? }),
+        cmd::BLOCK_STATUS => {
+            if !ctx.base_allocation {
+                return Err(refuse(errno::EINVAL, "no metadata context was negotiated"));
+            }
+            if req.len == 0 {
+                return Err(refuse(errno::EINVAL, "BLOCK_STATUS of zero length"));
+            }
+            Ok(Command::BlockStatus {
+                range: in_range()?,
+                req_one: req.flags & cmdflag::REQ_ONE != 0,
+            })
+        }
+        // DISC is handled by the reader loop before validation.
+        _ => Err(refuse(errno::EINVAL, "unexpected command")),
+    }
+}
+
+fn simple(cookie: u64, err: u32) -> Reply {
+    vec![Bytes::copy_from_slice(&wire::simple_reply(cookie, err))]
+}
+
+fn error_reply(structured: bool, cookie: u64, r: &Refusal) -> Reply {
+    if !structured {
+        return simple(cookie, r.errno);
+    }
+    let msg = &r.msg.as_bytes()[..r.msg.len().min(1024)];
+    let mut b = BytesMut::with_capacity(20 + 6 + msg.len());
+    b.put_slice(&wire::chunk_header(
+        chunk::FLAG_DONE,
+        chunk::ERROR,
+        cookie,
+        6 + msg.len() as u32,
+    ));
+    b.put_u32(r.errno);
+    b.put_u16(msg.len() as u16);
+    b.put_slice(msg);
+    vec![b.freeze()]
+}
+
+fn ok_reply(structured: bool, cookie: u64) -> Reply {
+    if structured {
+        vec![Bytes::copy_from_slice(&wire::chunk_header(
+            chunk::FLAG_DONE,
+            chunk::NONE,
+            cookie,
+            0,
+        ))]
+    } else {
+        simple(cookie, 0)
+    }
+}
+
+/// Structured read reply: data chunks, holes where known zero (unless DF).
+fn read_reply(structured: bool, cookie: u64, range: ByteRange, rd: ReadData, df: bool) -> Reply {
+    if !structured {
+        return vec![
+            Bytes::copy_from_slice(&wire::simple_reply(cookie, 0)),
+            rd.data,
+        ];
+    }
+    if range.is_empty() {
+        return ok_reply(true, cookie);
+    }
+    let data_chunk = |flags: u16, off: u64, data: Bytes| -> [Bytes; 2] {
+        let mut h = BytesMut::with_capacity(28);
+        h.put_slice(&wire::chunk_header(
+            flags,
+            chunk::OFFSET_DATA,
+            cookie,
+            8 + data.len() as u32,
+        ));
+        h.put_u64(off);
+        [h.freeze(), data]
+    };
+    if df || rd.zero.is_empty() {
+        return data_chunk(chunk::FLAG_DONE, range.offset, rd.data).to_vec();
+    }
+    // Segments alternate data / hole; the last one carries DONE.
+    let mut segs: Vec<(bool, ByteRange)> = Vec::new();
+    let mut pos = range.offset;
+    for z in &rd.zero {
+        if z.offset > pos {
+            segs.push((
+                false,
+                ByteRange {
+                    offset: pos,
+                    len: z.offset - pos,
+                },
+            ));
+        }
+        segs.push((true, *z));
+        pos = z.end();
+    }
+    if pos < range.end() {
+        segs.push((
+            false,
+            ByteRange {
+                offset: pos,
+                len: range.end() - pos,
+            },
+        ));
+    }
+    let mut out = Vec::with_capacity(segs.len() * 2);
+    let n = segs.len();
+    for (i, (hole, s)) in segs.into_iter().enumerate() {
+        let flags = if i + 1 == n { chunk::FLAG_DONE } else { 0 };
+        if hole {
+            let mut h = BytesMut::with_capacity(32);
+            h.put_slice(&wire::chunk_header(flags, chunk::OFFSET_HOLE, cookie, 12));
+            h.put_u64(s.offset);
+            h.put_u32(s.len as u32);
+            out.push(h.freeze());
+        } else {
+            let a = (s.offset - range.offset) as usize;
+            out.extend(data_chunk(
+                flags,
+                s.offset,
+                rd.data.slice(a..a + s.len as usize),
+            ));
+        }
+    }
+    out
+}
+
+async fn handle(ctx: Arc<Ctx>, req: Request, c: Command) -> Reply {
+    let dev = &ctx.export.device;
+    let result: Result<Reply> = match c {
+        Command::Read { range, df } => match dev.read(range).await {
+            Ok(rd) => {
+                if let Some(s) = &ctx.stats {
+                    Stats::add(&s.reads, 1);
+                    Stats::add(&s.bytes_served, range.len);
+                }
+                Ok(read_reply(ctx.structured, req.cookie, range, rd, df))
+            }
+            Err(e) => Err(e),
+        },
+        Command::Flush => dev
+            .flush()
+            .await
+            .map(|_| ok_reply(ctx.structured, req.cookie)),
+        Command::Cache { range } => {
+            dev.prefetch(range);
+            Ok(ok_reply(ctx.structured, req.cookie))
+        }
+        Command::BlockStatus { range, req_one } => dev.extents(range).map(|ext| {
+            let take = if req_one { 1 } else { MAX_EXTENTS };
+            let ext: Vec<_> = ext.into_iter().filter(|e| e.len > 0).take(take).collect();
+            let mut b = BytesMut::with_capacity(24 + ext.len() * 8);
+            b.put_slice(&wire::chunk_header(
+                chunk::FLAG_DONE,
+                chunk::BLOCK_STATUS,
+                req.cookie,
+                4 + 8 * ext.len() as u32,
+            ));
+            b.put_u32(wire::BASE_ALLOCATION_ID);
+            for e in ext {
+                b.put_u32(e.len as u32);
+                b.put_u32(if e.zero { state::HOLE | state::ZERO } else { 0 });
+            }
+            vec![b.freeze()]
+        }),
+    };
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(export = %ctx.export.name, cookie = req.cookie, typ = req.typ,
+                offset = req.offset, len = req.len, error = %e, "request failed");
+            error_reply(
+                ctx.structured,
+                req.cookie,
+                &refuse(e.nbd_errno(), e.to_string()),
+            )
+        }
+    }
+}
+
+/// Write replies, batching whatever is ready before each flush.
+async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::Receiver<Reply>) -> std::io::Result<()> {
+    let mut w = BufWriter::with_capacity(256 << 10, w);
+    while let Some(reply) = rx.recv().await {
+        for b in reply {
+            w.write_all(&b).await?;
+        }
+        while let Ok(reply) = rx.try_recv() {
+            for b in reply {
+                w.write_all(&b).await?;
+            }
+        }
+        w.flush().await?;
+    }
+    w.shutdown().await
+}
+
+/// Discard `n` bytes of payload we will not use, keeping the stream in sync.
+async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> std::io::Result<()> {
+    let copied = tokio::io::copy(&mut r.take(n), &mut tokio::io::sink()).await?;
+    if copied != n {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Serve requests on an established connection until the client
+/// disconnects, breaks the protocol, or `shutdown` turns true. In-flight
+/// requests are always answered before returning.
+pub async fn serve<S>(
+    stream: S,
+    neg: Negotiated,
+    stats: Option<Arc<Stats>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(128 << 10, rd);
+    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT + 8);
+    let writer = tokio::spawn(writer(wr, rx));
+    let ctx = Arc::new(Ctx {
+        export: neg.export,
+        structured: neg.structured,
+        base_allocation: neg.base_allocation,
+        stats,
+    });
+    let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut outcome = Ok(());
+    loop {
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let mut hb = [0u8; Request::SIZE];
+        let read = tokio::select! {
+            r = rd.read_exact(&mut hb) => r,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        if let Err(e) = read {
+            if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                outcome = Err(Error::with_source(
+                    ErrorKind::Protocol,
+                    "reading request",
+                    e,
+                ));
+            }
+            break; // EOF: client hung up without DISC
+        }
+        let req = match Request::decode(&hb) {
+            Ok(r) => r,
+            Err(e) => {
+                outcome = Err(Error::new(
+                    ErrorKind::Protocol,
+                    format!("request: {e}; closing connection"),
+                ));
+                break;
+            }
+        };
+        if req.typ == cmd::DISC {
+            break;
+        }
+        let checked = validate(&req, &ctx);
+        if req.typ == cmd::WRITE {
+            // The payload follows the header whatever we think of the request.
+            if let Err(e) = discard(&mut rd, req.len as u64).await {
+                outcome = Err(Error::with_source(
+                    ErrorKind::Protocol,
+                    "reading write payload",
+                    e,
+                ));
+                break;
+            }
+        }
+        match checked {
+            Err(r) => {
+                tracing::debug!(?req, errno = r.errno, msg = %r.msg, "request refused");
+                let reply = error_reply(ctx.structured, req.cookie, &r);
+                if tx.send(reply).await.is_err() {
+                    break;
+                }
+                drop(permit);
+            }
+            Ok(c) => {
+                let (ctx, tx) = (ctx.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let reply = handle(ctx, req, c).await;
+                    let _ = tx.send(reply).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    // Every handler holds a sender: the writer finishes once the last
+    // in-flight request has been answered.
+    drop(tx);
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if outcome.is_ok() => {
+            if e.kind() != std::io::ErrorKind::BrokenPipe
+                && e.kind() != std::io::ErrorKind::ConnectionReset
+            {
+                outcome = Err(Error::with_source(
+                    ErrorKind::Protocol,
+                    "writing replies",
+                    e,
+                ));
+            }
+        }
+        _ => {}
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rd(data: &[u8], zero: Vec<ByteRange>) -> ReadData {
+        ReadData {
+            data: Bytes::copy_from_slice(data),
+            zero,
+        }
+    }
+
+    /// Parse structured chunks back and check they tile the request.
+    fn tiles(reply: &Reply, range: ByteRange) -> Vec<u8> {
+        let all: Vec<u8> = reply.iter().flat_map(|b| b.iter().copied()).collect();
+        let mut out = vec![0xAAu8; range.len as usize];
+        let mut p = 0;
+        let mut done = false;
+        while p < all.len() {
+            assert!(!done, "chunk after DONE");
+            let h = wire::ChunkHeader::decode(all[p..p + 20].try_into().unwrap()).unwrap();
+            let payload = &all[p + 20..p + 20 + h.len as usize];
+            done = h.flags & chunk::FLAG_DONE != 0;
+            let off = u64::from_be_bytes(payload[..8].try_into().unwrap());
+            let s = (off - range.offset) as usize;
+            match h.typ {
+                chunk::OFFSET_DATA => out[s..s + payload.len() - 8].copy_from_slice(&payload[8..]),
+                chunk::OFFSET_HOLE => {
+                    let n = u32::from_be_bytes(payload[8..12].try_into().unwrap()) as usize;
+                    out[s..s + n].fill(0);
+                }
+                t => panic!("unexpected chunk {t}"),
+            }
+            p += 20 + h.len as usize;
+        }
+        assert!(done);
+        out
+    }
+
+    #[test]
+    fn holes_and_data_tile_the_read() {
+        let range = ByteRange {
+            offset: 100,
+            len: 40,
+        };
+        let mut data = vec![7u8; 40];
+        data[10..20].fill(0);
+        data[30..40].fill(0);
+        let z = vec![
+            ByteRange {
+                offset: 110,
+                len: 10,
+            },
+            ByteRange {
+                offset: 130,
+                len: 10,
+            },
+        ];
+        let r = read_reply(true, 5, range, rd(&data, z.clone()), false);
+        assert_eq!(tiles(&r, range), data);
+        // DF: exactly one data chunk.
+        let r = read_reply(true, 5, range, rd(&data, z), true);
+        assert_eq!(r.len(), 2);
+        assert_eq!(tiles(&r, range), data);
+    }
+}

@@ -1,0 +1,360 @@
+//! HTTP(S) origin with ranged GETs (reqwest + rustls).
+//!
+//! Opening sends one `GET` with `Range: bytes=0-0`: the 206 answer gives the
+//! size (Content-Range total), the validator (ETag, else Last-Modified) and
+//! the final URL after redirects, so redirects are resolved once, not per
+//! block. A server that answers 200 does not support ranges and is refused.
+//! (HEAD is avoided: presigned S3/Swift URLs are often signed for GET only.)
+//!
+//! Every block response is checked: status 206, Content-Range equal to what
+//! was asked, total equal to the image size, validator unchanged, body length
+//! exact. Anything else is an error and its bytes are dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE,
+};
+use reqwest::{StatusCode, Url};
+use tokio::sync::Semaphore;
+
+use super::{BoxFuture, Origin, OriginIdentity, OriginOptions};
+use crate::block::ByteRange;
+use crate::error::{Error, ErrorKind, Result};
+use crate::stats::Stats;
+
+/// Which response header the validator came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ValidatorSource {
+    ETag,
+    LastModified,
+    None,
+}
+
+pub struct HttpOrigin {
+    client: reqwest::Client,
+    /// The URL after redirects, used for every block request.
+    url: Url,
+    identity: OriginIdentity,
+    validator_source: ValidatorSource,
+    /// Caps parallel requests: origins (and their rate limits) are shared.
+    limit: Semaphore,
+    retries: u32,
+    stats: Arc<Stats>,
+}
+
+/// Hide credentials (`user:pass@`) and query strings (presigned signatures)
+/// from logs and the cache's `origin` file.
+fn redact(url: &Url) -> String {
+    let mut u = url.clone();
+    let _ = u.set_username("");
+    let _ = u.set_password(None);
+    if u.query().is_some() {
+        u.set_query(Some("…"));
+    }
+    u.to_string()
+}
+
+fn parse_headers(headers: &[(String, String)]) -> Result<HeaderMap> {
+    let mut map = HeaderMap::new();
+    for (name, value) in headers {
+        let n = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|e| {
+            Error::with_source(ErrorKind::InvalidInput, format!("header name {name:?}"), e)
+        })?;
+        let v = HeaderValue::from_str(value.trim()).map_err(|e| {
+            Error::with_source(ErrorKind::InvalidInput, format!("header {name} value"), e)
+        })?;
+        map.append(n, v);
+    }
+    Ok(map)
+}
+
+/// `bytes START-END/TOTAL` -> (start, end inclusive, total or None for `*`).
+fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (span, total) = rest.split_once('/')?;
+    let (s, e) = span.split_once('-')?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    let (s, e): (u64, u64) = (s.trim().parse().ok()?, e.trim().parse().ok()?);
+    (s <= e).then_some((s, e, total))
+}
+
+fn header_str(h: &HeaderMap, name: HeaderName) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+/// Status codes worth retrying: the server or a proxy had a bad moment.
+fn transient(status: StatusCode) -> bool {
+    status.is_server_error()
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+impl HttpOrigin {
+    pub async fn open(spec: &str, opts: &OriginOptions, stats: Arc<Stats>) -> Result<Self> {
+        let url = Url::parse(spec).map_err(|e| {
+            Error::with_source(ErrorKind::InvalidInput, format!("origin URL {spec:?}"), e)
+        })?;
+        let shown = redact(&url);
+        let client = reqwest::Client::builder()
+            .default_headers(parse_headers(&opts.headers)?)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(opts.request_timeout)
+            .pool_max_idle_per_host(opts.connections)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("lazybd/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "building HTTP client", e))?;
+
+        let resp = client
+            .get(url.clone())
+            .header(RANGE, "bytes=0-0")
+            .send()
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Origin, format!("probing {shown}"), e))?;
+        Stats::add(&stats.origin_requests, 1);
+        let status = resp.status();
+        let final_url = resp.url().clone();
+        let headers = resp.headers().clone();
+        match status {
+            StatusCode::PARTIAL_CONTENT => {}
+            StatusCode::OK => {
+                return Err(Error::new(
+                    ErrorKind::Origin,
+                    format!(
+                        "{shown} does not support byte ranges (answered 200 OK to a ranged GET); \
+                         lazybd needs an origin that honours Range requests"
+                    ),
+                ))
+            }
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                return Err(Error::new(
+                    ErrorKind::Origin,
+                    format!("{shown}: 416 for bytes=0-0, the image is empty"),
+                ))
+            }
+            s => {
+                return Err(Error::new(
+                    ErrorKind::Origin,
+                    format!("{shown}: HTTP {s} when probing the origin"),
+                ))
+            }
+        }
+        let cr = header_str(&headers, CONTENT_RANGE).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Origin,
+                format!("{shown}: 206 without Content-Range"),
+            )
+        })?;
+        let size = match parse_content_range(&cr) {
+            Some((0, 0, Some(total))) => total,
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Origin,
+                    format!("{shown}: unusable Content-Range {cr:?} for bytes=0-0"),
+                ))
+            }
+        };
+        // The probe body (one byte) is consumed so the connection is reused.
+        let _ = resp.bytes().await;
+
+        let (validator, validator_source) = match (
+            header_str(&headers, ETAG),
+            header_str(&headers, LAST_MODIFIED),
+        ) {
+            (Some(e), _) => (Some(e), ValidatorSource::ETag),
+            (None, Some(lm)) => (Some(lm), ValidatorSource::LastModified),
+            (None, None) => {
+                tracing::warn!(origin = %shown, "origin sends neither ETag nor Last-Modified: a changed image cannot be detected");
+                (None, ValidatorSource::None)
+            }
+        };
+        if final_url != url {
+            tracing::info!(from = %shown, to = %redact(&final_url), "origin redirect resolved");
+        }
+        Ok(HttpOrigin {
+            client,
+            identity: OriginIdentity {
+                locator: shown,
+                size,
+                validator,
+            },
+            url: final_url,
+            validator_source,
+            limit: Semaphore::new(opts.connections.max(1)),
+            retries: opts.retries,
+            stats,
+        })
+    }
+
+    /// Check the validator of a response against the one we opened with.
+    fn check_validator(&self, headers: &HeaderMap) -> Result<()> {
+        let name = match self.validator_source {
+            ValidatorSource::ETag => ETAG,
+            ValidatorSource::LastModified => LAST_MODIFIED,
+            ValidatorSource::None => return Ok(()),
+        };
+        // A missing validator on one response tells nothing; a different one
+        // proves the object changed.
+        if let Some(got) = header_str(headers, name.clone()) {
+            if Some(&got) != self.identity.validator.as_ref() {
+                return Err(Error::new(
+                    ErrorKind::OriginChanged,
+                    format!(
+                        "{}: {name} changed from {} to {got}",
+                        self.identity.locator,
+                        self.identity.validator.as_deref().unwrap_or("")
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// One attempt at one range.
+    async fn fetch_once(&self, range: ByteRange) -> Result<Bytes> {
+        let ctx = || format!("GET {} {range}", self.identity.locator);
+        let last = range.end() - 1;
+        Stats::add(&self.stats.origin_requests, 1);
+        let mut resp = self
+            .client
+            .get(self.url.clone())
+            .header(RANGE, format!("bytes={}-{last}", range.offset))
+            .send()
+            .await
+            .map_err(|e| {
+                let kind = if e.is_timeout() {
+                    ErrorKind::TimedOut
+                } else {
+                    ErrorKind::Origin
+                };
+                Error::with_source(kind, ctx(), e)
+            })?;
+        let status = resp.status();
+        if status != StatusCode::PARTIAL_CONTENT {
+            // 200 would be the whole object: never read it.
+            let kind = match status {
+                StatusCode::OK => ErrorKind::OriginChanged,
+                StatusCode::RANGE_NOT_SATISFIABLE | StatusCode::NOT_FOUND | StatusCode::GONE => {
+                    ErrorKind::OriginChanged
+                }
+                s if transient(s) => ErrorKind::Origin,
+                // 401/403 and friends: retrying will not change the answer.
+                _ => ErrorKind::OriginRefused,
+            };
+            return Err(Error::new(kind, format!("{}: HTTP {status}", ctx())));
+        }
+        self.check_validator(resp.headers())?;
+        let cr = header_str(resp.headers(), CONTENT_RANGE).unwrap_or_default();
+        match parse_content_range(&cr) {
+            Some((s, e, total)) if s == range.offset && e == last => {
+                if let Some(t) = total {
+                    if t != self.identity.size {
+                        return Err(Error::new(
+                            ErrorKind::OriginChanged,
+                            format!("{}: size changed from {} to {t}", ctx(), self.identity.size),
+                        ));
+                    }
+                }
+            }
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Origin,
+                    format!("{}: Content-Range {cr:?} does not match the request", ctx()),
+                ))
+            }
+        }
+        let want = range.len as usize;
+        let mut buf = BytesMut::with_capacity(want);
+        while let Some(chunk) = resp.chunk().await.map_err(|e| {
+            let kind = if e.is_timeout() {
+                ErrorKind::TimedOut
+            } else {
+                ErrorKind::Origin
+            };
+            Error::with_source(kind, format!("{}: reading body", ctx()), e)
+        })? {
+            if buf.len() + chunk.len() > want {
+                return Err(Error::new(
+                    ErrorKind::Origin,
+                    format!("{}: body longer than the {want} bytes asked", ctx()),
+                ));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.len() != want {
+            return Err(Error::new(
+                ErrorKind::Origin,
+                format!("{}: body has {} bytes, expected {want}", ctx(), buf.len()),
+            ));
+        }
+        Stats::add(&self.stats.origin_bytes, want as u64);
+        Ok(buf.freeze())
+    }
+}
+
+impl Origin for HttpOrigin {
+    fn identity(&self) -> &OriginIdentity {
+        &self.identity
+    }
+
+    fn read_range(&self, range: ByteRange) -> BoxFuture<'_, Result<Bytes>> {
+        debug_assert!(!range.is_empty() && range.within(self.identity.size));
+        Box::pin(async move {
+            let _permit = self
+                .limit
+                .acquire()
+                .await
+                .map_err(|_| Error::new(ErrorKind::Shutdown, "origin closed"))?;
+            let mut attempt = 0;
+            loop {
+                match self.fetch_once(range).await {
+                    Ok(b) => return Ok(b),
+                    Err(e) => {
+                        Stats::add(&self.stats.origin_errors, 1);
+                        let retryable = matches!(e.kind(), ErrorKind::Origin | ErrorKind::TimedOut);
+                        if !retryable || attempt >= self.retries {
+                            return Err(e);
+                        }
+                        // Exponential backoff with full jitter: 50 ms, 100 ms, ...
+                        let base = 50u64 << attempt.min(6);
+                        let wait = base / 2 + crate::util::jitter(base);
+                        tracing::warn!(error = %e, attempt = attempt + 1, wait_ms = wait, "origin request failed, retrying");
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                        attempt += 1;
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(
+            parse_content_range("bytes 0-0/100"),
+            Some((0, 0, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 10-19/*"), Some((10, 19, None)));
+        assert_eq!(parse_content_range("bytes 5-4/100"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+        assert_eq!(parse_content_range("bytes */100"), None);
+    }
+
+    #[test]
+    fn redaction() {
+        let u = Url::parse("https://user:secret@h.example/x.img?X-Amz-Signature=abc").unwrap();
+        let r = redact(&u);
+        assert!(!r.contains("secret") && !r.contains("abc"), "{r}");
+    }
+}

@@ -1,0 +1,107 @@
+//! Origins: where an image's bytes really live. One narrow trait, read a byte
+//! range and report identity; implementations for HTTP(S) and local files.
+//!
+//! An origin never caches. Everything an origin returns has been checked
+//! against what was asked (length, position, identity), so the cache above
+//! can store it without second-guessing.
+
+mod file;
+mod http;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::block::ByteRange;
+use crate::error::{Error, ErrorKind, Result};
+use crate::stats::Stats;
+
+pub use file::FileOrigin;
+pub use http::HttpOrigin;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What an origin is and which version of it we are looking at. Two
+/// identities with the same `locator` but different `size` or `validator`
+/// are different images: their blocks must never be mixed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginIdentity {
+    /// URL (credentials stripped) or canonical path.
+    pub locator: String,
+    /// Image size in bytes.
+    pub size: u64,
+    /// ETag, else Last-Modified, else `None` (changes then go undetected,
+    /// which is logged as a warning at open).
+    pub validator: Option<String>,
+}
+
+impl std::fmt::Display for OriginIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({} bytes, validator {})",
+            self.locator,
+            self.size,
+            self.validator.as_deref().unwrap_or("none")
+        )
+    }
+}
+
+/// A read-only source of image bytes.
+pub trait Origin: Send + Sync + 'static {
+    /// The identity learned when the origin was opened.
+    fn identity(&self) -> &OriginIdentity;
+
+    /// Read exactly `range.len` bytes at `range.offset`.
+    ///
+    /// The caller guarantees `range` is non-empty and within
+    /// `identity().size`. Implementations MUST return exactly `range.len`
+    /// bytes of this identity's content or an error; a response that does not
+    /// match what was asked (position, length, validator) is an error, never
+    /// data. `ErrorKind::OriginChanged` means the identity no longer holds.
+    fn read_range(&self, range: ByteRange) -> BoxFuture<'_, Result<Bytes>>;
+}
+
+/// How to reach an origin; from the CLI or config.
+#[derive(Debug, Clone)]
+pub struct OriginOptions {
+    /// Extra request headers (`Name: value`), e.g. an auth token.
+    pub headers: Vec<(String, String)>,
+    /// Bound on parallel requests to the origin.
+    pub connections: usize,
+    /// Deadline for one request, body included.
+    pub request_timeout: Duration,
+    /// Retries of a failed request (transient failures only).
+    pub retries: u32,
+}
+
+impl Default for OriginOptions {
+    fn default() -> Self {
+        OriginOptions {
+            headers: Vec::new(),
+            connections: 16,
+            request_timeout: Duration::from_secs(30),
+            retries: 4,
+        }
+    }
+}
+
+/// Open the origin named by `spec`: `http://`, `https://`, `file://` or a path.
+pub async fn open(spec: &str, opts: &OriginOptions, stats: Arc<Stats>) -> Result<Arc<dyn Origin>> {
+    let lower = spec.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        Ok(Arc::new(HttpOrigin::open(spec, opts, stats).await?))
+    } else if let Some(path) = spec.strip_prefix("file://") {
+        Ok(Arc::new(FileOrigin::open(path.as_ref(), stats)?))
+    } else if lower.contains("://") {
+        Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("unsupported origin {spec:?}: use http://, https://, file:// or a path"),
+        ))
+    } else {
+        Ok(Arc::new(FileOrigin::open(spec.as_ref(), stats)?))
+    }
+}

@@ -1,0 +1,247 @@
+//! Listeners and connections: TCP and Unix sockets, a connection limit, a
+//! handshake deadline, and graceful shutdown (stop accepting, answer what is
+//! in flight, then return).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::Exports;
+use crate::nbd::handshake::{self, Outcome};
+use crate::nbd::transmission;
+use crate::stats::Stats;
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "unix: needs a socket path",
+                ));
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(p)));
+        }
+        if !s.contains(':') {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("listen address {s:?}: use HOST:PORT or unix:PATH"),
+            ));
+        }
+        Ok(ListenAddr::Tcp(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Server-wide limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    /// A client that has not finished the handshake by then is dropped.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A bound listener.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    pub async fn bind(addr: &ListenAddr) -> Result<Listener> {
+        match addr {
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a)
+                    .await
+                    .map_err(|e| Error::io(format!("listening on {a}"), e))?;
+                Ok(Listener::Tcp(l))
+            }
+            ListenAddr::Unix(p) => {
+                if p.exists() {
+                    // A socket left by a killed server is removed; a live one is not.
+                    if std::os::unix::net::UnixStream::connect(p).is_ok() {
+                        return Err(Error::new(
+                            ErrorKind::InvalidInput,
+                            format!("{} is in use by a running server", p.display()),
+                        ));
+                    }
+                    let _ = std::fs::remove_file(p);
+                }
+                let l = UnixListener::bind(p)
+                    .map_err(|e| Error::io(format!("listening on unix:{}", p.display()), e))?;
+                Ok(Listener::Unix(l, p.clone()))
+            }
+        }
+    }
+
+    /// The bound address (TCP port resolved when 0 was asked).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+/// Everything a connection needs.
+#[derive(Clone)]
+pub struct Shared {
+    pub exports: Arc<Exports>,
+    pub stats: Option<Arc<Stats>>,
+    pub limits: Limits,
+}
+
+async fn connection<S>(mut s: S, peer: String, shared: Shared, shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let neg = match tokio::time::timeout(
+        shared.limits.handshake_timeout,
+        handshake::negotiate(&mut s, &shared.exports),
+    )
+    .await
+    {
+        Err(_) => {
+            tracing::warn!(%peer, "handshake timed out; dropping client");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "handshake failed");
+            return;
+        }
+        Ok(Ok(Outcome::Closed)) => {
+            tracing::debug!(%peer, "client ended the handshake");
+            return;
+        }
+        Ok(Ok(Outcome::Transmission(n))) => n,
+    };
+    let export = neg.export.name.clone();
+    tracing::info!(%peer, %export, structured = neg.structured, base_allocation = neg.base_allocation, "client connected");
+    match transmission::serve(s, neg, shared.stats.clone(), shutdown).await {
+        Ok(()) => tracing::info!(%peer, %export, "client disconnected"),
+        Err(e) => tracing::warn!(%peer, %export, error = %e, "connection closed"),
+    }
+}
+
+/// Accept on every listener until `shutdown` turns true, then wait for the
+/// connections to finish their in-flight requests.
+///
+/// Each connection holds one permit of `slots`; taking all permits back is
+/// how shutdown knows every connection has finished.
+pub async fn run(
+    listeners: Vec<Listener>,
+    shared: Shared,
+    shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let max = shared.limits.max_connections.max(1);
+    let slots = Arc::new(Semaphore::new(max));
+    let mut accepts = JoinSet::new();
+    let mut sockets = Vec::new();
+    for l in listeners {
+        tracing::info!(listen = %l.describe(), "listening");
+        if let Listener::Unix(_, p) = &l {
+            sockets.push(p.clone());
+        }
+        accepts.spawn(accept_loop(
+            l,
+            shared.clone(),
+            slots.clone(),
+            shutdown.clone(),
+        ));
+    }
+    while accepts.join_next().await.is_some() {}
+    if slots.available_permits() < max {
+        tracing::info!(
+            connections = max - slots.available_permits(),
+            "shutting down: finishing in-flight requests"
+        );
+    }
+    let _all = slots.acquire_many(max as u32).await;
+    for p in sockets {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    l: Listener,
+    shared: Shared,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let (shared, stop2) = (shared.clone(), stop.clone());
+        let accepted = match &l {
+            Listener::Tcp(t) => tokio::select! {
+                r = t.accept() => r.map(|(s, peer)| {
+                    let _ = s.set_nodelay(true);
+                    tokio::spawn(async move {
+                        connection(s, peer.to_string(), shared, stop2).await;
+                        drop(permit);
+                    });
+                }),
+                _ = stop.wait_for(|s| *s) => return,
+            },
+            Listener::Unix(u, _) => tokio::select! {
+                r = u.accept() => r.map(|(s, _)| {
+                    tokio::spawn(async move {
+                        connection(s, "unix".into(), shared, stop2).await;
+                        drop(permit);
+                    });
+                }),
+                _ = stop.wait_for(|s| *s) => return,
+            },
+        };
+        if let Err(e) = accepted {
+            // EMFILE and friends: back off instead of spinning.
+            tracing::warn!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
