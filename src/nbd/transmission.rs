@@ -425,18 +425,15 @@ where
     // Every handler holds a sender: the writer finishes once the last
     // in-flight request has been answered.
     drop(tx);
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
     match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) if outcome.is_ok() => {
-            if e.kind() != std::io::ErrorKind::BrokenPipe
-                && e.kind() != std::io::ErrorKind::ConnectionReset
-            {
-                outcome = Err(Error::with_source(
-                    ErrorKind::Protocol,
-                    "writing replies",
-                    e,
-                ));
-            }
+        // A client that hangs up while we answer is not an error worth a warning.
+        Ok(Err(e)) if outcome.is_ok() && !matches!(e.kind(), BrokenPipe | ConnectionReset) => {
+            outcome = Err(Error::with_source(
+                ErrorKind::Protocol,
+                "writing replies",
+                e,
+            ));
         }
         _ => {}
     }
