@@ -93,6 +93,9 @@ struct ServeArgs {
     /// Retries of a failed origin request (with exponential backoff).
     #[arg(long, default_value_t = 4)]
     origin_retries: u32,
+    /// PEM file of extra CA certificates to trust for an https:// origin.
+    #[arg(long, value_name = "PEM")]
+    origin_ca: Option<PathBuf>,
     /// Most simultaneous client connections.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
@@ -193,6 +196,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             connections: a.origin_connections.max(1),
             request_timeout: Duration::from_secs(a.origin_timeout.max(1)),
             retries: a.origin_retries,
+            ca_file: a.origin_ca,
         },
         limits: Limits {
             max_connections: a.max_connections.max(1),

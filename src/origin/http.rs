@@ -101,7 +101,28 @@ impl HttpOrigin {
             Error::with_source(ErrorKind::InvalidInput, format!("origin URL {spec:?}"), e)
         })?;
         let shown = redact(&url);
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(ca) = &opts.ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| Error::io(format!("reading CA file {}", ca.display()), e))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Error::with_source(
+                    ErrorKind::InvalidInput,
+                    format!("CA file {}", ca.display()),
+                    e,
+                )
+            })?;
+            if certs.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("CA file {} holds no PEM certificate", ca.display()),
+                ));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let client = builder
             .default_headers(parse_headers(&opts.headers)?)
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))

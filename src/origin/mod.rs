@@ -76,6 +76,9 @@ pub struct OriginOptions {
     pub request_timeout: Duration,
     /// Retries of a failed request (transient failures only).
     pub retries: u32,
+    /// Extra PEM CA certificates to trust for https:// origins (a private CA),
+    /// on top of the built-in web PKI roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for OriginOptions {
@@ -85,6 +88,7 @@ impl Default for OriginOptions {
             connections: 16,
             request_timeout: Duration::from_secs(30),
             retries: 4,
+            ca_file: None,
         }
     }
 }
