@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::handshake::Negotiated;
 use super::wire::{self, chunk, cmd, cmdflag, errno, state, Request};
@@ -28,12 +28,26 @@ use crate::stats::Stats;
 
 /// Requests one connection may have in flight.
 pub const MAX_IN_FLIGHT: usize = 128;
+/// Read payload bytes one connection may have in flight (buffers pinned
+/// until the client takes the reply). Without it, 128 reads of 32 MiB from
+/// a client that never reads its socket would pin 4 GiB.
+pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+/// Granularity of the byte budget.
+const BUDGET_UNIT: u32 = 4096;
 /// Most extents returned by one BLOCK_STATUS (the spec allows fewer than
 /// asked; this bounds reply size for huge requests).
 const MAX_EXTENTS: usize = 1 << 14;
 
 /// One reply: buffers written back to back, in order.
 type Reply = Vec<Bytes>;
+
+/// A reply on its way to the socket, with the in-flight permits it holds:
+/// they are released only once the writer has taken the bytes, so the
+/// budgets bound queued replies too, not just running handlers.
+struct Outgoing {
+    reply: Reply,
+    _held: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
 
 /// A request that passed validation.
 #[derive(Debug, Clone, Copy)]
@@ -310,14 +324,17 @@ async fn handle(ctx: Arc<Ctx>, req: Request, c: Command) -> Reply {
 }
 
 /// Write replies, batching whatever is ready before each flush.
-async fn writer<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::Receiver<Reply>) -> std::io::Result<()> {
+async fn writer<W: AsyncWrite + Unpin>(
+    w: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(256 << 10, w);
-    while let Some(reply) = rx.recv().await {
-        for b in reply {
+    while let Some(out) = rx.recv().await {
+        for b in out.reply {
             w.write_all(&b).await?;
         }
-        while let Ok(reply) = rx.try_recv() {
-            for b in reply {
+        while let Ok(out) = rx.try_recv() {
+            for b in out.reply {
                 w.write_all(&b).await?;
             }
         }
@@ -349,7 +366,7 @@ where
 {
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(128 << 10, rd);
-    let (tx, rx) = mpsc::channel::<Reply>(MAX_IN_FLIGHT + 8);
+    let (tx, rx) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT + 8);
     let writer = tokio::spawn(writer(wr, rx));
     let ctx = Arc::new(Ctx {
         export: neg.export,
@@ -358,6 +375,7 @@ where
         stats,
     });
     let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT as usize));
     let mut outcome = Ok(());
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else {
@@ -407,17 +425,30 @@ where
             Err(r) => {
                 tracing::debug!(?req, errno = r.errno, msg = %r.msg, "request refused");
                 let reply = error_reply(ctx.structured, req.cookie, &r);
-                if tx.send(reply).await.is_err() {
+                drop(permit);
+                if tx.send(Outgoing { reply, _held: None }).await.is_err() {
                     break;
                 }
-                drop(permit);
             }
             Ok(c) => {
+                // Reads reserve their payload from the byte budget (a 32 MiB
+                // read takes half of it); the reader waits when it is spent.
+                let units = match c {
+                    Command::Read { range, .. } => (range.len as u32).div_ceil(BUDGET_UNIT),
+                    _ => 0,
+                };
+                let Ok(bytes) = budget.clone().acquire_many_owned(units).await else {
+                    break;
+                };
                 let (ctx, tx) = (ctx.clone(), tx.clone());
                 tokio::spawn(async move {
                     let reply = handle(ctx, req, c).await;
-                    let _ = tx.send(reply).await;
-                    drop(permit);
+                    let _ = tx
+                        .send(Outgoing {
+                            reply,
+                            _held: Some((permit, bytes)),
+                        })
+                        .await;
                 });
             }
         }
