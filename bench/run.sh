@@ -24,7 +24,8 @@
 #           warm-rand32-unix cold-rand32-rtt cold-seq-rtt")
 #   OUT (bench/RESULTS.md)   DELAY_MS (0.5 one way)   RATE_MBIT (1000)
 #   COLD_READS (2048 first-touch reads for cold-rand32-rtt)
-#   SEQ_MAX (300 s cap on one sequential pass)   COLD_MAX (120 s cap on cold reads)
+#   SEQ_MAX (120 s cap on one sequential pass)   COLD_MAX (120 s cap on cold reads)
+#   STALL_S (20: a case whose fio reads nothing for this long is killed as hung)
 #   LAZYBD (binary path)  LAZYBD_ARGS (extra `serve` options)  IMG (reuse a raw image)
 #   ACCESS_LOG (1: nginx logs each request; used to count origin requests/bytes)
 #   KEEP (1: keep the temp dir)  BENCH_TMP (parent of the temp dir, default /tmp)
@@ -42,7 +43,7 @@ OUT=${OUT:-$BENCH/RESULTS.md}
 DELAY_MS=${DELAY_MS:-0.5}
 RATE_MBIT=${RATE_MBIT:-1000}
 COLD_READS=${COLD_READS:-2048}
-SEQ_MAX=${SEQ_MAX:-300}
+SEQ_MAX=${SEQ_MAX:-120}
 COLD_MAX=${COLD_MAX:-120}
 LAZYBD=${LAZYBD:-$ROOT/target/release/lazybd}
 LAZYBD_ARGS=${LAZYBD_ARGS:-}
@@ -185,17 +186,23 @@ if [[ $need_rtt == 1 ]]; then
   log "4 KiB range GET: direct ${RTT_DIRECT} ms, through the proxy ${RTT_MEASURED} ms"
 fi
 
+# a private copy of the binary: a rebuild during the run must not change it
+if has "$PEERS" lazybd; then
+  cp "$LAZYBD" "$T/lazybd"
+  LAZYBD_INFO="$(readlink -f "$LAZYBD"), built $(date -u -r "$LAZYBD" '+%Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$LAZYBD" | cut -c1-12)"
+  LAZYBD=$T/lazybd
+fi
 has_file_peer=0; for p in $PEERS; do [[ $p == nbdkit-file || $p == nbd-server ]] && has_file_peer=1; done
 if [[ $has_file_peer == 1 ]]; then cp "$IMAGE" "$T/local.img"; fi
 
 # -------------------------------------------------------------- servers ----
 # start_server PEER TRANSPORT(tcp|unix) ORIGIN_URL LABEL -> SRV_PID SRV_URI SRV_LOG SRV_DIR
-SRV_PID=""; SRV_URI=""; SRV_LOG=""; SRV_DIR=""
+SRV_PID=""; SRV_URI=""; SRV_LOG=""; SRV_DIR=""; SRV_LABEL=""
 CMDLINES=$T/cmdlines.txt; : > "$CMDLINES"
 note_cmd() { local peer=$1; shift; grep -q "^$peer " "$CMDLINES" || printf '%s %s\n' "$peer" "$*" >> "$CMDLINES"; }
 start_server() {
   local peer=$1 tr=$2 url=$3 label=$4 port sock listen_nk=() cmd=()
-  SRV_DIR=$T/srv/$label; rm -rf "$SRV_DIR"; mkdir -p "$SRV_DIR"
+  SRV_DIR=$T/srv/$label; rm -rf "$SRV_DIR"; mkdir -p "$SRV_DIR"; SRV_LABEL=$label
   SRV_LOG=$SRV_DIR/server.log; SRV_PID=""
   if [[ $tr == tcp ]]; then
     port=$(free_port); SRV_URI="nbd://127.0.0.1:$port/disk"; listen_nk=(-i 127.0.0.1 -p "$port")
@@ -261,8 +268,8 @@ start_server() {
 }
 
 STOPS=$T/stops.tsv; : > "$STOPS"
-stop_server() { # stop_server LABEL: SIGTERM, record whether it exited and lazybd's summary line
-  local label=$1 how=term-exit summary=""
+stop_server() { # SIGTERM, record whether it exited and lazybd's summary line
+  local label=$SRV_LABEL how=term-exit summary=""
   [[ -n $SRV_PID ]] || return 0
   kill_pid "$SRV_PID" 15 || how="KILLED-after-15s"
   wait "$SRV_PID" 2>/dev/null || true
@@ -277,82 +284,165 @@ stop_server() { # stop_server LABEL: SIGTERM, record whether it exited and lazyb
 RESULTS=$T/results.tsv
 printf 'case\tpeer\ttransport\tiops\tmibs\tlat_mean_us\tlat_p99_us\tseconds\tio_bytes\torigin_reqs\torigin_bytes\tstatus\tnote\n' > "$RESULTS"
 FAILED=0
-record_fail() { # CASE PEER TRANSPORT NOTE
-  printf '%s\t%s\t%s\t\t\t\t\t\t\t\t\tFAIL\t%s\n' "$1" "$2" "$3" "$4" >> "$RESULTS"
+record_fail() { # CASE PEER TRANSPORT NOTE — a selected case without numbers fails the run
+  printf '%s\t%s\t%s\t\t\t\t\t\t\t\t\tFAIL\t%s\n' "$1" "$2" "$3" "$(printf '%s' "$4" | tr '\t\n' '  ')" >> "$RESULTS"
   if has "$CASES" "$1"; then FAILED=1; fi
-  log "FAIL $1 $2: $4"
+  log "FAIL $1 $2/$3: $4"
 }
 log_mark() { if [[ -f $NGX/access.log ]]; then stat -c %s "$NGX/access.log"; else echo 0; fi; }
 origin_since() { # byte offset -> "requests<TAB>body_bytes"
   if [[ $ACCESS_LOG != 1 ]]; then printf '\t'; return; fi
   tail -c +"$(($1 + 1))" "$NGX/access.log" | awk '{n++; b += $3} END {printf "%d\t%d", n, b}'
 }
-# run_case CASE KIND PEER TRANSPORT LABEL; KIND: seq | rand1 | rand32 | cold32
+fio_rchar() { # bytes read so far by fio and its job processes (socket reads included)
+  local p r s=0
+  for p in "$1" $(pgrep -P "$1" || true); do
+    r=$(awk '/^rchar:/ {print $2}' "/proc/$p/io" 2>/dev/null || true); s=$((s + ${r:-0}))
+  done
+  echo "$s"
+}
+# run_fio HARD_CAP OUTFILE ARGS... — fio with a stall watchdog: killed if it reads
+# nothing for STALL_S seconds (a request the server never answers) or runs past
+# HARD_CAP. Returns fio's status, or 124 with FIO_NOTE set.
+STALL_S=${STALL_S:-20}
+FIO_NOTE=""
+run_fio() {
+  local hard=$1 outf=$2 fp last=-1 now still=0 t=0 rc=0; shift 2
+  FIO_NOTE=""
+  fio "$@" > "$outf" 2>&1 &
+  fp=$!
+  while kill -0 "$fp" 2>/dev/null; do
+    sleep 1; t=$((t + 1))
+    now=$(fio_rchar "$fp")
+    if [[ $now == "$last" ]]; then still=$((still + 1)); else still=0; last=$now; fi
+    if ((still >= STALL_S || t >= hard)); then
+      if ((still >= STALL_S)); then FIO_NOTE="stalled: no data for ${still} s after ${t} s"; else FIO_NOTE="over the ${hard} s cap"; fi
+      # shellcheck disable=SC2046
+      kill -KILL $(pgrep -P "$fp" || true) "$fp" 2>/dev/null || true
+      wait "$fp" 2>/dev/null || true
+      return 124
+    fi
+  done
+  wait "$fp" || rc=$?
+  return "$rc"
+}
+# run_case CASE KIND PEER TRANSPORT — on the running server ($SRV_*).
+# KIND: seq (1 MiB, QD8, one pass) | seq1 (same at QD1) | rand1 | rand32 | cold32.
+# Success: appends a row (with $EXTRA_NOTE), returns 0. Failure: no row,
+# FAIL_MSG says why, returns 1.
+EXTRA_NOTE=""; FAIL_MSG=""
+FIO_SUMMARY='
+import json, sys
+js, case, peer, tr, origin, want, extra = sys.argv[1:]
+j = json.load(open(js))
+job = j["jobs"][0]; r = job["read"]
+oreq, obytes = (origin.split("\t") + ["", ""])[:2]
+note = [extra] if extra else []
+err, got = job.get("error"), r["io_bytes"]
+if err: note.append("fio error %s" % err)
+if want and got < int(want): note.append("INCOMPLETE %d/%s bytes" % (got, want))
+status = "ok" if got > 0 and not err else "FAIL"
+p99 = r["lat_ns"].get("percentile", {}).get("99.000000", 0) / 1000
+print("\t".join(map(str, [case, peer, tr, "%.1f" % r["iops"], "%.2f" % (r["bw_bytes"] / 1048576),
+      "%.1f" % (r["lat_ns"]["mean"] / 1000), "%.1f" % p99, "%.3f" % (r["runtime"] / 1000), got,
+      oreq, obytes, status, "; ".join(note)])))'
 run_case() {
-  local case=$1 kind=$2 peer=$3 tr=$4 label=$5 js mark cap rc=0 args
+  local case=$1 kind=$2 peer=$3 tr=$4 js mark cap rc=0 args want=""
   js=$SRV_DIR/$case.json
   args=(--name="$case" --ioengine=nbd --uri="$SRV_URI" --size="$IMG_BYTES" --lat_percentiles=1
         --output-format=json --output="$js")
   case $kind in
-    seq)    cap=$SEQ_MAX; args+=(--rw=read --bs=1M --iodepth=8 --runtime="$cap") ;;
+    seq)    cap=$SEQ_MAX; want=$IMG_BYTES; args+=(--rw=read --bs=1M --iodepth=8 --runtime="$cap") ;;
+    seq1)   cap=$SEQ_MAX; want=$IMG_BYTES; args+=(--rw=read --bs=1M --iodepth=1 --runtime="$cap") ;;
     rand1)  cap=$RUNTIME; args+=(--rw=randread --bs=4k --iodepth=1 --time_based --runtime="$cap") ;;
     rand32) cap=$RUNTIME; args+=(--rw=randread --bs=4k --iodepth=32 --time_based --runtime="$cap") ;;
-    cold32) cap=$COLD_MAX; args+=(--rw=randread --bs=4k --iodepth=32 --io_size="$((COLD_N * 4096))" --runtime="$cap") ;;
+    cold32) cap=$COLD_MAX; want=$((COLD_N * 4096))
+            args+=(--rw=randread --bs=4k --iodepth=32 --io_size="$want" --runtime="$cap") ;;
   esac
-  log "$case  $label  ($kind)"
+  log "$case  $peer/$tr  ($kind)${EXTRA_NOTE:+  [$EXTRA_NOTE]}"
+  rm -f "$js"
   mark=$(log_mark)
-  timeout -k 5 "$((cap + 60))" fio "${args[@]}" > "$SRV_DIR/$case.fio.out" 2>&1 || rc=$?
-  local origin; origin=$(origin_since "$mark")
+  run_fio "$((cap + 30))" "$SRV_DIR/$case.fio.out" "${args[@]}" || rc=$?
+  local origin row
+  origin=$(origin_since "$mark")
   if [[ $rc != 0 || ! -s $js ]]; then
-    record_fail "$case" "$peer" "$tr" "fio rc=$rc: $(tail -c 300 "$SRV_DIR/$case.fio.out" | tr '\t\n' '  ')"
+    FAIL_MSG="fio rc=$rc${FIO_NOTE:+ ($FIO_NOTE)}: $(tail -c 200 "$SRV_DIR/$case.fio.out" | tr '\t\n' '  ')"
+    kill -0 "$SRV_PID" 2>/dev/null || FAIL_MSG="$FAIL_MSG; server exited, log: $(tail -c 300 "$SRV_LOG" | tr '\t\n' '  ')"
     return 1
   fi
-  local want=""; [[ $kind == seq ]] && want=$IMG_BYTES; [[ $kind == cold32 ]] && want=$((COLD_N * 4096))
-  python3 - "$js" "$case" "$peer" "$tr" "$origin" "$want" >> "$RESULTS" <<'EOF' || { record_fail "$case" "$peer" "$tr" "bad fio json"; return 1; }
-import json, sys
-js, case, peer, tr, origin, want = sys.argv[1:]
-j = json.load(open(js))
-job = j["jobs"][0]; r = job["read"]
-oreq, obytes = (origin.split("\t") + ["", ""])[:2]
-note = []
-if job.get("error"): note.append(f"fio error {job['error']}")
-if want and r["io_bytes"] < int(want): note.append(f"INCOMPLETE {r['io_bytes']}/{want} bytes")
-status = "ok" if r["io_bytes"] > 0 and not job.get("error") else "FAIL"
-p99 = r["lat_ns"].get("percentile", {}).get("99.000000", 0) / 1000
-print("\t".join(map(str, [case, peer, tr, f"{r['iops']:.1f}", f"{r['bw_bytes'] / 1048576:.2f}",
-      f"{r['lat_ns']['mean'] / 1000:.1f}", f"{p99:.1f}", f"{r['runtime'] / 1000:.3f}", r["io_bytes"],
-      oreq, obytes, status, "; ".join(note)])))
-EOF
-  local st; st=$(tail -1 "$RESULTS" | cut -f12)
-  if [[ $st != ok ]]; then FAILED=1; fi
-  if ! kill -0 "$SRV_PID" 2>/dev/null; then
-    record_fail "$case" "$peer" "$tr" "server died during the case; log tail: $(tail -c 300 "$SRV_LOG" | tr '\t\n' '  ')"
-    return 1
-  fi
+  row=$(python3 -c "$FIO_SUMMARY" "$js" "$case" "$peer" "$tr" "$origin" "$want" "$EXTRA_NOTE") || {
+    FAIL_MSG="unreadable fio json"; return 1; }
+  if [[ $(cut -f12 <<< "$row") != ok ]]; then FAIL_MSG="fio: $(cut -f13 <<< "$row")"; return 1; fi
+  printf '%s\n' "$row" >> "$RESULTS"
+  if ! kill -0 "$SRV_PID" 2>/dev/null; then log "$peer/$tr exited after $case"; fi
+  return 0
 }
 
-# session PEER TRANSPORT ORIGIN_URL LABEL CASE:KIND... — one fresh server,
-# cases in order; a case whose server failed is recorded as failed.
+remote() { [[ $1 == lazybd || $1 == nbdkit-cache || $1 == qsd ]]; }
+
+# session PEER TRANSPORT ORIGIN_URL LABEL CASE:KIND... — one fresh server, the
+# cases in order. Warm cases need a server warmed by a full pass: after a
+# failure the server is restarted fresh and warmed by a QD1 pass (row
+# `warmup-qd1`). A failed cold case is retried once on a fresh server; the
+# first attempt stays in the report as `CASE#1`.
 session() {
-  local peer=$1 tr=$2 url=$3 label=$4 ck; shift 4
-  if ! start_server "$peer" "$tr" "$url" "$label"; then
-    for ck in "$@"; do record_fail "${ck%%:*}" "$peer" "$tr" "server failed to start: $(tail -c 300 "$SRV_LOG" | tr '\t\n' '  ')"; done
-    [[ -n $SRV_PID ]] && stop_server "$label"
-    return 0
-  fi
-  local dead=0
-  for ck in "$@"; do
-    if [[ $dead == 1 ]]; then record_fail "${ck%%:*}" "$peer" "$tr" "skipped: server is gone"; continue; fi
-    run_case "${ck%%:*}" "${ck##*:}" "$peer" "$tr" "$label" || { kill -0 "$SRV_PID" 2>/dev/null || dead=1; }
+  local peer=$1 tr=$2 url=$3 label=$4 restarts=0; shift 4
+  local cks=("$@") i ck case kind warm=0 msg=""
+  remote "$peer" || warm=1
+  fresh() { # (re)start a fresh server; 1 if it does not come up
+    if [[ -n $SRV_PID ]]; then stop_server; fi
+    local l=$label; ((restarts == 0)) || l=$label.restart$restarts
+    restarts=$((restarts + 1))
+    warm=0; remote "$peer" || warm=1
+    start_server "$peer" "$tr" "$url" "$l" && return 0
+    msg="server failed to start: $(tail -c 300 "$SRV_LOG" | tr '\t\n' '  ')"
+    if [[ -n $SRV_PID ]]; then stop_server; fi
+    return 1
+  }
+  fail_rest() { local j; for ((j = $1; j < ${#cks[@]}; j++)); do record_fail "${cks[j]%%:*}" "$peer" "$tr" "$2"; done; }
+  if ! fresh; then fail_rest 0 "$msg"; return 0; fi
+  for ((i = 0; i < ${#cks[@]}; i++)); do
+    ck=${cks[i]}; case=${ck%%:*}; kind=${ck##*:}
+    if ! kill -0 "$SRV_PID" 2>/dev/null; then
+      log "$peer/$tr: server is gone before $case; restarting"
+      fresh || { fail_rest "$i" "server gone, restart failed: $msg"; return 0; }
+    fi
+    if [[ $case == warm-* && $warm == 0 ]]; then
+      if run_case warmup-qd1 seq1 "$peer" "$tr"; then warm=1
+      else
+        record_fail warmup-qd1 "$peer" "$tr" "$FAIL_MSG"
+        fail_rest "$i" "not run: the server could not be warmed"; stop_server; return 0
+      fi
+    fi
+    if run_case "$case" "$kind" "$peer" "$tr"; then
+      if [[ $kind == seq* ]]; then warm=1; fi
+      continue
+    fi
+    msg=$FAIL_MSG
+    if [[ $case == cold-* ]] && fresh; then
+      EXTRA_NOTE="2nd attempt on a fresh server"
+      if run_case "$case" "$kind" "$peer" "$tr"; then
+        EXTRA_NOTE=""
+        record_fail "$case#1" "$peer" "$tr" "1st attempt: $msg"
+        if [[ $kind == seq* ]]; then warm=1; fi
+        continue
+      fi
+      EXTRA_NOTE=""
+      msg="$FAIL_MSG; 1st attempt: $msg"
+    fi
+    record_fail "$case" "$peer" "$tr" "$msg"
+    # whatever follows starts from a fresh server
+    if ((i + 1 < ${#cks[@]})); then
+      fresh || { fail_rest "$((i + 1))" "server restart failed: $msg"; return 0; }
+    fi
   done
-  stop_server "$label"
+  stop_server
 }
 
 # cold-rand32-rtt: first-touch reads; leave at least half the blocks untouched
 nblocks=$((IMG_BYTES / BLOCK_BYTES))
 COLD_N=$COLD_READS; ((COLD_N <= nblocks / 2)) || COLD_N=$((nblocks / 2))
 
-remote() { [[ $1 == lazybd || $1 == nbdkit-cache || $1 == qsd ]]; }
 want() { has "$CASES" "$1"; }
 START=$(date +%s)
 log "temp dir $T; peers: $PEERS; cases: $CASES"
@@ -405,7 +495,7 @@ META=$T/meta.tsv
   printf 'nbd_server\t%s\n' "$(nbd-server -V 2>&1 | awk '/version/ {print $NF; exit}')"
   printf 'libnbd\t%s\n' "$(nbdinfo --version 2>/dev/null | awk 'NR==1 {print $2}')"
   printf 'rustc\t%s\n' "$(rustc --version | awk '{print $2}')"
-  printf 'lazybd_rev\t%s\n' "$lazybd_rev"
+  printf 'lazybd_rev\t%s\n' "$lazybd_rev${LAZYBD_INFO:+; binary $LAZYBD_INFO}"
   printf 'img_bytes\t%s\n' "$IMG_BYTES"
   printf 'block_size\t%s\n' "$BLOCK_SIZE"
   printf 'block_bytes\t%s\n' "$BLOCK_BYTES"

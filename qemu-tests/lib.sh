@@ -18,6 +18,7 @@
 #
 # Only loopback addresses are used, for nginx and for lazybd.
 set -euo pipefail
+umask 022   # nginx's workers (user nobody when run as root) read what tests create
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LAZYBD=${LAZYBD:-$REPO/target/release/lazybd}
@@ -40,6 +41,7 @@ _LAZYBD_N=0        # how many lazybd processes this test started
 BG_PIDS=()         # other background processes (bg_track) to kill at exit
 ORIGIN_URL=""      # http://127.0.0.1:PORT of the nginx origin
 ORIGIN_DIR=""      # directory nginx serves
+ORIGIN_CA=""       # CA certificate (PEM) of the https origin (ORIGIN_TLS=1)
 NGINX_STATE=$T/nginx
 ORIGIN_ACCESS_LOG=$NGINX_STATE/access.log
 
@@ -64,13 +66,25 @@ _pid_alive() {  # PID -> 0 if it exists and is not a zombie
   [[ $st != Z && $st != X ]]
 }
 
+# _kill_tree SIG PID : signal PID and all its descendants (children first
+# collected, by pid; e.g. the nbdcopy inside a "( nbdcopy | sha256sum ) &")
+_kill_tree() {
+  local sig=$1 pid=$2 c
+  for c in $(ps -o pid= --ppid "$pid" 2>/dev/null); do _kill_tree "$sig" "$c"; done
+  kill -"$sig" "$pid" 2>/dev/null || true
+}
+
 _cleanup() {
   local rc=$?
   set +e
-  trap - EXIT INT TERM
+  # ignore further INT/TERM while cleaning up: timeout(1) signals the test
+  # twice (the process, then its process group), and the second signal must
+  # not cut the cleanup short
+  trap - EXIT
+  trap '' INT TERM
   local p
   for p in "${BG_PIDS[@]}"; do
-    _pid_alive "$p" && kill "$p" 2>/dev/null
+    _pid_alive "$p" && _kill_tree TERM "$p"
   done
   if [[ -n $LAZYBD_PID ]] && _pid_alive "$LAZYBD_PID"; then
     kill -TERM "$LAZYBD_PID" 2>/dev/null
@@ -78,7 +92,7 @@ _cleanup() {
     _pid_alive "$LAZYBD_PID" && kill -KILL "$LAZYBD_PID" 2>/dev/null
   fi
   for p in "${BG_PIDS[@]}"; do
-    _pid_alive "$p" && kill -KILL "$p" 2>/dev/null
+    _pid_alive "$p" && _kill_tree KILL "$p"
   done
   origin_stop
   wait 2>/dev/null
@@ -166,16 +180,19 @@ ZERO_LEN=0
 # mkimage PATH MIB [EXTRA_BYTES]
 # Random raw image of MIB MiB (+ EXTRA_BYTES, to get a size that is not a
 # multiple of any block size) with an all-zero region of 4 MiB (1 MiB for
-# images < 16 MiB) starting at a 4 MiB-aligned offset near the middle. Sets
-# ZERO_OFF / ZERO_LEN (call it directly, not in $(...)).
+# images of 2..15 MiB, none below) starting at an aligned offset near the
+# middle. Sets ZERO_OFF / ZERO_LEN (call it directly, not in $(...)).
 mkimage() {
   local path=$1 mib=$2 extra=${3:-0} zmib
   mkdir -p "$(dirname "$path")"
   head -c "$((mib * MIB + extra))" /dev/urandom > "$path.tmp"
-  if ((mib >= 16)); then zmib=4; else zmib=1; fi
-  ZERO_OFF=$(((mib / 2) / zmib * zmib * MIB))
-  ZERO_LEN=$((zmib * MIB))
-  dd if=/dev/zero of="$path.tmp" bs=1M seek=$((ZERO_OFF / MIB)) count="$zmib" conv=notrunc status=none
+  if ((mib >= 16)); then zmib=4; elif ((mib >= 2)); then zmib=1; else zmib=0; fi
+  ZERO_OFF=0 ZERO_LEN=0
+  if ((zmib > 0)); then
+    ZERO_OFF=$(((mib / 2) / zmib * zmib * MIB))
+    ZERO_LEN=$((zmib * MIB))
+    dd if=/dev/zero of="$path.tmp" bs=1M seek=$((ZERO_OFF / MIB)) count="$zmib" conv=notrunc status=none
+  fi
   chmod 0644 "$path.tmp"
   mv -f "$path.tmp" "$path"
 }
@@ -190,13 +207,13 @@ sha_nbd() {
   nbdcopy "$@" "$uri" - | sha256sum | awk '{print $1}'
 }
 
-# assert_same_as_file FILE URI [NBDCOPY-OPTIONS...]
+# assert_same_as_file FILE URI [NBDCOPY-OPTIONS...] : a full nbdcopy read of
+# URI is byte-identical to FILE (cmp: fast, and names the first differing byte)
 assert_same_as_file() {
-  local file=$1 uri=$2 want got; shift 2
-  want=$(sha_file "$file")
-  got=$(sha_nbd "$uri" "$@") || fail "nbdcopy $* $uri failed"
-  [[ $want == "$got" ]] || fail "content of $uri ($got) differs from $(basename "$file") ($want)"
-  log "nbdcopy $* $uri: sha256 matches $(basename "$file")"
+  local file=$1 uri=$2 out; shift 2
+  out=$( { nbdcopy "$@" "$uri" - | cmp - "$file"; } 2>&1 ) ||
+    fail "nbdcopy $* $uri: not identical to $(basename "$file"): $out"
+  log "nbdcopy $* $uri: identical to $(basename "$file")"
 }
 
 # ---------------------------------------------------------------- origin (nginx)
@@ -205,7 +222,9 @@ assert_same_as_file() {
 # request (max_ranges 1), access log on in $ORIGIN_ACCESS_LOG. Sets ORIGIN_URL
 # and prints it. Locations:
 #   /secure/...  403 unless the request has "X-Test-Token: $ORIGIN_TOKEN" (default abc)
-#   /slow/...    rate-limited to $ORIGIN_SLOW_RATE per connection (default 16m)
+#   /norange/... Range ignored (max_ranges 0: always 200 with the whole file)
+# With ORIGIN_TLS=1 it serves https:// instead, with a certificate for
+# IP:127.0.0.1 signed by a throw-away CA whose PEM is $ORIGIN_CA.
 # Access log lines are '|'-separated:
 #   msec|method|uri|status|range|x-test-token|body_bytes|if-range|if-match|if-none-match|connection
 origin_start() {
@@ -214,6 +233,13 @@ origin_start() {
   chmod 0755 "$dir"
   port=$(free_port)
   mkdir -p "$NGINX_STATE/tmp"
+  local scheme=http listen_opts="" tls_conf="" curl_opts=()
+  if [[ ${ORIGIN_TLS:-0} == 1 ]]; then
+    _make_test_ca
+    scheme=https listen_opts=" ssl"
+    tls_conf="ssl_certificate $NGINX_STATE/server.pem; ssl_certificate_key $NGINX_STATE/server.key;"
+    curl_opts=(--cacert "$ORIGIN_CA")
+  fi
   cat > "$NGINX_STATE/nginx.conf" <<EOF
 daemon on;
 worker_processes 2;
@@ -230,14 +256,15 @@ http {
   fastcgi_temp_path $NGINX_STATE/tmp; uwsgi_temp_path $NGINX_STATE/tmp; scgi_temp_path $NGINX_STATE/tmp;
   default_type application/octet-stream;
   server {
-    listen 127.0.0.1:$port;
+    listen 127.0.0.1:$port$listen_opts;
+    $tls_conf
     root $dir;
     location = /__ready { access_log off; return 204; }
     location / { }
     location /secure/ {
       if (\$http_x_test_token != "${ORIGIN_TOKEN:-abc}") { return 403; }
     }
-    location /slow/ { limit_rate ${ORIGIN_SLOW_RATE:-16m}; }
+    location /norange/ { max_ranges 0; }
   }
 }
 EOF
@@ -246,13 +273,33 @@ EOF
     fail "nginx did not start"
   local ok=0
   for _ in $(seq 100); do
-    if curl -fsS -o /dev/null "http://127.0.0.1:$port/__ready" 2>/dev/null; then ok=1; break; fi
+    if curl -fsS "${curl_opts[@]}" -o /dev/null "$scheme://127.0.0.1:$port/__ready" 2>/dev/null; then ok=1; break; fi
     sleep 0.05
   done
   ((ok)) || fail "nginx on 127.0.0.1:$port not answering"
-  ORIGIN_URL=http://127.0.0.1:$port
+  ORIGIN_URL=$scheme://127.0.0.1:$port
   ORIGIN_DIR=$dir
   echo "$ORIGIN_URL"
+}
+
+# _make_test_ca : throw-away CA + server certificate for IP:127.0.0.1 (P-256)
+# in $NGINX_STATE; sets ORIGIN_CA (the CA's PEM)
+_make_test_ca() {
+  local d=$NGINX_STATE
+  ORIGIN_CA=$d/ca.pem
+  [[ -s $d/server.pem ]] && return 0
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -keyout "$d/ca.key" -out "$d/ca.pem" -subj "/CN=lazybd test CA" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    >/dev/null 2>&1 || fail "openssl: cannot make the test CA"
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -keyout "$d/server.key" -out "$d/server.csr" -subj "/CN=127.0.0.1" >/dev/null 2>&1 ||
+    fail "openssl: cannot make the server key"
+  printf '%s\n' "subjectAltName=IP:127.0.0.1" "basicConstraints=CA:FALSE" \
+    "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" > "$d/server.ext"
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 2 -extfile "$d/server.ext" -out "$d/server.pem" >/dev/null 2>&1 ||
+    fail "openssl: cannot sign the server certificate"
 }
 
 origin_stop() {
@@ -265,6 +312,18 @@ origin_stop() {
   kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
   rm -f "$NGINX_STATE/nginx.pid"
   return 0
+}
+
+# origin_resume : start the stopped nginx again, same config, same port
+origin_resume() {
+  [[ -n $ORIGIN_URL ]] || fail "origin_resume: no origin was started"
+  nginx -c "$NGINX_STATE/nginx.conf" -p "$NGINX_STATE" -e "$NGINX_STATE/error.log" ||
+    fail "nginx did not restart"
+  for _ in $(seq 100); do
+    curl -fsS ${ORIGIN_CA:+--cacert "$ORIGIN_CA"} -o /dev/null "$ORIGIN_URL/__ready" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  fail "nginx at $ORIGIN_URL not answering after restart"
 }
 
 origin_mark() {  # print the current number of access log lines (a position)
@@ -302,9 +361,26 @@ origin_data_requests_since() {
   _origin_lines "$1" | awk -F'|' -v p="${2:-}" '$2=="GET" && (p=="" || $3==p) && $5!="bytes=0-0" {n++} END {print n+0}'
 }
 
+# wait_origin_bytes MARK BYTES SECONDS [PATH] [PID] : poll (every 10 ms) until
+# nginx has logged BYTES of GET bodies since MARK, SECONDS have passed, or PID
+# (if given) has exited. Prints "ELAPSED_S BYTES".
+wait_origin_bytes() {
+  local mark=$1 want=$2 secs=$3 path=${4:-} pid=${5:-} t0 el got
+  t0=$(date +%s.%N)
+  while :; do
+    el=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.3f", b-a}')
+    got=$(origin_bytes_since "$mark" "$path")
+    ((got >= want)) && break
+    awk -v e="$el" -v d="$secs" 'BEGIN{exit !(e >= d)}' && break
+    [[ -n $pid ]] && ! _pid_alive "$pid" && break
+    sleep 0.01
+  done
+  echo "$el $got"
+}
+
 # origin_bytes_since MARK [PATH] : body bytes nginx sent for GETs after MARK
 origin_bytes_since() {
-  _origin_lines "$1" | awk -F'|' -v p="${2:-}" '$2=="GET" && (p=="" || $3==p) {n+=$7} END {printf "%d\n", n+0}'
+  _origin_lines "$1" | awk -F'|' -v p="${2:-}" '$2=="GET" && (p=="" || $3==p) {n+=$7} END {printf "%.0f\n", n+0}'
 }
 
 # ---------------------------------------------------------------- lazybd
@@ -321,6 +397,21 @@ _listen_uri() {
   else
     echo "nbd://$addr/$name"
   fi
+}
+
+# lazybd_spawn SERVE-ARGS... : start "$LAZYBD serve SERVE-ARGS..." in the
+# background without waiting for it; sets LAZYBD_PID and LAZYBD_LOG
+# ($T/lazybd-N.log, stdout+stderr). SIGINT/SIGQUIT are reset to their default
+# disposition (a non-interactive shell starts background jobs with them
+# ignored), so the server sees signals as it would under a terminal or systemd.
+lazybd_spawn() {
+  require_lazybd
+  [[ -z $LAZYBD_PID ]] || fail "lazybd_spawn: lazybd $LAZYBD_PID is still running"
+  _LAZYBD_N=$((_LAZYBD_N + 1))
+  LAZYBD_LOG=$T/lazybd-$_LAZYBD_N.log
+  log "start #$_LAZYBD_N: lazybd serve $*"
+  env --default-signal=INT,QUIT "$LAZYBD" serve "$@" </dev/null >"$LAZYBD_LOG" 2>&1 &
+  LAZYBD_PID=$!
 }
 
 # lazybd_start SERVE-ARGS...
@@ -354,11 +445,7 @@ lazybd_start() {
       if [[ -z $LAZYBD_URI ]]; then LAZYBD_URI=$(_listen_uri "$a" "$name"); LAZYBD_PORT=${a##*:}; fi
     fi
   done
-  _LAZYBD_N=$((_LAZYBD_N + 1))
-  LAZYBD_LOG=$T/lazybd-$_LAZYBD_N.log
-  log "start #$_LAZYBD_N: lazybd serve ${args[*]}"
-  "$LAZYBD" serve "${args[@]}" </dev/null >"$LAZYBD_LOG" 2>&1 &
-  LAZYBD_PID=$!
+  lazybd_spawn "${args[@]}"
   local deadline=$((SECONDS + ${LAZYBD_START_TIMEOUT:-30})) uri
   for a in "${listens[@]}"; do
     uri=$(_listen_uri "$a" "$name")
@@ -409,8 +496,8 @@ lazybd_stop() {
 # lazybd_kill9 : SIGKILL, reap
 lazybd_kill9() {
   [[ -n $LAZYBD_PID ]] || fail "lazybd_kill9: no lazybd running"
-  kill -KILL "$LAZYBD_PID"
-  _lazybd_wait_exit 10 || fail "lazybd did not die on SIGKILL"
+  # (stderr of this block hidden: bash's "Killed" job notice is noise here)
+  { kill -KILL "$LAZYBD_PID"; _lazybd_wait_exit 10; } 2>/dev/null || fail "lazybd did not die on SIGKILL"
   log "lazybd killed with SIGKILL (status $LAZYBD_RC)"
 }
 
@@ -434,11 +521,7 @@ lazybd_origin_requests() {
 lazybd_expect_start_failure() {
   require_lazybd
   local timeout=$1; shift
-  _LAZYBD_N=$((_LAZYBD_N + 1))
-  LAZYBD_LOG=$T/lazybd-$_LAZYBD_N.log
-  log "start #$_LAZYBD_N (must fail): lazybd serve $*"
-  "$LAZYBD" serve "$@" </dev/null >"$LAZYBD_LOG" 2>&1 &
-  LAZYBD_PID=$!
+  lazybd_spawn "$@"
   if ! _lazybd_wait_exit "$timeout"; then
     fail "lazybd serve $* was still running after ${timeout}s; it should have failed at start"
   fi

@@ -10,12 +10,14 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
-need=(qemu-img qemu-io qemu-system-x86_64 qemu-storage-daemon nbdkit nbdinfo nbdcopy fio nginx
-      nbd-server curl ip mcopy mkfs.fat syslinux busybox cpio sfdisk)
+need=(qemu-img qemu-io qemu-system-x86_64 qemu-storage-daemon nbdkit nbdinfo nbdcopy nbdsh fio nginx
+      nbd-server curl ip ss ps openssl mcopy mkfs.fat syslinux busybox cpio sfdisk)
 missing=0
 for t in "${need[@]}"; do command -v "$t" >/dev/null 2>&1 || { missing=1; break; }; done
 [[ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]] || missing=1
-[[ -e /usr/lib/nbdkit/plugins/nbdkit-curl-plugin.so ]] || missing=1
+nbdkit curl --version >/dev/null 2>&1 || missing=1   # the curl plugin loads
+# python3-libnbd: the qemu-tests send raw NBD requests with /usr/bin/python3 + libnbd
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || missing=1
 if [[ $missing == 0 ]]; then
   echo "install-deps: all tools present"
   exit 0
@@ -34,7 +36,7 @@ if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.
 fi
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
-  nbdkit libnbd-bin fio nginx-light nbd-server curl iproute2 \
+  nbdkit libnbd-bin python3-libnbd fio nginx-light nbd-server curl iproute2 procps openssl \
   syslinux syslinux-common mtools dosfstools busybox-static cpio fdisk kmod ca-certificates
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-block-extra qemu-utils

@@ -10,7 +10,8 @@
 //! - [`nbd`]     the NBD protocol: `wire` (pure codec), `handshake`, `transmission`
 //! - [`server`]  TCP/Unix listeners, connection limits, graceful shutdown
 //! - [`export`]  the NBD-facing device trait, exports registry, `stack` (composition)
-//! - [`cache`]   persistent verified block cache: `map` (state + CRCs), `dir`, `verify`
+//! - [`cache`]   the verified cache of an origin: single-flight fetches, `dir`, `verify`
+//! - [`store`]   block store shared by cache and overlays: data file + `map` (state + CRCs)
 //! - [`origin`]  where bytes live: `http` (ranged GETs), `file`
 //! - [`daemon`]  `serve` as a library call: wire everything and run
 //! - [`sample`]  the built-in sample image used when no origin is given
@@ -27,4 +28,5 @@ pub mod origin;
 pub mod sample;
 pub mod server;
 pub mod stats;
+pub mod store;
 pub mod util;

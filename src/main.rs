@@ -150,10 +150,27 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("lazybd: error: {e:#}");
+            eprintln!("lazybd: error: {}", chain(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error chain on one line. lazybd's own errors already print their
+/// sources, so a cause whose text the line already holds is not repeated.
+fn chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {

@@ -17,12 +17,13 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::map::{BlockMap, Geometry};
 use super::ImageCache;
 use crate::block::BlockSize;
 use crate::error::{Error, ErrorKind, Result};
 use crate::origin::{Origin, OriginIdentity};
 use crate::stats::Stats;
+use crate::store::map::Geometry;
+use crate::store::BlockStore;
 use crate::util::fnv64;
 
 pub struct CacheDir {
@@ -182,8 +183,6 @@ impl CacheDir {
                 discard = true;
             }
         }
-        let meta_path = dir.join("meta");
-        let data_path = dir.join("data");
         // Lock before touching anything: two servers on one cache would
         // corrupt each other's view of the map.
         let lock = OpenOptions::new()
@@ -195,8 +194,8 @@ impl CacheDir {
             .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
         flock_exclusive(&lock, &dir)?;
         if discard {
-            let _ = fs::remove_file(&meta_path);
-            let _ = fs::remove_file(&data_path);
+            let _ = fs::remove_file(dir.join("meta"));
+            let _ = fs::remove_file(dir.join("data"));
         }
         if previous.as_ref() != Some(&want) {
             // Write-then-rename: `origin` is always whole.
@@ -209,22 +208,10 @@ impl CacheDir {
             block_size: bs,
             image_size: id.size,
             identity_hash: identity_hash(&id),
+            crc_slots: 1,
         };
-        let (map, fresh) = BlockMap::open_or_create(&meta_path, geometry)?;
-        let data = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&data_path)
-            .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
-        if fresh {
-            data.set_len(0)
-                .map_err(|e| Error::io(format!("resetting {}", data_path.display()), e))?;
-        }
-        data.set_len(id.size)
-            .map_err(|e| Error::io(format!("sizing {}", data_path.display()), e))?;
-        let cache = ImageCache::new(origin, map, data, stats, lock);
+        let (store, fresh) = BlockStore::open(&dir, geometry)?;
+        let cache = ImageCache::new(origin, store, stats, lock);
         let (present, zero, total) = cache.counts();
         tracing::info!(origin = %id.locator, dir = %dir.display(), block_size = %bs,
             present, zero, total, fresh, "cache opened");

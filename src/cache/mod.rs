@@ -16,24 +16,26 @@
 //! * if storing fails (disk full), the bytes are still served, uncached.
 
 pub mod dir;
-pub mod map;
 pub mod verify;
+
+/// The map lives in the shared block store; re-exported for old paths.
+pub use crate::store::map;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
-use crate::block::{BlockIndex, BlockSize, ByteRange, PAGE};
+use crate::block::{BlockIndex, BlockSize, ByteRange};
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{BlockDevice, Extent, ReadData};
 use crate::origin::{BoxFuture, Origin};
 use crate::stats::Stats;
-use map::{BlockMap, BlockState};
+use crate::store::BlockStore;
+use map::BlockState;
 
 pub use dir::CacheDir;
 
@@ -51,9 +53,8 @@ struct Flight {
 
 struct Inner {
     origin: Arc<dyn Origin>,
-    map: BlockMap,
-    /// Sparse file, same offsets as the image.
-    data: File,
+    /// Blocks, their states and CRCs (write-once: one CRC slot).
+    store: BlockStore,
     bs: BlockSize,
     size: u64,
     /// Block number -> the fetch that will bring it. Lock held only for map
@@ -82,22 +83,15 @@ enum Plan {
 }
 
 impl ImageCache {
-    /// Build a cache over an opened map and data file. Used by [`CacheDir`].
-    fn new(
-        origin: Arc<dyn Origin>,
-        map: BlockMap,
-        data: File,
-        stats: Arc<Stats>,
-        lock: File,
-    ) -> Self {
-        let g = map.geometry();
+    /// Build a cache over an opened store. Used by [`CacheDir`].
+    fn new(origin: Arc<dyn Origin>, store: BlockStore, stats: Arc<Stats>, lock: File) -> Self {
+        let g = store.map().geometry();
         ImageCache {
             inner: Arc::new(Inner {
                 origin,
                 bs: g.block_size,
                 size: g.image_size,
-                map,
-                data,
+                store,
                 inflight: Mutex::new(HashMap::new()),
                 max_fetch: DEFAULT_MAX_FETCH.max(g.block_size.bytes()),
                 stats,
@@ -121,17 +115,14 @@ impl ImageCache {
 
     /// (present, zero, total) blocks.
     pub fn counts(&self) -> (u64, u64, u64) {
-        let (p, z) = self.inner.map.counts();
-        (p, z, self.inner.map.blocks())
+        let map = self.inner.store.map();
+        let (p, z) = map.counts();
+        (p, z, map.blocks())
     }
 
     /// Persist metadata and data (shutdown, FLUSH).
     pub fn sync(&self) -> Result<()> {
-        self.inner
-            .data
-            .sync_data()
-            .map_err(|e| Error::io("syncing cache data", e))?;
-        self.inner.map.flush()
+        self.inner.store.sync()
     }
 
     async fn read_impl(&self, r: ByteRange) -> Result<ReadData> {
@@ -158,13 +149,13 @@ impl ImageCache {
             let mut i = 0;
             while i < todo.len() {
                 let b = todo[i];
-                match inner.map.state(BlockIndex(b)) {
+                match inner.store.map().state(BlockIndex(b)) {
                     BlockState::Present => {
                         // Extend over consecutive present blocks: one pread.
                         let mut j = i + 1;
                         while j < todo.len()
                             && todo[j] == todo[j - 1] + 1
-                            && inner.map.state(BlockIndex(todo[j])) == BlockState::Present
+                            && inner.store.map().state(BlockIndex(todo[j])) == BlockState::Present
                         {
                             j += 1;
                         }
@@ -177,7 +168,7 @@ impl ImageCache {
                         let mut j = i + 1;
                         while j < todo.len()
                             && todo[j] == todo[j - 1] + 1
-                            && inner.map.state(BlockIndex(todo[j])) == BlockState::Zero
+                            && inner.store.map().state(BlockIndex(todo[j])) == BlockState::Zero
                         {
                             j += 1;
                         }
@@ -243,7 +234,7 @@ impl ImageCache {
         let inner = &self.inner;
         if blocks
             .clone()
-            .any(|b| inner.map.state(BlockIndex(b)) != BlockState::Missing)
+            .any(|b| inner.store.map().state(BlockIndex(b)) != BlockState::Missing)
         {
             return Ok(None);
         }
@@ -276,7 +267,7 @@ impl ImageCache {
             for (i, &b) in need.iter().enumerate() {
                 if let Some(f) = inflight.get(&b) {
                     plans.push(Some(Plan::Wait(f.clone())));
-                } else if inner.map.state(BlockIndex(b)) != BlockState::Missing {
+                } else if inner.store.map().state(BlockIndex(b)) != BlockState::Missing {
                     plans.push(Some(Plan::Done));
                 } else {
                     plans.push(None);
@@ -329,8 +320,7 @@ impl ImageCache {
                 Ok(bytes) => {
                     let (inner2, bytes2) = (inner.clone(), bytes.clone());
                     let stored =
-                        tokio::task::spawn_blocking(move || inner2.store(first, count, &bytes2))
-                            .await;
+                        tokio::task::spawn_blocking(move || inner2.store(first, &bytes2)).await;
                     if let Ok(Err(e)) | Err(e) =
                         stored.map_err(|e| Error::with_source(ErrorKind::Io, "cache store task", e))
                     {
@@ -360,7 +350,7 @@ impl ImageCache {
         let missing: Vec<u64> = inner
             .bs
             .covering(r)
-            .filter(|&b| inner.map.state(BlockIndex(b)) == BlockState::Missing)
+            .filter(|&b| inner.store.map().state(BlockIndex(b)) == BlockState::Missing)
             .collect();
         if !missing.is_empty() {
             // Starting the flights is the whole job; nobody waits on them.
@@ -372,7 +362,7 @@ impl ImageCache {
         let inner = &self.inner;
         let mut out: Vec<Extent> = Vec::new();
         for (b, piece) in inner.bs.split(r, inner.size) {
-            let zero = inner.map.state(b) == BlockState::Zero;
+            let zero = inner.store.map().state(b) == BlockState::Zero;
             match out.last_mut() {
                 Some(last) if last.zero == zero => last.len += piece.len,
                 _ => out.push(Extent {
@@ -390,40 +380,11 @@ impl Inner {
     /// every page touched. Returns the blocks that failed verification
     /// (already marked missing, so they will be refetched).
     fn read_local(&self, r: ByteRange, b0: u64, b1: u64, out: &mut [u8]) -> Result<Vec<u64>> {
-        let bs = self.bs.bytes();
-        let run = ByteRange {
-            offset: b0 * bs,
-            len: (b1 * bs).min(self.size) - b0 * bs,
-        };
-        let Some(want) = run.intersect(&r) else {
-            return Ok(Vec::new());
-        };
-        // Expand to whole checksum pages (the last page may be short).
-        let ps = want.offset / PAGE * PAGE;
-        let pe = want
-            .end()
-            .div_ceil(PAGE)
-            .saturating_mul(PAGE)
-            .min(self.size);
-        let dst_off = (want.offset - r.offset) as usize;
-        let dst = &mut out[dst_off..dst_off + want.len as usize];
-        let read_err = |e| Error::io(format!("reading cache data at {ps}"), e);
-        let bad = if ps == want.offset && pe == want.end() {
-            // Page-aligned: read straight into the reply buffer.
-            self.data.read_exact_at(dst, ps).map_err(read_err)?;
-            self.verify_pages(ps, dst)
-        } else {
-            let mut scratch = vec![0u8; (pe - ps) as usize];
-            self.data
-                .read_exact_at(&mut scratch, ps)
-                .map_err(read_err)?;
-            let s = (want.offset - ps) as usize;
-            dst.copy_from_slice(&scratch[s..s + want.len as usize]);
-            self.verify_pages(ps, &scratch)
-        };
+        let bad = self.store.read_verified(r, b0, b1, out)?;
         for &b in &bad {
             if self
-                .map
+                .store
+                .map()
                 .transition(BlockIndex(b), BlockState::Present, BlockState::Missing)
             {
                 Stats::add(&self.stats.crc_failures, 1);
@@ -434,22 +395,6 @@ impl Inner {
             }
         }
         Ok(bad)
-    }
-
-    /// Check the pages of `buf` (starting at page-aligned image offset
-    /// `start`) against their CRCs; return the blocks with a bad page.
-    fn verify_pages(&self, start: u64, buf: &[u8]) -> Vec<u64> {
-        let mut bad = Vec::new();
-        for (i, page) in buf.chunks(PAGE as usize).enumerate() {
-            let p = start / PAGE + i as u64;
-            if crc32fast::hash(page) != self.map.page_crc(p) {
-                let b = p * PAGE / self.bs.bytes();
-                if bad.last() != Some(&b) {
-                    bad.push(b);
-                }
-            }
-        }
-        bad
     }
 
     /// Copy block `b`'s part of `r` from a completed flight into `out`.
@@ -464,46 +409,11 @@ impl Inner {
         }
     }
 
-    /// Store fetched blocks: data, then CRCs, then state (see map.rs).
+    /// Store fetched blocks (data, then CRCs, then state: see store.rs).
     /// Blocking; runs on the blocking pool.
-    fn store(&self, first: u64, count: u64, bytes: &Bytes) -> Result<()> {
-        let bs = self.bs.bytes();
-        let base = first * bs;
-        let mut b = first;
-        while b < first + count {
-            let br = self.bs.range_of(BlockIndex(b), self.size);
-            let s = (br.offset - base) as usize;
-            if is_zero(&bytes[s..s + br.len as usize]) {
-                self.map.set_state(BlockIndex(b), BlockState::Zero);
-                Stats::add(&self.stats.zero_blocks, 1);
-                b += 1;
-                continue;
-            }
-            // A run of non-zero blocks is written with one pwrite: fewer
-            // syscalls and fewer trips through the inode lock.
-            let mut e = b + 1;
-            while e < first + count {
-                let er = self.bs.range_of(BlockIndex(e), self.size);
-                let es = (er.offset - base) as usize;
-                if is_zero(&bytes[es..es + er.len as usize]) {
-                    break;
-                }
-                e += 1;
-            }
-            let end = self.bs.range_of(BlockIndex(e - 1), self.size).end();
-            let data = &bytes[s..(end - base) as usize];
-            self.data
-                .write_all_at(data, br.offset)
-                .map_err(|e| Error::io(format!("writing cache blocks {b}.."), e))?;
-            for (i, page) in data.chunks(PAGE as usize).enumerate() {
-                self.map
-                    .set_page_crc(br.offset / PAGE + i as u64, crc32fast::hash(page));
-            }
-            for k in b..e {
-                self.map.set_state(BlockIndex(k), BlockState::Present);
-            }
-            b = e;
-        }
+    fn store(&self, first: u64, bytes: &Bytes) -> Result<()> {
+        let c = self.store.publish_blocks(first, bytes)?;
+        Stats::add(&self.stats.zero_blocks, c.zero);
         Ok(())
     }
 }
@@ -519,15 +429,6 @@ async fn wait(f: &Flight) -> Result<Bytes> {
         Some(Err(e)) => Err(e.clone()),
         None => Err(Error::new(ErrorKind::Io, "origin fetch has no result")),
     }
-}
-
-fn is_zero(data: &[u8]) -> bool {
-    let (head, body, tail) = {
-        // SAFETY: u64 has no invalid bit patterns, so viewing aligned bytes
-        // as u64 is sound; `align_to` handles the unaligned ends.
-        unsafe { data.align_to::<u64>() }
-    };
-    head.iter().all(|&x| x == 0) && body.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
 
 /// Sort and merge adjacent zero ranges.

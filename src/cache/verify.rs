@@ -7,9 +7,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::dir::{CacheDir, Recorded};
-use super::map::{BlockMap, BlockState};
 use crate::block::{BlockIndex, PAGE};
 use crate::error::{Error, Result};
+use crate::store::map::{BlockMap, BlockState};
 
 /// Summary of one cached image.
 #[derive(Debug, Clone)]
@@ -100,7 +100,7 @@ pub fn verify_image(
             && buf
                 .chunks(PAGE as usize)
                 .enumerate()
-                .all(|(i, p)| crc32fast::hash(p) == map.page_crc(r.offset / PAGE + i as u64));
+                .all(|(i, p)| map.page_matches(r.offset / PAGE + i as u64, crc32fast::hash(p)));
         if !ok {
             rep.damaged_blocks.push(b);
         }

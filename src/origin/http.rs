@@ -145,6 +145,13 @@ impl HttpOrigin {
         let headers = resp.headers().clone();
         match status {
             StatusCode::PARTIAL_CONTENT => {}
+            // An empty object cannot satisfy bytes=0-0; servers answer 200.
+            StatusCode::OK if resp.content_length() == Some(0) => {
+                return Err(Error::new(
+                    ErrorKind::Origin,
+                    format!("{shown} is empty (0 bytes): nothing to serve"),
+                ))
+            }
             StatusCode::OK => {
                 return Err(Error::new(
                     ErrorKind::Origin,

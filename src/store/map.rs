@@ -3,11 +3,15 @@
 //!
 //! ```text
 //!  0        4096                     align(4096)
-//!  +--------+------------------------+----------------------------------+
-//!  | header | state: 1 byte per block | crc32: 4 bytes per 4 KiB page    |
-//!  +--------+------------------------+----------------------------------+
+//!  +--------+------------------------+-------------------------------------+
+//!  | header | state: 1 byte per block | crc32 x slots: per 4 KiB page       |
+//!  +--------+------------------------+-------------------------------------+
 //!  state: 0 = missing, 1 = present (data file holds it, CRCs valid),
 //!         2 = zero (all zero bytes; nothing stored)
+//!  slots: 1 for the cache (blocks are written once, then immutable);
+//!         2 for overlays (current + previous CRC, so a page rewritten in
+//!         place is valid as either its old or its new content while the
+//!         write is under way; see `BlockStore::overwrite`).
 //! ```
 //!
 //! Publication rule: a block's data is written to the data file and its page
@@ -29,6 +33,7 @@ use crate::error::{Error, ErrorKind, Result};
 const MAGIC: &[u8; 8] = b"LAZYBDM1";
 const VERSION: u32 = 1;
 const HEADER: u64 = 4096;
+const HEADER_FIELDS: usize = 44;
 
 /// What the cache knows about one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +61,8 @@ pub struct Geometry {
     pub image_size: u64,
     /// Hash of the origin identity the blocks came from.
     pub identity_hash: u64,
+    /// CRCs kept per page: 1 (write-once cache) or 2 (overlay).
+    pub crc_slots: u32,
 }
 
 impl Geometry {
@@ -69,23 +76,24 @@ impl Geometry {
         (HEADER + self.blocks()).div_ceil(4096) * 4096
     }
     fn file_len(&self) -> u64 {
-        self.crc_offset() + self.pages() * 4
+        self.crc_offset() + self.pages() * 4 * self.crc_slots as u64
     }
 
-    fn encode(&self) -> [u8; 40] {
-        let mut h = [0u8; 40];
+    fn encode(&self) -> [u8; HEADER_FIELDS] {
+        let mut h = [0u8; HEADER_FIELDS];
         h[..8].copy_from_slice(MAGIC);
         h[8..12].copy_from_slice(&VERSION.to_le_bytes());
         h[12..16].copy_from_slice(&self.block_size.get().to_le_bytes());
         h[16..24].copy_from_slice(&self.image_size.to_le_bytes());
         h[24..32].copy_from_slice(&self.identity_hash.to_le_bytes());
         h[32..40].copy_from_slice(&self.blocks().to_le_bytes());
+        h[40..44].copy_from_slice(&self.crc_slots.to_le_bytes());
         h
     }
 
     /// Parse a header; `None` if it is not a lazybd map of this version.
     pub fn decode(h: &[u8]) -> Option<Geometry> {
-        if h.len() < 40 || &h[..8] != MAGIC {
+        if h.len() < HEADER_FIELDS || &h[..8] != MAGIC {
             return None;
         }
         let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap_or_default());
@@ -97,8 +105,9 @@ impl Geometry {
             block_size: BlockSize::new(u32_at(12) as u64).ok()?,
             image_size: u64_at(16),
             identity_hash: u64_at(24),
+            crc_slots: u32_at(40),
         };
-        (u64_at(32) == g.blocks()).then_some(g)
+        (u64_at(32) == g.blocks() && matches!(g.crc_slots, 1 | 2)).then_some(g)
     }
 }
 
@@ -110,6 +119,7 @@ pub struct BlockMap {
     blocks: u64,
     pages: u64,
     crc_offset: usize,
+    slots: usize,
 }
 
 impl BlockMap {
@@ -128,7 +138,7 @@ impl BlockMap {
         let len = file.metadata().map_err(|e| Error::io(ctx(), e))?.len();
         let mut fresh = true;
         if len == geometry.file_len() {
-            let mut h = [0u8; 40];
+            let mut h = [0u8; HEADER_FIELDS];
             use std::os::unix::fs::FileExt;
             if file.read_exact_at(&mut h, 0).is_ok() && Geometry::decode(&h) == Some(geometry) {
                 fresh = false;
@@ -154,7 +164,7 @@ impl BlockMap {
             .write(true)
             .open(path)
             .map_err(|e| Error::io(ctx(), e))?;
-        let mut h = [0u8; 40];
+        let mut h = [0u8; HEADER_FIELDS];
         use std::os::unix::fs::FileExt;
         file.read_exact_at(&mut h, 0)
             .map_err(|e| Error::io(ctx(), e))?;
@@ -186,6 +196,7 @@ impl BlockMap {
             blocks: geometry.blocks(),
             pages: geometry.pages(),
             crc_offset: geometry.crc_offset() as usize,
+            slots: geometry.crc_slots as usize,
             file,
             map,
             geometry,
@@ -219,9 +230,11 @@ impl BlockMap {
         debug_assert_eq!(base as usize % 4, 0);
         // SAFETY: the CRC region starts at a 4096-aligned offset of a
         // page-aligned mapping (so 4-byte alignment holds) and spans
-        // `pages * 4` bytes inside the mapping; AtomicU32 has the layout of
-        // u32; the borrow is tied to `self`; all accesses are atomic.
-        unsafe { std::slice::from_raw_parts(base as *const AtomicU32, self.pages as usize) }
+        // `pages * slots * 4` bytes inside the mapping; AtomicU32 has the
+        // layout of u32; the borrow is tied to `self`; all accesses are atomic.
+        unsafe {
+            std::slice::from_raw_parts(base as *const AtomicU32, self.pages as usize * self.slots)
+        }
     }
 
     pub fn state(&self, b: BlockIndex) -> BlockState {
@@ -246,12 +259,37 @@ impl BlockMap {
         self.states()[b.0 as usize].load(Ordering::Acquire)
     }
 
+    /// The current CRC of a page.
     pub fn page_crc(&self, page: u64) -> u32 {
-        self.crcs()[page as usize].load(Ordering::Relaxed)
+        self.crcs()[page as usize * self.slots].load(Ordering::Relaxed)
     }
 
+    /// Does `crc` match the page's current (or, with two slots, previous) CRC?
+    pub fn page_matches(&self, page: u64, crc: u32) -> bool {
+        let c = self.crcs();
+        let i = page as usize * self.slots;
+        c[i].load(Ordering::Relaxed) == crc
+            || (self.slots == 2 && c[i + 1].load(Ordering::Relaxed) == crc)
+    }
+
+    /// Set a page's CRC for content written fresh (both slots).
     pub fn set_page_crc(&self, page: u64, crc: u32) {
-        self.crcs()[page as usize].store(crc, Ordering::Relaxed);
+        let c = self.crcs();
+        let i = page as usize * self.slots;
+        for s in &c[i..i + self.slots] {
+            s.store(crc, Ordering::Relaxed);
+        }
+    }
+
+    /// Before rewriting a page in place: keep its current CRC as previous and
+    /// make `crc` current, so the page verifies as either version until the
+    /// write lands. Needs two slots.
+    pub fn rotate_page_crc(&self, page: u64, crc: u32) {
+        debug_assert_eq!(self.slots, 2);
+        let c = self.crcs();
+        let i = page as usize * self.slots;
+        c[i + 1].store(c[i].load(Ordering::Relaxed), Ordering::Relaxed);
+        c[i].store(crc, Ordering::Relaxed);
     }
 
     /// (present, zero) block counts.
@@ -303,7 +341,7 @@ mod tests {
                              ops in proptest::collection::vec(op(8, 8), 0..60)) {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("meta");
-            let g = Geometry { block_size: BlockSize::new(1 << shift).unwrap(), image_size: size, identity_hash: 42 };
+            let g = Geometry { block_size: BlockSize::new(1 << shift).unwrap(), image_size: size, identity_hash: 42, crc_slots: 1 };
             let blocks = g.blocks();
             let pages = g.pages();
             let mut model_s = vec![0u8; blocks as usize];
@@ -351,6 +389,7 @@ mod tests {
             block_size: BlockSize::DEFAULT,
             image_size: 1 << 20,
             identity_hash: 1,
+            crc_slots: 1,
         };
         let (m, _) = BlockMap::open_or_create(&path, g).unwrap();
         m.set_state(BlockIndex(3), BlockState::Present);
@@ -363,5 +402,29 @@ mod tests {
         assert!(fresh);
         assert_eq!(m.state(BlockIndex(3)), BlockState::Missing);
         assert_eq!(BlockMap::open_existing(&path).unwrap().geometry(), g2);
+    }
+
+    #[test]
+    fn two_slots_accept_old_and_new_during_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let g = Geometry {
+            block_size: BlockSize::DEFAULT,
+            image_size: 1 << 20,
+            identity_hash: 1,
+            crc_slots: 2,
+        };
+        let (m, _) = BlockMap::open_or_create(&path, g).unwrap();
+        m.set_page_crc(5, 111);
+        assert!(m.page_matches(5, 111) && !m.page_matches(5, 222));
+        m.rotate_page_crc(5, 222);
+        assert!(m.page_matches(5, 111) && m.page_matches(5, 222));
+        m.rotate_page_crc(5, 333);
+        assert!(!m.page_matches(5, 111) && m.page_matches(5, 222) && m.page_matches(5, 333));
+        assert!(!m.page_matches(4, 111) && !m.page_matches(6, 222));
+        // A one-slot map of the same image is a different geometry.
+        drop(m);
+        let (_, fresh) = BlockMap::open_or_create(&path, Geometry { crc_slots: 1, ..g }).unwrap();
+        assert!(fresh);
     }
 }

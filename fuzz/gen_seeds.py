@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Write the seed corpora in fuzz/seeds/<target>/ (small, valid inputs).
+
+Run from anywhere: python3 fuzz/gen_seeds.py. Output is deterministic, so the
+committed seeds can be regenerated and diffed. Layouts follow the NBD protocol
+(src/nbd/wire.rs) and the cache map header (src/cache/map.rs); the first byte
+of a handshake / map_header input is the target's mode byte (see the targets).
+"""
+
+import os
+import struct
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
+
+IHAVEOPT = 0x49484156454F5054
+REQUEST_MAGIC = 0x25609513
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
+
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS = 1, 2, 3, 5
+OPT_INFO, OPT_GO, OPT_STRUCTURED_REPLY = 6, 7, 8
+OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_EXTENDED_HEADERS = 9, 10, 11
+INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 0, 1, 2, 3
+FIXED_NEWSTYLE, NO_ZEROES = 1, 2
+
+
+def string(s: bytes) -> bytes:
+    return struct.pack(">I", len(s)) + s
+
+
+def info_payload(name: bytes, requests) -> bytes:
+    return string(name) + struct.pack(">H", len(requests)) + b"".join(
+        struct.pack(">H", r) for r in requests
+    )
+
+
+def meta_payload(name: bytes, queries) -> bytes:
+    return string(name) + struct.pack(">I", len(queries)) + b"".join(
+        string(q) for q in queries
+    )
+
+
+def option(num: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, num, len(data)) + data
+
+
+def client(flags: int, *options: bytes) -> bytes:
+    return struct.pack(">I", flags) + b"".join(options)
+
+
+def map_header(block_size: int, image_size: int, identity: int, version=1) -> bytes:
+    blocks = -(-image_size // block_size)
+    return b"LAZYBDM1" + struct.pack("<IIQQQ", version, block_size, image_size, identity, blocks)
+
+
+def map_file_len(block_size: int, image_size: int) -> int:
+    blocks = -(-image_size // block_size)
+    pages = -(-image_size // 4096)
+    crc_offset = -(-(4096 + blocks) // 4096) * 4096
+    return crc_offset + pages * 4
+
+
+def write(target: str, name: str, data: bytes) -> None:
+    d = os.path.join(ROOT, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def wire_decode() -> None:
+    t = "wire_decode"
+    write(t, "request-read", struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 0, 7, 4096, 65536))
+    write(t, "request-block-status", struct.pack(">IHHQQI", REQUEST_MAGIC, 8, 7, 8, 0, 1 << 20))
+    write(t, "option-header-go", struct.pack(">QII", IHAVEOPT, OPT_GO, 10) + b"\0" * 12)
+    write(t, "chunk-header", struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, 1, 1, 7, 4096))
+    write(t, "info-request", info_payload(b"disk", [INFO_NAME, INFO_BLOCK_SIZE]))
+    write(t, "info-request-empty", info_payload(b"", []))
+    write(t, "meta-request", meta_payload(b"disk", [b"base:allocation"]))
+    write(t, "meta-request-list", meta_payload(b"", [b"base:", b"qemu:dirty-bitmap:x"]))
+    write(t, "string", "export/\u00e9t\u00e9".encode())
+
+
+def handshake() -> None:
+    t = "handshake"
+    # Mode byte 0x00: the rest is the client's raw stream, unlimited reads.
+    qemu = client(
+        FIXED_NEWSTYLE | NO_ZEROES,
+        option(OPT_STRUCTURED_REPLY),
+        option(OPT_SET_META_CONTEXT, meta_payload(b"disk", [b"base:allocation"])),
+        option(OPT_GO, info_payload(b"disk", [INFO_BLOCK_SIZE])),
+    )
+    write(t, "qemu-go", b"\x00" + qemu)
+    # Same stream, served 3 bytes per read, export with a description.
+    write(t, "qemu-go-short-reads", b"\x32" + qemu)
+    write(
+        t,
+        "nbdinfo-list",
+        b"\x02"
+        + client(
+            FIXED_NEWSTYLE | NO_ZEROES,
+            option(OPT_EXTENDED_HEADERS),
+            option(OPT_STRUCTURED_REPLY),
+            option(OPT_LIST),
+            option(OPT_LIST_META_CONTEXT, meta_payload(b"disk", [])),
+            option(OPT_INFO, info_payload(b"disk", [INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE])),
+            option(OPT_ABORT),
+        ),
+    )
+    write(
+        t,
+        "old-client-export-name",
+        b"\x00" + client(FIXED_NEWSTYLE, option(OPT_EXPORT_NAME, b"disk")),
+    )
+    write(
+        t,
+        "refusals-then-default-go",
+        b"\x04"
+        + client(
+            FIXED_NEWSTYLE | NO_ZEROES,
+            option(OPT_STARTTLS),
+            option(OPT_SET_META_CONTEXT, meta_payload(b"disk", [b"base:allocation"])),
+            option(OPT_GO, info_payload(b"nope", [])),
+            option(OPT_LIST, b"junk"),
+            option(0x1234, b"x"),
+            option(OPT_GO, info_payload(b"", [INFO_NAME])),
+        ),
+    )
+
+
+def map_header_seeds() -> None:
+    t = "map_header"
+    # Mode 0x01: pad the file to the length its header asks for.
+    write(t, "empty-image-padded", b"\x01" + map_header(4096, 0, 1))
+    write(t, "1m-64k-padded", b"\x01" + map_header(64 << 10, 1 << 20, 42))
+    # Mode 0x00: the whole file, a 4 KiB image in one 4 KiB block, present.
+    g = map_header(4096, 4096, 7)
+    n = map_file_len(4096, 4096)
+    body = bytearray(n)
+    body[: len(g)] = g
+    body[4096] = 1  # state of block 0: present
+    body[8192:8196] = struct.pack("<I", 0xC71C0011)  # some CRC
+    write(t, "4k-full-file", b"\x00" + bytes(body))
+    write(t, "bad-version", b"\x01" + map_header(4096, 4096, 7, version=2))
+    write(t, "huge-image-padded", b"\x01" + map_header(16 << 20, (1 << 64) - 1, 3))
+
+
+if __name__ == "__main__":
+    wire_decode()
+    handshake()
+    map_header_seeds()

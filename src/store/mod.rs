@@ -1,0 +1,268 @@
+//! The block store shared by the cache and the copy-on-write overlays: a
+//! sparse data file at image offsets plus a [`map::BlockMap`] (state per
+//! block, CRC per 4 KiB page). It knows how to read verified bytes and how to
+//! publish written blocks in crash-safe order; *what* a block means (fetched
+//! from an origin, written by a client) is the caller's business.
+
+pub mod map;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::block::{BlockIndex, BlockSize, ByteRange, PAGE};
+use crate::error::{Error, Result};
+use map::{BlockMap, BlockState, Geometry};
+
+pub struct BlockStore {
+    map: BlockMap,
+    /// Sparse, same offsets as the image.
+    data: File,
+    bs: BlockSize,
+    size: u64,
+}
+
+/// True when every byte is zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns, so viewing aligned bytes as
+    // u64 is sound; `align_to` leaves the unaligned ends as bytes.
+    let (head, body, tail) = unsafe { data.align_to::<u64>() };
+    head.iter().all(|&x| x == 0) && body.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+impl BlockStore {
+    /// Open `meta` and `data` in `dir` for `geometry`. A map whose header
+    /// does not match is rebuilt empty and the data file emptied with it.
+    /// Returns the store and whether it started empty.
+    pub fn open(dir: &Path, geometry: Geometry) -> Result<(BlockStore, bool)> {
+        let (map, fresh) = BlockMap::open_or_create(&dir.join("meta"), geometry)?;
+        let data_path = dir.join("data");
+        let data = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(|e| Error::io(format!("opening {}", data_path.display()), e))?;
+        if fresh {
+            data.set_len(0)
+                .map_err(|e| Error::io(format!("resetting {}", data_path.display()), e))?;
+        }
+        data.set_len(geometry.image_size)
+            .map_err(|e| Error::io(format!("sizing {}", data_path.display()), e))?;
+        Ok((
+            BlockStore {
+                bs: geometry.block_size,
+                size: geometry.image_size,
+                map,
+                data,
+            },
+            fresh,
+        ))
+    }
+
+    pub fn block_size(&self) -> BlockSize {
+        self.bs
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn map(&self) -> &BlockMap {
+        &self.map
+    }
+
+    pub fn state(&self, b: u64) -> BlockState {
+        self.map.state(BlockIndex(b))
+    }
+
+    pub fn set_state(&self, b: u64, s: BlockState) {
+        self.map.set_state(BlockIndex(b), s)
+    }
+
+    /// The bytes of block `b` (the last block may be short).
+    pub fn block_range(&self, b: u64) -> ByteRange {
+        self.bs.range_of(BlockIndex(b), self.size)
+    }
+
+    /// Read the part of `r` that lies in blocks `[b0, b1)` (all present)
+    /// into `out` (which holds `r`), verifying every page touched. Returns
+    /// the blocks with a page that failed verification; their bytes in `out`
+    /// are garbage and the caller must not use them.
+    pub fn read_verified(
+        &self,
+        r: ByteRange,
+        b0: u64,
+        b1: u64,
+        out: &mut [u8],
+    ) -> Result<Vec<u64>> {
+        let bs = self.bs.bytes();
+        let run = ByteRange {
+            offset: b0 * bs,
+            len: (b1 * bs).min(self.size) - b0 * bs,
+        };
+        let Some(want) = run.intersect(&r) else {
+            return Ok(Vec::new());
+        };
+        // Expand to whole checksum pages (the last page may be short).
+        let ps = want.offset / PAGE * PAGE;
+        let pe = want
+            .end()
+            .div_ceil(PAGE)
+            .saturating_mul(PAGE)
+            .min(self.size);
+        let dst_off = (want.offset - r.offset) as usize;
+        let dst = &mut out[dst_off..dst_off + want.len as usize];
+        let read_err = |e| Error::io(format!("reading store data at {ps}"), e);
+        if ps == want.offset && pe == want.end() {
+            // Page-aligned: read straight into the caller's buffer.
+            self.data.read_exact_at(dst, ps).map_err(read_err)?;
+            Ok(self.verify_pages(ps, dst))
+        } else {
+            let mut scratch = vec![0u8; (pe - ps) as usize];
+            self.data
+                .read_exact_at(&mut scratch, ps)
+                .map_err(read_err)?;
+            let s = (want.offset - ps) as usize;
+            dst.copy_from_slice(&scratch[s..s + want.len as usize]);
+            Ok(self.verify_pages(ps, &scratch))
+        }
+    }
+
+    /// Check the pages of `buf` (starting at page-aligned image offset
+    /// `start`) against their CRCs; return the blocks with a bad page.
+    fn verify_pages(&self, start: u64, buf: &[u8]) -> Vec<u64> {
+        let mut bad = Vec::new();
+        for (i, page) in buf.chunks(PAGE as usize).enumerate() {
+            let p = start / PAGE + i as u64;
+            if !self.map.page_matches(p, crc32fast::hash(page)) {
+                let b = p * PAGE / self.bs.bytes();
+                if bad.last() != Some(&b) {
+                    bad.push(b);
+                }
+            }
+        }
+        bad
+    }
+
+    /// Store whole blocks starting at block `first` from `bytes` (which
+    /// covers them exactly) and publish them: all-zero blocks become
+    /// `Zero` (nothing written), runs of others are written with one pwrite,
+    /// then their CRCs are stored, then they become `Present`.
+    ///
+    /// The caller guarantees no one else writes these blocks meanwhile and
+    /// that readers do not read them as present until this returns (they
+    /// are missing, zero, or in flight).
+    pub fn publish_blocks(&self, first: u64, bytes: &[u8]) -> Result<PublishCounts> {
+        let base = first * self.bs.bytes();
+        let count = self.bs.count(base + bytes.len() as u64) - first;
+        let mut counts = PublishCounts::default();
+        let slice = |b: u64| {
+            let br = self.block_range(b);
+            let s = (br.offset - base) as usize;
+            &bytes[s..s + br.len as usize]
+        };
+        let mut b = first;
+        while b < first + count {
+            if is_zero(slice(b)) {
+                self.set_state(b, BlockState::Zero);
+                counts.zero += 1;
+                b += 1;
+                continue;
+            }
+            // A run of non-zero blocks: one pwrite, fewer inode-lock trips.
+            let mut e = b + 1;
+            while e < first + count && !is_zero(slice(e)) {
+                e += 1;
+            }
+            let start = self.block_range(b).offset;
+            let end = self.block_range(e - 1).end();
+            let data = &bytes[(start - base) as usize..(end - base) as usize];
+            self.data
+                .write_all_at(data, start)
+                .map_err(|err| Error::io(format!("writing blocks {b}..{e}"), err))?;
+            for (i, page) in data.chunks(PAGE as usize).enumerate() {
+                self.map
+                    .set_page_crc(start / PAGE + i as u64, crc32fast::hash(page));
+            }
+            for k in b..e {
+                self.set_state(k, BlockState::Present);
+            }
+            counts.present += e - b;
+            b = e;
+        }
+        Ok(counts)
+    }
+
+    /// Rewrite part of present blocks in place (two CRC slots needed). Each
+    /// touched page's CRC is rotated (old content stays valid as
+    /// "previous") before the bytes are written, so a kill at any moment
+    /// leaves every page verifiable as its old or its new content. Edge
+    /// pages are completed from the current data. The caller serialises
+    /// writers of the same blocks.
+    pub fn overwrite(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset + data.len() as u64;
+        let ps = offset / PAGE * PAGE;
+        let pe = end.div_ceil(PAGE).saturating_mul(PAGE).min(self.size);
+        let mut page = vec![0u8; (pe - ps) as usize];
+        let read_err = |e| Error::io(format!("reading store data at {ps}"), e);
+        // Only partial edge pages need their current bytes.
+        let first_len = PAGE.min(self.size - ps);
+        if offset > ps || end < ps + first_len {
+            self.data
+                .read_exact_at(&mut page[..first_len as usize], ps)
+                .map_err(read_err)?;
+        }
+        let last = (pe - 1) / PAGE * PAGE;
+        if last != ps && end < pe {
+            self.data
+                .read_exact_at(&mut page[(last - ps) as usize..], last)
+                .map_err(read_err)?;
+        }
+        let s = (offset - ps) as usize;
+        page[s..s + data.len()].copy_from_slice(data);
+        for (i, p) in page.chunks(PAGE as usize).enumerate() {
+            self.map
+                .rotate_page_crc(ps / PAGE + i as u64, crc32fast::hash(p));
+        }
+        self.data
+            .write_all_at(data, offset)
+            .map_err(|e| Error::io(format!("writing store data at {offset}"), e))
+    }
+
+    /// Make data and map durable (fdatasync + msync), data first: a map
+    /// must never point at bytes that could still be lost.
+    pub fn sync(&self) -> Result<()> {
+        self.data
+            .sync_data()
+            .map_err(|e| Error::io("syncing store data", e))?;
+        self.map.flush()
+    }
+
+    /// Drop the bytes of blocks that no longer need storage (zeroed or
+    /// given back to the base); frees disk space where the filesystem can.
+    pub fn punch(&self, r: ByteRange) {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: fallocate on an owned, open descriptor with in-range
+        // offsets; no memory is passed. Failure only means no space is freed.
+        unsafe {
+            libc::fallocate(
+                self.data.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                r.offset as libc::off_t,
+                r.len as libc::off_t,
+            );
+        }
+    }
+}
+
+/// What `publish_blocks` did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PublishCounts {
+    pub present: u64,
+    pub zero: u64,
+}
