@@ -96,6 +96,8 @@ w("")
 w("## Machine")
 w("")
 w(f"- {meta['nproc']} cores ({meta['cpu']}), {meta['mem']}, kernel {meta['kernel']}")
+if meta.get("load"):
+    w(f"- load average (1/5/15 min): {meta['load']} — other work on the machine skews the numbers")
 w(f"- {meta['fio']} (libnbd `nbd` ioengine, libnbd {meta['libnbd']}), nbdkit {meta['nbdkit']}, "
   f"qemu-storage-daemon {meta['qemu']}, nbd-server {meta['nbd_server']}, nginx {meta['nginx']}, rustc {meta['rustc']}")
 w(f"- lazybd: {meta['lazybd_rev']}" + (f", extra args `{meta['lazybd_args']}`" if meta.get("lazybd_args") else ""))

@@ -25,7 +25,7 @@
 #   OUT (bench/RESULTS.md)   DELAY_MS (0.5 one way)   RATE_MBIT (1000)
 #   COLD_READS (2048 first-touch reads for cold-rand32-rtt)
 #   SEQ_MAX (120 s cap on one sequential pass)   COLD_MAX (120 s cap on cold reads)
-#   STALL_S (20: a case whose fio reads nothing for this long is killed as hung)
+#   STALL_S (20: a case whose fio completes no I/O for this long is killed as hung)
 #   LAZYBD (binary path)  LAZYBD_ARGS (extra `serve` options)  IMG (reuse a raw image)
 #   ACCESS_LOG (1: nginx logs each request; used to count origin requests/bytes)
 #   KEEP (1: keep the temp dir)  BENCH_TMP (parent of the temp dir, default /tmp)
@@ -294,16 +294,19 @@ origin_since() { # byte offset -> "requests<TAB>body_bytes"
   if [[ $ACCESS_LOG != 1 ]]; then printf '\t'; return; fi
   tail -c +"$(($1 + 1))" "$NGX/access.log" | awk '{n++; b += $3} END {printf "%d\t%d", n, b}'
 }
-fio_rchar() { # bytes read so far by fio and its job processes (socket reads included)
-  local p r s=0
-  for p in "$1" $(pgrep -P "$1" || true); do
-    r=$(awk '/^rchar:/ {print $2}' "/proc/$p/io" 2>/dev/null || true); s=$((s + ${r:-0}))
+fio_activity() { # context switches of fio's job processes: they stop when no I/O completes
+  local p t s=0 kids
+  kids=$(pgrep -P "$1" || true)
+  for p in ${kids:-$1}; do
+    for t in /proc/"$p"/task/*/status; do
+      s=$((s + $(awk '/^(non)?voluntary_ctxt_switches/ {x += $2} END {print x + 0}' "$t" 2>/dev/null || echo 0)))
+    done
   done
   echo "$s"
 }
-# run_fio HARD_CAP OUTFILE ARGS... — fio with a stall watchdog: killed if it reads
-# nothing for STALL_S seconds (a request the server never answers) or runs past
-# HARD_CAP. Returns fio's status, or 124 with FIO_NOTE set.
+# run_fio HARD_CAP OUTFILE ARGS... — fio with a stall watchdog: killed if its job
+# process does not wake up for STALL_S seconds (a request the server never
+# answers) or if it runs past HARD_CAP. Returns fio's status, or 124 with FIO_NOTE set.
 STALL_S=${STALL_S:-20}
 FIO_NOTE=""
 run_fio() {
@@ -313,10 +316,10 @@ run_fio() {
   fp=$!
   while kill -0 "$fp" 2>/dev/null; do
     sleep 1; t=$((t + 1))
-    now=$(fio_rchar "$fp")
+    now=$(fio_activity "$fp")
     if [[ $now == "$last" ]]; then still=$((still + 1)); else still=0; last=$now; fi
     if ((still >= STALL_S || t >= hard)); then
-      if ((still >= STALL_S)); then FIO_NOTE="stalled: no data for ${still} s after ${t} s"; else FIO_NOTE="over the ${hard} s cap"; fi
+      if ((still >= STALL_S)); then FIO_NOTE="stalled: no I/O completed for ${still} s, ${t} s into the case"; else FIO_NOTE="over the ${hard} s cap"; fi
       # shellcheck disable=SC2046
       kill -KILL $(pgrep -P "$fp" || true) "$fp" 2>/dev/null || true
       wait "$fp" 2>/dev/null || true
@@ -445,6 +448,7 @@ COLD_N=$COLD_READS; ((COLD_N <= nblocks / 2)) || COLD_N=$((nblocks / 2))
 
 want() { has "$CASES" "$1"; }
 START=$(date +%s)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log "temp dir $T; peers: $PEERS; cases: $CASES"
 
 # 1. TCP, origin on loopback: cold pass, warm pass, warm 4K random
@@ -509,6 +513,7 @@ META=$T/meta.tsv
   printf 'cases\t%s\n' "$CASES"
   printf 'lazybd_args\t%s\n' "$LAZYBD_ARGS"
   printf 'elapsed_s\t%s\n' "$ELAPSED"
+  printf 'load\t%s at start, %s at end\n' "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
 } > "$META"
 mkdir -p "$(dirname "$OUT")"
 python3 "$BENCH/report.py" "$RESULTS" "$META" "$CMDLINES" "$STOPS" > "$OUT.tmp"

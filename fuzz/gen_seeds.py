@@ -3,7 +3,7 @@
 
 Run from anywhere: python3 fuzz/gen_seeds.py. Output is deterministic, so the
 committed seeds can be regenerated and diffed. Layouts follow the NBD protocol
-(src/nbd/wire.rs) and the cache map header (src/cache/map.rs); the first byte
+(src/nbd/wire.rs) and the block map header (src/store/map.rs); the first byte
 of a handshake / map_header input is the target's mode byte (see the targets).
 """
 
@@ -47,16 +47,19 @@ def client(flags: int, *options: bytes) -> bytes:
     return struct.pack(">I", flags) + b"".join(options)
 
 
-def map_header(block_size: int, image_size: int, identity: int, version=1) -> bytes:
+def map_header(block_size: int, image_size: int, identity: int, version=1, slots=1) -> bytes:
+    """The 44-byte header of src/store/map.rs (little endian)."""
     blocks = -(-image_size // block_size)
-    return b"LAZYBDM1" + struct.pack("<IIQQQ", version, block_size, image_size, identity, blocks)
+    return b"LAZYBDM1" + struct.pack(
+        "<IIQQQI", version, block_size, image_size, identity, blocks, slots
+    )
 
 
-def map_file_len(block_size: int, image_size: int) -> int:
+def map_file_len(block_size: int, image_size: int, slots=1) -> int:
     blocks = -(-image_size // block_size)
     pages = -(-image_size // 4096)
     crc_offset = -(-(4096 + blocks) // 4096) * 4096
-    return crc_offset + pages * 4
+    return crc_offset + pages * 4 * slots
 
 
 def write(target: str, name: str, data: bytes) -> None:
@@ -139,6 +142,7 @@ def map_header_seeds() -> None:
     body[4096] = 1  # state of block 0: present
     body[8192:8196] = struct.pack("<I", 0xC71C0011)  # some CRC
     write(t, "4k-full-file", b"\x00" + bytes(body))
+    write(t, "overlay-2-slots-padded", b"\x01" + map_header(64 << 10, 3 << 20, 9, slots=2))
     write(t, "bad-version", b"\x01" + map_header(4096, 4096, 7, version=2))
     write(t, "huge-image-padded", b"\x01" + map_header(16 << 20, (1 << 64) - 1, 3))
 

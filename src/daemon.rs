@@ -15,6 +15,7 @@ use crate::error::Result;
 use crate::export::stack::{self, ExportSpec};
 use crate::export::Exports;
 use crate::origin::{self, OriginOptions};
+use crate::overlay::Overlay;
 use crate::server::{self, Limits, ListenAddr, Listener, Shared};
 use crate::stats::Stats;
 
@@ -30,6 +31,10 @@ pub struct ServeConfig {
     pub block_size: Option<BlockSize>,
     pub origin_options: OriginOptions,
     pub limits: Limits,
+    /// Serve a writable export with a copy-on-write overlay.
+    pub writable: bool,
+    /// Where the overlay lives; default `CACHE_DIR/overlays/NAME`.
+    pub overlay_dir: Option<PathBuf>,
 }
 
 /// A running server.
@@ -38,6 +43,8 @@ pub struct Running {
     pub tcp_addrs: Vec<std::net::SocketAddr>,
     pub stats: Arc<Stats>,
     pub cache: ImageCache,
+    /// The writable export's overlay, if any.
+    pub overlay: Option<Arc<Overlay>>,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<()>>,
     syncer: JoinHandle<()>,
@@ -49,7 +56,12 @@ impl Running {
         let _ = self.stop.send(true);
         let r = self.task.await;
         self.syncer.abort();
-        let sync = self.cache.sync();
+        let mut sync = self.cache.sync();
+        if let Some(o) = &self.overlay {
+            // Not a promise to the client (only FLUSH is), but a clean stop
+            // should leave nothing to chance.
+            sync = sync.and(o.sync_blocking());
+        }
         match r {
             Ok(r) => r?,
             Err(e) => {
@@ -77,13 +89,23 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         .description
         .clone()
         .unwrap_or_else(|| format!("lazybd: {}", origin.identity().locator));
-    exports.add(stack::read_only_export(
-        ExportSpec {
-            name: cfg.name.clone(),
-            description,
-        },
-        cache.clone(),
-    ));
+    let spec = ExportSpec {
+        name: cfg.name.clone(),
+        description,
+    };
+    let mut overlay = None;
+    if cfg.writable {
+        let dir = cfg
+            .overlay_dir
+            .clone()
+            .unwrap_or_else(|| cfg.cache_dir.join("overlays").join(&cfg.name));
+        let (export, o) = stack::writable_export(spec, cache.clone(), &dir)?;
+        tracing::info!(export = %cfg.name, overlay = %dir.display(), "writable export: writes go to its overlay");
+        exports.add(export);
+        overlay = Some(o);
+    } else {
+        exports.add(stack::read_only_export(spec, cache.clone()));
+    }
     let mut listeners = Vec::new();
     for a in &cfg.listen {
         listeners.push(Listener::bind(a).await?);
@@ -114,6 +136,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         tcp_addrs,
         stats,
         cache,
+        overlay,
         stop,
         task,
         syncer,

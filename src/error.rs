@@ -32,7 +32,8 @@ pub enum ErrorKind {
     Protocol,
     /// A request too large to serve (payload limit).
     TooLarge,
-    /// The operation is not supported by this export.
+    /// Not supported here or not in the way asked (e.g. a FAST_ZERO that
+    /// would be slow): ENOTSUP, the client falls back.
     Unsupported,
     /// The server is shutting down.
     Shutdown,
@@ -103,9 +104,8 @@ impl Error {
     pub fn nbd_errno(&self) -> u32 {
         use crate::nbd::wire::errno;
         match self.kind {
-            ErrorKind::InvalidInput | ErrorKind::OutOfRange | ErrorKind::Unsupported => {
-                errno::EINVAL
-            }
+            ErrorKind::InvalidInput | ErrorKind::OutOfRange => errno::EINVAL,
+            ErrorKind::Unsupported => errno::ENOTSUP,
             ErrorKind::ReadOnly => errno::EPERM,
             ErrorKind::NoSpace => errno::ENOSPC,
             ErrorKind::TooLarge => errno::EOVERFLOW,

@@ -4,7 +4,7 @@
 //! (HTTP(S) or a file) on first use, keeps it in a local persistent cache
 //! checked by CRC32 per 4 KiB page, and serves it locally from then on.
 //!
-//! Module map (read path: `nbd::transmission -> export -> cache -> origin`):
+//! Module map (read path: `nbd::transmission -> export -> [overlay ->] cache -> origin`):
 //! - [`block`]   units: byte ranges, block sizes and indices, the range split
 //! - [`error`]   the one error type (kind + context + source) and its NBD errno
 //! - [`nbd`]     the NBD protocol: `wire` (pure codec), `handshake`, `transmission`
@@ -12,6 +12,7 @@
 //! - [`export`]  the NBD-facing device trait, exports registry, `stack` (composition)
 //! - [`cache`]   the verified cache of an origin: single-flight fetches, `dir`, `verify`
 //! - [`store`]   block store shared by cache and overlays: data file + `map` (state + CRCs)
+//! - [`overlay`] copy-on-write layer of a writable export; writes never reach the base
 //! - [`origin`]  where bytes live: `http` (ranged GETs), `file`
 //! - [`daemon`]  `serve` as a library call: wire everything and run
 //! - [`sample`]  the built-in sample image used when no origin is given
@@ -25,6 +26,7 @@ pub mod error;
 pub mod export;
 pub mod nbd;
 pub mod origin;
+pub mod overlay;
 pub mod sample;
 pub mod server;
 pub mod stats;

@@ -28,6 +28,10 @@ Examples:
   lazybd serve https://images.example/debian-12.raw --cache-dir /var/cache/lazybd
   qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/disk,format=raw,if=virtio ...
 
+  # A VM disk: writes go to a persistent copy-on-write overlay
+  lazybd serve https://images.example/debian-12.raw --writable --name vm1 \
+      --overlay-dir /var/lib/lazybd/vm1
+
   # TCP and a Unix socket at once, an auth header for Glance/Swift
   lazybd serve https://swift.example/v1/AUTH_x/images/base.raw \\
       --listen 0.0.0.0:10809 --listen unix:/run/lazybd.sock \\
@@ -81,6 +85,13 @@ struct ServeArgs {
     /// Default 64k for a new cache; an existing cache keeps its own.
     #[arg(long, value_name = "SIZE")]
     block_size: Option<String>,
+    /// Make the export writable: writes, TRIM and WRITE_ZEROES go to a
+    /// persistent copy-on-write overlay; the image and cache never change.
+    #[arg(long)]
+    writable: bool,
+    /// Overlay directory of a --writable export (default CACHE_DIR/overlays/NAME).
+    #[arg(long, value_name = "DIR", requires = "writable")]
+    overlay_dir: Option<PathBuf>,
     /// Extra HTTP header sent to the origin, 'Name: value'. Repeatable.
     #[arg(long = "header", short = 'H', value_name = "HEADER")]
     headers: Vec<String>,
@@ -219,6 +230,8 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             max_connections: a.max_connections.max(1),
             ..Limits::default()
         },
+        writable: a.writable,
+        overlay_dir: a.overlay_dir,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -30,7 +30,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use lazybd::block::ByteRange;
 use lazybd::error::Result as LResult;
-use lazybd::export::{BlockDevice, Export, Exports, Extent, ReadData};
+use lazybd::export::{BlockDevice, Export, Exports, Extent, ReadData, Writable, ZeroFlags};
 use lazybd::nbd::handshake::{negotiate, Outcome};
 use lazybd::nbd::wire::{self, cflag, opt, rep, tflag, OptionHeader};
 use lazybd::origin::BoxFuture;
@@ -62,6 +62,21 @@ impl BlockDevice for ZeroDevice {
         }])
     }
     fn flush(&self) -> BoxFuture<'_, LResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The write side of a writable export; the handshake never calls it.
+struct NullWrites;
+
+impl Writable for NullWrites {
+    fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> BoxFuture<'_, LResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn trim(&self, _r: ByteRange, _fua: bool) -> BoxFuture<'_, LResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn write_zeroes(&self, _r: ByteRange, _flags: ZeroFlags) -> BoxFuture<'_, LResult<()>> {
         Box::pin(async { Ok(()) })
     }
 }
@@ -449,7 +464,11 @@ fn run(first: u8, client: &[u8], chunk: usize) {
             String::new()
         },
         device: Arc::new(ZeroDevice),
-        read_only,
+        writable: if read_only {
+            None
+        } else {
+            Some(Arc::new(NullWrites))
+        },
         multi_conn: first & 0x08 != 0,
         preferred_block: 64 << 10,
     });

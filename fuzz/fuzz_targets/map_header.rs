@@ -1,4 +1,5 @@
-//! The cache map header and `BlockMap::open_existing` on damaged files.
+//! The block map header (`store::map`, used by the cache and overlays) and
+//! `BlockMap::open_existing` on damaged files.
 //!
 //! `Geometry::decode` runs on the raw input. Then the input (minus its first
 //! byte, which picks the mode) is written as the whole content of a map file
@@ -18,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use lazybd::block::BlockIndex;
-use lazybd::cache::map::{BlockMap, Geometry};
+use lazybd::store::map::{BlockMap, Geometry};
 use libfuzzer_sys::fuzz_target;
 
 /// Largest file the padding mode creates (sparse, so it is cheap).
@@ -42,7 +43,7 @@ fn scratch() -> &'static PathBuf {
 }
 
 /// The file length a map of geometry `g` must have (mirrors the layout in
-/// src/cache/map.rs, which keeps it private).
+/// src/store/map.rs, which keeps it private).
 fn file_len(g: &Geometry) -> Option<u64> {
     let blocks = g.block_size.count(g.image_size);
     let pages = g.image_size.div_ceil(PAGE);
@@ -50,16 +51,22 @@ fn file_len(g: &Geometry) -> Option<u64> {
         .checked_add(blocks)?
         .div_ceil(4096)
         .checked_mul(4096)?;
-    crc_offset.checked_add(pages.checked_mul(4)?)
+    crc_offset.checked_add(pages.checked_mul(4)?.checked_mul(g.crc_slots as u64)?)
 }
 
 fuzz_target!(|data: &[u8]| {
     let decoded = Geometry::decode(data);
     if let Some(g) = decoded {
-        assert!(data.len() >= 40);
         assert!(g.block_size.bytes().is_power_of_two());
-        // The header is the first 40 bytes: trailing bytes cannot matter.
-        assert_eq!(Geometry::decode(&data[..40]), Some(g));
+        assert!(matches!(g.crc_slots, 1 | 2));
+        // The header lives in the first 4 KiB page, and once a prefix
+        // decodes, bytes after it cannot change the result.
+        let n = (8..=data.len())
+            .find(|&n| Geometry::decode(&data[..n]).is_some())
+            .expect("a prefix decodes");
+        assert!(n <= 4096, "header needs {n} bytes");
+        assert_eq!(Geometry::decode(&data[..n]), Some(g));
+        assert_eq!(Geometry::decode(&data[..data.len().min(4096)]), Some(g));
     }
 
     let Some((&mode, content)) = data.split_first() else {
@@ -96,7 +103,8 @@ fuzz_target!(|data: &[u8]| {
             }
             for p in [0, pages / 2, pages.wrapping_sub(1)] {
                 if p < pages {
-                    let _ = m.page_crc(p);
+                    let crc = m.page_crc(p);
+                    assert!(m.page_matches(p, crc));
                 }
             }
         }

@@ -56,17 +56,49 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn flush(&self) -> BoxFuture<'_, Result<()>>;
 }
 
+/// Flags of NBD_CMD_WRITE_ZEROES that change what the device must do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ZeroFlags {
+    /// Durable before the reply.
+    pub fua: bool,
+    /// The client wants allocated zeroes, not a hole.
+    pub no_hole: bool,
+    /// Fail with `ErrorKind::Unsupported` rather than zero slowly.
+    pub fast: bool,
+}
+
+/// The write side of a device: only writable exports have one, so a
+/// read-only export cannot be written through a stubbed method.
+///
+/// Contract: ranges are validated by the protocol edge; with `fua` the
+/// effect is durable (as after FLUSH) before the future resolves.
+pub trait Writable: Send + Sync + 'static {
+    /// Write `data` at `offset`.
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>>;
+    /// The client no longer needs `r`; its content becomes unspecified.
+    fn trim(&self, r: ByteRange, fua: bool) -> BoxFuture<'_, Result<()>>;
+    /// `r` reads as zeroes afterwards.
+    fn write_zeroes(&self, r: ByteRange, flags: ZeroFlags) -> BoxFuture<'_, Result<()>>;
+}
+
 /// A named export and how it is advertised.
 pub struct Export {
     pub name: String,
     pub description: String,
     pub device: Arc<dyn BlockDevice>,
-    pub read_only: bool,
+    /// The write side; `None` for a read-only export.
+    pub writable: Option<Arc<dyn Writable>>,
     /// True when all connections see one consistent device (shared cache,
     /// flush covers all): advertised as NBD_FLAG_CAN_MULTI_CONN.
     pub multi_conn: bool,
     /// Preferred I/O size advertised in NBD_INFO_BLOCK_SIZE.
     pub preferred_block: u32,
+}
+
+impl Export {
+    pub fn read_only(&self) -> bool {
+        self.writable.is_none()
+    }
 }
 
 /// Named exports, looked up at handshake time. The empty name reaches the

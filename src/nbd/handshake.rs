@@ -35,7 +35,7 @@ pub enum Outcome {
 /// Transmission flags advertised for `e` given the negotiated options.
 pub fn transmission_flags(e: &Export, structured: bool) -> u16 {
     let mut f = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_CACHE;
-    if e.read_only {
+    if e.read_only() {
         f |= tflag::READ_ONLY;
     } else {
         f |= tflag::SEND_FUA | tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES | tflag::SEND_FAST_ZERO;

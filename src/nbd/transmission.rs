@@ -23,7 +23,7 @@ use super::handshake::Negotiated;
 use super::wire::{self, chunk, cmd, cmdflag, errno, state, Request};
 use crate::block::ByteRange;
 use crate::error::{Error, ErrorKind, Result};
-use crate::export::{Export, ReadData};
+use crate::export::{Export, ReadData, ZeroFlags};
 use crate::stats::Stats;
 
 /// Requests one connection may have in flight.
@@ -52,10 +52,31 @@ struct Outgoing {
 /// A request that passed validation.
 #[derive(Debug, Clone, Copy)]
 enum Command {
-    Read { range: ByteRange, df: bool },
+    Read {
+        range: ByteRange,
+        df: bool,
+    },
+    /// The payload travels beside the command (it is read after validation).
+    Write {
+        range: ByteRange,
+        fua: bool,
+    },
+    Trim {
+        range: ByteRange,
+        fua: bool,
+    },
+    Zero {
+        range: ByteRange,
+        flags: ZeroFlags,
+    },
     Flush,
-    Cache { range: ByteRange },
-    BlockStatus { range: ByteRange, req_one: bool },
+    Cache {
+        range: ByteRange,
+    },
+    BlockStatus {
+        range: ByteRange,
+        req_one: bool,
+    },
 }
 
 /// Why a request is refused: NBD errno + message for structured errors.
@@ -130,11 +151,45 @@ fn validate(req: &Request, ctx: &Ctx) -> std::result::Result<Command, Refusal> {
                 df: req.flags & cmdflag::DF != 0,
             })
         }
-        // Every export is read-only until copy-on-write overlays exist; the
-        // flag is still checked so a writable export cannot slip through.
         cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES => {
-            debug_assert!(ctx.export.read_only);
-            Err(refuse(errno::EPERM, "export is read-only"))
+            if ctx.export.read_only() {
+                return Err(refuse(errno::EPERM, "export is read-only"));
+            }
+            if req.typ == cmd::WRITE && req.len > wire::MAX_PAYLOAD {
+                return Err(refuse(
+                    errno::EINVAL,
+                    format!(
+                        "write of {} bytes exceeds the {} byte maximum",
+                        req.len,
+                        wire::MAX_PAYLOAD
+                    ),
+                ));
+            }
+            if !range.within(size) {
+                // The spec asks for ENOSPC when a write runs past the end.
+                let e = if req.typ == cmd::TRIM {
+                    errno::EINVAL
+                } else {
+                    errno::ENOSPC
+                };
+                return Err(refuse(
+                    e,
+                    format!("request {range} beyond the export size {size}"),
+                ));
+            }
+            let fua = req.flags & cmdflag::FUA != 0;
+            Ok(match req.typ {
+                cmd::WRITE => Command::Write { range, fua },
+                cmd::TRIM => Command::Trim { range, fua },
+                _ => Command::Zero {
+                    range,
+                    flags: ZeroFlags {
+                        fua,
+                        no_hole: req.flags & cmdflag::NO_HOLE != 0,
+                        fast: req.flags & cmdflag::FAST_ZERO != 0,
+                    },
+                },
+            })
         }
         cmd::FLUSH => {
             if req.offset != 0 || req.len != 0 {
@@ -270,9 +325,29 @@ fn read_reply(structured: bool, cookie: u64, range: ByteRange, rd: ReadData, df:
     out
 }
 
-async fn handle(ctx: Arc<Ctx>, req: Request, c: Command) -> Reply {
+async fn handle(ctx: Arc<Ctx>, req: Request, c: Command, payload: Bytes) -> Reply {
     let dev = &ctx.export.device;
+    let ok = || ok_reply(ctx.structured, req.cookie);
+    let writer = || {
+        ctx.export
+            .writable
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::ReadOnly, "export is read-only"))
+    };
     let result: Result<Reply> = match c {
+        Command::Write { range, fua } => match writer() {
+            Ok(_) if range.is_empty() => Ok(ok()),
+            Ok(w) => w.write(range.offset, payload, fua).await.map(|_| ok()),
+            Err(e) => Err(e),
+        },
+        Command::Trim { range, fua } => match writer() {
+            Ok(w) => w.trim(range, fua).await.map(|_| ok()),
+            Err(e) => Err(e),
+        },
+        Command::Zero { range, flags } => match writer() {
+            Ok(w) => w.write_zeroes(range, flags).await.map(|_| ok()),
+            Err(e) => Err(e),
+        },
         Command::Read { range, df } => match dev.read(range).await {
             Ok(rd) => {
                 if let Some(s) = &ctx.stats {
@@ -410,9 +485,26 @@ where
             break;
         }
         let checked = validate(&req, &ctx);
+        let mut payload = Bytes::new();
+        let mut bytes_held = None;
         if req.typ == cmd::WRITE {
-            // The payload follows the header whatever we think of the request.
-            if let Err(e) = discard(&mut rd, req.len as u64).await {
+            // The payload follows the header whatever we think of the
+            // request: read it for a valid write (within the byte budget),
+            // skip it otherwise, so the stream stays in step.
+            let read = if let Ok(Command::Write { .. }) = checked {
+                let units = req.len.div_ceil(BUDGET_UNIT);
+                let Ok(held) = budget.clone().acquire_many_owned(units).await else {
+                    break;
+                };
+                bytes_held = Some(held);
+                let mut buf = BytesMut::zeroed(req.len as usize);
+                let r = rd.read_exact(&mut buf).await.map(|_| ());
+                payload = buf.freeze();
+                r
+            } else {
+                discard(&mut rd, req.len as u64).await
+            };
+            if let Err(e) = read {
                 outcome = Err(Error::with_source(
                     ErrorKind::Protocol,
                     "reading write payload",
@@ -433,16 +525,23 @@ where
             Ok(c) => {
                 // Reads reserve their payload from the byte budget (a 32 MiB
                 // read takes half of it); the reader waits when it is spent.
-                let units = match c {
-                    Command::Read { range, .. } => (range.len as u32).div_ceil(BUDGET_UNIT),
-                    _ => 0,
-                };
-                let Ok(bytes) = budget.clone().acquire_many_owned(units).await else {
-                    break;
+                let bytes = match (c, bytes_held) {
+                    (_, Some(held)) => held,
+                    (Command::Read { range, .. }, None) => {
+                        let units = (range.len as u32).div_ceil(BUDGET_UNIT);
+                        match budget.clone().acquire_many_owned(units).await {
+                            Ok(h) => h,
+                            Err(_) => break,
+                        }
+                    }
+                    _ => match budget.clone().acquire_many_owned(0).await {
+                        Ok(h) => h,
+                        Err(_) => break,
+                    },
                 };
                 let (ctx, tx) = (ctx.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let reply = handle(ctx, req, c).await;
+                    let reply = handle(ctx, req, c, payload).await;
                     let _ = tx
                         .send(Outgoing {
                             reply,

@@ -210,6 +210,8 @@ pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
             ..OriginOptions::default()
         },
         limits: Limits::default(),
+        writable: false,
+        overlay_dir: None,
     }
 }
 

@@ -1,0 +1,165 @@
+//! Property test: the copy-on-write overlay against a plain byte-vector
+//! model, under random writes, trims, zeroes, reads, flushes and reopens at
+//! random alignments. The base never changes.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lazybd::block::{BlockSize, ByteRange};
+use lazybd::error::Result;
+use lazybd::export::{BlockDevice, Extent, ReadData, Writable, ZeroFlags};
+use lazybd::origin::BoxFuture;
+use lazybd::overlay::Overlay;
+use proptest::prelude::*;
+
+struct MemBase(Vec<u8>);
+
+impl BlockDevice for MemBase {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
+        let d = Bytes::copy_from_slice(&self.0[r.offset as usize..r.end() as usize]);
+        Box::pin(async move {
+            Ok(ReadData {
+                data: d,
+                zero: vec![],
+            })
+        })
+    }
+    fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            len: r.len,
+            zero: false,
+        }])
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u64, u64, u8),
+    Trim(u64, u64),
+    Zero(u64, u64),
+    Read(u64, u64),
+    Flush,
+    Reopen,
+}
+
+const SIZE: u64 = 300_000; // not a multiple of the block size
+const BS: u64 = 16384;
+
+fn range() -> impl Strategy<Value = (u64, u64)> {
+    (0..SIZE).prop_flat_map(|o| (Just(o), 0..=(SIZE - o).min(70_000)))
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (range(), any::<u8>()).prop_map(|((o, l), v)| Op::Write(o, l, v)),
+        1 => range().prop_map(|(o, l)| Op::Trim(o, l)),
+        1 => range().prop_map(|(o, l)| Op::Zero(o, l)),
+        3 => range().prop_map(|(o, l)| Op::Read(o, l)),
+        1 => Just(Op::Flush),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+fn pattern(len: u64, v: u8, off: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| v.wrapping_add(((off + i) % 251) as u8))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn overlay_matches_model(ops in proptest::collection::vec(op(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let dir = tempfile::tempdir().unwrap();
+            let base_bytes: Vec<u8> = (0..SIZE).map(|i| (i * 7 % 256) as u8 | 1).collect();
+            let base: Arc<dyn BlockDevice> = Arc::new(MemBase(base_bytes.clone()));
+            let bs = BlockSize::new(BS).unwrap();
+            let open = || Overlay::open(dir.path(), base.clone(), "membase", bs).unwrap();
+            let mut ov = open();
+            let mut model = base_bytes.clone();
+            for o in ops {
+                match o {
+                    Op::Write(off, len, v) => {
+                        let d = pattern(len, v, off);
+                        ov.write(off, Bytes::from(d.clone()), false).await.unwrap();
+                        model[off as usize..(off + len) as usize].copy_from_slice(&d);
+                    }
+                    Op::Zero(off, len) => {
+                        ov.write_zeroes(ByteRange { offset: off, len }, ZeroFlags::default()).await.unwrap();
+                        model[off as usize..(off + len) as usize].fill(0);
+                    }
+                    Op::Trim(off, len) => {
+                        ov.trim(ByteRange { offset: off, len }, false).await.unwrap();
+                        // Whole overlay blocks inside the range read as zero;
+                        // partial edges keep their bytes.
+                        let first = off.div_ceil(BS);
+                        let end = off + len;
+                        let mut b = first;
+                        while (b + 1) * BS <= end || (b * BS < end && end == SIZE) {
+                            let e = ((b + 1) * BS).min(SIZE);
+                            model[(b * BS) as usize..e as usize].fill(0);
+                            b += 1;
+                        }
+                    }
+                    Op::Read(off, len) => {
+                        let r = ov.read(ByteRange { offset: off, len }).await.unwrap();
+                        prop_assert!(r.data[..] == model[off as usize..(off + len) as usize], "read {}+{}", off, len);
+                        for z in r.zero {
+                            prop_assert!(model[z.offset as usize..z.end() as usize].iter().all(|&b| b == 0));
+                        }
+                    }
+                    Op::Flush => ov.flush().await.unwrap(),
+                    Op::Reopen => {
+                        drop(ov);
+                        ov = open();
+                    }
+                }
+            }
+            // Everything, once more, after a final reopen; extents agree.
+            drop(ov);
+            let ov = open();
+            let r = ov.read(ByteRange { offset: 0, len: SIZE }).await.unwrap();
+            prop_assert!(r.data[..] == model[..]);
+            let ext = ov.extents(ByteRange { offset: 0, len: SIZE }).unwrap();
+            prop_assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), SIZE);
+            let mut pos = 0usize;
+            for e in ext {
+                if e.zero {
+                    prop_assert!(model[pos..pos + e.len as usize].iter().all(|&b| b == 0));
+                }
+                pos += e.len as usize;
+            }
+            Ok(())
+        })?;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_refuses_another_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let base: Arc<dyn BlockDevice> = Arc::new(MemBase(vec![1u8; 100_000]));
+    let bs = BlockSize::new(BS).unwrap();
+    let ov = Overlay::open(dir.path(), base.clone(), "image-v1", bs).unwrap();
+    ov.write(10, Bytes::from_static(b"hello"), true)
+        .await
+        .unwrap();
+    // Two users of one overlay at once: refused.
+    assert!(Overlay::open(dir.path(), base.clone(), "image-v1", bs).is_err());
+    drop(ov);
+    let err = Overlay::open(dir.path(), base.clone(), "image-v2", bs)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("another image"), "{err}");
+    // The original base still opens and the write is there.
+    let ov = Overlay::open(dir.path(), base, "image-v1", bs).unwrap();
+    let r = ov.read(ByteRange { offset: 8, len: 9 }).await.unwrap();
+    assert_eq!(&r.data[..], b"\x01\x01hello\x01\x01");
+}
