@@ -58,7 +58,7 @@ struct Cli {
 enum Cmd {
     /// Export an image over NBD, fetching blocks on demand.
     #[command(after_help = SERVE_EXAMPLES)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Inspect or check a cache directory.
     #[command(subcommand)]
     Cache(CacheCmd),
@@ -154,7 +154,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level);
     let r = match cli.cmd {
-        Cmd::Serve(a) => serve(a),
+        Cmd::Serve(a) => serve(*a),
         Cmd::Cache(CacheCmd::Info { dir }) => cache_info(&dir),
         Cmd::Cache(CacheCmd::Verify { dir, repair }) => cache_verify(&dir, repair),
     };
