@@ -534,3 +534,96 @@ lazybd_cache() {
   require_lazybd
   "$LAZYBD" cache "$@"
 }
+
+# ---------------------------------------------------------------- writable exports (t-3x)
+
+# image_apply FILE OP... : apply writes to a model image FILE in place. Each OP
+# is "w OFF LEN BYTE" (LEN bytes of BYTE, e.g. 0x5a) or "z OFF LEN" (zeroes).
+# Used to build what a writable export must read back.
+image_apply() {
+  local file=$1; shift
+  "$NBD_PYTHON" - "$file" "$@" <<'PY' || fail "image_apply $file: bad op"
+import sys
+path, ops = sys.argv[1], sys.argv[2:]
+with open(path, "r+b") as f:
+    for op in ops:
+        a = op.split()
+        off, ln = int(a[1], 0), int(a[2], 0)
+        if a[0] == "w":   val = int(a[3], 0)
+        elif a[0] == "z": val = 0
+        else: sys.exit(f"unknown op {op!r}")
+        f.seek(off); f.write(bytes([val]) * ln)
+PY
+}
+
+# assert_export_model FILE SRC [OFF:LEN...] : SRC, an NBD URI (read in full
+# with libnbd, 4 MiB preads) or a local file (e.g. an nbdcopy of the export),
+# equals FILE, except that inside each OFF:LEN range (e.g. a TRIM whose
+# content the NBD spec leaves unspecified) a byte may also be 0. Names the
+# first differing offsets.
+assert_export_model() {
+  local file=$1 uri=$2; shift 2
+  "$NBD_PYTHON" - "$file" "$uri" "$@" <<'PY' || fail "$uri does not read back as $(basename "$file")"
+import nbd, os, sys
+path, uri, loose = sys.argv[1], sys.argv[2], [tuple(int(x, 0) for x in a.split(":")) for a in sys.argv[3:]]
+want = open(path, "rb").read()
+if "://" in uri:
+    h = nbd.NBD(); h.connect_uri(uri)
+    size, pread, close = h.get_size(), h.pread, h.shutdown
+else:
+    f = open(uri, "rb"); size = os.fstat(f.fileno()).st_size; close = f.close
+    def pread(n, pos): f.seek(pos); return f.read(n)
+if size != len(want):
+    print(f"  - export size {size} != model size {len(want)}"); sys.exit(1)
+bad = []
+CH = 4 << 20
+for pos in range(0, size, CH):
+    n = min(CH, size - pos)
+    got = pread(n, pos)
+    exp = want[pos:pos + n]
+    if got == exp: continue
+    i = 0
+    while i < n and len(bad) < 8:
+        if got[i] != exp[i]:
+            a = pos + i
+            if not any(o <= a < o + l for o, l in loose) or got[i] != 0:
+                j = i
+                while j < n and got[j] != exp[j]: j += 1
+                bad.append(f"{a}..{pos + j} ({j - i} bytes): got {got[i:i+8].hex()}.. want {exp[i:i+8].hex()}..")
+                i = j; continue
+        i += 1
+    if len(bad) >= 8: break
+close()
+for b in bad: print("  - differs at", b)
+print(f"{uri}: {'matches' if not bad else 'DIFFERS from'} {path} ({size} bytes{', loose ranges ' + str(loose) if loose else ''})")
+sys.exit(1 if bad else 0)
+PY
+}
+
+# nginx_methods_seen : every distinct request method in the origin's access log
+nginx_methods_seen() {
+  awk -F'|' 'NF>=4 {print $2}' "$ORIGIN_ACCESS_LOG" | sort -u | tr '\n' ' '
+}
+
+# lazybd_stash NAME : park the current lazybd under NAME (its pid is tracked
+# for cleanup at exit) so that lazybd_start can run another one at the same
+# time; lazybd_unstash NAME makes it the current one again (the current one,
+# if any, must have been stopped or stashed first).
+lazybd_stash() {
+  local n=$1
+  [[ -n $LAZYBD_PID ]] || fail "lazybd_stash: no lazybd running"
+  bg_track "$LAZYBD_PID"
+  declare -g "_STASH_${n}_PID=$LAZYBD_PID" "_STASH_${n}_LOG=$LAZYBD_LOG" \
+    "_STASH_${n}_URI=$LAZYBD_URI" "_STASH_${n}_PORT=$LAZYBD_PORT" "_STASH_${n}_NAME=$LAZYBD_NAME"
+  LAZYBD_PID=""
+}
+
+lazybd_unstash() {
+  local n=$1 v
+  [[ -z $LAZYBD_PID ]] || fail "lazybd_unstash: lazybd $LAZYBD_PID is still current"
+  v=_STASH_${n}_PID; LAZYBD_PID=${!v:?lazybd_unstash: nothing stashed as $n}
+  v=_STASH_${n}_LOG; LAZYBD_LOG=${!v}
+  v=_STASH_${n}_URI; LAZYBD_URI=${!v}
+  v=_STASH_${n}_PORT; LAZYBD_PORT=${!v}
+  v=_STASH_${n}_NAME; LAZYBD_NAME=${!v}
+}

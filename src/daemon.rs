@@ -1,110 +1,277 @@
-//! `lazybd serve` as a library call: open origin and cache, compose the
-//! export, bind listeners, serve until told to stop, persist, report.
-//! The binary only parses arguments and calls [`start`]; tests call it too.
+//! `lazybd serve` as a library call: open images and their shared caches,
+//! compose exports, bind listeners and the control socket, serve until told
+//! to stop, persist, report. The binary only parses arguments and calls
+//! [`start`]; tests call it too. Exports can be added and removed while
+//! running ([`Daemon::add_export`], [`Daemon::remove_export`]), from the
+//! control socket.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::block::BlockSize;
 use crate::cache::{CacheDir, ImageCache};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::export::stack::{self, ExportSpec};
 use crate::export::Exports;
 use crate::origin::{self, OriginOptions};
-use crate::overlay::Overlay;
 use crate::server::{self, Limits, ListenAddr, Listener, Shared};
 use crate::stats::Stats;
+
+/// One export to serve.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExportConfig {
+    pub name: String,
+    /// Origin: URL or path.
+    pub image: String,
+    #[serde(default)]
+    pub writable: bool,
+    /// Overlay of a writable export; default `CACHE_DIR/overlays/NAME`.
+    #[serde(default)]
+    pub overlay_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    pub origin: String,
     pub cache_dir: PathBuf,
     pub listen: Vec<ListenAddr>,
-    pub name: String,
-    pub description: Option<String>,
-    /// None: keep the cache's block size, or the default for a new cache.
+    /// None: keep each cache's block size, or the default for a new cache.
     pub block_size: Option<BlockSize>,
     pub origin_options: OriginOptions,
     pub limits: Limits,
-    /// Serve a writable export with a copy-on-write overlay.
+    pub exports: Vec<ExportConfig>,
+    /// Control socket for `lazybd export ...`; None: no runtime management.
+    pub control: Option<PathBuf>,
+}
+
+/// What `export list` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub name: String,
+    pub image: String,
     pub writable: bool,
-    /// Where the overlay lives; default `CACHE_DIR/overlays/NAME`.
+    pub clients: usize,
     pub overlay_dir: Option<PathBuf>,
+    pub overlay_bytes: u64,
+}
+
+/// The serving state shared by listeners and the control socket.
+pub struct Daemon {
+    cache_dir: CacheDir,
+    block_size: Option<BlockSize>,
+    origin_options: OriginOptions,
+    /// Open images by origin spec: every export of an image shares one cache.
+    images: Mutex<HashMap<String, ImageCache>>,
+    pub exports: Arc<Exports>,
+}
+
+impl Daemon {
+    /// The shared cache of `image`, opening origin and cache on first use.
+    pub async fn image(&self, image: &str) -> Result<ImageCache> {
+        let mut images = self.images.lock().await;
+        if let Some(c) = images.get(image) {
+            return Ok(c.clone());
+        }
+        let stats = Arc::new(Stats::default());
+        let origin = origin::open(image, &self.origin_options, stats.clone()).await?;
+        tracing::info!(origin = %origin.identity(), "origin opened");
+        let cache_dir = &self.cache_dir;
+        let bs = self.block_size;
+        // Opening the cache reads and maybe truncates files: blocking work.
+        let cache = tokio::task::block_in_place(|| cache_dir.open_image(origin, bs, stats))?;
+        images.insert(image.to_string(), cache.clone());
+        Ok(cache)
+    }
+
+    pub async fn add_export(&self, cfg: &ExportConfig) -> Result<()> {
+        crate::config::validate_name(&cfg.name)
+            .map_err(|m| Error::new(ErrorKind::InvalidInput, format!("export name {m}")))?;
+        if self
+            .exports
+            .get(&cfg.name)
+            .is_some_and(|e| e.name == cfg.name)
+        {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("an export named {:?} exists already", cfg.name),
+            ));
+        }
+        let cache = self.image(&cfg.image).await?;
+        let spec = ExportSpec {
+            name: cfg.name.clone(),
+            description: cfg
+                .description
+                .clone()
+                .unwrap_or_else(|| format!("lazybd: {}", cache.origin().identity().locator)),
+        };
+        let export = if cfg.writable {
+            let dir = cfg
+                .overlay_dir
+                .clone()
+                .unwrap_or_else(|| self.cache_dir.root().join("overlays").join(&cfg.name));
+            let e = tokio::task::block_in_place(|| stack::writable_export(spec, cache, &dir))?;
+            tracing::info!(export = %cfg.name, overlay = %dir.display(), "writable export: writes go to its overlay");
+            e
+        } else {
+            stack::read_only_export(spec, cache)
+        };
+        self.exports.add(export)?;
+        tracing::info!(export = %cfg.name, image = %cfg.image, writable = cfg.writable, "export added");
+        Ok(())
+    }
+
+    /// Remove an export. With clients connected it refuses unless `force`,
+    /// which lets them finish in-flight requests and disconnects them.
+    /// `delete_overlay` removes a writable export's overlay data.
+    pub async fn remove_export(&self, name: &str, force: bool, delete_overlay: bool) -> Result<()> {
+        let Some(e) = self.exports.get(name).filter(|e| e.name == name) else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no export named {name:?}"),
+            ));
+        };
+        let clients = e.clients();
+        if clients > 0 && !force {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("export {name:?} has {clients} connected client(s); use --force to disconnect them"),
+            ));
+        }
+        self.exports.remove(name);
+        let _ = e.closing.send(true);
+        // Wait for connections to answer what they have in flight and close.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while e.clients() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(o) = &e.overlay {
+            let dir = o.dir().to_path_buf();
+            let o = o.clone();
+            tokio::task::spawn_blocking(move || o.sync_blocking())
+                .await
+                .map_err(|e| Error::with_source(ErrorKind::Io, "overlay sync task", e))??;
+            if delete_overlay {
+                // The last references go with the export and its connections.
+                drop(e);
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|err| Error::io(format!("deleting overlay {}", dir.display()), err))?;
+                tracing::info!(export = %name, overlay = %dir.display(), "overlay deleted");
+            }
+        }
+        tracing::info!(export = %name, "export removed");
+        Ok(())
+    }
+
+    pub fn list(&self) -> Vec<ExportInfo> {
+        self.exports
+            .all()
+            .iter()
+            .map(|e| ExportInfo {
+                name: e.name.clone(),
+                image: e.image.clone(),
+                writable: !e.read_only(),
+                clients: e.clients(),
+                overlay_dir: e.overlay.as_ref().map(|o| o.dir().to_path_buf()),
+                overlay_bytes: e.overlay.as_ref().map(|o| o.bytes_written()).unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Persist every cache and overlay.
+    pub async fn sync_all(&self) -> Result<()> {
+        let caches: Vec<ImageCache> = self.images.lock().await.values().cloned().collect();
+        let overlays: Vec<_> = self
+            .exports
+            .all()
+            .iter()
+            .filter_map(|e| e.overlay.clone())
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let mut r = Ok(());
+            for c in caches {
+                r = r.and(c.sync());
+            }
+            for o in overlays {
+                r = r.and(o.sync_blocking());
+            }
+            r
+        })
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Io, "sync task", e))?
+    }
+
+    /// (locator, counters) of every open image.
+    pub async fn image_stats(&self) -> Vec<(String, Arc<Stats>)> {
+        self.images
+            .lock()
+            .await
+            .values()
+            .map(|c| (c.origin().identity().locator.clone(), c.stats().clone()))
+            .collect()
+    }
 }
 
 /// A running server.
 pub struct Running {
     /// Bound TCP addresses (ports resolved), in listen order.
     pub tcp_addrs: Vec<std::net::SocketAddr>,
-    pub stats: Arc<Stats>,
-    pub cache: ImageCache,
-    /// The writable export's overlay, if any.
-    pub overlay: Option<Arc<Overlay>>,
+    pub daemon: Arc<Daemon>,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<()>>,
-    syncer: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Running {
-    /// Stop accepting, answer in-flight requests, persist the cache.
-    pub async fn shutdown(self) -> Result<Arc<Stats>> {
+    /// Counters of the first image (the single-image case and tests).
+    pub async fn stats(&self) -> Arc<Stats> {
+        self.daemon
+            .image_stats()
+            .await
+            .into_iter()
+            .next()
+            .map(|(_, s)| s)
+            .unwrap_or_default()
+    }
+
+    /// The shared cache of `image` if open.
+    pub async fn cache(&self, image: &str) -> Option<ImageCache> {
+        self.daemon.images.lock().await.get(image).cloned()
+    }
+
+    /// Stop accepting, answer in-flight requests, persist everything.
+    /// Returns the counters of every image.
+    pub async fn shutdown(self) -> Result<Vec<(String, Arc<Stats>)>> {
         let _ = self.stop.send(true);
         let r = self.task.await;
-        self.syncer.abort();
-        let mut sync = self.cache.sync();
-        if let Some(o) = &self.overlay {
-            // Not a promise to the client (only FLUSH is), but a clean stop
-            // should leave nothing to chance.
-            sync = sync.and(o.sync_blocking());
+        for b in &self.background {
+            b.abort();
         }
-        match r {
-            Ok(r) => r?,
-            Err(e) => {
-                return Err(crate::error::Error::with_source(
-                    crate::error::ErrorKind::Io,
-                    "server task",
-                    e,
-                ))
-            }
-        }
+        let sync = self.daemon.sync_all().await;
+        r.map_err(|e| Error::with_source(ErrorKind::Io, "server task", e))??;
         sync?;
-        Ok(self.stats)
+        Ok(self.daemon.image_stats().await)
     }
 }
 
 /// Open everything and start serving in the background.
 pub async fn start(cfg: ServeConfig) -> Result<Running> {
-    let stats = Arc::new(Stats::default());
-    let origin = origin::open(&cfg.origin, &cfg.origin_options, stats.clone()).await?;
-    tracing::info!(origin = %origin.identity(), "origin opened");
-    let dir = CacheDir::new(&cfg.cache_dir)?;
-    let cache = dir.open_image(origin.clone(), cfg.block_size, stats.clone())?;
-    let exports = Arc::new(Exports::new());
-    let description = cfg
-        .description
-        .clone()
-        .unwrap_or_else(|| format!("lazybd: {}", origin.identity().locator));
-    let spec = ExportSpec {
-        name: cfg.name.clone(),
-        description,
-    };
-    let mut overlay = None;
-    if cfg.writable {
-        let dir = cfg
-            .overlay_dir
-            .clone()
-            .unwrap_or_else(|| cfg.cache_dir.join("overlays").join(&cfg.name));
-        let (export, o) = stack::writable_export(spec, cache.clone(), &dir)?;
-        tracing::info!(export = %cfg.name, overlay = %dir.display(), "writable export: writes go to its overlay");
-        exports.add(export);
-        overlay = Some(o);
-    } else {
-        exports.add(stack::read_only_export(spec, cache.clone()));
+    let daemon = Arc::new(Daemon {
+        cache_dir: CacheDir::new(&cfg.cache_dir)?,
+        block_size: cfg.block_size,
+        origin_options: cfg.origin_options.clone(),
+        images: Mutex::new(HashMap::new()),
+        exports: Arc::new(Exports::new()),
+    });
+    for e in &cfg.exports {
+        daemon.add_export(e).await?;
     }
     let mut listeners = Vec::new();
     for a in &cfg.listen {
@@ -112,33 +279,33 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
     }
     let tcp_addrs = listeners.iter().filter_map(|l| l.local_addr()).collect();
     let (stop, rx) = watch::channel(false);
+    let mut background = Vec::new();
+    if let Some(path) = &cfg.control {
+        background.push(crate::control::serve(path, daemon.clone(), rx.clone())?);
+    }
     let shared = Shared {
-        exports,
-        stats: Some(stats.clone()),
+        exports: daemon.exports.clone(),
         limits: cfg.limits.clone(),
     };
     let task = tokio::spawn(server::run(listeners, shared, rx));
-    // Persist the map now and then so a power cut loses little work (a
-    // process kill loses nothing: the mapping lives in the page cache).
-    let c2 = cache.clone();
-    let syncer = tokio::spawn(async move {
+    // Persist maps now and then so a power cut loses little work (a process
+    // kill loses nothing: the mappings live in the page cache).
+    let d2 = daemon.clone();
+    background.push(tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(30));
         t.tick().await;
         loop {
             t.tick().await;
-            let c = c2.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || c.sync()).await {
-                tracing::warn!(error = %e, "periodic cache sync failed");
+            if let Err(e) = d2.sync_all().await {
+                tracing::warn!(error = %e, "periodic sync failed");
             }
         }
-    });
+    }));
     Ok(Running {
         tcp_addrs,
-        stats,
-        cache,
-        overlay,
+        daemon,
         stop,
         task,
-        syncer,
+        background,
     })
 }

@@ -14,13 +14,17 @@
 //! - [`store`]   block store shared by cache and overlays: data file + `map` (state + CRCs)
 //! - [`overlay`] copy-on-write layer of a writable export; writes never reach the base
 //! - [`origin`]  where bytes live: `http` (ranged GETs), `file`
-//! - [`daemon`]  `serve` as a library call: wire everything and run
+//! - [`daemon`]  `serve` as a library call: images, exports, add/remove at run time
+//! - [`control`] the control socket (JSON lines) behind `lazybd export ...`
+//! - [`config`]  the TOML configuration file
 //! - [`sample`]  the built-in sample image used when no origin is given
 //! - [`stats`]   counters
 //! - [`util`]    small helpers (sizes, stable hash, jitter)
 
 pub mod block;
 pub mod cache;
+pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod export;

@@ -10,7 +10,9 @@ use clap::{Args, Parser, Subcommand};
 
 use lazybd::block::{parse_size, BlockSize};
 use lazybd::cache::verify;
-use lazybd::daemon::{self, ServeConfig};
+use lazybd::config::FileConfig;
+use lazybd::control;
+use lazybd::daemon::{self, ExportConfig, ServeConfig};
 use lazybd::origin::OriginOptions;
 use lazybd::server::{Limits, ListenAddr};
 use lazybd::util::human_bytes;
@@ -62,16 +64,82 @@ enum Cmd {
     /// Inspect or check a cache directory.
     #[command(subcommand)]
     Cache(CacheCmd),
+    /// Add, remove or list exports of a running server (control socket).
+    #[command(subcommand, after_help = EXPORT_EXAMPLES)]
+    Export(ExportCmd),
+}
+
+const EXPORT_EXAMPLES: &str = "\
+Examples (a compute agent attaching a VM disk):
+  lazybd export add vm1 --image https://images.example/base.raw --writable
+  virsh attach-device vm1 disk-vm1.xml        # <source protocol='nbd' name='vm1'>
+  virsh detach-device vm1 disk-vm1.xml
+  lazybd export remove vm1 --delete-overlay
+  lazybd export list";
+
+#[derive(Args)]
+struct ControlArg {
+    /// The server's control socket [default: the default cache dir's control.sock].
+    #[arg(long, env = "LAZYBD_CONTROL", value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// Export an image under a new name. Other exports are not disturbed.
+    Add {
+        name: String,
+        /// The image: URL or path. Exports of one image share its cache.
+        #[arg(long)]
+        image: String,
+        /// Writable, with a persistent copy-on-write overlay.
+        #[arg(long)]
+        writable: bool,
+        /// Overlay directory [default: CACHE_DIR/overlays/NAME].
+        #[arg(long, requires = "writable")]
+        overlay_dir: Option<PathBuf>,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Remove an export. Refuses while clients are connected unless --force.
+    Remove {
+        name: String,
+        /// Disconnect connected clients (after their in-flight requests).
+        #[arg(long)]
+        force: bool,
+        /// Also delete the overlay's data (otherwise it stays for re-adding).
+        #[arg(long)]
+        delete_overlay: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// List exports: name, image, writable, clients, bytes in overlay.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
 }
 
 #[derive(Args)]
 struct ServeArgs {
-    /// The image: http://, https://, file:// or a path. Omitted: a built-in
-    /// 64 MiB sample image (created in the cache directory).
+    /// The image: http://, https://, file:// or a path. Omitted (and no
+    /// --config): a built-in 64 MiB sample image (made in the cache directory).
     origin: Option<String>,
-    /// Where cached blocks live; persistent across restarts.
-    #[arg(long, env = "LAZYBD_CACHE_DIR", default_value_os_t = default_cache_dir())]
-    cache_dir: PathBuf,
+    /// TOML file with listeners, cache, origin settings and any number of
+    /// exports (see ARCHITECTURE.md / config.rs); flags given here override it.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where cached blocks live; persistent across restarts
+    /// [default: $XDG_CACHE_HOME/lazybd or ~/.cache/lazybd].
+    #[arg(long, env = "LAZYBD_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Control socket for `lazybd export add|remove|list` (owner-only);
+    /// 'none' disables it [default: CACHE_DIR/control.sock].
+    #[arg(long, env = "LAZYBD_CONTROL", value_name = "PATH")]
+    control: Option<String>,
     /// Listen address: HOST:PORT or unix:PATH. Repeat for several.
     #[arg(long = "listen", short = 'l', value_name = "ADDR")]
     listen: Vec<String>,
@@ -95,21 +163,21 @@ struct ServeArgs {
     /// Extra HTTP header sent to the origin, 'Name: value'. Repeatable.
     #[arg(long = "header", short = 'H', value_name = "HEADER")]
     headers: Vec<String>,
-    /// Most parallel requests to the origin.
-    #[arg(long, default_value_t = 16)]
-    origin_connections: usize,
-    /// Deadline for one origin request, in seconds.
-    #[arg(long, default_value_t = 30)]
-    origin_timeout: u64,
-    /// Retries of a failed origin request (with exponential backoff).
-    #[arg(long, default_value_t = 4)]
-    origin_retries: u32,
+    /// Most parallel requests to the origin [default: 16].
+    #[arg(long)]
+    origin_connections: Option<usize>,
+    /// Deadline for one origin request, in seconds [default: 30].
+    #[arg(long)]
+    origin_timeout: Option<u64>,
+    /// Retries of a failed origin request, with exponential backoff [default: 4].
+    #[arg(long)]
+    origin_retries: Option<u32>,
     /// PEM file of extra CA certificates to trust for an https:// origin.
     #[arg(long, value_name = "PEM")]
     origin_ca: Option<PathBuf>,
-    /// Most simultaneous client connections.
-    #[arg(long, default_value_t = 1024)]
-    max_connections: usize,
+    /// Most simultaneous client connections [default: 1024].
+    #[arg(long)]
+    max_connections: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -157,6 +225,7 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => serve(*a),
         Cmd::Cache(CacheCmd::Info { dir }) => cache_info(&dir),
         Cmd::Cache(CacheCmd::Verify { dir, repair }) => cache_verify(&dir, repair),
+        Cmd::Export(c) => export_cmd(c),
     };
     match r {
         Ok(code) => code,
@@ -185,54 +254,116 @@ fn chain(e: &anyhow::Error) -> String {
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
-    let origin = match a.origin {
-        Some(o) => o,
-        None => {
-            let p = lazybd::sample::ensure(&a.cache_dir).context("creating the sample image")?;
-            tracing::info!(path = %p.display(), "no origin given: serving the built-in sample image");
-            p.display().to_string()
-        }
+    let file = match &a.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
     };
+    let cache_dir = a
+        .cache_dir
+        .or(file.server.cache_dir.clone())
+        .unwrap_or_else(default_cache_dir);
+    let mut exports: Vec<ExportConfig> = file
+        .exports
+        .iter()
+        .map(|e| ExportConfig {
+            name: e.name.clone(),
+            image: e.image.clone(),
+            writable: e.writable,
+            overlay_dir: e.overlay_dir.clone(),
+            description: e.description.clone(),
+        })
+        .collect();
+    let origin = match a.origin {
+        Some(o) => Some(o),
+        None if a.config.is_none() => {
+            let p = lazybd::sample::ensure(&cache_dir).context("creating the sample image")?;
+            tracing::info!(path = %p.display(), "no origin given: serving the built-in sample image");
+            Some(p.display().to_string())
+        }
+        None => None,
+    };
+    if let Some(image) = origin {
+        exports.insert(
+            0,
+            ExportConfig {
+                name: a.name,
+                image,
+                writable: a.writable,
+                overlay_dir: a.overlay_dir,
+                description: a.description,
+            },
+        );
+    }
     let mut listen = Vec::new();
-    for l in if a.listen.is_empty() {
-        vec!["127.0.0.1:10809".to_string()]
-    } else {
+    let addrs = if !a.listen.is_empty() {
         a.listen
-    } {
+    } else if !file.server.listen.is_empty() {
+        file.server.listen.clone()
+    } else {
+        vec!["127.0.0.1:10809".to_string()]
+    };
+    for l in addrs {
         listen.push(l.parse::<ListenAddr>()?);
     }
-    let block_size = match a.block_size {
+    let block_size = match a.block_size.or(file.server.block_size.clone()) {
         Some(s) => Some(BlockSize::new(parse_size(&s)?)?),
         None => None,
     };
     let mut headers = Vec::new();
-    for h in a.headers {
+    for h in file.origin.headers.iter().chain(a.headers.iter()) {
         let Some((n, v)) = h.split_once(':') else {
-            bail!("--header {h:?}: expected 'Name: value'");
+            bail!("header {h:?}: expected 'Name: value'");
         };
         headers.push((n.trim().to_string(), v.trim().to_string()));
     }
+    let control = match a.control {
+        Some(c) if c == "none" => None,
+        Some(c) => Some(PathBuf::from(c)),
+        None => Some(
+            file.server
+                .control
+                .clone()
+                .unwrap_or_else(|| cache_dir.join("control.sock")),
+        ),
+    };
+    let defaults = OriginOptions::default();
     let cfg = ServeConfig {
-        origin,
-        cache_dir: a.cache_dir,
+        cache_dir,
         listen,
-        name: a.name,
-        description: a.description,
         block_size,
         origin_options: OriginOptions {
             headers,
-            connections: a.origin_connections.max(1),
-            request_timeout: Duration::from_secs(a.origin_timeout.max(1)),
-            retries: a.origin_retries,
-            ca_file: a.origin_ca,
+            connections: a
+                .origin_connections
+                .or(file.origin.connections)
+                .unwrap_or(defaults.connections)
+                .max(1),
+            request_timeout: Duration::from_secs(
+                a.origin_timeout
+                    .or(file.origin.timeout_secs)
+                    .unwrap_or(defaults.request_timeout.as_secs())
+                    .max(1),
+            ),
+            retries: a
+                .origin_retries
+                .or(file.origin.retries)
+                .unwrap_or(defaults.retries),
+            ca_file: a.origin_ca.or(file.origin.ca_file.clone()),
         },
         limits: Limits {
-            max_connections: a.max_connections.max(1),
+            max_connections: a
+                .max_connections
+                .or(file.server.max_connections)
+                .unwrap_or(Limits::default().max_connections)
+                .max(1),
             ..Limits::default()
         },
-        writable: a.writable,
-        overlay_dir: a.overlay_dir,
+        exports,
+        control,
     };
+    if cfg.exports.is_empty() {
+        tracing::warn!("no exports configured: add them with `lazybd export add`");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -241,10 +372,84 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         let running = daemon::start(cfg).await?;
         wait_for_signal().await;
         tracing::info!("signal received: stopping (answering in-flight requests)");
-        let stats = running.shutdown().await?;
-        tracing::info!("summary: {stats}");
+        for (image, stats) in running.shutdown().await? {
+            tracing::info!(%image, "summary: {stats}");
+        }
         Ok::<_, anyhow::Error>(())
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export_cmd(c: ExportCmd) -> anyhow::Result<ExitCode> {
+    let sock = |c: ControlArg| {
+        c.control
+            .unwrap_or_else(|| default_cache_dir().join("control.sock"))
+    };
+    let (path, req) = match c {
+        ExportCmd::Add {
+            name,
+            image,
+            writable,
+            overlay_dir,
+            control,
+        } => (
+            sock(control),
+            control::Request::Add {
+                export: ExportConfig {
+                    name,
+                    image,
+                    writable,
+                    overlay_dir,
+                    description: None,
+                },
+            },
+        ),
+        ExportCmd::Remove {
+            name,
+            force,
+            delete_overlay,
+            control,
+        } => (
+            sock(control),
+            control::Request::Remove {
+                name,
+                force,
+                delete_overlay,
+            },
+        ),
+        ExportCmd::List { json, control } => {
+            let path = sock(control);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let resp = rt.block_on(control::call(&path, &control::Request::List))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&resp.exports)?);
+            } else {
+                println!(
+                    "{:<20} {:<8} {:>7} {:>12}  IMAGE",
+                    "NAME", "MODE", "CLIENTS", "OVERLAY"
+                );
+                for e in resp.exports {
+                    let mode = if e.writable { "rw" } else { "ro" };
+                    println!(
+                        "{:<20} {:<8} {:>7} {:>12}  {}",
+                        e.name,
+                        mode,
+                        e.clients,
+                        human_bytes(e.overlay_bytes),
+                        e.image
+                    );
+                }
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(control::call(&path, &req))?;
+    println!("ok");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -16,7 +16,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::export::Exports;
 use crate::nbd::handshake::{self, Outcome};
 use crate::nbd::transmission;
-use crate::stats::Stats;
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,7 +128,6 @@ impl Listener {
 #[derive(Clone)]
 pub struct Shared {
     pub exports: Arc<Exports>,
-    pub stats: Option<Arc<Stats>>,
     pub limits: Limits,
 }
 
@@ -157,12 +155,17 @@ where
         }
         Ok(Ok(Outcome::Transmission(n))) => n,
     };
-    let export = neg.export.name.clone();
+    let ex = neg.export.clone();
+    let export = ex.name.clone();
+    ex.clients
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(%peer, %export, structured = neg.structured, base_allocation = neg.base_allocation, "client connected");
-    match transmission::serve(s, neg, shared.stats.clone(), shutdown).await {
+    match transmission::serve(s, neg, shutdown).await {
         Ok(()) => tracing::info!(%peer, %export, "client disconnected"),
         Err(e) => tracing::warn!(%peer, %export, error = %e, "connection closed"),
     }
+    ex.clients
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Accept on every listener until `shutdown` turns true, then wait for the

@@ -63,7 +63,7 @@ async fn unaligned_reads_match_origin() {
             );
         }
     }
-    let stats = srv.shutdown().await.unwrap();
+    let stats = stop(srv).await;
     assert_eq!(lazybd::stats::Stats::get(&stats.crc_failures), 0);
 }
 
@@ -108,7 +108,7 @@ async fn zero_blocks_are_holes_and_block_status_reports_them() {
     assert_eq!(cookie, id);
     assert!(r.holes.is_empty());
     assert_eq!(r.chunks, vec![lazybd::nbd::wire::chunk::OFFSET_DATA]);
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +120,7 @@ async fn restart_serves_everything_without_origin_traffic() {
     let mut c = Client::connect(&addr, Opts::default()).await;
     assert!(c.read(0, 3 * MIB as u32).await.unwrap().data == img);
     drop(c);
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
     let before = o.requests();
     let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
     assert_eq!(o.requests(), before + 1, "only the identity probe at open");
@@ -132,7 +132,7 @@ async fn restart_serves_everything_without_origin_traffic() {
         before + 1,
         "second full read must not touch the origin"
     );
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,7 +170,7 @@ async fn concurrent_misses_share_one_fetch_and_reads_coalesce() {
     let r = c.read(2 * MIB as u64, MIB as u32).await.unwrap();
     assert!(r.data == img[2 * MIB..3 * MIB]);
     assert_eq!(o.requests() - before, 1, "adjacent missing blocks coalesce");
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +193,7 @@ async fn a_hit_is_not_queued_behind_a_miss() {
         (fast, slow),
         "the cached read must be answered first"
     );
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,7 +287,7 @@ async fn protocol_errors_are_answered_and_connection_survives() {
     let (cookie, r) = good.recv(Some(4096)).await.unwrap();
     assert_eq!((cookie, r.error), (id, 0));
     assert!(matches!(good.s.read(&mut buf).await, Ok(0) | Err(_)));
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,7 +388,7 @@ async fn option_haggling_follows_the_spec() {
     .await
     .unwrap();
     assert!(matches!(s.read(&mut b).await, Ok(0) | Err(_)));
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -420,7 +420,7 @@ async fn origin_faults_are_retried_or_reported_never_served() {
     assert_eq!(r.error, errno::EIO);
     // Cached blocks still read as the version they came from.
     assert!(c.read(0, 8192).await.unwrap().data == img[..8192]);
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,7 +432,7 @@ async fn changed_origin_gets_a_fresh_cache() {
     let mut c = Client::connect(&addr, Opts::default()).await;
     assert!(c.read(0, 2 * MIB as u32).await.unwrap().data == img);
     drop(c);
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
     let new = image(2 * MIB, 32);
     o.replace(new.clone(), "\"v2\"");
     let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
@@ -441,7 +441,7 @@ async fn changed_origin_gets_a_fresh_cache() {
         c.read(0, 2 * MIB as u32).await.unwrap().data == new,
         "must serve the new version only"
     );
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,7 +478,7 @@ async fn corrupted_cache_blocks_are_refetched() {
         1,
         "the damaged block is refetched once"
     );
-    let stats = srv.shutdown().await.unwrap();
+    let stats = stop(srv).await;
     assert_eq!(lazybd::stats::Stats::get(&stats.crc_failures), 1);
     // And `cache verify` finds the store clean again.
     let rep = lazybd::cache::verify::verify_image(&cache, false, |_, _| {}).unwrap();
@@ -513,7 +513,7 @@ async fn origin_without_ranges_or_without_auth_is_refused_at_start() {
     let (srv, addr) = start(cfg).await;
     let mut c = Client::connect(&addr, Opts::default()).await;
     assert_eq!(c.read(0, 512).await.unwrap().error, 0);
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,7 +528,7 @@ async fn cache_command_prefetches() {
     assert_eq!(c.recv(None).await.unwrap().1.error, 0);
     // Wait for the prefetch to land, then the read is a pure hit.
     for _ in 0..100 {
-        if srv.cache.counts().0 >= 16 {
+        if srv.cache(&o.url).await.unwrap().counts().0 >= 16 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -537,7 +537,7 @@ async fn cache_command_prefetches() {
     assert!(mid > before);
     assert!(c.read(0, MIB as u32).await.unwrap().data == img[..MIB]);
     assert_eq!(o.requests(), mid);
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
 }
 
 /// The legacy path: fixed newstyle with NBD_OPT_EXPORT_NAME, no NO_ZEROES,
@@ -568,5 +568,5 @@ async fn legacy_export_name_client() {
     })
     .await
     .unwrap();
-    srv.shutdown().await.unwrap();
+    stop(srv).await;
 }

@@ -16,6 +16,12 @@
 //! - the server's output is well framed: the 18-byte greeting, then option
 //!   replies only (magic, known reply type, length matching), then, after an
 //!   EXPORT_NAME success, exactly the 10 or 134 byte export block;
+//! - replies pair with requests: every option the server read (re-parsed
+//!   from the client stream by the same framing rules) gets replies echoing
+//!   its number, closed by exactly one ACK or error, and no reply is extra;
+//!   an ACKed INFO/GO carried NBD_INFO_EXPORT with the device size and the
+//!   right read-only flag; ABORT is ACKed and closes; an ACKed GO enters
+//!   transmission; a stream without an ending option is an error;
 //! - an agreed `base:allocation` implies structured replies were agreed.
 
 #![no_main]

@@ -6,13 +6,17 @@
 pub mod stack;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
+use tokio::sync::watch;
 
 use crate::block::ByteRange;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::origin::BoxFuture;
+use crate::overlay::Overlay;
+use crate::stats::Stats;
 
 /// The bytes of a read plus what is known to be zero inside it.
 #[derive(Debug, Clone)]
@@ -85,19 +89,34 @@ pub trait Writable: Send + Sync + 'static {
 pub struct Export {
     pub name: String,
     pub description: String,
+    /// The image's locator, for listings.
+    pub image: String,
     pub device: Arc<dyn BlockDevice>,
     /// The write side; `None` for a read-only export.
     pub writable: Option<Arc<dyn Writable>>,
+    /// The overlay behind `writable`, for listings and removal.
+    pub overlay: Option<Arc<Overlay>>,
     /// True when all connections see one consistent device (shared cache,
     /// flush covers all): advertised as NBD_FLAG_CAN_MULTI_CONN.
     pub multi_conn: bool,
     /// Preferred I/O size advertised in NBD_INFO_BLOCK_SIZE.
     pub preferred_block: u32,
+    /// Counters of the image this export serves.
+    pub stats: Arc<Stats>,
+    /// Connections in transmission on this export.
+    pub clients: AtomicUsize,
+    /// Turned true when the export is removed: its connections finish their
+    /// in-flight requests and close.
+    pub closing: watch::Sender<bool>,
 }
 
 impl Export {
     pub fn read_only(&self) -> bool {
         self.writable.is_none()
+    }
+
+    pub fn clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
     }
 }
 
@@ -114,15 +133,42 @@ impl Exports {
         Self::default()
     }
 
-    /// Add an export; the first one added becomes the default.
-    pub fn add(&self, e: Export) {
+    /// Add an export; the first one added becomes the default. Refuses a
+    /// name already in use.
+    pub fn add(&self, e: Export) -> Result<Arc<Export>> {
         let name = e.name.clone();
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        map.insert(name.clone(), Arc::new(e));
+        if map.contains_key(&name) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("an export named {name:?} exists already"),
+            ));
+        }
+        let e = Arc::new(e);
+        map.insert(name.clone(), e.clone());
         let mut d = self.default.write().unwrap_or_else(|p| p.into_inner());
         if d.is_none() {
             *d = Some(name);
         }
+        Ok(e)
+    }
+
+    /// Take an export out of the registry: new clients can no longer reach
+    /// it; connected ones are the caller's business.
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let e = map.remove(name)?;
+        let mut d = self.default.write().unwrap_or_else(|p| p.into_inner());
+        if d.as_deref() == Some(name) {
+            *d = map.keys().next().cloned();
+        }
+        Some(e)
+    }
+
+    /// Every export, by name.
+    pub fn all(&self) -> Vec<Arc<Export>> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Export>> {

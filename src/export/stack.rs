@@ -24,45 +24,44 @@ pub struct ExportSpec {
     pub description: String,
 }
 
-/// A read-only export of a cached image.
-pub fn read_only_export(spec: ExportSpec, cache: ImageCache) -> Export {
-    let preferred = cache.block_size().get();
-    let device: Arc<dyn BlockDevice> = Arc::new(cache);
+fn export(
+    spec: ExportSpec,
+    cache: &ImageCache,
+    device: Arc<dyn BlockDevice>,
+    overlay: Option<Arc<Overlay>>,
+) -> Export {
+    let writable = overlay.clone().map(|o| o as Arc<dyn Writable>);
     Export {
         name: spec.name,
         description: spec.description,
+        image: cache.origin().identity().locator.clone(),
         device,
-        writable: None,
-        // Every connection reads the same shared cache; nothing is written.
+        writable,
+        overlay,
+        // Read-only: every connection reads the same shared cache.
+        // Writable: all connections share one overlay and a FLUSH syncs
+        // all of it, so multi-connection clients see one consistent disk.
         multi_conn: true,
-        preferred_block: preferred,
+        preferred_block: cache.block_size().get(),
+        stats: cache.stats().clone(),
+        clients: Default::default(),
+        closing: tokio::sync::watch::channel(false).0,
     }
 }
 
+/// A read-only export of a cached image.
+pub fn read_only_export(spec: ExportSpec, cache: ImageCache) -> Export {
+    let device: Arc<dyn BlockDevice> = Arc::new(cache.clone());
+    export(spec, &cache, device, None)
+}
+
 /// A writable export: a copy-on-write overlay in `overlay_dir` over the
-/// shared cache. Returns the export and its overlay (for listing).
-pub fn writable_export(
-    spec: ExportSpec,
-    cache: ImageCache,
-    overlay_dir: &Path,
-) -> Result<(Export, Arc<Overlay>)> {
+/// shared cache.
+pub fn writable_export(spec: ExportSpec, cache: ImageCache, overlay_dir: &Path) -> Result<Export> {
     let bs = cache.block_size();
     let base_id = cache.origin().identity().to_string();
-    let base: Arc<dyn BlockDevice> = Arc::new(cache);
+    let base: Arc<dyn BlockDevice> = Arc::new(cache.clone());
     let overlay = Arc::new(Overlay::open(overlay_dir, base, &base_id, bs)?);
     let device: Arc<dyn BlockDevice> = overlay.clone();
-    let writable: Arc<dyn Writable> = overlay.clone();
-    Ok((
-        Export {
-            name: spec.name,
-            description: spec.description,
-            device,
-            writable: Some(writable),
-            // All connections share this one overlay and a FLUSH syncs all
-            // of it, so multi-connection clients see one consistent disk.
-            multi_conn: true,
-            preferred_block: bs.get(),
-        },
-        overlay,
-    ))
+    Ok(export(spec, &cache, device, Some(overlay)))
 }

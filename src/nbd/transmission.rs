@@ -98,7 +98,6 @@ struct Ctx {
     export: Arc<Export>,
     structured: bool,
     base_allocation: bool,
-    stats: Option<Arc<Stats>>,
 }
 
 /// Validate a request header. This is the only place requests are checked;
@@ -350,10 +349,8 @@ async fn handle(ctx: Arc<Ctx>, req: Request, c: Command, payload: Bytes) -> Repl
         },
         Command::Read { range, df } => match dev.read(range).await {
             Ok(rd) => {
-                if let Some(s) = &ctx.stats {
-                    Stats::add(&s.reads, 1);
-                    Stats::add(&s.bytes_served, range.len);
-                }
+                Stats::add(&ctx.export.stats.reads, 1);
+                Stats::add(&ctx.export.stats.bytes_served, range.len);
                 Ok(read_reply(ctx.structured, req.cookie, range, rd, df))
             }
             Err(e) => Err(e),
@@ -428,14 +425,9 @@ async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> std::io::Result<()>
 }
 
 /// Serve requests on an established connection until the client
-/// disconnects, breaks the protocol, or `shutdown` turns true. In-flight
-/// requests are always answered before returning.
-pub async fn serve<S>(
-    stream: S,
-    neg: Negotiated,
-    stats: Option<Arc<Stats>>,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<()>
+/// disconnects, breaks the protocol, `shutdown` turns true (server stop) or
+/// the export is removed. In-flight requests are always answered first.
+pub async fn serve<S>(stream: S, neg: Negotiated, mut shutdown: watch::Receiver<bool>) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -447,8 +439,8 @@ where
         export: neg.export,
         structured: neg.structured,
         base_allocation: neg.base_allocation,
-        stats,
     });
+    let mut closing = ctx.export.closing.subscribe();
     let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT as usize));
     let mut outcome = Ok(());
@@ -460,6 +452,7 @@ where
         let read = tokio::select! {
             r = rd.read_exact(&mut hb) => r,
             _ = shutdown.wait_for(|s| *s) => break,
+            _ = closing.wait_for(|s| *s) => break,
         };
         if let Err(e) = read {
             if e.kind() != std::io::ErrorKind::UnexpectedEof {

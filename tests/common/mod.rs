@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lazybd::block::BlockSize;
-use lazybd::daemon::{self, Running, ServeConfig};
+use lazybd::daemon::{self, ExportConfig, Running, ServeConfig};
 use lazybd::nbd::wire::{
     self, chunk, opt, rep, InfoRequest, MetaContextRequest, OptionHeader, Request,
 };
@@ -198,11 +198,8 @@ async fn serve_http(
 
 pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
     ServeConfig {
-        origin: origin.to_string(),
         cache_dir: cache_dir.to_path_buf(),
         listen: vec![ListenAddr::Tcp("127.0.0.1:0".into())],
-        name: "disk".into(),
-        description: None,
         block_size: Some(BlockSize::new(block_size).unwrap()),
         origin_options: OriginOptions {
             retries: 3,
@@ -210,9 +207,26 @@ pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
             ..OriginOptions::default()
         },
         limits: Limits::default(),
-        writable: false,
-        overlay_dir: None,
+        exports: vec![ExportConfig {
+            name: "disk".into(),
+            image: origin.to_string(),
+            writable: false,
+            overlay_dir: None,
+            description: None,
+        }],
+        control: None,
     }
+}
+
+/// Stop the server and return the counters of its (single) image.
+pub async fn stop(r: Running) -> Arc<lazybd::stats::Stats> {
+    r.shutdown()
+        .await
+        .expect("clean shutdown")
+        .into_iter()
+        .next()
+        .expect("one image")
+        .1
 }
 
 pub async fn start(cfg: ServeConfig) -> (Running, String) {

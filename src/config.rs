@@ -1,0 +1,195 @@
+//! The configuration file (`lazybd serve --config lazybd.toml`): listeners,
+//! cache, origin settings and any number of exports.
+//!
+//! ```toml
+//! [server]
+//! listen = ["127.0.0.1:10809", "unix:/run/lazybd/nbd.sock"]
+//! cache_dir = "/var/cache/lazybd"
+//! control = "/run/lazybd/control.sock"   # `lazybd export add/remove/list`
+//! block_size = "64k"
+//!
+//! [origin]
+//! connections = 16
+//! timeout_secs = 30
+//! retries = 4
+//! headers = ["X-Auth-Token: secret"]
+//!
+//! [[export]]
+//! name = "base"
+//! image = "https://images.example/debian-12.raw"
+//!
+//! [[export]]
+//! name = "vm1"
+//! image = "https://images.example/debian-12.raw"
+//! writable = true
+//! overlay_dir = "/var/lib/lazybd/vm1"
+//! ```
+//!
+//! Unknown keys are errors (a typo must not silently change behaviour);
+//! messages name the key and line.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, ErrorKind, Result};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub origin: OriginSection,
+    #[serde(default, rename = "export")]
+    pub exports: Vec<ExportSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    #[serde(default)]
+    pub listen: Vec<String>,
+    pub cache_dir: Option<PathBuf>,
+    pub control: Option<PathBuf>,
+    pub block_size: Option<String>,
+    pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginSection {
+    pub connections: Option<usize>,
+    pub timeout_secs: Option<u64>,
+    pub retries: Option<u32>,
+    #[serde(default)]
+    pub headers: Vec<String>,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSection {
+    pub name: String,
+    pub image: String,
+    #[serde(default)]
+    pub writable: bool,
+    pub overlay_dir: Option<PathBuf>,
+    pub description: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<FileConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+        Self::parse(&text).map_err(|e| e.context_prefix(format!("config {}", path.display())))
+    }
+
+    pub fn parse(text: &str) -> Result<FileConfig> {
+        let cfg: FileConfig = toml::from_str(text).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                e.to_string().trim_end().to_string(),
+            )
+        })?;
+        let mut seen = HashSet::new();
+        for (i, e) in cfg.exports.iter().enumerate() {
+            if !seen.insert(e.name.as_str()) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("export[{i}].name: duplicate export name {:?}", e.name),
+                ));
+            }
+            validate_name(&e.name).map_err(|m| {
+                Error::new(ErrorKind::InvalidInput, format!("export[{i}].name: {m}"))
+            })?;
+            if e.image.trim().is_empty() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("export[{i}].image: must name an image (URL or path)"),
+                ));
+            }
+            if e.overlay_dir.is_some() && !e.writable {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("export[{i}].overlay_dir: only a writable export has an overlay (set writable = true)"),
+                ));
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+/// Export names become directory names and NBD strings: keep them plain.
+pub fn validate_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("must be 1 to 255 characters".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        || name.starts_with('.')
+    {
+        return Err(format!(
+            "{name:?}: use letters, digits, '.', '_' and '-' (not starting with '.')"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = FileConfig::parse(
+            r#"
+            [server]
+            listen = ["127.0.0.1:10809", "unix:/tmp/x.sock"]
+            cache_dir = "/tmp/c"
+            [origin]
+            headers = ["A: b"]
+            [[export]]
+            name = "base"
+            image = "http://h/x.raw"
+            [[export]]
+            name = "vm1"
+            image = "http://h/x.raw"
+            writable = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.exports.len(), 2);
+        assert!(c.exports[1].writable);
+        assert_eq!(c.server.listen.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = FileConfig::parse("[server]\nlisten = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen"), "{e}");
+        let e = FileConfig::parse("[server]\nlisen = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lisen"), "{e}");
+        let e = FileConfig::parse(
+            "[[export]]\nname = \"a\"\nimage = \"x\"\n[[export]]\nname = \"a\"\nimage = \"y\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("export[1].name"), "{e}");
+        let e = FileConfig::parse("[[export]]\nname = \"../x\"\nimage = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("export[0].name"), "{e}");
+        let e =
+            FileConfig::parse("[[export]]\nname = \"a\"\nimage = \"x\"\noverlay_dir = \"/o\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("overlay_dir"), "{e}");
+    }
+}

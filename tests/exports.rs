@@ -1,0 +1,317 @@
+//! Many exports, one cache; writable exports over NBD; runtime management
+//! through the control socket.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use lazybd::control::{self, Request};
+use lazybd::daemon::ExportConfig;
+use lazybd::nbd::wire::{cmd, cmdflag, errno};
+use tokio::io::AsyncWriteExt;
+
+const MIB: usize = 1 << 20;
+const BS: u64 = 64 << 10;
+
+fn export(name: &str, image: &str, writable: bool) -> ExportConfig {
+    ExportConfig {
+        name: name.into(),
+        image: image.into(),
+        writable,
+        overlay_dir: None,
+        description: None,
+    }
+}
+
+async fn write(c: &mut Client, flags: u16, off: u64, data: &[u8]) -> u32 {
+    let id = c.send(cmd::WRITE, flags, off, data.len() as u32).await;
+    c.s.write_all(data).await.unwrap();
+    let (cookie, r) = c.recv(None).await.unwrap();
+    assert_eq!(cookie, id);
+    r.error
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_exports_share_one_cache() {
+    let img = image(4 * MIB, 71);
+    let o = TestOrigin::start(img.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&o.url, dir.path(), BS);
+    cfg.exports = (0..8)
+        .map(|i| export(&format!("vm{i}"), &o.url, i % 2 == 1))
+        .collect();
+    let (srv, addr) = start(cfg).await;
+    let before = o.requests();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (addr, img) = (addr.clone(), img.clone());
+        tasks.push(tokio::spawn(async move {
+            let name: &'static str = Box::leak(format!("vm{i}").into_boxed_str());
+            let mut c = Client::connect(
+                &addr,
+                Opts {
+                    name,
+                    ..Opts::default()
+                },
+            )
+            .await;
+            let r = c.read(0, 4 * MIB as u32).await.unwrap();
+            assert!(r.data == img, "export vm{i}");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // 4 MiB in at most 4 MiB fetches: far fewer requests than 8 full reads,
+    // and never more than the blocks in the image.
+    let n = o.requests() - before;
+    assert!(
+        n <= 4 * MIB as u64 / BS,
+        "8 readers of one image fetched {n} times"
+    );
+    let blocks_fetched = lazybd::stats::Stats::get(&stop(srv).await.origin_bytes);
+    assert_eq!(
+        blocks_fetched,
+        4 * MIB as u64,
+        "every byte fetched exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writable_exports_are_isolated_and_durable() {
+    let img = image(2 * MIB, 81);
+    let o = TestOrigin::start(img.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&o.url, dir.path(), BS);
+    cfg.exports = vec![
+        export("a", &o.url, true),
+        export("b", &o.url, true),
+        export("ro", &o.url, false),
+    ];
+    let (srv, addr) = start(cfg.clone()).await;
+    let mut a = Client::connect(
+        &addr,
+        Opts {
+            name: "a",
+            ..Opts::default()
+        },
+    )
+    .await;
+    let mut b = Client::connect(
+        &addr,
+        Opts {
+            name: "b",
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert_eq!(write(&mut a, 0, 1000, &[0xAA; 5000]).await, 0);
+    assert_eq!(write(&mut b, cmdflag::FUA, 70000, &[0xBB; 100]).await, 0);
+    // Past the end: ENOSPC, as the spec asks.
+    assert_eq!(
+        write(&mut a, 0, 2 * MIB as u64 - 10, &[1; 20]).await,
+        errno::ENOSPC
+    );
+    // WRITE_ZEROES with FAST_ZERO on an unaligned range: ENOTSUP, not slow.
+    a.send(cmd::WRITE_ZEROES, cmdflag::FAST_ZERO, 10, 100).await;
+    assert_eq!(a.recv(None).await.unwrap().1.error, errno::ENOTSUP);
+    a.send(cmd::WRITE_ZEROES, 0, BS, 2 * BS as u32).await;
+    assert_eq!(a.recv(None).await.unwrap().1.error, 0);
+    a.send(cmd::FLUSH, 0, 0, 0).await;
+    assert_eq!(a.recv(None).await.unwrap().1.error, 0);
+    let mut want_a = img.clone();
+    want_a[1000..6000].fill(0xAA);
+    want_a[BS as usize..3 * BS as usize].fill(0);
+    let mut want_b = img.clone();
+    want_b[70000..70100].fill(0xBB);
+    assert!(a.read(0, 2 * MIB as u32).await.unwrap().data == want_a);
+    assert!(b.read(0, 2 * MIB as u32).await.unwrap().data == want_b);
+    let mut ro = Client::connect(
+        &addr,
+        Opts {
+            name: "ro",
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert!(
+        ro.read(0, 2 * MIB as u32).await.unwrap().data == img,
+        "the template never changes"
+    );
+    assert_eq!(write(&mut ro, 0, 0, &[1; 10]).await, errno::EPERM);
+    drop((a, b, ro));
+    stop(srv).await;
+    // After a restart every flushed write reads back.
+    let (srv, addr) = start(cfg).await;
+    let mut a = Client::connect(
+        &addr,
+        Opts {
+            name: "a",
+            ..Opts::default()
+        },
+    )
+    .await;
+    let mut b = Client::connect(
+        &addr,
+        Opts {
+            name: "b",
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert!(a.read(0, 2 * MIB as u32).await.unwrap().data == want_a);
+    assert!(b.read(0, 2 * MIB as u32).await.unwrap().data == want_b);
+    drop((a, b));
+    stop(srv).await;
+    assert!(*o.data.lock().unwrap() == img, "the origin never changes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_socket_adds_lists_and_removes_exports() {
+    let img = image(MIB, 91);
+    let o = TestOrigin::start(img.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let mut cfg = config(&o.url, dir.path(), BS);
+    cfg.control = Some(sock.clone());
+    let (srv, addr) = start(cfg).await;
+    let mode = std::fs::metadata(&sock)
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+        .unwrap();
+    assert_eq!(mode & 0o777, 0o600, "control socket must be owner-only");
+    control::call(
+        &sock,
+        &Request::Add {
+            export: export("vm1", &o.url, true),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        control::call(
+            &sock,
+            &Request::Add {
+                export: export("vm1", &o.url, false)
+            }
+        )
+        .await
+        .is_err(),
+        "duplicate name"
+    );
+    assert!(
+        control::call(
+            &sock,
+            &Request::Add {
+                export: export("../x", &o.url, false)
+            }
+        )
+        .await
+        .is_err(),
+        "bad name"
+    );
+    let mut c = Client::connect(
+        &addr,
+        Opts {
+            name: "vm1",
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert_eq!(write(&mut c, 0, 0, &[7u8; 4096]).await, 0);
+    // Reading "disk" is undisturbed while exports come and go.
+    let mut d = Client::connect(&addr, Opts::default()).await;
+    let list = control::call(&sock, &Request::List).await.unwrap().exports;
+    let vm1 = list.iter().find(|e| e.name == "vm1").unwrap();
+    assert!(
+        vm1.writable && vm1.clients == 1 && vm1.overlay_bytes >= 4096,
+        "{vm1:?}"
+    );
+    // Refused with a client connected, unless forced.
+    let e = control::call(
+        &sock,
+        &Request::Remove {
+            name: "vm1".into(),
+            force: false,
+            delete_overlay: false,
+        },
+    )
+    .await;
+    assert!(e.unwrap_err().to_string().contains("connected"));
+    control::call(
+        &sock,
+        &Request::Remove {
+            name: "vm1".into(),
+            force: true,
+            delete_overlay: false,
+        },
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut c.s, &mut buf),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "forced removal disconnects the client"
+    );
+    assert!(d.read(0, 4096).await.unwrap().data == img[..4096]);
+    // Re-adding finds the overlay kept; removing with delete_overlay drops it.
+    control::call(
+        &sock,
+        &Request::Add {
+            export: export("vm1", &o.url, true),
+        },
+    )
+    .await
+    .unwrap();
+    let mut c = Client::connect(
+        &addr,
+        Opts {
+            name: "vm1",
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert!(c.read(0, 4096).await.unwrap().data == [7u8; 4096]);
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    control::call(
+        &sock,
+        &Request::Remove {
+            name: "vm1".into(),
+            force: false,
+            delete_overlay: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(!dir.path().join("overlays/vm1").exists());
+    control::call(
+        &sock,
+        &Request::Add {
+            export: export("vm1", &o.url, true),
+        },
+    )
+    .await
+    .unwrap();
+    let mut c = Client::connect(
+        &addr,
+        Opts {
+            name: "vm1",
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert!(
+        c.read(0, 4096).await.unwrap().data == img[..4096],
+        "a deleted overlay starts fresh"
+    );
+    drop((c, d));
+    stop(srv).await;
+    assert!(!sock.exists(), "control socket removed at shutdown");
+}
