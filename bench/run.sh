@@ -82,8 +82,7 @@ tools_ok() {
   nbdkit file --version >/dev/null 2>&1 || return 1
   nbdkit --filter=cache null --version >/dev/null 2>&1 || return 1
   fio --enghelp=nbd >/dev/null 2>&1 || return 1
-  qemu-storage-daemon --blockdev help 2>/dev/null | grep -qx http || \
-    ls /usr/lib/*/qemu/block-curl.so >/dev/null 2>&1 || return 1
+  ls /usr/lib/*/qemu/block-curl.so >/dev/null 2>&1 || return 1   # qemu-block-extra: http driver
 }
 if ! tools_ok; then
   log "tools missing: running scripts/install-deps.sh"
@@ -294,12 +293,14 @@ origin_since() { # byte offset -> "requests<TAB>body_bytes"
   if [[ $ACCESS_LOG != 1 ]]; then printf '\t'; return; fi
   tail -c +"$(($1 + 1))" "$NGX/access.log" | awk '{n++; b += $3} END {printf "%d\t%d", n, b}'
 }
-fio_activity() { # context switches of fio's job processes: they stop when no I/O completes
-  local p t s=0 kids
-  kids=$(pgrep -P "$1" || true)
-  for p in ${kids:-$1}; do
-    for t in /proc/"$p"/task/*/status; do
-      s=$((s + $(awk '/^(non)?voluntary_ctxt_switches/ {x += $2} END {print x + 0}' "$t" 2>/dev/null || echo 0)))
+fio_activity() { # context switches of the given processes' threads: they stop when no I/O completes
+  local p f k v s=0
+  for p in "$@"; do
+    for f in /proc/"$p"/task/*/status; do
+      [[ -r $f ]] || continue
+      while read -r k v _; do
+        case $k in voluntary_ctxt_switches:|nonvoluntary_ctxt_switches:) s=$((s + v)) ;; esac
+      done < "$f" 2>/dev/null || true
     done
   done
   echo "$s"
@@ -309,24 +310,31 @@ fio_activity() { # context switches of fio's job processes: they stop when no I/
 # answers) or if it runs past HARD_CAP. Returns fio's status, or 124 with FIO_NOTE set.
 STALL_S=${STALL_S:-20}
 FIO_NOTE=""
+usec() { local t=${EPOCHREALTIME/./}; echo "${t#0}"; }
 run_fio() {
-  local hard=$1 outf=$2 fp last=-1 now still=0 t=0 rc=0; shift 2
+  local hard=$1 outf=$2 fp kids="" last=-1 now t0 tnow tlast rc=0; shift 2
   FIO_NOTE=""
   fio "$@" > "$outf" 2>&1 &
-  fp=$!
+  fp=$!; PIDS+=("$fp")
+  t0=$(usec); tlast=$t0
   while kill -0 "$fp" 2>/dev/null; do
-    sleep 1; t=$((t + 1))
-    now=$(fio_activity "$fp")
-    if [[ $now == "$last" ]]; then still=$((still + 1)); else still=0; last=$now; fi
-    if ((still >= STALL_S || t >= hard)); then
-      if ((still >= STALL_S)); then FIO_NOTE="stalled: no I/O completed for ${still} s, ${t} s into the case"; else FIO_NOTE="over the ${hard} s cap"; fi
+    sleep 0.2
+    [[ -n $kids ]] || kids=$(pgrep -P "$fp" || true)   # fio's job process(es)
+    now=$(fio_activity ${kids:-$fp}); tnow=$(usec)
+    if [[ $now != "$last" ]]; then last=$now; tlast=$tnow; fi
+    if ((tnow - tlast >= STALL_S * 1000000 || tnow - t0 >= hard * 1000000)); then
+      if ((tnow - tlast >= STALL_S * 1000000)); then
+        FIO_NOTE="stalled: no I/O completed for ${STALL_S} s, $(((tnow - t0) / 1000000)) s into the case"
+      else FIO_NOTE="over the ${hard} s cap"; fi
       # shellcheck disable=SC2046
       kill -KILL $(pgrep -P "$fp" || true) "$fp" 2>/dev/null || true
       wait "$fp" 2>/dev/null || true
+      forget_pid "$fp"
       return 124
     fi
   done
   wait "$fp" || rc=$?
+  forget_pid "$fp"
   return "$rc"
 }
 # run_case CASE KIND PEER TRANSPORT — on the running server ($SRV_*).

@@ -605,6 +605,15 @@ nginx_methods_seen() {
   awk -F'|' 'NF>=4 {print $2}' "$ORIGIN_ACCESS_LOG" | sort -u | tr '\n' ' '
 }
 
+# assert_origin_only_read : nginx saw only GET/HEAD requests (no PUT, POST,
+# DELETE, PATCH...: a writable export's writes never reach the origin)
+assert_origin_only_read() {
+  local m; m=$(nginx_methods_seen)
+  [[ -n $m ]] || fail "nginx logged no request at all"
+  [[ " $m" =~ ^(\ (GET|HEAD))+\ $ ]] || fail "the origin saw other requests than GET/HEAD: methods $m"
+  log "origin saw only: $m($(origin_all_requests_since 0) requests)"
+}
+
 # lazybd_stash NAME : park the current lazybd under NAME (its pid is tracked
 # for cleanup at exit) so that lazybd_start can run another one at the same
 # time; lazybd_unstash NAME makes it the current one again (the current one,
@@ -626,4 +635,28 @@ lazybd_unstash() {
   v=_STASH_${n}_URI; LAZYBD_URI=${!v}
   v=_STASH_${n}_PORT; LAZYBD_PORT=${!v}
   v=_STASH_${n}_NAME; LAZYBD_NAME=${!v}
+}
+
+# ---------------------------------------------------------------- config files (t-4x)
+
+# lazybd_wait_ready URI... : after lazybd_spawn (e.g. "serve --config FILE",
+# whose listeners and export names lazybd_start cannot see), wait until every
+# URI answers nbdinfo --size; fails if lazybd exits first or after
+# LAZYBD_START_TIMEOUT. Sets LAZYBD_URI to the first URI.
+lazybd_wait_ready() {
+  local deadline=$((SECONDS + ${LAZYBD_START_TIMEOUT:-30})) uri
+  [[ -n $LAZYBD_PID ]] || fail "lazybd_wait_ready: no lazybd running"
+  for uri in "$@"; do
+    until nbdinfo --size "$uri" >/dev/null 2>&1; do
+      if ! _pid_alive "$LAZYBD_PID"; then
+        wait "$LAZYBD_PID" 2>/dev/null && LAZYBD_RC=0 || LAZYBD_RC=$?
+        LAZYBD_PID=""
+        fail "lazybd exited (status $LAZYBD_RC) before $uri was ready; log: $(tail -n 5 "$LAZYBD_LOG" | tr '\n' ' ')"
+      fi
+      ((SECONDS < deadline)) || fail "lazybd not ready on $uri after ${LAZYBD_START_TIMEOUT:-30}s"
+      sleep 0.1
+    done
+  done
+  LAZYBD_URI=$1
+  log "lazybd pid $LAZYBD_PID ready: $*"
 }

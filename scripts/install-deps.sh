@@ -7,11 +7,17 @@
 # So qemu-system-x86 (and qemu-block-extra, for qemu's curl/http driver used by
 # the benchmark peer) must come from the same backports suite. The suite is
 # added from the mirror that is already configured, never a new host.
+#
+# libvirt-clients (virt-xml-validate, virsh with its built-in test:/// driver)
+# and systemd-analyze check contrib/ (qemu-tests/t-4x). bookworm's
+# libvirt-clients lacks its dependency on libxml2-utils (xmllint, which
+# virt-xml-validate runs), so that is listed too.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 need=(qemu-img qemu-io qemu-system-x86_64 qemu-storage-daemon nbdkit nbdinfo nbdcopy nbdsh fio nginx
-      nbd-server curl ip ss ps openssl mcopy mkfs.fat syslinux busybox cpio sfdisk)
+      nbd-server curl ip ss ps openssl mcopy mkfs.fat syslinux busybox cpio sfdisk
+      virt-xml-validate xmllint virsh systemd-analyze)
 missing=0
 for t in "${need[@]}"; do command -v "$t" >/dev/null 2>&1 || { missing=1; break; }; done
 [[ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]] || missing=1
@@ -37,7 +43,8 @@ fi
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
   nbdkit libnbd-bin python3-libnbd fio nginx-light nbd-server curl iproute2 procps openssl \
-  syslinux syslinux-common mtools dosfstools busybox-static cpio fdisk kmod ca-certificates
+  syslinux syslinux-common mtools dosfstools busybox-static cpio fdisk kmod ca-certificates \
+  libvirt-clients libxml2-utils systemd
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-block-extra qemu-utils
 echo "install-deps: done"

@@ -6,6 +6,7 @@
 //! listen = ["127.0.0.1:10809", "unix:/run/lazybd/nbd.sock"]
 //! cache_dir = "/var/cache/lazybd"
 //! control = "/run/lazybd/control.sock"   # `lazybd export add/remove/list`
+//! metrics = "127.0.0.1:9109"              # Prometheus, GET /metrics
 //! block_size = "64k"
 //!
 //! [origin]
@@ -55,6 +56,8 @@ pub struct ServerSection {
     pub control: Option<PathBuf>,
     pub block_size: Option<String>,
     pub max_connections: Option<usize>,
+    /// Prometheus endpoint, HOST:PORT.
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

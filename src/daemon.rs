@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub exports: Vec<ExportConfig>,
     /// Control socket for `lazybd export ...`; None: no runtime management.
     pub control: Option<PathBuf>,
+    /// Prometheus endpoint address; None: no metrics listener.
+    pub metrics: Option<String>,
 }
 
 /// What `export list` shows.
@@ -70,6 +72,8 @@ pub struct Daemon {
     origin_options: OriginOptions,
     /// Open images by origin spec: every export of an image shares one cache.
     images: Mutex<HashMap<String, ImageCache>>,
+    /// (locator, counters) of open images, readable without awaiting (metrics).
+    image_stats: std::sync::RwLock<Vec<(String, Arc<Stats>)>>,
     pub exports: Arc<Exports>,
 }
 
@@ -88,6 +92,13 @@ impl Daemon {
         // Opening the cache reads and maybe truncates files: blocking work.
         let cache = tokio::task::block_in_place(|| cache_dir.open_image(origin, bs, stats))?;
         images.insert(image.to_string(), cache.clone());
+        self.image_stats
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((
+                cache.origin().identity().locator.clone(),
+                cache.stats().clone(),
+            ));
         Ok(cache)
     }
 
@@ -209,13 +220,11 @@ impl Daemon {
     }
 
     /// (locator, counters) of every open image.
-    pub async fn image_stats(&self) -> Vec<(String, Arc<Stats>)> {
-        self.images
-            .lock()
-            .await
-            .values()
-            .map(|c| (c.origin().identity().locator.clone(), c.stats().clone()))
-            .collect()
+    pub fn image_stats_now(&self) -> Vec<(String, Arc<Stats>)> {
+        self.image_stats
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -226,15 +235,17 @@ pub struct Running {
     pub daemon: Arc<Daemon>,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<()>>,
-    background: Vec<JoinHandle<()>>,
+    /// Control and metrics listeners: they end by themselves on `stop`.
+    listeners: Vec<JoinHandle<()>>,
+    /// The periodic sync: aborted at shutdown.
+    syncer: JoinHandle<()>,
 }
 
 impl Running {
     /// Counters of the first image (the single-image case and tests).
     pub async fn stats(&self) -> Arc<Stats> {
         self.daemon
-            .image_stats()
-            .await
+            .image_stats_now()
             .into_iter()
             .next()
             .map(|(_, s)| s)
@@ -251,13 +262,15 @@ impl Running {
     pub async fn shutdown(self) -> Result<Vec<(String, Arc<Stats>)>> {
         let _ = self.stop.send(true);
         let r = self.task.await;
-        for b in &self.background {
-            b.abort();
+        self.syncer.abort();
+        for l in self.listeners {
+            // They remove their sockets on the way out.
+            let _ = l.await;
         }
         let sync = self.daemon.sync_all().await;
         r.map_err(|e| Error::with_source(ErrorKind::Io, "server task", e))??;
         sync?;
-        Ok(self.daemon.image_stats().await)
+        Ok(self.daemon.image_stats_now())
     }
 }
 
@@ -268,6 +281,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         block_size: cfg.block_size,
         origin_options: cfg.origin_options.clone(),
         images: Mutex::new(HashMap::new()),
+        image_stats: Default::default(),
         exports: Arc::new(Exports::new()),
     });
     for e in &cfg.exports {
@@ -279,9 +293,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
     }
     let tcp_addrs = listeners.iter().filter_map(|l| l.local_addr()).collect();
     let (stop, rx) = watch::channel(false);
-    let mut background = Vec::new();
+    let mut aux = Vec::new();
     if let Some(path) = &cfg.control {
-        background.push(crate::control::serve(path, daemon.clone(), rx.clone())?);
+        aux.push(crate::control::serve(path, daemon.clone(), rx.clone())?);
+    }
+    if let Some(addr) = &cfg.metrics {
+        aux.push(crate::metrics::serve(addr, daemon.clone(), rx.clone()).await?);
     }
     let shared = Shared {
         exports: daemon.exports.clone(),
@@ -291,7 +308,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
     // Persist maps now and then so a power cut loses little work (a process
     // kill loses nothing: the mappings live in the page cache).
     let d2 = daemon.clone();
-    background.push(tokio::spawn(async move {
+    let syncer = tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(30));
         t.tick().await;
         loop {
@@ -300,12 +317,13 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
                 tracing::warn!(error = %e, "periodic sync failed");
             }
         }
-    }));
+    });
     Ok(Running {
         tcp_addrs,
         daemon,
         stop,
         task,
-        background,
+        listeners: aux,
+        syncer,
     })
 }

@@ -18,7 +18,8 @@
 //! - [`control`] the control socket (JSON lines) behind `lazybd export ...`
 //! - [`config`]  the TOML configuration file
 //! - [`sample`]  the built-in sample image used when no origin is given
-//! - [`stats`]   counters
+//! - [`stats`]   counters and the origin latency histogram
+//! - [`metrics`] Prometheus endpoint reading those counters at scrape time
 //! - [`util`]    small helpers (sizes, stable hash, jitter)
 
 pub mod block;
@@ -28,6 +29,7 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod export;
+pub mod metrics;
 pub mod nbd;
 pub mod origin;
 pub mod overlay;

@@ -153,6 +153,9 @@ struct ServeArgs {
     /// Default 64k for a new cache; an existing cache keeps its own.
     #[arg(long, value_name = "SIZE")]
     block_size: Option<String>,
+    /// Serve Prometheus metrics on HOST:PORT (GET /metrics).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
     /// Make the export writable: writes, TRIM and WRITE_ZEROES go to a
     /// persistent copy-on-write overlay; the image and cache never change.
     #[arg(long)]
@@ -360,6 +363,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         exports,
         control,
+        metrics: a.metrics.or(file.server.metrics.clone()),
     };
     if cfg.exports.is_empty() {
         tracing::warn!("no exports configured: add them with `lazybd export add`");

@@ -3,6 +3,51 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the origin latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+];
+
+/// A fixed-bucket latency histogram in atomics (lock-free to record).
+#[derive(Default, Debug)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last slot is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (sum in seconds, count, per-bucket (upper bound, count)); the
+    /// encoder makes them cumulative.
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut out = Vec::with_capacity(self.buckets.len());
+        for (i, b) in self.buckets.iter().enumerate() {
+            // f64::MAX is how prometheus-client spells the +Inf bucket.
+            let bound = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::MAX);
+            out.push((bound, b.load(Ordering::Relaxed)));
+        }
+        (
+            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            self.count.load(Ordering::Relaxed),
+            out,
+        )
+    }
+}
 
 #[derive(Default, Debug)]
 pub struct Stats {
@@ -26,6 +71,8 @@ pub struct Stats {
     pub store_failures: AtomicU64,
     /// Blocks found to be all zeroes (kept as metadata only).
     pub zero_blocks: AtomicU64,
+    /// Time of successful origin requests, body included.
+    pub origin_latency: Histogram,
 }
 
 impl Stats {

@@ -315,3 +315,61 @@ async fn control_socket_adds_lists_and_removes_exports() {
     stop(srv).await;
     assert!(!sock.exists(), "control socket removed at shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_reports_counters() {
+    let img = image(MIB, 95);
+    let o = TestOrigin::start(img.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&o.url, dir.path(), BS);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cfg.metrics = Some(format!("127.0.0.1:{port}"));
+    cfg.exports.push(export("vm", &o.url, true));
+    let (srv, addr) = start(cfg).await;
+    let mut c = Client::connect(&addr, Opts::default()).await;
+    assert!(c.read(0, MIB as u32).await.unwrap().data == img);
+    let mut w = Client::connect(
+        &addr,
+        Opts {
+            name: "vm",
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert_eq!(write(&mut w, 0, 0, &[1u8; 65536]).await, 0);
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut body)
+        .await
+        .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let metric = |name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in:\n{body}"))
+    };
+    assert_eq!(metric("lazybd_origin_bytes_total{"), MIB as f64);
+    assert_eq!(metric("lazybd_read_bytes_total{"), MIB as f64);
+    assert_eq!(metric("lazybd_export_clients{export=\"vm\""), 1.0);
+    assert_eq!(metric("lazybd_overlay_bytes{export=\"vm\""), BS as f64);
+    let count = metric("lazybd_origin_request_seconds_count{");
+    assert!(count >= 1.0);
+    assert_eq!(
+        metric("lazybd_origin_request_seconds_bucket{le=\"+Inf\""),
+        count,
+        "cumulative buckets end at count"
+    );
+    drop((c, w));
+    stop(srv).await;
+}

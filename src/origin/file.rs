@@ -61,6 +61,7 @@ impl Origin for FileOrigin {
         let file = self.file.clone();
         Box::pin(async move {
             Stats::add(&self.stats.origin_requests, 1);
+            let started = std::time::Instant::now();
             let buf = tokio::task::spawn_blocking(move || {
                 let mut buf = BytesMut::zeroed(range.len as usize);
                 file.read_exact_at(&mut buf, range.offset).map(|_| buf)
@@ -81,6 +82,7 @@ impl Origin for FileOrigin {
                 )
             })?;
             Stats::add(&self.stats.origin_bytes, range.len);
+            self.stats.origin_latency.record(started.elapsed());
             Ok(buf.freeze())
         })
     }

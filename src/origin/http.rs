@@ -248,6 +248,7 @@ impl HttpOrigin {
     /// One attempt at one range.
     async fn fetch_once(&self, range: ByteRange) -> Result<Bytes> {
         let ctx = || format!("GET {} {range}", self.identity.locator);
+        let started = std::time::Instant::now();
         let last = range.end() - 1;
         Stats::add(&self.stats.origin_requests, 1);
         let mut resp = self
@@ -323,6 +324,7 @@ impl HttpOrigin {
             ));
         }
         Stats::add(&self.stats.origin_bytes, want as u64);
+        self.stats.origin_latency.record(started.elapsed());
         Ok(buf.freeze())
     }
 }

@@ -215,6 +215,7 @@ pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
             description: None,
         }],
         control: None,
+        metrics: None,
     }
 }
 
