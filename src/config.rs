@@ -8,6 +8,7 @@
 //! control = "/run/lazybd/control.sock"   # `lazybd export add/remove/list`
 //! metrics = "127.0.0.1:9109"              # Prometheus, GET /metrics
 //! block_size = "64k"
+//! cache_size = "50G"                      # LRU eviction of clean blocks
 //!
 //! [origin]
 //! connections = 16
@@ -58,6 +59,8 @@ pub struct ServerSection {
     pub max_connections: Option<usize>,
     /// Prometheus endpoint, HOST:PORT.
     pub metrics: Option<String>,
+    /// Limit on cached data across images, e.g. "50G".
+    pub cache_size: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -52,7 +52,16 @@ pub struct ServeConfig {
     pub control: Option<PathBuf>,
     /// Prometheus endpoint address; None: no metrics listener.
     pub metrics: Option<String>,
+    /// Upper bound on cached block data across all images (bytes); None:
+    /// unbounded. Eviction starts above 95% and stops at 90% (watermarks,
+    /// so it works in batches, not on every fetch). Overlays never count.
+    pub cache_size: Option<u64>,
 }
+
+/// Eviction starts when cached data exceeds this share of the limit...
+pub const HIGH_WATERMARK: f64 = 0.95;
+/// ...and stops when it is back under this one.
+pub const LOW_WATERMARK: f64 = 0.90;
 
 /// What `export list` shows.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -284,8 +293,18 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         image_stats: Default::default(),
         exports: Arc::new(Exports::new()),
     });
+    let mut retry = Vec::new();
     for e in &cfg.exports {
-        daemon.add_export(e).await?;
+        match daemon.add_export(e).await {
+            Ok(()) => {}
+            // One dead image URL must not take every other VM disk down:
+            // with several exports, a failing one is retried in the background.
+            Err(err) if cfg.exports.len() > 1 && err.kind() != ErrorKind::InvalidInput => {
+                tracing::error!(export = %e.name, error = %err, "export unavailable; retrying in the background");
+                retry.push(e.clone());
+            }
+            Err(err) => return Err(err.context_prefix(format!("export {:?}", e.name))),
+        }
     }
     let mut listeners = Vec::new();
     for a in &cfg.listen {
@@ -304,7 +323,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         exports: daemon.exports.clone(),
         limits: cfg.limits.clone(),
     };
-    let task = tokio::spawn(server::run(listeners, shared, rx));
+    let task = tokio::spawn(server::run(listeners, shared, rx.clone()));
     // Persist maps now and then so a power cut loses little work (a process
     // kill loses nothing: the mappings live in the page cache).
     let d2 = daemon.clone();
@@ -318,6 +337,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
             }
         }
     });
+    for e in retry {
+        aux.push(tokio::spawn(retry_export(daemon.clone(), e, rx.clone())));
+    }
+    if let Some(limit) = cfg.cache_size {
+        aux.push(tokio::spawn(evictor(daemon.clone(), limit, rx.clone())));
+    }
     Ok(Running {
         tcp_addrs,
         daemon,
@@ -326,4 +351,65 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         listeners: aux,
         syncer,
     })
+}
+
+/// Keep cached data under `limit`: check often (a cold sequential read can
+/// fill a gigabyte a second), evict from high to low watermark.
+async fn evictor(d: Arc<Daemon>, limit: u64, mut stop: watch::Receiver<bool>) {
+    let high = (limit as f64 * HIGH_WATERMARK) as u64;
+    let low = (limit as f64 * LOW_WATERMARK) as u64;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let caches: Vec<ImageCache> = d.images.lock().await.values().cloned().collect();
+        let total: u64 = caches.iter().map(|c| c.present_bytes()).sum();
+        if total <= high {
+            continue;
+        }
+        let want = total - low;
+        let freed = tokio::task::spawn_blocking(move || {
+            let mut freed = 0;
+            // Largest caches first: they hold the most cold blocks.
+            let mut caches = caches;
+            caches.sort_by_key(|c| std::cmp::Reverse(c.present_bytes()));
+            for c in caches {
+                if freed >= want {
+                    break;
+                }
+                freed += c.evict(want - freed);
+            }
+            freed
+        })
+        .await
+        .unwrap_or(0);
+        tracing::info!(
+            limit,
+            cached = total,
+            freed,
+            "cache over its size limit: evicted least recently used blocks"
+        );
+    }
+}
+
+/// Keep trying to add an export whose image could not be opened at start.
+async fn retry_export(d: Arc<Daemon>, e: ExportConfig, mut stop: watch::Receiver<bool>) {
+    let mut wait = Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match d.add_export(&e).await {
+            Ok(()) => {
+                tracing::info!(export = %e.name, "export available after retry");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(export = %e.name, error = %err, retry_in_s = wait.as_secs(), "export still unavailable");
+                wait = (wait * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
 }

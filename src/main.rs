@@ -153,6 +153,10 @@ struct ServeArgs {
     /// Default 64k for a new cache; an existing cache keeps its own.
     #[arg(long, value_name = "SIZE")]
     block_size: Option<String>,
+    /// Limit on cached data across all images (e.g. 50G): least recently
+    /// used blocks are evicted above 95%, down to 90%. Overlays never count.
+    #[arg(long, value_name = "SIZE")]
+    cache_size: Option<String>,
     /// Serve Prometheus metrics on HOST:PORT (GET /metrics).
     #[arg(long, value_name = "HOST:PORT")]
     metrics: Option<String>,
@@ -364,6 +368,10 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         exports,
         control,
         metrics: a.metrics.or(file.server.metrics.clone()),
+        cache_size: match a.cache_size.or(file.server.cache_size.clone()) {
+            Some(s) => Some(parse_size(&s)?),
+            None => None,
+        },
     };
     if cfg.exports.is_empty() {
         tracing::warn!("no exports configured: add them with `lazybd export add`");

@@ -23,7 +23,7 @@ use crate::stats::Stats;
 type Field = fn(&Stats) -> u64;
 
 /// (name, help, value) of each per-image counter.
-const IMAGE_COUNTERS: [(&str, &str, Field); 10] = [
+const IMAGE_COUNTERS: [(&str, &str, Field); 11] = [
     ("lazybd_read_requests", "NBD READ requests answered", |s| {
         Stats::get(&s.reads)
     }),
@@ -67,6 +67,11 @@ const IMAGE_COUNTERS: [(&str, &str, Field); 10] = [
         "lazybd_zero_blocks",
         "Blocks found all-zero (metadata only)",
         |s| Stats::get(&s.zero_blocks),
+    ),
+    (
+        "lazybd_cache_evictions",
+        "Blocks evicted to respect the cache size",
+        |s| Stats::get(&s.evictions),
     ),
 ];
 

@@ -98,6 +98,10 @@ impl Listener {
                     }
                     let _ = std::fs::remove_file(p);
                 }
+                if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+                }
                 let l = UnixListener::bind(p)
                     .map_err(|e| Error::io(format!("listening on unix:{}", p.display()), e))?;
                 Ok(Listener::Unix(l, p.clone()))

@@ -71,6 +71,8 @@ pub struct Stats {
     pub store_failures: AtomicU64,
     /// Blocks found to be all zeroes (kept as metadata only).
     pub zero_blocks: AtomicU64,
+    /// Blocks evicted to keep the cache under its size limit.
+    pub evictions: AtomicU64,
     /// Time of successful origin requests, body included.
     pub origin_latency: Histogram,
 }
@@ -91,7 +93,7 @@ impl fmt::Display for Stats {
         write!(
             f,
             "reads={} bytes_served={} hits={} misses={} origin_requests={} origin_bytes={} \
-             origin_errors={} crc_failures={} store_failures={} zero_blocks={}",
+             origin_errors={} crc_failures={} store_failures={} zero_blocks={} evictions={}",
             g(&self.reads),
             g(&self.bytes_served),
             g(&self.hits),
@@ -102,6 +104,7 @@ impl fmt::Display for Stats {
             g(&self.crc_failures),
             g(&self.store_failures),
             g(&self.zero_blocks),
+            g(&self.evictions),
         )
     }
 }

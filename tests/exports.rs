@@ -373,3 +373,69 @@ async fn metrics_endpoint_reports_counters() {
     drop((c, w));
     stop(srv).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounded_cache_evicts_cold_blocks_and_stays_correct() {
+    let img = image(8 * MIB, 97);
+    let o = TestOrigin::start(img.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&o.url, dir.path(), BS);
+    let limit = 2 * MIB as u64;
+    cfg.cache_size = Some(limit);
+    cfg.exports.push(export("vm", &o.url, true));
+    let (srv, addr) = start(cfg).await;
+    let mut w = Client::connect(
+        &addr,
+        Opts {
+            name: "vm",
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert_eq!(write(&mut w, 0, 0, &[9u8; 65536]).await, 0);
+    let mut c = Client::connect(&addr, Opts::default()).await;
+    // Sweep the whole image three times (4x the limit each), with one
+    // block read between every MiB.
+    for round in 0..3 {
+        for off in (0..8 * MIB as u64).step_by(MIB) {
+            let r = c.read(off, MIB as u32).await.unwrap();
+            assert!(
+                r.data == img[off as usize..off as usize + MIB],
+                "round {round} at {off}"
+            );
+            assert!(
+                c.read(7 * MIB as u64 + 4096, 4096).await.unwrap().data
+                    == img[7 * MIB + 4096..7 * MIB + 8192]
+            );
+        }
+    }
+    let cache = srv.cache(&o.url).await.unwrap();
+    let mut present = cache.present_bytes();
+    for _ in 0..50 {
+        if present <= (limit as f64 * lazybd::daemon::HIGH_WATERMARK) as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        present = cache.present_bytes();
+    }
+    assert!(
+        present <= (limit as f64 * lazybd::daemon::HIGH_WATERMARK) as u64,
+        "cache holds {present} bytes over a {limit} limit"
+    );
+    // Evicted blocks come back from the origin, correct; the overlay's
+    // write was never evicted.
+    assert!(c.read(0, 8 * MIB as u32).await.unwrap().data == img);
+    let r = w.read(0, 65536).await.unwrap();
+    assert!(r.data == [9u8; 65536]);
+    let stats = stop(srv).await;
+    assert!(lazybd::stats::Stats::get(&stats.evictions) > 0);
+    // And the cache left behind verifies clean.
+    let d = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .find(|e| e.path().join("data").exists() && e.path().join("origin").exists())
+        .unwrap()
+        .path();
+    let rep = lazybd::cache::verify::verify_image(&d, false, |_, _| {}).unwrap();
+    assert!(rep.damaged_blocks.is_empty());
+}

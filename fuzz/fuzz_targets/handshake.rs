@@ -40,6 +40,7 @@ use lazybd::export::{BlockDevice, Export, Exports, Extent, ReadData, Writable, Z
 use lazybd::nbd::handshake::{negotiate, Outcome};
 use lazybd::nbd::wire::{self, cflag, opt, rep, tflag, OptionHeader};
 use lazybd::origin::BoxFuture;
+use lazybd::stats::Stats;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -462,22 +463,31 @@ fn parse_client(client: &[u8]) -> Option<Vec<(u32, &[u8])>> {
 fn run(first: u8, client: &[u8], chunk: usize) {
     let read_only = first & 0x04 != 0;
     let exports = Exports::new();
-    exports.add(Export {
-        name: EXPORT.to_string(),
-        description: if first & 0x02 != 0 {
-            "a fuzzing disk".to_string()
-        } else {
-            String::new()
-        },
-        device: Arc::new(ZeroDevice),
-        writable: if read_only {
-            None
-        } else {
-            Some(Arc::new(NullWrites))
-        },
-        multi_conn: first & 0x08 != 0,
-        preferred_block: 64 << 10,
-    });
+    // Every field spelled out: lazybd has no Export constructor that works
+    // without a real image cache (see export::stack).
+    exports
+        .add(Export {
+            name: EXPORT.to_string(),
+            description: if first & 0x02 != 0 {
+                "a fuzzing disk".to_string()
+            } else {
+                String::new()
+            },
+            image: "fuzz:zeroes".to_string(),
+            device: Arc::new(ZeroDevice),
+            writable: if read_only {
+                None
+            } else {
+                Some(Arc::new(NullWrites))
+            },
+            overlay: None,
+            multi_conn: first & 0x08 != 0,
+            preferred_block: 64 << 10,
+            stats: Arc::new(Stats::default()),
+            clients: Default::default(),
+            closing: tokio::sync::watch::channel(false).0,
+        })
+        .expect("the only export");
     let mut s = FuzzStream {
         input: client,
         chunk,

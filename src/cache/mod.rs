@@ -23,8 +23,8 @@ pub use crate::store::map;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
@@ -66,6 +66,17 @@ struct Inner {
     store_warned: AtomicBool,
     /// Holds the directory's exclusive flock for the cache's lifetime.
     _lock: File,
+    /// Readers hold it (shared) from checking a block's state to having
+    /// read its bytes; eviction holds it (exclusive) while it demotes and
+    /// punches blocks. So a block is never evicted under a reader. Never
+    /// held across `.await`.
+    evict_lock: RwLock<()>,
+    /// Clock reference bits, one per block, set when a read is served.
+    refs: Vec<AtomicU8>,
+    /// The clock hand (next block the evictor looks at).
+    hand: AtomicU64,
+    /// Bytes of present blocks (data held on disk).
+    present_bytes: AtomicU64,
 }
 
 /// A cached view of one origin image. Cheap to clone.
@@ -86,8 +97,14 @@ impl ImageCache {
     /// Build a cache over an opened store. Used by [`CacheDir`].
     fn new(origin: Arc<dyn Origin>, store: BlockStore, stats: Arc<Stats>, lock: File) -> Self {
         let g = store.map().geometry();
+        let blocks = store.map().blocks();
+        let present = store.map().counts().0 * g.block_size.bytes();
         ImageCache {
             inner: Arc::new(Inner {
+                evict_lock: RwLock::new(()),
+                refs: (0..blocks).map(|_| AtomicU8::new(0)).collect(),
+                hand: AtomicU64::new(0),
+                present_bytes: AtomicU64::new(present),
                 origin,
                 bs: g.block_size,
                 size: g.image_size,
@@ -120,6 +137,60 @@ impl ImageCache {
         (p, z, map.blocks())
     }
 
+    /// Bytes of block data held on disk (counted in whole blocks).
+    pub fn present_bytes(&self) -> u64 {
+        self.inner.present_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Evict up to `want` bytes of present blocks, least recently used first
+    /// (a clock over the block map: a block read since the hand last passed
+    /// gets a second chance). Zero blocks cost nothing and stay. Blocking
+    /// (punches holes); returns the bytes freed.
+    pub fn evict(&self, want: u64) -> u64 {
+        const BATCH: usize = 64;
+        let inner = &self.inner;
+        let blocks = inner.store.map().blocks();
+        if blocks == 0 {
+            return 0;
+        }
+        let mut freed = 0;
+        let mut looked = 0u64;
+        // Two turns of the clock: the first may only clear reference bits.
+        while freed < want && looked < 2 * blocks {
+            let mut victims = Vec::with_capacity(BATCH);
+            while victims.len() < BATCH && looked < 2 * blocks {
+                let b = inner.hand.fetch_add(1, Ordering::Relaxed) % blocks;
+                looked += 1;
+                if inner.store.state(b) != BlockState::Present {
+                    continue;
+                }
+                if inner.refs[b as usize].swap(0, Ordering::Relaxed) == 1 {
+                    continue;
+                }
+                victims.push(b);
+                if freed + victims.len() as u64 * inner.bs.bytes() >= want {
+                    break;
+                }
+            }
+            let _evicting = inner.evict_lock.write().unwrap_or_else(|p| p.into_inner());
+            for b in victims {
+                if inner.store.map().transition(
+                    BlockIndex(b),
+                    BlockState::Present,
+                    BlockState::Missing,
+                ) {
+                    inner.store.punch(inner.store.block_range(b));
+                    inner
+                        .present_bytes
+                        .fetch_sub(inner.bs.bytes(), Ordering::Relaxed);
+                    Stats::add(&inner.stats.evictions, 1);
+                    freed += inner.bs.bytes();
+                }
+            }
+        }
+        freed
+    }
+
     /// Persist metadata and data (shutdown, FLUSH).
     pub fn sync(&self) -> Result<()> {
         self.inner.store.sync()
@@ -149,6 +220,7 @@ impl ImageCache {
             let mut i = 0;
             while i < todo.len() {
                 let b = todo[i];
+                let _reading = inner.evict_lock.read().unwrap_or_else(|p| p.into_inner());
                 match inner.store.map().state(BlockIndex(b)) {
                     BlockState::Present => {
                         // Extend over consecutive present blocks: one pread.
@@ -160,6 +232,9 @@ impl ImageCache {
                             j += 1;
                         }
                         let bad = inner.read_local(r, b, todo[j - 1] + 1, &mut out)?;
+                        for k in &todo[i..j] {
+                            inner.refs[*k as usize].store(1, Ordering::Relaxed);
+                        }
                         local_ok += (j - i) as u64 - bad.len() as u64;
                         need.extend(bad);
                         i = j;
@@ -414,6 +489,8 @@ impl Inner {
     fn store(&self, first: u64, bytes: &Bytes) -> Result<()> {
         let c = self.store.publish_blocks(first, bytes)?;
         Stats::add(&self.stats.zero_blocks, c.zero);
+        self.present_bytes
+            .fetch_add(c.present * self.bs.bytes(), Ordering::Relaxed);
         Ok(())
     }
 }

@@ -216,6 +216,7 @@ pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
         }],
         control: None,
         metrics: None,
+        cache_size: None,
     }
 }
 
