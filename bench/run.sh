@@ -268,9 +268,10 @@ start_server() {
 
 STOPS=$T/stops.tsv; : > "$STOPS"
 stop_server() { # SIGTERM, record whether it exited and lazybd's summary line
-  local label=$SRV_LABEL how=term-exit summary=""
+  local label=$SRV_LABEL how=term-exit summary="" grace=3
   [[ -n $SRV_PID ]] || return 0
-  kill_pid "$SRV_PID" 15 || how="KILLED-after-15s"
+  [[ $label == lazybd* ]] && grace=15    # lazybd's graceful exit is part of what we check
+  kill_pid "$SRV_PID" "$grace" || how="KILLED-after-${grace}s"
   wait "$SRV_PID" 2>/dev/null || true
   forget_pid "$SRV_PID"
   summary=$(grep -E 'origin_requests=' "$SRV_LOG" 2>/dev/null | tail -1 | sed -E 's/\x1b\[[0-9;]*m//g' || true)

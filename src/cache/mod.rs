@@ -196,6 +196,60 @@ impl ImageCache {
         self.inner.store.sync()
     }
 
+    /// Serve `r` now if every block is local (present or zero) and
+    /// verifies; `None` sends the caller to the full read path.
+    fn read_local_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
+        let inner = &self.inner;
+        let blocks = inner.bs.covering(r);
+        let _reading = inner.evict_lock.read().unwrap_or_else(|p| p.into_inner());
+        let map = inner.store.map();
+        if blocks
+            .clone()
+            .any(|b| map.state(BlockIndex(b)) == BlockState::Missing)
+        {
+            return None;
+        }
+        let mut out = BytesMut::zeroed(r.len as usize);
+        let mut zero = Vec::new();
+        let mut b = blocks.start;
+        while b < blocks.end {
+            let st = map.state(BlockIndex(b));
+            let mut e = b + 1;
+            while e < blocks.end && map.state(BlockIndex(e)) == st {
+                e += 1;
+            }
+            match st {
+                BlockState::Present => match inner.read_local(r, b, e, &mut out) {
+                    Ok(bad) if bad.is_empty() => {
+                        for k in b..e {
+                            inner.refs[k as usize].store(1, Ordering::Relaxed);
+                        }
+                    }
+                    Ok(_) => return None, // demoted; the full path refetches
+                    Err(err) => return Some(Err(err)),
+                },
+                BlockState::Zero => {
+                    let zr = ByteRange {
+                        offset: b * inner.bs.bytes(),
+                        len: (e - b) * inner.bs.bytes(),
+                    };
+                    if let Some(z) = zr.intersect(&r) {
+                        zero.push(z);
+                    }
+                }
+                // Evicted between the check and here cannot happen (we hold
+                // the eviction lock); a concurrent CRC demotion can.
+                BlockState::Missing => return None,
+            }
+            b = e;
+        }
+        Stats::add(&inner.stats.hits, blocks.end - blocks.start);
+        Some(Ok(ReadData {
+            data: out.freeze(),
+            zero,
+        }))
+    }
+
     async fn read_impl(&self, r: ByteRange) -> Result<ReadData> {
         let inner = &self.inner;
         let mut out = BytesMut::zeroed(r.len as usize);
@@ -536,6 +590,13 @@ impl BlockDevice for ImageCache {
 
     fn prefetch(&self, r: ByteRange) {
         self.prefetch_impl(r)
+    }
+
+    fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
+        if r.is_empty() {
+            return None;
+        }
+        self.read_local_now(r)
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<()>> {

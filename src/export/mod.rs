@@ -56,6 +56,15 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Advisory: start bringing `r` close (NBD_CMD_CACHE). Returns at once.
     fn prefetch(&self, _r: ByteRange) {}
 
+    /// Fast path: serve `r` without waiting if everything it needs is local,
+    /// else `None` (the caller then uses [`BlockDevice::read`]). Must return
+    /// the same bytes `read` would. The protocol edge calls it inline, so an
+    /// implementation MUST NOT block on anything but local page-cache I/O.
+    /// The default (always `None`) is correct for any layer, only slower.
+    fn read_now(&self, _r: ByteRange) -> Option<Result<ReadData>> {
+        None
+    }
+
     /// Make everything the client wrote and saw acknowledged durable.
     fn flush(&self) -> BoxFuture<'_, Result<()>>;
 }

@@ -324,6 +324,34 @@ fn read_reply(structured: bool, cookie: u64, range: ByteRange, rd: ReadData, df:
     out
 }
 
+/// The reply to a READ, from the device's answer.
+fn read_result(
+    ctx: &Ctx,
+    req: Request,
+    range: ByteRange,
+    df: bool,
+    res: Result<ReadData>,
+) -> Reply {
+    match res {
+        Ok(rd) => {
+            Stats::add(&ctx.export.stats.reads, 1);
+            Stats::add(&ctx.export.stats.bytes_served, range.len);
+            read_reply(ctx.structured, req.cookie, range, rd, df)
+        }
+        Err(e) => failed(ctx, &req, e),
+    }
+}
+
+fn failed(ctx: &Ctx, req: &Request, e: Error) -> Reply {
+    tracing::warn!(export = %ctx.export.name, cookie = req.cookie, typ = req.typ,
+        offset = req.offset, len = req.len, error = %e, "request failed");
+    error_reply(
+        ctx.structured,
+        req.cookie,
+        &refuse(e.nbd_errno(), e.to_string()),
+    )
+}
+
 async fn handle(ctx: Arc<Ctx>, req: Request, c: Command, payload: Bytes) -> Reply {
     let dev = &ctx.export.device;
     let ok = || ok_reply(ctx.structured, req.cookie);
@@ -347,14 +375,9 @@ async fn handle(ctx: Arc<Ctx>, req: Request, c: Command, payload: Bytes) -> Repl
             Ok(w) => w.write_zeroes(range, flags).await.map(|_| ok()),
             Err(e) => Err(e),
         },
-        Command::Read { range, df } => match dev.read(range).await {
-            Ok(rd) => {
-                Stats::add(&ctx.export.stats.reads, 1);
-                Stats::add(&ctx.export.stats.bytes_served, range.len);
-                Ok(read_reply(ctx.structured, req.cookie, range, rd, df))
-            }
-            Err(e) => Err(e),
-        },
+        Command::Read { range, df } => {
+            return read_result(&ctx, req, range, df, dev.read(range).await)
+        }
         Command::Flush => dev
             .flush()
             .await
@@ -383,15 +406,7 @@ async fn handle(ctx: Arc<Ctx>, req: Request, c: Command, payload: Bytes) -> Repl
     };
     match result {
         Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(export = %ctx.export.name, cookie = req.cookie, typ = req.typ,
-                offset = req.offset, len = req.len, error = %e, "request failed");
-            error_reply(
-                ctx.structured,
-                req.cookie,
-                &refuse(e.nbd_errno(), e.to_string()),
-            )
-        }
+        Err(e) => failed(&ctx, &req, e),
     }
 }
 
@@ -532,6 +547,21 @@ where
                         Err(_) => break,
                     },
                 };
+                // A read whose blocks are all local is answered right here:
+                // no task, no wake-up; anything that may wait goes to a task.
+                if let Command::Read { range, df } = c {
+                    if let Some(res) = ctx.export.device.read_now(range) {
+                        let reply = read_result(&ctx, req, range, df, res);
+                        let out = Outgoing {
+                            reply,
+                            _held: Some((permit, bytes)),
+                        };
+                        if tx.send(out).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                }
                 let (ctx, tx) = (ctx.clone(), tx.clone());
                 tokio::spawn(async move {
                     let reply = handle(ctx, req, c, payload).await;

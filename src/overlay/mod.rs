@@ -340,6 +340,19 @@ impl BlockDevice for Overlay {
         Ok(out)
     }
 
+    fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
+        // Only the untouched-template case is worth a fast path here.
+        let bs = self.store.block_size();
+        if bs
+            .covering(r)
+            .all(|b| self.store.state(b) == BlockState::Missing)
+        {
+            self.base.read_now(r)
+        } else {
+            None
+        }
+    }
+
     fn prefetch(&self, r: ByteRange) {
         let bs = self.store.block_size();
         for (BlockIndex(b), piece) in bs.split(r, self.store.size()) {
