@@ -60,7 +60,8 @@ section "cargo clippy"
 cargo clippy --all-targets -- -D warnings
 
 section "cargo test --release"
-cargo test --release
+logs=$(mktemp -d)
+cargo test --release 2>&1 | tee "$logs/cargo-test.log"
 
 section "cargo build --release"
 cargo build --release
@@ -68,7 +69,7 @@ export LAZYBD=$repo/target/release/lazybd
 "$LAZYBD" --help >/dev/null
 
 section "integration tests (qemu-tests/run.sh)"
-qemu-tests/run.sh
+qemu-tests/run.sh 2>&1 | tee "$logs/qemu-tests.log"
 
 if [[ -x bench/smoke.sh || -f bench/smoke.sh ]]; then
   section "benchmark smoke (bench/smoke.sh)"
@@ -82,9 +83,15 @@ if [[ -d fuzz ]]; then
   # builds every target on the stable toolchain (RUSTC_BOOTSTRAP=1), replays
   # fuzz/regressions/, then fuzzes each target FUZZ_SECONDS (default 20) s.
   # FUZZ_SECONDS=0 builds and replays only. Fails on any crash.
-  bash scripts/fuzz.sh
+  # CI has the machine to itself: build with both cores.
+  FUZZ_JOBS=${FUZZ_JOBS:-2} bash scripts/fuzz.sh
   # ---- END FUZZ BUILD HOOK ---------------------------------------------------
 fi
 
 section "done"
 echo "all checks passed in $((SECONDS - t_start))s"
+# One closing line for the whole run: cargo's tests plus the integration tests.
+unit=$(awk '/^test result: ok\./ {n += $4} END {print n + 0}' "$logs/cargo-test.log")
+integ=$(awk '/^[0-9]+ passed, 0 failed$/ {n = $1} END {print n + 0}' "$logs/qemu-tests.log")
+rm -rf "$logs"
+echo "tests: $((unit + integ)) passed, 0 failed"
