@@ -118,9 +118,29 @@ async fn writable_exports_are_isolated_and_durable() {
     assert_eq!(a.recv(None).await.unwrap().1.error, errno::ENOTSUP);
     a.send(cmd::WRITE_ZEROES, 0, BS, 2 * BS as u32).await;
     assert_eq!(a.recv(None).await.unwrap().1.error, 0);
+    // NO_HOLE: allocated zeroes, reported as data, not as a hole.
+    a.send(cmd::WRITE_ZEROES, cmdflag::NO_HOLE, 4 * BS, BS as u32)
+        .await;
+    assert_eq!(a.recv(None).await.unwrap().1.error, 0);
+    a.send(cmd::BLOCK_STATUS, 0, 0, 5 * BS as u32).await;
+    let (_, st) = a.recv(None).await.unwrap();
+    let z = lazybd::nbd::wire::state::HOLE | lazybd::nbd::wire::state::ZERO;
+    assert_eq!(
+        st.extents,
+        vec![(BS as u32, 0), (2 * BS as u32, z), (2 * BS as u32, 0)]
+    );
+    a.send(
+        cmd::WRITE_ZEROES,
+        cmdflag::NO_HOLE | cmdflag::FAST_ZERO,
+        0,
+        BS as u32,
+    )
+    .await;
+    assert_eq!(a.recv(None).await.unwrap().1.error, errno::ENOTSUP);
     a.send(cmd::FLUSH, 0, 0, 0).await;
     assert_eq!(a.recv(None).await.unwrap().1.error, 0);
     let mut want_a = img.clone();
+    want_a[4 * BS as usize..5 * BS as usize].fill(0);
     want_a[1000..6000].fill(0xAA);
     want_a[BS as usize..3 * BS as usize].fill(0);
     let mut want_b = img.clone();

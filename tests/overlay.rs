@@ -42,7 +42,7 @@ impl BlockDevice for MemBase {
 enum Op {
     Write(u64, u64, u8),
     Trim(u64, u64),
-    Zero(u64, u64),
+    Zero(u64, u64, bool),
     Read(u64, u64),
     Flush,
     Reopen,
@@ -59,7 +59,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (range(), any::<u8>()).prop_map(|((o, l), v)| Op::Write(o, l, v)),
         1 => range().prop_map(|(o, l)| Op::Trim(o, l)),
-        1 => range().prop_map(|(o, l)| Op::Zero(o, l)),
+        1 => (range(), any::<bool>()).prop_map(|((o, l), nh)| Op::Zero(o, l, nh)),
         3 => range().prop_map(|(o, l)| Op::Read(o, l)),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
@@ -92,8 +92,9 @@ proptest! {
                         ov.write(off, Bytes::from(d.clone()), false).await.unwrap();
                         model[off as usize..(off + len) as usize].copy_from_slice(&d);
                     }
-                    Op::Zero(off, len) => {
-                        ov.write_zeroes(ByteRange { offset: off, len }, ZeroFlags::default()).await.unwrap();
+                    Op::Zero(off, len, no_hole) => {
+                        let f = ZeroFlags { no_hole, ..ZeroFlags::default() };
+                        ov.write_zeroes(ByteRange { offset: off, len }, f).await.unwrap();
                         model[off as usize..(off + len) as usize].fill(0);
                     }
                     Op::Trim(off, len) => {

@@ -224,7 +224,9 @@ impl Overlay {
     }
 
     /// Write `data` at `offset` (validated by the protocol edge).
-    async fn write_impl(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// `keep_zeros`: store all-zero blocks as data (NO_HOLE) instead of
+    /// recording them as zero.
+    async fn write_impl(&self, offset: u64, data: &[u8], keep_zeros: bool) -> Result<()> {
         let bs = self.store.block_size();
         let r = ByteRange {
             offset,
@@ -249,7 +251,7 @@ impl Overlay {
                         buf[at..at + src.len()].copy_from_slice(src);
                         buf.freeze()
                     };
-                    self.store.publish_blocks(b, &whole)?;
+                    self.store.publish_blocks_with(b, &whole, keep_zeros)?;
                 }
             }
         }
@@ -258,11 +260,14 @@ impl Overlay {
 
     /// Zero `r`: whole blocks become `zero` (space freed), partial edges are
     /// written as zero bytes unless `edges` is false (TRIM may skip them).
-    async fn zero_impl(&self, r: ByteRange, edges: bool) -> Result<()> {
+    /// With `no_hole` every block is written as allocated zero bytes instead,
+    /// so it reads as data (not a hole) and later writes need no new space.
+    async fn zero_impl(&self, r: ByteRange, edges: bool, no_hole: bool) -> Result<()> {
         let bs = self.store.block_size();
+        let zeros = vec![0u8; bs.bytes() as usize];
         for (BlockIndex(b), piece) in bs.split(r, self.store.size()) {
             let br = self.store.block_range(b);
-            if piece == br {
+            if piece == br && !no_hole {
                 let _g = self.stripe(b).lock().await;
                 let was = self.store.state(b);
                 // State first: a crash before the punch leaves a zero block
@@ -271,9 +276,9 @@ impl Overlay {
                 if was == BlockState::Present {
                     self.store.punch(br);
                 }
-            } else if edges {
-                let zeros = vec![0u8; piece.len as usize];
-                self.write_impl(piece.offset, &zeros).await?;
+            } else if edges || no_hole {
+                self.write_impl(piece.offset, &zeros[..piece.len as usize], no_hole)
+                    .await?;
             }
         }
         Ok(())
@@ -370,7 +375,7 @@ impl BlockDevice for Overlay {
 impl Writable for Overlay {
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            self.write_impl(offset, &data).await?;
+            self.write_impl(offset, &data, false).await?;
             if fua {
                 self.sync().await?;
             }
@@ -381,7 +386,7 @@ impl Writable for Overlay {
     fn trim(&self, r: ByteRange, fua: bool) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             // TRIM is advisory; dropping whole blocks is enough.
-            self.zero_impl(r, false).await?;
+            self.zero_impl(r, false, false).await?;
             if fua {
                 self.sync().await?;
             }
@@ -392,18 +397,17 @@ impl Writable for Overlay {
     fn write_zeroes(&self, r: ByteRange, f: ZeroFlags) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             let bs = self.store.block_size().bytes();
-            if f.fast && (r.offset % bs != 0 || (r.end() % bs != 0 && r.end() != self.store.size()))
-            {
-                // Partial blocks need the base block: not fast. The client
-                // asked to be told instead of waiting.
+            let aligned = r.offset % bs == 0 && (r.end() % bs == 0 || r.end() == self.store.size());
+            if f.fast && (!aligned || f.no_hole) {
+                // Partial blocks need the base block, NO_HOLE needs the
+                // zeroes written: neither is fast. The client asked to be
+                // told instead of waiting.
                 return Err(Error::new(
                     ErrorKind::Unsupported,
-                    "fast zero of a range not aligned to the overlay block size",
+                    "fast zero needs a block-aligned range without NO_HOLE",
                 ));
             }
-            // NO_HOLE asks for allocated zeroes; a copy-on-write overlay
-            // records zeroes as metadata either way, which reads the same.
-            self.zero_impl(r, true).await?;
+            self.zero_impl(r, true, f.no_hole).await?;
             if f.fua {
                 self.sync().await?;
             }

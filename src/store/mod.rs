@@ -155,6 +155,18 @@ impl BlockStore {
     /// that readers do not read them as present until this returns (they
     /// are missing, zero, or in flight).
     pub fn publish_blocks(&self, first: u64, bytes: &[u8]) -> Result<PublishCounts> {
+        self.publish_blocks_with(first, bytes, false)
+    }
+
+    /// [`BlockStore::publish_blocks`], but with `keep_zeros` all-zero blocks
+    /// are stored as data too (allocated zeroes, for WRITE_ZEROES NO_HOLE).
+    pub fn publish_blocks_with(
+        &self,
+        first: u64,
+        bytes: &[u8],
+        keep_zeros: bool,
+    ) -> Result<PublishCounts> {
+        let is_zero = |d: &[u8]| !keep_zeros && is_zero(d);
         let base = first * self.bs.bytes();
         let count = self.bs.count(base + bytes.len() as u64) - first;
         let mut counts = PublishCounts::default();
