@@ -12,14 +12,13 @@
 //! `origin`. When a locator's identity changes, its old blocks are discarded
 //! (with a warning) before anything is served: old and new are never mixed.
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::io::AsRawFd;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::ImageCache;
 use crate::block::BlockSize;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::origin::{Origin, OriginIdentity};
 use crate::stats::Stats;
 use crate::store::map::Geometry;
@@ -185,14 +184,7 @@ impl CacheDir {
         }
         // Lock before touching anything: two servers on one cache would
         // corrupt each other's view of the map.
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join("lock"))
-            .map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
-        flock_exclusive(&lock, &dir)?;
+        let lock = crate::store::lock_dir(&dir, "cache")?;
         if discard {
             let _ = fs::remove_file(dir.join("meta"));
             let _ = fs::remove_file(dir.join("data"));
@@ -217,22 +209,6 @@ impl CacheDir {
             present, zero, total, fresh, "cache opened");
         Ok(cache)
     }
-}
-
-fn flock_exclusive(f: &File, dir: &Path) -> Result<()> {
-    // SAFETY: flock on a valid, owned file descriptor; no memory involved.
-    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("{} is in use by another lazybd process", dir.display()),
-            ));
-        }
-        return Err(Error::io(format!("locking {}", dir.display()), e));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

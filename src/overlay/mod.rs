@@ -21,8 +21,7 @@
 //! it over a different image is refused, because its missing blocks would
 //! silently read the new image's bytes.
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::io::AsRawFd;
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -71,23 +70,7 @@ impl Overlay {
     ) -> Result<Overlay> {
         fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating overlay {}", dir.display()), e))?;
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join("lock"))
-            .map_err(|e| Error::io(format!("opening overlay {}", dir.display()), e))?;
-        // SAFETY: flock on an owned, open descriptor; no memory involved.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "overlay {} is in use by another export or process",
-                    dir.display()
-                ),
-            ));
-        }
+        let lock = crate::store::lock_dir(dir, "overlay")?;
         let size = base.size();
         let record = base_record(base_id, size, bs);
         let record_path = dir.join("base");

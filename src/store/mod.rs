@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::block::{BlockIndex, BlockSize, ByteRange, PAGE};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use map::{BlockMap, BlockState, Geometry};
 
 pub struct BlockStore {
@@ -20,6 +20,36 @@ pub struct BlockStore {
     data: File,
     bs: BlockSize,
     size: u64,
+}
+
+/// Open `dir/lock` and take an exclusive, non-blocking flock on it: one
+/// user (cache or overlay) of a store directory at a time, across processes.
+/// The lock lives as long as the returned file. `what` names the directory
+/// in errors ("cache", "overlay").
+pub fn lock_dir(dir: &Path, what: &str) -> Result<File> {
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("lock"))
+        .map_err(|e| Error::io(format!("opening {what} {}", dir.display()), e))?;
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on a valid, owned file descriptor; no memory involved.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{what} {} is in use by another export or lazybd process",
+                    dir.display()
+                ),
+            ));
+        }
+        return Err(Error::io(format!("locking {what} {}", dir.display()), e));
+    }
+    Ok(lock)
 }
 
 /// True when every byte is zero.
