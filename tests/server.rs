@@ -570,3 +570,32 @@ async fn legacy_export_name_client() {
     .unwrap();
     stop(srv).await;
 }
+
+/// A redirect is resolved once, when the origin is opened; block fetches go
+/// straight to the final URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirect_is_resolved_once() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let img = image(2 * MIB, 71);
+    let o = TestOrigin::start(img.clone()).await;
+    let via = o.url.replace("/image.raw", "/redirect/image.raw");
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, addr) = start(config(&via, dir.path(), BS)).await;
+    assert_eq!(
+        o.faults.redirects.load(SeqCst),
+        1,
+        "the probe follows the redirect"
+    );
+    let mut c = Client::connect(&addr, Opts::default()).await;
+    for off in (0..2 * MIB as u64).step_by(BS as usize * 3) {
+        let r = c.read(off, 1000).await.unwrap();
+        assert!(r.data == img[off as usize..off as usize + 1000]);
+    }
+    assert!(o.requests() > 5, "blocks were fetched");
+    assert_eq!(
+        o.faults.redirects.load(SeqCst),
+        1,
+        "no block fetch went through the redirect"
+    );
+    stop(srv).await;
+}

@@ -47,6 +47,8 @@ pub struct Faults {
     pub wrong_range_next: AtomicU64,
     /// Ignore Range and answer 200 with the whole object.
     pub no_range: AtomicBool,
+    /// Requests answered with a redirect (paths under /redirect).
+    pub redirects: AtomicU64,
     /// Required request header (name, value), 403 without it.
     pub require_header: Mutex<Option<(String, String)>>,
 }
@@ -135,6 +137,21 @@ async fn serve_http(
                 }
                 headers.push((n, v));
             }
+        }
+        // /redirect/...: a permanent redirect to the image itself, as a CDN
+        // or an object store front end would send. Not a range request.
+        if line
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|p| p.starts_with("/redirect"))
+        {
+            faults.redirects.fetch_add(1, Ordering::SeqCst);
+            r.get_mut()
+                .write_all(
+                    b"HTTP/1.1 302 Found\r\nlocation: /image.raw\r\ncontent-length: 0\r\n\r\n",
+                )
+                .await?;
+            continue;
         }
         requests.fetch_add(1, Ordering::SeqCst);
         let lat = faults.latency_ms.load(Ordering::SeqCst);
