@@ -24,9 +24,7 @@ fn xorshift(x: &mut u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unaligned_reads_match_origin() {
     let img = image(4 * MIB + 12345, 7); // size not a multiple of the block
-    let o = TestOrigin::start(img.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
+    let (_o, _dir, srv, addr) = serve_image(&img, BS).await;
     for structured in [true, false] {
         let mut c = Client::connect(
             &addr,
@@ -70,9 +68,7 @@ async fn unaligned_reads_match_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_blocks_are_holes_and_block_status_reports_them() {
     let img = image(4 * MIB, 3);
-    let o = TestOrigin::start(img.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
+    let (_o, _dir, srv, addr) = serve_image(&img, BS).await;
     let mut c = Client::connect(&addr, Opts::default()).await;
     // Before anything is fetched nothing is known to be zero.
     let id = c.send(cmd::BLOCK_STATUS, 0, 0, 4 * MIB as u32).await;
@@ -114,9 +110,7 @@ async fn zero_blocks_are_holes_and_block_status_reports_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_serves_everything_without_origin_traffic() {
     let img = image(3 * MIB, 11);
-    let o = TestOrigin::start(img.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
+    let (o, dir, srv, addr) = serve_image(&img, BS).await;
     let mut c = Client::connect(&addr, Opts::default()).await;
     assert!(c.read(0, 3 * MIB as u32).await.unwrap().data == img);
     drop(c);
@@ -176,9 +170,7 @@ async fn concurrent_misses_share_one_fetch_and_reads_coalesce() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hit_is_not_queued_behind_a_miss() {
     let img = image(2 * MIB, 9);
-    let o = TestOrigin::start(img.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
+    let (o, _dir, srv, addr) = serve_image(&img, BS).await;
     let mut c = Client::connect(&addr, Opts::default()).await;
     c.read(0, 4096).await.unwrap(); // block 0 cached
     o.faults
@@ -199,9 +191,7 @@ async fn a_hit_is_not_queued_behind_a_miss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_errors_are_answered_and_connection_survives() {
     let img = image(MIB, 1);
-    let o = TestOrigin::start(img.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
+    let (_o, _dir, srv, addr) = serve_image(&img, BS).await;
     for structured in [true, false] {
         let mut c = Client::connect(
             &addr,
@@ -395,9 +385,7 @@ async fn option_haggling_follows_the_spec() {
 async fn origin_faults_are_retried_or_reported_never_served() {
     use std::sync::atomic::Ordering::SeqCst;
     let img = image(4 * MIB, 21);
-    let o = TestOrigin::start(img.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
+    let (o, _dir, srv, addr) = serve_image(&img, BS).await;
     let mut c = Client::connect(&addr, Opts::default()).await;
     // Transient faults are retried and the read succeeds with correct bytes.
     o.faults.fail_next.store(2, SeqCst);
@@ -426,9 +414,7 @@ async fn origin_faults_are_retried_or_reported_never_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_origin_gets_a_fresh_cache() {
     let img = image(2 * MIB, 31);
-    let o = TestOrigin::start(img.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
+    let (o, dir, srv, addr) = serve_image(&img, BS).await;
     let mut c = Client::connect(&addr, Opts::default()).await;
     assert!(c.read(0, 2 * MIB as u32).await.unwrap().data == img);
     drop(c);
@@ -447,9 +433,7 @@ async fn changed_origin_gets_a_fresh_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_cache_blocks_are_refetched() {
     let img = image(2 * MIB, 41);
-    let o = TestOrigin::start(img.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
+    let (o, dir, srv, addr) = serve_image(&img, BS).await;
     let mut c = Client::connect(&addr, Opts::default()).await;
     assert!(c.read(0, 2 * MIB as u32).await.unwrap().data == img);
     // Flip bytes in the data file of block 3 (page 1 of it).
@@ -519,9 +503,7 @@ async fn origin_without_ranges_or_without_auth_is_refused_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_command_prefetches() {
     let img = image(2 * MIB, 51);
-    let o = TestOrigin::start(img.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
+    let (o, _dir, srv, addr) = serve_image(&img, BS).await;
     let mut c = Client::connect(&addr, Opts::default()).await;
     let before = o.requests();
     c.send(cmd::CACHE, 0, 0, MIB as u32).await;
@@ -545,9 +527,7 @@ async fn cache_command_prefetches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_export_name_client() {
     let img = image(2 * MIB, 61);
-    let o = TestOrigin::start(img.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
+    let (_o, _dir, srv, addr) = serve_image(&img, BS).await;
     let img2 = img.clone();
     tokio::task::spawn_blocking(move || {
         use std::io::{Read, Seek, SeekFrom};

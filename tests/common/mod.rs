@@ -237,6 +237,18 @@ pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
     }
 }
 
+/// The usual fixture: a test origin serving `img` and a server with one
+/// read-only export `disk` over it, on a fresh cache directory.
+pub async fn serve_image(
+    img: &[u8],
+    block_size: u64,
+) -> (TestOrigin, tempfile::TempDir, Running, String) {
+    let o = TestOrigin::start(img.to_vec()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (srv, addr) = start(config(&o.url, dir.path(), block_size)).await;
+    (o, dir, srv, addr)
+}
+
 /// Stop the server and return the counters of its (single) image.
 pub async fn stop(r: Running) -> Arc<lazybd::stats::Stats> {
     r.shutdown()
