@@ -476,8 +476,8 @@ if b:
     lzs = sorted({k[0] for k in vals if k[0].startswith("lazybd")}, key=bsz, reverse=True)
     dflt = meta.get("lazybd_default_bs", "")
     w(f"The goal compares lazybd with its default block size ({dflt}) against the best nbdkit cow variant of each row; "
-      "the last column compares equal block sizes (lazybd's overlay block = its cache block = `--block-size`; "
-      "nbdkit's = `cow-block-size`).")
+      "the last column compares equal block sizes (lazybd's cache block = `--block-size`, its overlay always "
+      "tracks 4 KiB pages; nbdkit's cow block = `cow-block-size`).")
     w("")
     w("| transport | phase | " + " | ".join(f"{c}" for c in lzs + cows) + f" | best nbdkit cow | {dflt} ÷ best cow | same block size: lazybd ÷ nbdkit |")
     w("|---|---|" + "---|" * len(lzs + cows) + "---|---|---|")

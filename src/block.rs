@@ -83,6 +83,12 @@ impl BlockSize {
     /// blocks (bytes fetched per 4K read), boot traces read 32 KiB runs, and
     /// readahead/coalescing make sequential reads large regardless.
     pub const DEFAULT: BlockSize = BlockSize(64 << 10);
+    /// Overlays track writes per 4 KiB page, whatever the cache block: a
+    /// guest's 4K write to an untouched block is then a plain write, with
+    /// no read-modify-write of a larger base block (which, cold, would
+    /// even cost an origin fetch). The map grows by one state byte per
+    /// page beside the eight CRC bytes it already keeps.
+    pub const OVERLAY: BlockSize = BlockSize(4 << 10);
 
     pub fn new(bytes: u64) -> Result<Self> {
         if !bytes.is_power_of_two() || bytes < Self::MIN as u64 || bytes > Self::MAX as u64 {

@@ -16,9 +16,17 @@
 //! retries = 4
 //! headers = ["X-Auth-Token: secret"]
 //!
+//! [boot]
+//! readahead = true                        # sequential readahead per export
+//! profile = true                          # replay boot profiles at open
+//! record_profile = 60                     # record one (seconds; 0: until stopped)
+//! hydrate = false                         # fetch whole images in the background
+//! hydrate_rate = "200M"                   # bytes per second
+//!
 //! [[export]]
 //! name = "base"
 //! image = "https://images.example/debian-12.raw"
+//! hydrate = true                          # this image only
 //!
 //! [[export]]
 //! name = "vm1"
@@ -44,8 +52,23 @@ pub struct FileConfig {
     pub server: ServerSection,
     #[serde(default)]
     pub origin: OriginSection,
+    #[serde(default)]
+    pub boot: BootSection,
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSection {
+    pub readahead: Option<bool>,
+    /// Replay boot profiles.
+    pub profile: Option<bool>,
+    /// Seconds to record a boot profile for (0: until stopped).
+    pub record_profile: Option<u64>,
+    pub hydrate: Option<bool>,
+    /// Bytes per second, e.g. "200M".
+    pub hydrate_rate: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,6 +106,8 @@ pub struct ExportSection {
     pub writable: bool,
     pub overlay_dir: Option<PathBuf>,
     pub description: Option<String>,
+    #[serde(default)]
+    pub hydrate: bool,
 }
 
 impl FileConfig {

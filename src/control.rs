@@ -36,6 +36,8 @@ pub enum Request {
         delete_overlay: bool,
     },
     List,
+    /// Stop recording boot profiles now and save them.
+    ProfileStop,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -136,6 +138,7 @@ async fn handle(d: &Daemon, req: Request) -> Response {
             .await
             .map(|_| Vec::new()),
         Request::List => Ok(d.list()),
+        Request::ProfileStop => d.finish_profiles().map(|_| Vec::new()),
     };
     match r {
         Ok(exports) => Response {

@@ -22,6 +22,7 @@ use crate::export::Exports;
 use crate::origin::{self, OriginOptions};
 use crate::server::{self, Limits, ListenAddr, Listener, Shared};
 use crate::stats::Stats;
+use crate::{hydrate, profile};
 
 /// One export to serve.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -36,6 +37,38 @@ pub struct ExportConfig {
     pub overlay_dir: Option<PathBuf>,
     #[serde(default)]
     pub description: Option<String>,
+    /// Hydrate this export's image in the background (see [`BootOptions`]).
+    #[serde(default)]
+    pub hydrate: bool,
+}
+
+/// Boot acceleration and hydration, for every image served.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    /// Record a boot profile of each image opened: `Some(Some(d))` for `d`
+    /// after its first read, `Some(None)` until `profile stop` or shutdown.
+    pub record_profile: Option<Option<Duration>>,
+    /// Replay an image's profile (its cache's, or one published beside it
+    /// on the origin) when it is opened.
+    pub replay_profile: bool,
+    /// Hydrate every image (exports can also ask one by one).
+    pub hydrate: bool,
+    /// Hydration rate limit, bytes per second.
+    pub hydrate_rate: Option<u64>,
+    /// Sequential readahead per export.
+    pub readahead: bool,
+}
+
+impl Default for BootOptions {
+    fn default() -> Self {
+        BootOptions {
+            record_profile: None,
+            replay_profile: true,
+            hydrate: false,
+            hydrate_rate: None,
+            readahead: true,
+        }
+    }
 }
 
 /// Everything `serve` needs.
@@ -56,6 +89,7 @@ pub struct ServeConfig {
     /// unbounded. Eviction starts above 95% and stops at 90% (watermarks,
     /// so it works in batches, not on every fetch). Overlays never count.
     pub cache_size: Option<u64>,
+    pub boot: BootOptions,
 }
 
 /// Eviction starts when cached data exceeds this share of the limit...
@@ -84,6 +118,15 @@ pub struct Daemon {
     /// (locator, counters) of open images, readable without awaiting (metrics).
     image_stats: std::sync::RwLock<Vec<(String, Arc<Stats>)>>,
     pub exports: Arc<Exports>,
+    boot: BootOptions,
+    cache_size: Option<u64>,
+    /// Turns true at shutdown: background work of images stops.
+    stop: watch::Receiver<bool>,
+    /// Background work of images (replay, hydration, recording timers),
+    /// awaited at shutdown.
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Hydration progress by image locator (metrics).
+    hydrations: std::sync::RwLock<Vec<(String, Arc<hydrate::Live>)>>,
 }
 
 impl Daemon {
@@ -93,6 +136,15 @@ impl Daemon {
         if let Some(c) = images.get(image) {
             return Ok(c.clone());
         }
+        let cache = self.open_image(image).await?;
+        images.insert(image.to_string(), cache.clone());
+        drop(images);
+        self.start_image_work(&cache);
+        Ok(cache)
+    }
+
+    /// Open an image's origin and cache (the caller holds `images`).
+    async fn open_image(&self, image: &str) -> Result<ImageCache> {
         let stats = Arc::new(Stats::default());
         let origin = origin::open(image, &self.origin_options, stats.clone()).await?;
         tracing::info!(origin = %origin.identity(), "origin opened");
@@ -100,7 +152,6 @@ impl Daemon {
         let bs = self.block_size;
         // Opening the cache reads and maybe truncates files: blocking work.
         let cache = tokio::task::block_in_place(|| cache_dir.open_image(origin, bs, stats))?;
-        images.insert(image.to_string(), cache.clone());
         self.image_stats
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -109,6 +160,123 @@ impl Daemon {
                 cache.stats().clone(),
             ));
         Ok(cache)
+    }
+
+    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        let h = tokio::spawn(f);
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(h);
+    }
+
+    /// Background work of a freshly opened image: profile recording and
+    /// replay, hydration when asked for every image.
+    fn start_image_work(&self, cache: &ImageCache) {
+        let locator = cache.origin().identity().locator.clone();
+        if let Some(limit) = self.boot.record_profile {
+            cache.start_recording(profile::Recorder::new(
+                cache.block_size(),
+                cache.image_size(),
+                limit,
+            ));
+            tracing::info!(image = %locator, seconds = limit.map(|d| d.as_secs()),
+                "recording a boot profile from the first read");
+            if limit.is_some() {
+                let (c, mut stop) = (cache.clone(), self.stop.clone());
+                self.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                            // Shutdown saves what was recorded.
+                            _ = stop.wait_for(|s| *s) => return,
+                        }
+                        if c.with_recorder(|r| r.map_or(true, |r| r.expired())) {
+                            if let Err(e) = profile::finish_recording(&c) {
+                                tracing::error!(error = %e, "cannot save the boot profile");
+                            }
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+        if self.boot.replay_profile {
+            let (c, stop) = (cache.clone(), self.stop.clone());
+            self.spawn(async move {
+                let p = match profile::find(&c).await {
+                    Ok(Some(p)) => p,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "boot profile not used");
+                        return;
+                    }
+                };
+                let image = c.origin().identity().locator.clone();
+                match profile::replay(c, p, stop).await {
+                    Ok(r) => tracing::info!(%image, requests = r.requests,
+                        fetched = %crate::util::human_bytes(r.bytes),
+                        ms = r.elapsed.as_millis() as u64, "boot profile replayed"),
+                    Err(e) => tracing::warn!(%image, error = %e, "boot profile replay stopped"),
+                }
+            });
+        }
+        if self.boot.hydrate {
+            self.hydrate(cache);
+        }
+    }
+
+    /// Start hydrating an image unless it is already being hydrated.
+    pub fn hydrate(&self, cache: &ImageCache) {
+        let locator = cache.origin().identity().locator.clone();
+        if let Some(limit) = self.cache_size {
+            if limit < cache.image_size() {
+                tracing::warn!(image = %locator, limit, "not hydrating: the image is larger than --cache-size");
+                return;
+            }
+        }
+        let live = {
+            let mut h = self.hydrations.write().unwrap_or_else(|p| p.into_inner());
+            if h.iter().any(|(l, _)| *l == locator) {
+                return;
+            }
+            let live = Arc::new(hydrate::Live::default());
+            h.push((locator.clone(), live.clone()));
+            live
+        };
+        let (c, stop, rate) = (cache.clone(), self.stop.clone(), self.boot.hydrate_rate);
+        self.spawn(async move {
+            if let Err(e) = hydrate::run(c, rate, live, stop).await {
+                tracing::error!(image = %locator, error = %e, "hydration stopped");
+            }
+        });
+    }
+
+    /// Hydration progress of images being hydrated (metrics).
+    pub fn hydrations(&self) -> Vec<(String, Arc<hydrate::Live>)> {
+        self.hydrations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stop every boot profile recording and save the profiles.
+    pub fn finish_profiles(&self) -> Result<()> {
+        let caches: Vec<ImageCache> = match self.images.try_lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    "an image is being opened; try again",
+                ))
+            }
+        };
+        let mut r = Ok(());
+        for c in caches {
+            if let Err(e) = profile::finish_recording(&c) {
+                r = Err(e);
+            }
+        }
+        r
     }
 
     pub async fn add_export(&self, cfg: &ExportConfig) -> Result<()> {
@@ -125,7 +293,11 @@ impl Daemon {
             ));
         }
         let cache = self.image(&cfg.image).await?;
+        if cfg.hydrate {
+            self.hydrate(&cache);
+        }
         let spec = ExportSpec {
+            readahead: self.boot.readahead,
             name: cfg.name.clone(),
             description: cfg
                 .description
@@ -276,6 +448,15 @@ impl Running {
             // They remove their sockets on the way out.
             let _ = l.await;
         }
+        // Replay and hydration finish their in-flight fetches and stop.
+        let tasks: Vec<_> =
+            std::mem::take(&mut *self.daemon.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            let _ = t.await;
+        }
+        if let Err(e) = self.daemon.finish_profiles() {
+            tracing::error!(error = %e, "cannot save boot profiles");
+        }
         let sync = self.daemon.sync_all().await;
         r.map_err(|e| Error::with_source(ErrorKind::Io, "server task", e))??;
         sync?;
@@ -285,7 +466,13 @@ impl Running {
 
 /// Open everything and start serving in the background.
 pub async fn start(cfg: ServeConfig) -> Result<Running> {
+    let (stop, rx) = watch::channel(false);
     let daemon = Arc::new(Daemon {
+        boot: cfg.boot.clone(),
+        cache_size: cfg.cache_size,
+        stop: rx.clone(),
+        tasks: Default::default(),
+        hydrations: Default::default(),
         cache_dir: CacheDir::new(&cfg.cache_dir)?,
         block_size: cfg.block_size,
         origin_options: cfg.origin_options.clone(),
@@ -311,7 +498,6 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         listeners.push(Listener::bind(a).await?);
     }
     let tcp_addrs = listeners.iter().filter_map(|l| l.local_addr()).collect();
-    let (stop, rx) = watch::channel(false);
     let mut aux = Vec::new();
     if let Some(path) = &cfg.control {
         aux.push(crate::control::serve(path, daemon.clone(), rx.clone())?);

@@ -13,6 +13,10 @@
 //! - [`cache`]   the verified cache of an origin: single-flight fetches, `dir`, `verify`
 //! - [`store`]   block store shared by cache and overlays: data file + `map` (state + CRCs)
 //! - [`overlay`] copy-on-write layer of a writable export; writes never reach the base
+//! - [`readahead`] per-export adaptive sequential readahead into the cache
+//! - [`profile`] boot profiles: record the first reads, replay them on a cold start
+//! - [`hydrate`] background fetch of a whole image, rate-limited, yielding to guests
+//! - [`copy`]    `lazybd copy`: a whole image from HTTP/file/NBD to a file or NBD
 //! - [`origin`]  where bytes live: `http` (ranged GETs), `file`
 //! - [`daemon`]  `serve` as a library call: images, exports, add/remove at run time
 //! - [`control`] the control socket (JSON lines) behind `lazybd export ...`
@@ -29,10 +33,13 @@ pub mod control;
 pub mod daemon;
 pub mod error;
 pub mod export;
+pub mod hydrate;
 pub mod metrics;
 pub mod nbd;
 pub mod origin;
 pub mod overlay;
+pub mod profile;
+pub mod readahead;
 pub mod sample;
 pub mod server;
 pub mod stats;

@@ -12,7 +12,7 @@ use lazybd::block::{parse_size, BlockSize};
 use lazybd::cache::verify;
 use lazybd::config::FileConfig;
 use lazybd::control;
-use lazybd::daemon::{self, ExportConfig, ServeConfig};
+use lazybd::daemon::{self, BootOptions, ExportConfig, ServeConfig};
 use lazybd::origin::OriginOptions;
 use lazybd::server::{Limits, ListenAddr};
 use lazybd::util::human_bytes;
@@ -67,6 +67,68 @@ enum Cmd {
     /// Add, remove or list exports of a running server (control socket).
     #[command(subcommand, after_help = EXPORT_EXAMPLES)]
     Export(ExportCmd),
+    /// Show, export, import boot profiles; stop a recording.
+    #[command(subcommand, after_help = PROFILE_EXAMPLES)]
+    Profile(ProfileCmd),
+}
+
+const PROFILE_EXAMPLES: &str = "\
+A boot profile lists the parts of an image a boot reads, in order. Replayed
+on a cold start, they are fetched in parallel before the guest asks.
+
+Examples:
+  # Record the first 60 s of reads of each image while a VM boots
+  lazybd serve https://images.example/base.raw --record-profile 60
+  # ...or until told to stop
+  lazybd serve https://images.example/base.raw --record-profile 0
+  lazybd profile stop
+
+  # Publish it beside the image: every host's cold start uses it
+  lazybd profile export --image https://images.example/base.raw base.raw.lazybd-profile
+  (upload base.raw.lazybd-profile next to base.raw on the origin)
+
+  # Or install it into another host's cache
+  lazybd profile import --image https://images.example/base.raw base.raw.lazybd-profile";
+
+#[derive(Args)]
+struct ImageArg {
+    /// Cache directory [default: $XDG_CACHE_HOME/lazybd or ~/.cache/lazybd].
+    #[arg(long, env = "LAZYBD_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// The image (URL or path, as served); may be omitted when the cache
+    /// holds a single image.
+    #[arg(long)]
+    image: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum ProfileCmd {
+    /// Print an image's profile: ranges in replay order and totals.
+    Show {
+        #[command(flatten)]
+        image: ImageArg,
+        /// Print every range, not only the first 20.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Write an image's profile to FILE (e.g. to publish it as IMAGE.lazybd-profile).
+    Export {
+        #[command(flatten)]
+        image: ImageArg,
+        file: PathBuf,
+    },
+    /// Install FILE as an image's profile (the image must have been served
+    /// once from this cache, so its size is known and checked).
+    Import {
+        #[command(flatten)]
+        image: ImageArg,
+        file: PathBuf,
+    },
+    /// Stop recording now (a server started with --record-profile) and save.
+    Stop {
+        #[command(flatten)]
+        control: ControlArg,
+    },
 }
 
 const EXPORT_EXAMPLES: &str = "\
@@ -98,6 +160,9 @@ enum ExportCmd {
         /// Overlay directory [default: CACHE_DIR/overlays/NAME].
         #[arg(long, requires = "writable")]
         overlay_dir: Option<PathBuf>,
+        /// Fetch the whole image in the background.
+        #[arg(long)]
+        hydrate: bool,
         #[command(flatten)]
         control: ControlArg,
     },
@@ -185,6 +250,26 @@ struct ServeArgs {
     /// Most simultaneous client connections [default: 1024].
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Record a boot profile: which blocks each image reads during SECS
+    /// seconds after its first read (0: until `lazybd profile stop` or
+    /// shutdown). Saved in the image's cache directory; replayed on the
+    /// next cold start, or publish it with `lazybd profile export`.
+    #[arg(long, value_name = "SECS")]
+    record_profile: Option<u64>,
+    /// Do not replay boot profiles (neither the cache's nor one published
+    /// beside the image as IMAGE.lazybd-profile).
+    #[arg(long)]
+    no_profile: bool,
+    /// Do not read ahead of sequential streams.
+    #[arg(long)]
+    no_readahead: bool,
+    /// Fetch every image's missing blocks in the background until it is
+    /// fully cached (resumes after a restart; progress in `cache info`).
+    #[arg(long)]
+    hydrate: bool,
+    /// Hydration rate limit in bytes per second (e.g. 100M) [default: none].
+    #[arg(long, value_name = "RATE")]
+    hydrate_rate: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -233,6 +318,7 @@ fn main() -> ExitCode {
         Cmd::Cache(CacheCmd::Info { dir }) => cache_info(&dir),
         Cmd::Cache(CacheCmd::Verify { dir, repair }) => cache_verify(&dir, repair),
         Cmd::Export(c) => export_cmd(c),
+        Cmd::Profile(c) => profile_cmd(c),
     };
     match r {
         Ok(code) => code,
@@ -278,6 +364,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             writable: e.writable,
             overlay_dir: e.overlay_dir.clone(),
             description: e.description.clone(),
+            hydrate: e.hydrate,
         })
         .collect();
     let origin = match a.origin {
@@ -298,6 +385,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
                 writable: a.writable,
                 overlay_dir: a.overlay_dir,
                 description: a.description,
+                hydrate: false,
             },
         );
     }
@@ -372,6 +460,19 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
             Some(s) => Some(parse_size(&s)?),
             None => None,
         },
+        boot: BootOptions {
+            record_profile: a
+                .record_profile
+                .or(file.boot.record_profile)
+                .map(|s| (s > 0).then(|| Duration::from_secs(s))),
+            replay_profile: !a.no_profile && file.boot.profile.unwrap_or(true),
+            readahead: !a.no_readahead && file.boot.readahead.unwrap_or(true),
+            hydrate: a.hydrate || file.boot.hydrate.unwrap_or(false),
+            hydrate_rate: match a.hydrate_rate.or(file.boot.hydrate_rate.clone()) {
+                Some(s) => Some(parse_size(&s).context("--hydrate-rate")?.max(1)),
+                None => None,
+            },
+        },
     };
     if cfg.exports.is_empty() {
         tracing::warn!("no exports configured: add them with `lazybd export add`");
@@ -403,6 +504,7 @@ fn export_cmd(c: ExportCmd) -> anyhow::Result<ExitCode> {
             image,
             writable,
             overlay_dir,
+            hydrate,
             control,
         } => (
             sock(control),
@@ -413,6 +515,7 @@ fn export_cmd(c: ExportCmd) -> anyhow::Result<ExitCode> {
                     writable,
                     overlay_dir,
                     description: None,
+                    hydrate,
                 },
             },
         ),
@@ -465,6 +568,116 @@ fn export_cmd(c: ExportCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The cache directory of `--image` (or the only image) in a cache.
+fn image_dir(a: &ImageArg) -> anyhow::Result<(PathBuf, lazybd::cache::dir::Recorded)> {
+    let root = a.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let cd = lazybd::cache::CacheDir::new(&root)?;
+    let mut found = Vec::new();
+    for d in cd.images()? {
+        if let Some(r) = lazybd::cache::dir::Recorded::read(&d) {
+            found.push((d, r));
+        }
+    }
+    let names = |v: &[(PathBuf, lazybd::cache::dir::Recorded)]| {
+        v.iter()
+            .map(|(_, r)| r.identity.locator.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match &a.image {
+        None if found.len() == 1 => Ok(found.remove(0)),
+        None if found.is_empty() => bail!("{}: no cached images", root.display()),
+        None => bail!(
+            "{} holds several images ({}); choose one with --image",
+            root.display(),
+            names(&found)
+        ),
+        Some(want) => {
+            // As given, or as the server recorded it (file:// + canonical path).
+            let canon = std::fs::canonicalize(want)
+                .map(|p| format!("file://{}", p.display()))
+                .unwrap_or_default();
+            let all = names(&found);
+            found
+                .into_iter()
+                .find(|(_, r)| r.identity.locator == *want || r.identity.locator == canon)
+                .with_context(|| {
+                    format!("{want}: not in cache {} (it holds: {all})", root.display())
+                })
+        }
+    }
+}
+
+fn profile_cmd(c: ProfileCmd) -> anyhow::Result<ExitCode> {
+    use lazybd::profile::Profile;
+    match c {
+        ProfileCmd::Show { image, all } => {
+            let (dir, rec) = image_dir(&image)?;
+            let Some(p) = Profile::load(&dir)? else {
+                bail!(
+                    "{}: no boot profile (record one with `serve --record-profile`)",
+                    rec.identity.locator
+                );
+            };
+            println!("image:   {}", rec.identity.locator);
+            println!("profile: {}", dir.join(lazybd::profile::FILE).display());
+            println!(
+                "ranges:  {} covering {} of {}",
+                p.ranges.len(),
+                human_bytes(p.bytes()),
+                human_bytes(p.image_size)
+            );
+            let shown = if all { p.ranges.len() } else { 20 };
+            for (i, r) in p.ranges.iter().take(shown).enumerate() {
+                println!("  {i:>5}  {r}");
+            }
+            if p.ranges.len() > shown {
+                println!("  ... ({} more; --all shows them)", p.ranges.len() - shown);
+            }
+        }
+        ProfileCmd::Export { image, file } => {
+            let (dir, rec) = image_dir(&image)?;
+            let Some(p) = Profile::load(&dir)? else {
+                bail!("{}: no boot profile to export", rec.identity.locator);
+            };
+            std::fs::write(&file, p.encode())
+                .with_context(|| format!("writing {}", file.display()))?;
+            println!(
+                "{}: {} ranges, {} (publish it beside the image as <image>{})",
+                file.display(),
+                p.ranges.len(),
+                human_bytes(p.bytes()),
+                lazybd::profile::SIDECAR_SUFFIX
+            );
+        }
+        ProfileCmd::Import { image, file } => {
+            let (dir, rec) = image_dir(&image)?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let p = Profile::decode(&bytes).with_context(|| file.display().to_string())?;
+            p.check_image(rec.identity.size)?;
+            p.save(&dir)?;
+            println!(
+                "{}: profile installed ({} ranges, {})",
+                rec.identity.locator,
+                p.ranges.len(),
+                human_bytes(p.bytes())
+            );
+        }
+        ProfileCmd::Stop { control } => {
+            let path = control
+                .control
+                .unwrap_or_else(|| default_cache_dir().join("control.sock"));
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(control::call(&path, &control::Request::ProfileStop))?;
+            println!("ok: profiles saved");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -507,6 +720,36 @@ fn cache_info(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
             human_bytes(i.cached_bytes),
             human_bytes(i.disk_bytes)
         );
+        if let Ok(Some(p)) = lazybd::profile::Profile::load(&i.dir) {
+            println!(
+                "  profile:   {} ranges, {}",
+                p.ranges.len(),
+                human_bytes(p.bytes())
+            );
+        }
+        if let Some(h) = lazybd::hydrate::Progress::load(&i.dir) {
+            let bs = i.recorded.block_size.bytes();
+            let pct = 100.0 * h.done_blocks as f64 / h.total_blocks.max(1) as f64;
+            let age = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs().saturating_sub(h.updated))
+                .unwrap_or(0);
+            if h.complete {
+                println!("  hydration: complete");
+            } else {
+                println!(
+                    "  hydration: {pct:.1}% ({} of {} blocks, {} of {}), {}/s, ETA {} (as of {age} s ago)",
+                    h.done_blocks,
+                    h.total_blocks,
+                    human_bytes(h.done_blocks * bs),
+                    human_bytes(h.total_blocks * bs),
+                    human_bytes(h.rate),
+                    h.eta_secs
+                        .map(|s| format!("{s} s"))
+                        .unwrap_or_else(|| "unknown".into())
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -18,12 +18,14 @@ use tokio::task::JoinHandle;
 
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
+use crate::hydrate;
 use crate::stats::Stats;
+use std::sync::atomic::Ordering::Relaxed;
 
 type Field = fn(&Stats) -> u64;
 
 /// (name, help, value) of each per-image counter.
-const IMAGE_COUNTERS: [(&str, &str, Field); 11] = [
+const IMAGE_COUNTERS: [(&str, &str, Field); 14] = [
     ("lazybd_read_requests", "NBD READ requests answered", |s| {
         Stats::get(&s.reads)
     }),
@@ -73,6 +75,21 @@ const IMAGE_COUNTERS: [(&str, &str, Field); 11] = [
         "Blocks evicted to respect the cache size",
         |s| Stats::get(&s.evictions),
     ),
+    (
+        "lazybd_readahead_bytes",
+        "Bytes fetched ahead of the guest by sequential readahead",
+        |s| Stats::get(&s.readahead_bytes),
+    ),
+    (
+        "lazybd_profile_bytes",
+        "Bytes fetched ahead of the guest by boot profile replay",
+        |s| Stats::get(&s.profile_bytes),
+    ),
+    (
+        "lazybd_hydrate_bytes",
+        "Bytes fetched by background hydration",
+        |s| Stats::get(&s.hydrate_bytes),
+    ),
 ];
 
 #[derive(Debug)]
@@ -103,6 +120,31 @@ impl Collector for DaemonCollector {
             let labels = [("image", image.as_str())];
             m.encode_family(&labels)?
                 .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        let hydrations = d.hydrations();
+        for (name, help, pick) in [
+            (
+                "lazybd_hydrate_done_blocks",
+                "Blocks of an image being hydrated that are cached (or zero)",
+                (|l: &hydrate::Live| l.done_blocks.load(Relaxed)) as fn(&hydrate::Live) -> u64,
+            ),
+            (
+                "lazybd_hydrate_total_blocks",
+                "Blocks of an image being hydrated",
+                |l: &hydrate::Live| l.total_blocks.load(Relaxed),
+            ),
+            (
+                "lazybd_hydrate_rate_bytes",
+                "Hydration rate over the last seconds, bytes per second",
+                |l: &hydrate::Live| l.rate.load(Relaxed),
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (image, live) in &hydrations {
+                let labels = [("image", image.as_str())];
+                m.encode_family(&labels)?
+                    .encode_gauge(&(pick(live) as i64))?;
+            }
         }
         let exports = d.list();
         let mut m = enc.encode_descriptor(

@@ -73,6 +73,12 @@ pub struct Stats {
     pub zero_blocks: AtomicU64,
     /// Blocks evicted to keep the cache under its size limit.
     pub evictions: AtomicU64,
+    /// Bytes brought in ahead of the guest by sequential readahead.
+    pub readahead_bytes: AtomicU64,
+    /// Bytes brought in ahead of the guest by boot profile replay.
+    pub profile_bytes: AtomicU64,
+    /// Bytes brought in by background hydration.
+    pub hydrate_bytes: AtomicU64,
     /// Time of successful origin requests, body included.
     pub origin_latency: Histogram,
 }
@@ -93,7 +99,8 @@ impl fmt::Display for Stats {
         write!(
             f,
             "reads={} bytes_served={} hits={} misses={} origin_requests={} origin_bytes={} \
-             origin_errors={} crc_failures={} store_failures={} zero_blocks={} evictions={}",
+             origin_errors={} crc_failures={} store_failures={} zero_blocks={} evictions={} \
+             readahead_bytes={} profile_bytes={} hydrate_bytes={}",
             g(&self.reads),
             g(&self.bytes_served),
             g(&self.hits),
@@ -105,6 +112,9 @@ impl fmt::Display for Stats {
             g(&self.store_failures),
             g(&self.zero_blocks),
             g(&self.evictions),
+            g(&self.readahead_bytes),
+            g(&self.profile_bytes),
+            g(&self.hydrate_bytes),
         )
     }
 }

@@ -1,6 +1,7 @@
 //! Small helpers with no better home: human-readable sizes, a stable hash for
 //! naming cache directories, and a cheap jitter source for retry backoff.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -53,6 +54,18 @@ pub fn jitter(bound: u64) -> u64 {
     } else {
         x % bound
     }
+}
+
+/// Replace `path` with `bytes` so that readers (and a crash) see the old
+/// file or the new one, never a mix: temp file, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| crate::error::Error::io(format!("writing {}", path.display()), e))
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ fn export(name: &str, image: &str, writable: bool) -> ExportConfig {
         writable,
         overlay_dir: None,
         description: None,
+        hydrate: false,
     }
 }
 

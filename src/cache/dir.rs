@@ -190,11 +190,8 @@ impl CacheDir {
             let _ = fs::remove_file(dir.join("data"));
         }
         if previous.as_ref() != Some(&want) {
-            // Write-then-rename: `origin` is always whole.
-            let tmp = dir.join("origin.tmp");
-            fs::write(&tmp, want.encode())
-                .and_then(|_| fs::rename(&tmp, dir.join("origin")))
-                .map_err(|e| Error::io(format!("writing {}/origin", dir.display()), e))?;
+            // `origin` is always whole.
+            crate::util::write_atomic(&dir.join("origin"), want.encode().as_bytes())?;
         }
         let geometry = Geometry {
             block_size: bs,
@@ -203,7 +200,7 @@ impl CacheDir {
             crc_slots: 1,
         };
         let (store, fresh) = BlockStore::open(&dir, geometry)?;
-        let cache = ImageCache::new(origin, store, stats, lock);
+        let cache = ImageCache::new(origin, store, stats, lock, dir.clone());
         let (present, zero, total) = cache.counts();
         tracing::info!(origin = %id.locator, dir = %dir.display(), block_size = %bs,
             present, zero, total, fresh, "cache opened");

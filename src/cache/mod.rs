@@ -23,16 +23,18 @@ pub use crate::store::map;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::block::{BlockIndex, BlockSize, ByteRange};
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{BlockDevice, Extent, ReadData};
 use crate::origin::{BoxFuture, Origin};
+use crate::profile::Recorder;
 use crate::stats::Stats;
 use crate::store::BlockStore;
 use map::BlockState;
@@ -77,6 +79,44 @@ struct Inner {
     hand: AtomicU64,
     /// Bytes of present blocks (data held on disk).
     present_bytes: AtomicU64,
+    /// The image's cache directory (profile, hydration status live here).
+    dir: PathBuf,
+    /// Origin requests background work (readahead, profile replay,
+    /// hydration) may have in flight together: at most half the origin's
+    /// connections, so guest misses always find a free one.
+    background: Arc<Semaphore>,
+    /// Guest reads waiting for the origin right now; hydration backs off
+    /// while any are.
+    guest_waiting: AtomicUsize,
+    /// Set while a boot profile is being recorded; reads check it before
+    /// taking the recorder lock.
+    recording: AtomicBool,
+    recorder: Mutex<Option<Recorder>>,
+}
+
+/// Who asked for a background fetch; each has its own counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Background {
+    Readahead,
+    Profile,
+    Hydrate,
+}
+
+/// Decrements `guest_waiting` when a guest read stops waiting, however
+/// it ends (also when its future is dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A cached view of one origin image. Cheap to clone.
@@ -95,8 +135,15 @@ enum Plan {
 
 impl ImageCache {
     /// Build a cache over an opened store. Used by [`CacheDir`].
-    fn new(origin: Arc<dyn Origin>, store: BlockStore, stats: Arc<Stats>, lock: File) -> Self {
+    fn new(
+        origin: Arc<dyn Origin>,
+        store: BlockStore,
+        stats: Arc<Stats>,
+        lock: File,
+        dir: PathBuf,
+    ) -> Self {
         let g = store.map().geometry();
+        let background = (origin.connections() / 2).max(1);
         let blocks = store.map().blocks();
         let present = store.map().counts().0 * g.block_size.bytes();
         ImageCache {
@@ -114,6 +161,11 @@ impl ImageCache {
                 stats,
                 store_warned: AtomicBool::new(false),
                 _lock: lock,
+                dir,
+                background: Arc::new(Semaphore::new(background)),
+                guest_waiting: AtomicUsize::new(0),
+                recording: AtomicBool::new(false),
+                recorder: Mutex::new(None),
             }),
         }
     }
@@ -128,6 +180,118 @@ impl ImageCache {
 
     pub fn origin(&self) -> &Arc<dyn Origin> {
         &self.inner.origin
+    }
+
+    /// The image's directory in the cache.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Image size in bytes.
+    pub fn image_size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// Largest origin request coalescing makes.
+    pub fn max_fetch(&self) -> u64 {
+        self.inner.max_fetch
+    }
+
+    /// Permits for background origin requests (see `Inner::background`).
+    pub fn background_permits(&self) -> &Arc<Semaphore> {
+        &self.inner.background
+    }
+
+    /// Guest reads waiting on the origin right now.
+    pub fn guest_waiting(&self) -> usize {
+        self.inner.guest_waiting.load(Ordering::Relaxed)
+    }
+
+    /// Whether block `b` must still come from the origin.
+    pub fn is_missing(&self, b: u64) -> bool {
+        self.inner.store.map().state(BlockIndex(b)) == BlockState::Missing
+    }
+
+    /// Start recording the first reads of this image as a boot profile.
+    pub fn start_recording(&self, rec: Recorder) {
+        *self
+            .inner
+            .recorder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(rec);
+        self.inner.recording.store(true, Ordering::Relaxed);
+    }
+
+    /// Look at the recorder without stopping it (e.g. has it started?).
+    pub fn with_recorder<T>(&self, f: impl FnOnce(Option<&Recorder>) -> T) -> T {
+        f(self
+            .inner
+            .recorder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref())
+    }
+
+    /// Stop recording and hand back what was recorded.
+    pub fn stop_recording(&self) -> Option<Recorder> {
+        self.inner.recording.store(false, Ordering::Relaxed);
+        self.inner
+            .recorder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Note a guest read for the boot profile being recorded, if any.
+    #[inline]
+    fn observe(&self, r: ByteRange) {
+        if self.inner.recording.load(Ordering::Relaxed) {
+            if let Some(rec) = self
+                .inner
+                .recorder
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_mut()
+            {
+                rec.note(r);
+            }
+        }
+    }
+
+    /// Bring the missing blocks of `r` into the cache for background work
+    /// (readahead, profile replay, hydration), joining fetches already in
+    /// flight, and resolve once they are stored. The caller bounds its own
+    /// concurrency (see [`Self::background_permits`]). Returns the bytes
+    /// of the blocks that were missing.
+    pub async fn fetch_background(&self, r: ByteRange, why: Background) -> Result<u64> {
+        let inner = &self.inner;
+        let missing: Vec<u64> = inner
+            .bs
+            .covering(r)
+            .filter(|&b| self.is_missing(b))
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let mut flights: Vec<Arc<Flight>> = Vec::new();
+        for p in self.plan_fetch(&missing) {
+            if let Plan::Wait(f) = p {
+                if !flights.iter().any(|g| Arc::ptr_eq(g, &f)) {
+                    flights.push(f);
+                }
+            }
+        }
+        for f in &flights {
+            wait(f).await?;
+        }
+        let bytes = missing.len() as u64 * inner.bs.bytes();
+        let counter = match why {
+            Background::Readahead => &inner.stats.readahead_bytes,
+            Background::Profile => &inner.stats.profile_bytes,
+            Background::Hydrate => &inner.stats.hydrate_bytes,
+        };
+        Stats::add(counter, bytes);
+        Ok(bytes)
     }
 
     /// (present, zero, total) blocks.
@@ -200,6 +364,7 @@ impl ImageCache {
     /// verifies; `None` sends the caller to the full read path.
     fn read_local_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
         let inner = &self.inner;
+        self.observe(r);
         let blocks = inner.bs.covering(r);
         let _reading = inner.evict_lock.read().unwrap_or_else(|p| p.into_inner());
         let map = inner.store.map();
@@ -260,7 +425,9 @@ impl ImageCache {
                 zero,
             });
         }
+        self.observe(r);
         let blocks = inner.bs.covering(r);
+        let _waiting = Waiting::new(&inner.guest_waiting);
         if let Some(data) = self.cold_read(r, blocks.clone()).await? {
             return Ok(ReadData { data, zero });
         }

@@ -88,6 +88,14 @@ pub struct ZeroFlags {
 pub trait Writable: Send + Sync + 'static {
     /// Write `data` at `offset`.
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>>;
+    /// Fast path: do the write without waiting if nothing it needs can
+    /// block (no lock held by another writer, base bytes local), else
+    /// `None` and the caller uses [`Writable::write`]. Giving up may leave
+    /// part of `data` written; `write` then writes it again. Same rules as
+    /// [`BlockDevice::read_now`]: called inline by the protocol edge.
+    fn write_now(&self, _offset: u64, _data: &[u8], _fua: bool) -> Option<Result<()>> {
+        None
+    }
     /// The client no longer needs `r`; its content becomes unspecified.
     fn trim(&self, r: ByteRange, fua: bool) -> BoxFuture<'_, Result<()>>;
     /// `r` reads as zeroes afterwards.

@@ -6,22 +6,40 @@
 //! ```
 //!
 //! The cache is shared by every export of an image; each writable export
-//! has its own overlay. Later layers (readahead) slot in here and nowhere
-//! else.
+//! has its own overlay; each export has its own readahead (its own
+//! sequential streams) over the shared cache:
+//!
+//! ```text
+//!   read-only:  export ------------> readahead -> cache -> origin
+//!   writable:   export -> overlay -> readahead -> cache -> origin
+//! ```
 
 use std::sync::Arc;
 
 use std::path::Path;
 
 use super::{BlockDevice, Export, Writable};
+use crate::block::BlockSize;
 use crate::cache::ImageCache;
 use crate::error::Result;
 use crate::overlay::Overlay;
+use crate::readahead::Readahead;
 
 /// How to present one image.
 pub struct ExportSpec {
     pub name: String,
     pub description: String,
+    /// Sequential readahead into the cache.
+    pub readahead: bool,
+}
+
+/// What sits on the shared cache for one export.
+fn base(spec: &ExportSpec, cache: &ImageCache) -> Arc<dyn BlockDevice> {
+    if spec.readahead {
+        Arc::new(Readahead::new(cache.clone()))
+    } else {
+        Arc::new(cache.clone())
+    }
 }
 
 fn export(
@@ -51,17 +69,20 @@ fn export(
 
 /// A read-only export of a cached image.
 pub fn read_only_export(spec: ExportSpec, cache: ImageCache) -> Export {
-    let device: Arc<dyn BlockDevice> = Arc::new(cache.clone());
+    let device = base(&spec, &cache);
     export(spec, &cache, device, None)
 }
 
 /// A writable export: a copy-on-write overlay in `overlay_dir` over the
 /// shared cache.
 pub fn writable_export(spec: ExportSpec, cache: ImageCache, overlay_dir: &Path) -> Result<Export> {
-    let bs = cache.block_size();
     let base_id = cache.origin().identity().to_string();
-    let base: Arc<dyn BlockDevice> = Arc::new(cache.clone());
-    let overlay = Arc::new(Overlay::open(overlay_dir, base, &base_id, bs)?);
+    let overlay = Arc::new(Overlay::open(
+        overlay_dir,
+        base(&spec, &cache),
+        &base_id,
+        BlockSize::OVERLAY,
+    )?);
     let device: Arc<dyn BlockDevice> = overlay.clone();
     Ok(export(spec, &cache, device, Some(overlay)))
 }

@@ -562,6 +562,23 @@ where
                         continue;
                     }
                 }
+                // Likewise a write that needs nothing but local I/O.
+                if let (Command::Write { range, fua }, Some(w)) = (c, &ctx.export.writable) {
+                    if let Some(res) = w.write_now(range.offset, &payload, fua) {
+                        let reply = match res {
+                            Ok(()) => ok_reply(ctx.structured, req.cookie),
+                            Err(e) => failed(&ctx, &req, e),
+                        };
+                        let out = Outgoing {
+                            reply,
+                            _held: Some((permit, bytes)),
+                        };
+                        if tx.send(out).await.is_err() {
+                            break;
+                        }
+                        continue;
+                    }
+                }
                 let (ctx, tx) = (ctx.clone(), tx.clone());
                 tokio::spawn(async move {
                     let reply = handle(ctx, req, c, payload).await;

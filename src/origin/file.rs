@@ -16,6 +16,7 @@ use crate::stats::Stats;
 pub struct FileOrigin {
     /// Shared with blocking read tasks.
     file: Arc<File>,
+    path: std::path::PathBuf,
     identity: OriginIdentity,
     stats: Arc<Stats>,
 }
@@ -41,6 +42,7 @@ impl FileOrigin {
         );
         Ok(FileOrigin {
             file: Arc::new(file),
+            path: canonical.clone(),
             identity: OriginIdentity {
                 locator: format!("file://{}", canonical.display()),
                 size: meta.len(),
@@ -54,6 +56,28 @@ impl FileOrigin {
 impl Origin for FileOrigin {
     fn identity(&self) -> &OriginIdentity {
         &self.identity
+    }
+
+    fn sidecar(&self, suffix: &str, max: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        let mut name = self.path.clone().into_os_string();
+        name.push(suffix);
+        let path = std::path::PathBuf::from(name);
+        Box::pin(async move {
+            match std::fs::metadata(&path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+                Ok(m) if m.len() > max => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("{}: larger than {max} bytes", path.display()),
+                    ))
+                }
+                Ok(_) => {}
+            }
+            std::fs::read(&path)
+                .map(|v| Some(Bytes::from(v)))
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))
+        })
     }
 
     fn read_range(&self, range: ByteRange) -> BoxFuture<'_, Result<Bytes>> {

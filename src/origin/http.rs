@@ -41,6 +41,7 @@ pub struct HttpOrigin {
     validator_source: ValidatorSource,
     /// Caps parallel requests: origins (and their rate limits) are shared.
     limit: Semaphore,
+    connections: usize,
     retries: u32,
     stats: Arc<Stats>,
 }
@@ -216,6 +217,7 @@ impl HttpOrigin {
             url: final_url,
             validator_source,
             limit: Semaphore::new(opts.connections.max(1)),
+            connections: opts.connections.max(1),
             retries: opts.retries,
             stats,
         })
@@ -332,6 +334,45 @@ impl HttpOrigin {
 impl Origin for HttpOrigin {
     fn identity(&self) -> &OriginIdentity {
         &self.identity
+    }
+
+    fn connections(&self) -> usize {
+        self.connections
+    }
+
+    fn sidecar(&self, suffix: &str, max: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        let mut url = self.url.clone();
+        url.set_path(&format!("{}{suffix}", self.url.path()));
+        let shown = redact(&url);
+        Box::pin(async move {
+            let err = |e: reqwest::Error| {
+                Error::with_source(ErrorKind::Origin, format!("GET {shown}"), e)
+            };
+            let mut resp = self.client.get(url.clone()).send().await.map_err(err)?;
+            match resp.status() {
+                StatusCode::OK => {}
+                StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::GONE => {
+                    return Ok(None)
+                }
+                s => {
+                    return Err(Error::new(
+                        ErrorKind::Origin,
+                        format!("GET {shown}: HTTP {s}"),
+                    ))
+                }
+            }
+            let mut body = BytesMut::new();
+            while let Some(chunk) = resp.chunk().await.map_err(err)? {
+                if body.len() as u64 + chunk.len() as u64 > max {
+                    return Err(Error::new(
+                        ErrorKind::Origin,
+                        format!("GET {shown}: larger than {max} bytes"),
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Some(body.freeze()))
+        })
     }
 
     fn read_range(&self, range: ByteRange) -> BoxFuture<'_, Result<Bytes>> {

@@ -63,6 +63,19 @@ pub trait Origin: Send + Sync + 'static {
     /// match what was asked (position, length, validator) is an error, never
     /// data. `ErrorKind::OriginChanged` means the identity no longer holds.
     fn read_range(&self, range: ByteRange) -> BoxFuture<'_, Result<Bytes>>;
+
+    /// Parallel requests this origin allows (background work takes half).
+    fn connections(&self) -> usize {
+        8
+    }
+
+    /// A small file published beside the image, named by the image's own
+    /// name plus `suffix` (e.g. `IMAGE.lazybd-profile`), at most `max`
+    /// bytes. `Ok(None)` when there is none; never cached, never part of
+    /// the image.
+    fn sidecar(&self, _suffix: &str, _max: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// How to reach an origin; from the CLI or config.

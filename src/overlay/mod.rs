@@ -94,11 +94,7 @@ impl Overlay {
                         format!("overlay {} has data but no base record", dir.display()),
                     ));
                 }
-                let tmp = dir.join("base.tmp");
-                fs::write(&tmp, &record)
-                    .and_then(|_| File::open(&tmp)?.sync_all())
-                    .and_then(|_| fs::rename(&tmp, &record_path))
-                    .map_err(|e| Error::io(format!("writing {}", record_path.display()), e))?;
+                crate::util::write_atomic(&record_path, record.as_bytes())?;
             }
             Err(e) => return Err(Error::io(format!("reading {}", record_path.display()), e)),
         }
@@ -135,11 +131,36 @@ impl Overlay {
     }
 
     async fn read_impl(&self, r: ByteRange) -> Result<ReadData> {
-        // A block can change state under a read (a TRIM turns present into
-        // zero); the read then starts over. Damage fails every attempt.
+        let bs = self.store.block_size();
+        // The common case for a VM booting a template: nothing written here.
+        if bs
+            .covering(r)
+            .all(|b| self.store.state(b) == BlockState::Missing)
+        {
+            return self.base.read(r).await;
+        }
+        // Base pieces are read first, then the read is assembled from the
+        // states as they are then. A block can change state in between (a
+        // write, a TRIM) or a page can be caught mid-rewrite: assembling
+        // starts over. Damage fails every attempt.
+        let mut fetched: Vec<(ByteRange, ReadData)> = Vec::new();
         for _ in 0..READ_ATTEMPTS {
-            if let Some(rd) = self.read_once(r).await? {
-                return Ok(rd);
+            let mut lookup = |p: ByteRange| {
+                let i = fetched.iter().position(|(q, _)| *q == p)?;
+                Some(Ok(fetched.swap_remove(i).1))
+            };
+            match self.assemble(r, &mut lookup) {
+                Assembled::Done(res) => return res,
+                Assembled::NeedBase(pieces) => {
+                    fetched.clear();
+                    for p in pieces {
+                        fetched.push((p, self.base.read(p).await?));
+                    }
+                }
+                Assembled::Torn(b) => {
+                    // Let the writer of that block finish, then retry.
+                    drop(self.stripe(b).lock().await);
+                }
             }
         }
         Err(Error::new(
@@ -151,20 +172,19 @@ impl Overlay {
         ))
     }
 
-    /// One attempt; `None` when a present page failed its CRC (torn by a
-    /// concurrent rewrite or state change: worth another attempt).
-    async fn read_once(&self, r: ByteRange) -> Result<Option<ReadData>> {
+    /// Assemble a read of `r` from the overlay's blocks as they are now,
+    /// asking `base` for the parts of `r` in missing blocks; `base` answers
+    /// `None` for a part it cannot give without waiting.
+    fn assemble(
+        &self,
+        r: ByteRange,
+        base: &mut dyn FnMut(ByteRange) -> Option<Result<ReadData>>,
+    ) -> Assembled {
         let bs = self.store.block_size();
         let blocks = bs.covering(r);
-        // The common case for a VM booting a template: nothing written here.
-        if blocks
-            .clone()
-            .all(|b| self.store.state(b) == BlockState::Missing)
-        {
-            return self.base.read(r).await.map(Some);
-        }
         let mut out = BytesMut::zeroed(r.len as usize);
         let mut zero: Vec<ByteRange> = Vec::new();
+        let mut need: Vec<ByteRange> = Vec::new();
         let mut b = blocks.start;
         while b < blocks.end {
             let s = self.store.state(b);
@@ -176,34 +196,68 @@ impl Overlay {
                 offset: self.store.block_range(b).offset,
                 len: self.store.block_range(e - 1).end() - self.store.block_range(b).offset,
             };
-            let Some(piece) = run.intersect(&r) else {
-                b = e;
-                continue;
-            };
+            let piece = run.intersect(&r).expect("run of covering blocks meets r");
             let dst = (piece.offset - r.offset) as usize;
             match s {
                 BlockState::Zero => zero.push(piece),
-                BlockState::Present => {
-                    let bad = self.store.read_verified(r, b, e, &mut out)?;
-                    if let Some(&first) = bad.first() {
-                        // Let the writer of that block finish, then retry.
-                        drop(self.stripe(first).lock().await);
-                        return Ok(None);
+                BlockState::Present => match self.store.read_verified(r, b, e, &mut out) {
+                    Ok(bad) if !bad.is_empty() => return Assembled::Torn(bad[0]),
+                    Ok(_) => {}
+                    Err(err) => return Assembled::Done(Err(err)),
+                },
+                BlockState::Missing => match base(piece) {
+                    Some(Ok(rd)) => {
+                        out[dst..dst + piece.len as usize].copy_from_slice(&rd.data);
+                        zero.extend(rd.zero);
                     }
-                }
-                BlockState::Missing => {
-                    let rd = self.base.read(piece).await?;
-                    out[dst..dst + piece.len as usize].copy_from_slice(&rd.data);
-                    zero.extend(rd.zero);
-                }
+                    Some(Err(err)) => return Assembled::Done(Err(err)),
+                    None => need.push(piece),
+                },
             }
             b = e;
         }
+        if !need.is_empty() {
+            return Assembled::NeedBase(need);
+        }
         zero.sort_by_key(|z| z.offset);
-        Ok(Some(ReadData {
+        Assembled::Done(Ok(ReadData {
             data: out.freeze(),
             zero: merge(zero),
         }))
+    }
+
+    /// Whether writing `piece` of block `b` needs the base block's bytes
+    /// (a partial write over a block the overlay does not hold yet).
+    fn needs_base(&self, b: u64, piece: ByteRange) -> bool {
+        self.store.state(b) == BlockState::Missing && piece != self.store.block_range(b)
+    }
+
+    /// Write `src` at `piece` of block `b`; the caller holds the block's
+    /// stripe and passes the base block when [`Self::needs_base`] said so.
+    fn write_block(
+        &self,
+        b: u64,
+        piece: ByteRange,
+        src: &[u8],
+        keep_zeros: bool,
+        base: Option<ReadData>,
+    ) -> Result<()> {
+        let br = self.store.block_range(b);
+        if self.store.state(b) == BlockState::Present {
+            return self.store.overwrite(piece.offset, src);
+        }
+        if piece == br {
+            self.store.publish_blocks_with(b, src, keep_zeros)?;
+            return Ok(());
+        }
+        let mut buf = match base {
+            Some(rd) => BytesMut::from(&rd.data[..]),
+            None => BytesMut::zeroed(br.len as usize),
+        };
+        let at = (piece.offset - br.offset) as usize;
+        buf[at..at + src.len()].copy_from_slice(src);
+        self.store.publish_blocks_with(b, &buf, keep_zeros)?;
+        Ok(())
     }
 
     /// Write `data` at `offset` (validated by the protocol edge).
@@ -218,25 +272,12 @@ impl Overlay {
         for (BlockIndex(b), piece) in bs.split(r, self.store.size()) {
             let src = &data[(piece.offset - offset) as usize..(piece.end() - offset) as usize];
             let _g = self.stripe(b).lock().await;
-            let br = self.store.block_range(b);
-            match self.store.state(b) {
-                BlockState::Present => self.store.overwrite(piece.offset, src)?,
-                s @ (BlockState::Missing | BlockState::Zero) => {
-                    let whole = if piece == br {
-                        Bytes::copy_from_slice(src)
-                    } else {
-                        let mut buf = if s == BlockState::Missing {
-                            BytesMut::from(&self.base.read(br).await?.data[..])
-                        } else {
-                            BytesMut::zeroed(br.len as usize)
-                        };
-                        let at = (piece.offset - br.offset) as usize;
-                        buf[at..at + src.len()].copy_from_slice(src);
-                        buf.freeze()
-                    };
-                    self.store.publish_blocks_with(b, &whole, keep_zeros)?;
-                }
-            }
+            let base = if self.needs_base(b, piece) {
+                Some(self.base.read(self.store.block_range(b)).await?)
+            } else {
+                None
+            };
+            self.write_block(b, piece, src, keep_zeros, base)?;
         }
         Ok(())
     }
@@ -279,6 +320,16 @@ impl Overlay {
             .await
             .map_err(|e| Error::with_source(ErrorKind::Io, "overlay sync task", e))?
     }
+}
+
+/// What [`Overlay::assemble`] made of a read.
+enum Assembled {
+    Done(Result<ReadData>),
+    /// These parts of missing blocks must come from the base first.
+    NeedBase(Vec<ByteRange>),
+    /// A page of this block failed its CRC: torn by a concurrent rewrite
+    /// (worth another attempt once its writer is done) or damaged.
+    Torn(u64),
 }
 
 fn merge(v: Vec<ByteRange>) -> Vec<ByteRange> {
@@ -329,15 +380,16 @@ impl BlockDevice for Overlay {
     }
 
     fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
-        // Only the untouched-template case is worth a fast path here.
         let bs = self.store.block_size();
         if bs
             .covering(r)
             .all(|b| self.store.state(b) == BlockState::Missing)
         {
-            self.base.read_now(r)
-        } else {
-            None
+            return self.base.read_now(r);
+        }
+        match self.assemble(r, &mut |p| self.base.read_now(p)) {
+            Assembled::Done(res) => Some(res),
+            Assembled::NeedBase(_) | Assembled::Torn(_) => None,
         }
     }
 
@@ -356,6 +408,35 @@ impl BlockDevice for Overlay {
 }
 
 impl Writable for Overlay {
+    fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<Result<()>> {
+        if fua {
+            return None; // a sync does not belong on the request loop
+        }
+        let bs = self.store.block_size();
+        let r = ByteRange {
+            offset,
+            len: data.len() as u64,
+        };
+        for (BlockIndex(b), piece) in bs.split(r, self.store.size()) {
+            let src = &data[(piece.offset - offset) as usize..(piece.end() - offset) as usize];
+            // Giving up half way is fine: the slow path writes the same
+            // bytes again, and overlapping in-flight writes are unordered.
+            let _g = self.stripe(b).try_lock().ok()?;
+            let base = if self.needs_base(b, piece) {
+                match self.base.read_now(self.store.block_range(b))? {
+                    Ok(rd) => Some(rd),
+                    Err(e) => return Some(Err(e)),
+                }
+            } else {
+                None
+            };
+            if let Err(e) = self.write_block(b, piece, src, false, base) {
+                return Some(Err(e));
+            }
+        }
+        Some(Ok(()))
+    }
+
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             self.write_impl(offset, &data, false).await?;

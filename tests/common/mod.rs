@@ -230,10 +230,17 @@ pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
             writable: false,
             overlay_dir: None,
             description: None,
+            hydrate: false,
         }],
         control: None,
         metrics: None,
         cache_size: None,
+        // Tests count origin requests: a profile lookup would be one more.
+        // Readahead stays on, as in production.
+        boot: lazybd::daemon::BootOptions {
+            replay_profile: false,
+            ..Default::default()
+        },
     }
 }
 

@@ -1,0 +1,297 @@
+//! Background hydration: bring every block of an image into the cache, so
+//! the image no longer depends on the origin.
+//!
+//! * Large requests: runs of missing blocks up to the cache's fetch size,
+//!   [`JOBS`] in parallel, cached and zero blocks skipped.
+//! * Guest first: it uses the cache's background permits (guest misses keep
+//!   the other half of the origin's connections) and pauses while a guest
+//!   read waits on the origin. Guest reads of cached blocks never queue
+//!   behind it: they are served inline from the page cache, and hydrated
+//!   blocks are stored on the blocking pool.
+//! * Rate limit: a token bucket in bytes per second (`--hydrate-rate`).
+//! * Resumable: progress is the block map itself, so after a restart the
+//!   scan skips what is already there. A status file (`hydrate.json` in the
+//!   image's cache directory: blocks done, total, rate, ETA) is rewritten
+//!   every second for `lazybd cache info`; metrics read the same numbers.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::block::{BlockIndex, ByteRange};
+use crate::cache::{Background, ImageCache};
+use crate::error::{ErrorKind, Result};
+use crate::util::human_bytes;
+
+/// Parallel hydration requests (also bounded by the background permits).
+pub const JOBS: usize = 4;
+/// Status file in the image's cache directory.
+pub const STATUS_FILE: &str = "hydrate.json";
+
+/// What `cache info` and metrics show.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    /// Blocks present or known zero.
+    pub done_blocks: u64,
+    pub total_blocks: u64,
+    /// Bytes per second over the last few seconds.
+    pub rate: u64,
+    /// Seconds to completion at that rate (None: unknown).
+    pub eta_secs: Option<u64>,
+    pub complete: bool,
+    /// Unix time of this status.
+    pub updated: u64,
+}
+
+impl Progress {
+    pub fn load(image_dir: &Path) -> Option<Progress> {
+        serde_json::from_slice(&std::fs::read(image_dir.join(STATUS_FILE)).ok()?).ok()
+    }
+}
+
+/// Live progress of a running hydration, read by metrics.
+#[derive(Debug, Default)]
+pub struct Live {
+    pub done_blocks: AtomicU64,
+    pub total_blocks: AtomicU64,
+    pub rate: AtomicU64,
+}
+
+/// Token bucket: `rate` bytes per second, bursts of one second.
+struct Bucket {
+    rate: u64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    async fn take(&mut self, n: u64) {
+        loop {
+            let now = Instant::now();
+            self.tokens = (self.tokens + (now - self.last).as_secs_f64() * self.rate as f64)
+                .min(self.rate.max(n) as f64);
+            self.last = now;
+            if self.tokens >= n as f64 {
+                self.tokens -= n as f64;
+                return;
+            }
+            let wait = (n as f64 - self.tokens) / self.rate as f64;
+            tokio::time::sleep(Duration::from_secs_f64(wait.min(1.0))).await;
+        }
+    }
+}
+
+/// The next run of missing blocks at or after `from`, at most `max` long.
+fn next_missing(cache: &ImageCache, from: u64, blocks: u64, max: u64) -> Option<(u64, u64)> {
+    let first = (from..blocks).find(|&b| cache.is_missing(b))?;
+    let mut n = 1;
+    while n < max && first + n < blocks && cache.is_missing(first + n) {
+        n += 1;
+    }
+    Some((first, n))
+}
+
+/// Hydrate `cache` until complete or `stop`. `rate`: bytes per second.
+pub async fn run(
+    cache: ImageCache,
+    rate: Option<u64>,
+    live: Arc<Live>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let bs = cache.block_size();
+    let (_, _, blocks) = cache.counts();
+    let per_fetch = (cache.max_fetch() / bs.bytes()).max(1);
+    let mut bucket = rate.map(|rate| Bucket {
+        rate: rate.max(1),
+        // Start with one second's worth: the first request goes at once.
+        tokens: rate as f64,
+        last: Instant::now(),
+    });
+    let started = Instant::now();
+    let image = cache.origin().identity().locator.clone();
+    live.total_blocks.store(blocks, Ordering::Relaxed);
+    tracing::info!(%image, rate = rate.map(human_bytes).unwrap_or_else(|| "unlimited".into()),
+        "hydration started");
+    let mut jobs: JoinSet<Result<u64>> = JoinSet::new();
+    let mut cursor = 0u64;
+    let mut wrapped = false;
+    let mut window = RateWindow::new();
+    let mut last_status = Instant::now() - Duration::from_secs(10);
+    let mut last_log = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        // Progress: status file every second, a log line every 10 s.
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            let p = progress(&cache, &mut window, false);
+            publish(&cache, &live, &p);
+            if last_log.elapsed() >= Duration::from_secs(10) {
+                log_progress(&image, &p, bs.bytes());
+                last_log = Instant::now();
+            }
+            last_status = Instant::now();
+        }
+        // Guest first: while a guest read waits on the origin, wait too.
+        if cache.guest_waiting() > 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            continue;
+        }
+        while jobs.len() >= JOBS {
+            match jobs.join_next().await {
+                Some(Ok(Err(e))) if e.kind() == ErrorKind::OriginChanged => return Err(e),
+                Some(Ok(Err(e))) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "hydration fetch failed; will retry");
+                    // Back off; the blocks are still missing and the scan
+                    // comes back to them on its next pass.
+                    tokio::time::sleep(Duration::from_millis(200 * failures.min(25) as u64)).await;
+                }
+                Some(Ok(Ok(_))) => failures = 0,
+                _ => {}
+            }
+        }
+        let Some((first, n)) = next_missing(&cache, cursor, blocks, per_fetch) else {
+            // Reached the end: let fetches finish, then one more pass from
+            // the start (failed or evicted blocks), then done.
+            while let Some(r) = jobs.join_next().await {
+                if let Ok(Err(e)) = r {
+                    if e.kind() == ErrorKind::OriginChanged {
+                        return Err(e);
+                    }
+                }
+            }
+            if wrapped && next_missing(&cache, 0, blocks, 1).is_none() {
+                break;
+            }
+            if wrapped {
+                // Still missing after a full pass: origin trouble. Pause.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+            wrapped = true;
+            cursor = 0;
+            continue;
+        };
+        let start = bs.range_of(BlockIndex(first), cache.image_size()).offset;
+        let end = bs
+            .range_of(BlockIndex(first + n - 1), cache.image_size())
+            .end();
+        let range = ByteRange {
+            offset: start,
+            len: end - start,
+        };
+        if let Some(b) = bucket.as_mut() {
+            tokio::select! {
+                _ = b.take(range.len) => {}
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+        let permit = tokio::select! {
+            p = cache.background_permits().clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        cursor = first + n;
+        let c = cache.clone();
+        jobs.spawn(async move {
+            let _permit = permit;
+            c.fetch_background(range, Background::Hydrate).await
+        });
+    }
+    // Stopping: in-flight fetches finish (their blocks are worth keeping).
+    while jobs.join_next().await.is_some() {}
+    let p = progress(&cache, &mut window, true);
+    publish(&cache, &live, &p);
+    if p.complete {
+        tracing::info!(%image, elapsed_s = started.elapsed().as_secs(), "hydration complete: the image is fully cached");
+    } else {
+        log_progress(&image, &p, bs.bytes());
+    }
+    Ok(())
+}
+
+/// Rate over a sliding window of samples (bytes known, time).
+struct RateWindow {
+    samples: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl RateWindow {
+    fn new() -> Self {
+        RateWindow {
+            samples: Default::default(),
+        }
+    }
+
+    fn rate(&mut self, now: Instant, done_bytes: u64) -> u64 {
+        self.samples.push_back((now, done_bytes));
+        while self.samples.len() > 2
+            && now - self.samples.front().expect("non-empty").0 > Duration::from_secs(5)
+        {
+            self.samples.pop_front();
+        }
+        let (t0, b0) = *self.samples.front().expect("non-empty");
+        let dt = (now - t0).as_secs_f64();
+        if dt < 0.5 {
+            return 0;
+        }
+        (done_bytes.saturating_sub(b0) as f64 / dt) as u64
+    }
+}
+
+fn progress(cache: &ImageCache, w: &mut RateWindow, stopped: bool) -> Progress {
+    let (present, zero, total) = cache.counts();
+    let done = present + zero;
+    let bs = cache.block_size().bytes();
+    let rate = w.rate(Instant::now(), done * bs);
+    let left = total.saturating_sub(done) * bs;
+    Progress {
+        done_blocks: done,
+        total_blocks: total,
+        rate: if stopped { 0 } else { rate },
+        eta_secs: (rate > 0 && !stopped).then(|| left / rate),
+        complete: done == total,
+        updated: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
+}
+
+fn publish(cache: &ImageCache, live: &Live, p: &Progress) {
+    live.done_blocks.store(p.done_blocks, Ordering::Relaxed);
+    live.total_blocks.store(p.total_blocks, Ordering::Relaxed);
+    live.rate.store(p.rate, Ordering::Relaxed);
+    if let Ok(json) = serde_json::to_vec(p) {
+        if let Err(e) = crate::util::write_atomic(&cache.dir().join(STATUS_FILE), &json) {
+            tracing::debug!(error = %e, "cannot write hydration status");
+        }
+    }
+}
+
+fn log_progress(image: &str, p: &Progress, bs: u64) {
+    let pct = if p.total_blocks > 0 {
+        100.0 * p.done_blocks as f64 / p.total_blocks as f64
+    } else {
+        100.0
+    };
+    tracing::info!(%image,
+        "hydrating: {pct:.1}% ({} of {}), {}/s, ETA {}",
+        human_bytes(p.done_blocks * bs),
+        human_bytes(p.total_blocks * bs),
+        human_bytes(p.rate),
+        p.eta_secs.map(|s| format!("{s}s")).unwrap_or_else(|| "unknown".into()));
+}

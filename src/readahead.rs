@@ -1,0 +1,199 @@
+//! Adaptive sequential readahead, one per export, between the export (or
+//! its overlay) and the shared cache:
+//!
+//! ```text
+//!   export -> [overlay] -> readahead -> cache -> origin
+//! ```
+//!
+//! A guest booting or copying reads long sequential runs, one request at a
+//! time; each cold request would cost a full origin round trip. Readahead
+//! watches a few streams per export; a read that continues a stream grows
+//! its window (doubling up to [`MAX_WINDOW`]) and keeps the cache filled
+//! that far ahead; a stream that is not continued is forgotten (least
+//! recently used of [`STREAMS`]), so a new one starts small again.
+//!
+//! Readahead never delays the read that triggered it: it is a spawned
+//! background fetch, started only if a permit is free at once (per export:
+//! [`MAX_INFLIGHT`] fetches of at most [`MAX_WINDOW`] bytes; per image: the
+//! cache's background permits), otherwise skipped.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
+
+use crate::block::ByteRange;
+use crate::cache::{Background, ImageCache};
+use crate::error::Result;
+use crate::export::{BlockDevice, Extent, ReadData};
+use crate::origin::BoxFuture;
+
+/// Streams tracked per export (a VM reading a few files at once).
+pub const STREAMS: usize = 8;
+/// Window of a stream's first readahead.
+pub const MIN_WINDOW: u64 = 256 << 10;
+/// Largest window: a few round trips' worth at 1 Gbit/s and 10 ms.
+pub const MAX_WINDOW: u64 = 8 << 20;
+/// Readahead fetches in flight per export.
+pub const MAX_INFLIGHT: usize = 4;
+/// A read starting this far behind a stream's end still belongs to it
+/// (re-reads, requests of a sequential run delivered out of order).
+const BEHIND: u64 = 1 << 20;
+/// Largest forward gap that still continues a stream.
+const MAX_GAP: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Stream {
+    /// Where the stream's next read is expected.
+    next: u64,
+    /// Current window (0 = slot unused).
+    window: u64,
+    /// Readahead has been started up to here (exclusive).
+    ahead: u64,
+    /// Sequential reads seen in a row.
+    run: u32,
+    /// For least-recently-used replacement.
+    tick: u64,
+}
+
+#[derive(Default)]
+struct Streams {
+    s: [Stream; STREAMS],
+    tick: u64,
+}
+
+pub struct Readahead {
+    cache: ImageCache,
+    streams: Mutex<Streams>,
+    inflight: Arc<Semaphore>,
+}
+
+impl Readahead {
+    pub fn new(cache: ImageCache) -> Self {
+        Readahead {
+            cache,
+            streams: Mutex::new(Streams::default()),
+            inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
+        }
+    }
+
+    /// Account for a guest read; start readahead if it continues a stream.
+    fn observe(&self, r: ByteRange) {
+        if r.is_empty() {
+            return;
+        }
+        let want = {
+            let mut st = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            st.tick += 1;
+            let tick = st.tick;
+            let size = self.cache.image_size();
+            // Forward, a stream continues only across a small gap (a few
+            // requests of this size delivered out of order), so random
+            // reads near each other do not look sequential.
+            let ahead = (r.len * 3).min(MAX_GAP);
+            let hit = st.s.iter().position(|s| {
+                s.window > 0 && r.offset + BEHIND >= s.next && r.offset <= s.next + ahead
+            });
+            match hit {
+                Some(i) => {
+                    let s = &mut st.s[i];
+                    s.tick = tick;
+                    if r.offset < s.next {
+                        // A re-read, an overlapping read or a late arrival:
+                        // part of the stream, but no sequential progress.
+                        return;
+                    }
+                    s.next = r.end();
+                    s.run += 1;
+                    if s.run > 2 {
+                        s.window = (s.window * 2).min(MAX_WINDOW);
+                    }
+                    // Top up when less than half a window is left ahead.
+                    let target = (s.next + s.window).min(size);
+                    if s.run >= 2 && s.ahead < s.next + s.window / 2 && target > s.ahead.max(s.next)
+                    {
+                        let from = s.ahead.max(s.next);
+                        Some((
+                            i,
+                            ByteRange {
+                                offset: from,
+                                len: target - from,
+                            },
+                        ))
+                    } else {
+                        None
+                    }
+                }
+                None => {
+                    let i = (0..STREAMS).min_by_key(|&i| st.s[i].tick).unwrap_or(0);
+                    st.s[i] = Stream {
+                        next: r.end(),
+                        window: MIN_WINDOW,
+                        ahead: r.end(),
+                        run: 1,
+                        tick,
+                    };
+                    None
+                }
+            }
+        };
+        let Some((i, range)) = want else { return };
+        let bs = self.cache.block_size();
+        if !bs.covering(range).any(|b| self.cache.is_missing(b)) {
+            // Already local: nothing to fetch, but the stream moves on.
+            self.advance(i, range.end());
+            return;
+        }
+        let Ok(mine) = self.inflight.clone().try_acquire_owned() else {
+            return;
+        };
+        let Ok(image) = self.cache.background_permits().clone().try_acquire_owned() else {
+            return;
+        };
+        self.advance(i, range.end());
+        let cache = self.cache.clone();
+        tokio::spawn(async move {
+            let _permits = (mine, image);
+            if let Err(e) = cache.fetch_background(range, Background::Readahead).await {
+                tracing::debug!(error = %e, %range, "readahead fetch failed");
+            }
+        });
+    }
+
+    fn advance(&self, i: usize, to: u64) {
+        let mut st = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        st.s[i].ahead = st.s[i].ahead.max(to);
+    }
+}
+
+impl BlockDevice for Readahead {
+    fn size(&self) -> u64 {
+        self.cache.size()
+    }
+
+    fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
+        self.observe(r);
+        self.cache.read(r)
+    }
+
+    fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
+        self.cache.extents(r)
+    }
+
+    fn prefetch(&self, r: ByteRange) {
+        self.cache.prefetch(r)
+    }
+
+    fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
+        // Only a read that will be answered counts here: `None` means the
+        // caller comes back through `read`, which observes it then.
+        let res = self.cache.read_now(r);
+        if res.is_some() {
+            self.observe(r);
+        }
+        res
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        self.cache.flush()
+    }
+}
