@@ -30,6 +30,7 @@ pub mod block;
 pub mod cache;
 pub mod config;
 pub mod control;
+pub mod copy;
 pub mod daemon;
 pub mod error;
 pub mod export;

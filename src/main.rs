@@ -67,9 +67,58 @@ enum Cmd {
     /// Add, remove or list exports of a running server (control socket).
     #[command(subcommand, after_help = EXPORT_EXAMPLES)]
     Export(ExportCmd),
+    /// Copy a whole image (HTTP(S), file or NBD) to a file or an NBD export,
+    /// in parallel, verified.
+    #[command(after_help = COPY_EXAMPLES)]
+    Copy(CopyArgs),
     /// Show, export, import boot profiles; stop a recording.
     #[command(subcommand, after_help = PROFILE_EXAMPLES)]
     Profile(ProfileCmd),
+}
+
+const COPY_EXAMPLES: &str = "\
+SOURCE: http://, https://, file:// or a path, nbd://HOST[:PORT]/EXPORT,
+nbd+unix:///EXPORT?socket=PATH. DEST: a path (created or truncated; a block
+device is written in place) or an NBD URI (a writable export at least as
+large as the image).
+
+Every chunk's CRC32 is checked against the destination read back after
+writing; --sha256 checks the whole image. Holes an NBD source reports are
+not read; zero chunks are not written to a new file (it stays sparse).
+
+Examples:
+  lazybd copy https://images.example/debian-12.raw /var/lib/images/debian-12.raw \\
+      --sha256 5f2c...e1
+  lazybd copy nbd://127.0.0.1/disk disk.raw
+  lazybd copy base.raw 'nbd+unix:///vm1?socket=/run/lazybd.sock'";
+
+#[derive(Args)]
+struct CopyArgs {
+    /// What to copy: URL, path or NBD URI.
+    source: String,
+    /// Where to: path or NBD URI.
+    dest: String,
+    /// Chunks in flight (parallel requests / NBD connections).
+    #[arg(long, short = 'j', default_value_t = 8)]
+    jobs: usize,
+    /// Bytes per request (at most 32M).
+    #[arg(long, default_value = "4M", value_name = "SIZE")]
+    chunk_size: String,
+    /// Expected SHA-256 of the image (64 hex digits); a mismatch fails the copy.
+    #[arg(long, value_name = "HEX")]
+    sha256: Option<String>,
+    /// Skip reading each chunk back from DEST to check its CRC32.
+    #[arg(long)]
+    no_verify: bool,
+    /// Extra HTTP header for the source, 'Name: value'. Repeatable.
+    #[arg(long = "header", short = 'H', value_name = "HEADER")]
+    headers: Vec<String>,
+    /// PEM file of extra CA certificates for an https:// source.
+    #[arg(long, value_name = "PEM")]
+    origin_ca: Option<PathBuf>,
+    /// No progress bar even on a terminal (log lines instead).
+    #[arg(long)]
+    no_progress: bool,
 }
 
 const PROFILE_EXAMPLES: &str = "\
@@ -319,6 +368,7 @@ fn main() -> ExitCode {
         Cmd::Cache(CacheCmd::Verify { dir, repair }) => cache_verify(&dir, repair),
         Cmd::Export(c) => export_cmd(c),
         Cmd::Profile(c) => profile_cmd(c),
+        Cmd::Copy(a) => copy_cmd(a),
     };
     match r {
         Ok(code) => code,
@@ -404,13 +454,14 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         Some(s) => Some(BlockSize::new(parse_size(&s)?)?),
         None => None,
     };
-    let mut headers = Vec::new();
-    for h in file.origin.headers.iter().chain(a.headers.iter()) {
-        let Some((n, v)) = h.split_once(':') else {
-            bail!("header {h:?}: expected 'Name: value'");
-        };
-        headers.push((n.trim().to_string(), v.trim().to_string()));
-    }
+    let all: Vec<String> = file
+        .origin
+        .headers
+        .iter()
+        .chain(a.headers.iter())
+        .cloned()
+        .collect();
+    let headers = parse_headers(&all)?;
     let control = match a.control {
         Some(c) if c == "none" => None,
         Some(c) => Some(PathBuf::from(c)),
@@ -565,6 +616,84 @@ fn export_cmd(c: ExportCmd) -> anyhow::Result<ExitCode> {
         .build()?;
     rt.block_on(control::call(&path, &req))?;
     println!("ok");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_headers(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    let mut headers = Vec::new();
+    for h in list {
+        let Some((n, v)) = h.split_once(':') else {
+            bail!("header {h:?}: expected 'Name: value'");
+        };
+        headers.push((n.trim().to_string(), v.trim().to_string()));
+    }
+    Ok(headers)
+}
+
+fn copy_cmd(a: CopyArgs) -> anyhow::Result<ExitCode> {
+    use lazybd::copy::{self, CopySpec};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut spec = CopySpec::new(&a.source, &a.dest);
+    spec.jobs = a.jobs.max(1);
+    spec.chunk = parse_size(&a.chunk_size)?;
+    spec.verify = !a.no_verify;
+    spec.sha256 = a.sha256.as_deref().map(copy::parse_sha256).transpose()?;
+    spec.origin_options.headers = parse_headers(&a.headers)?;
+    spec.origin_options.ca_file = a.origin_ca;
+    let bar = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let report = rt.block_on(async move {
+        let task = copy::start(spec);
+        let p = task.progress.clone();
+        let pb = bar.then(|| {
+            let pb = indicatif::ProgressBar::new(0);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .expect("valid template"),
+            );
+            pb
+        });
+        let ticker = tokio::spawn(async move {
+            let mut last_log = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let (done, total) = (p.done.load(Relaxed), p.total.load(Relaxed));
+                if let Some(pb) = &pb {
+                    pb.set_length(total);
+                    pb.set_position(done);
+                    if total > 0 && done == total {
+                        pb.finish();
+                        return;
+                    }
+                } else if last_log.elapsed() >= Duration::from_secs(5) && total > 0 {
+                    tracing::info!(
+                        "copied {} of {} ({:.1}%)",
+                        human_bytes(done),
+                        human_bytes(total),
+                        100.0 * done as f64 / total as f64
+                    );
+                    last_log = std::time::Instant::now();
+                }
+            }
+        });
+        let r = task.wait().await;
+        ticker.abort();
+        r
+    })?;
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "copied {} ({} zero/holes) in {:.1}s, {}/s; sha256 {}",
+        human_bytes(report.bytes),
+        human_bytes(report.zero_bytes),
+        secs,
+        human_bytes((report.bytes as f64 / secs) as u64),
+        copy::hex(&report.sha256)
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,0 +1,593 @@
+//! A small NBD client for `lazybd copy`: one request at a time per
+//! connection (the copier opens one connection per job), fixed newstyle
+//! handshake with OPT_GO, structured replies and `base:allocation` when
+//! the server offers them (to skip holes), simple replies otherwise.
+//!
+//! URIs as qemu and libnbd spell them: `nbd://HOST[:PORT][/EXPORT]` and
+//! `nbd+unix:///EXPORT?socket=PATH`. Everything the server sends is
+//! checked: magic numbers, cookies, chunk offsets within the request and
+//! lengths; a server that breaks the protocol is an error, never data.
+
+use std::path::PathBuf;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::wire::{self, chunk, cmd, opt, rep, tflag, ChunkHeader, OptionHeader, Request};
+use crate::block::ByteRange;
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::Extent;
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// Where an NBD export is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    pub addr: NbdAddr,
+    pub export: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl NbdUri {
+    /// Whether `s` is an NBD URI (as opposed to a file or HTTP URL).
+    pub fn is_nbd(s: &str) -> bool {
+        let l = s.to_ascii_lowercase();
+        l.starts_with("nbd://") || l.starts_with("nbd+unix://")
+    }
+
+    pub fn parse(s: &str) -> Result<NbdUri> {
+        let bad = |why: &str| Error::new(ErrorKind::InvalidInput, format!("NBD URI {s:?}: {why}"));
+        let (rest, unix) = if let Some(r) = s.strip_prefix("nbd+unix://") {
+            (r, true)
+        } else if let Some(r) = s.strip_prefix("nbd://") {
+            (r, false)
+        } else {
+            return Err(bad(
+                "expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH",
+            ));
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((a, q)) => (a, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        let export = percent_decode(path).ok_or_else(|| bad("bad %-escape in the export name"))?;
+        if unix {
+            if !authority.is_empty() {
+                return Err(bad("nbd+unix:// takes no host"));
+            }
+            let socket = query
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .ok_or_else(|| bad("missing ?socket=PATH"))?;
+            let socket = percent_decode(socket).ok_or_else(|| bad("bad %-escape in socket"))?;
+            return Ok(NbdUri {
+                addr: NbdAddr::Unix(socket.into()),
+                export,
+            });
+        }
+        if authority.is_empty() {
+            return Err(bad("missing host"));
+        }
+        let has_port = if authority.starts_with('[') {
+            authority.contains("]:")
+        } else {
+            authority.contains(':')
+        };
+        let hostport = if has_port {
+            authority.to_string()
+        } else {
+            format!("{authority}:10809")
+        };
+        Ok(NbdUri {
+            addr: NbdAddr::Tcp(hostport),
+            export,
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// One connection to an export, in the transmission phase.
+pub struct NbdClient {
+    s: Box<dyn Stream>,
+    size: u64,
+    flags: u16,
+    structured: bool,
+    base_allocation: bool,
+    cookie: u64,
+    what: String,
+}
+
+fn proto(what: &str, msg: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Protocol, format!("NBD server {what}: {msg}"))
+}
+
+impl NbdClient {
+    pub async fn connect(uri: &NbdUri) -> Result<NbdClient> {
+        let what = match &uri.addr {
+            NbdAddr::Tcp(a) => format!("{a} export {:?}", uri.export),
+            NbdAddr::Unix(p) => format!("{} export {:?}", p.display(), uri.export),
+        };
+        let s: Box<dyn Stream> = match &uri.addr {
+            NbdAddr::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a)
+                    .await
+                    .map_err(|e| Error::io(format!("connecting to {a}"), e))?;
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            }
+            NbdAddr::Unix(p) => Box::new(
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(|e| Error::io(format!("connecting to {}", p.display()), e))?,
+            ),
+        };
+        let mut c = NbdClient {
+            s,
+            size: 0,
+            flags: 0,
+            structured: false,
+            base_allocation: false,
+            cookie: 0,
+            what,
+        };
+        c.handshake(&uri.export).await?;
+        Ok(c)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.flags & tflag::READ_ONLY != 0
+    }
+
+    fn io(&self, e: std::io::Error) -> Error {
+        Error::io(format!("NBD server {}", self.what), e)
+    }
+
+    async fn handshake(&mut self, export: &str) -> Result<()> {
+        let mut g = [0u8; 18];
+        self.s.read_exact(&mut g).await.map_err(|e| self.io(e))?;
+        let magic = u64::from_be_bytes(g[..8].try_into().expect("8"));
+        let ihave = u64::from_be_bytes(g[8..16].try_into().expect("8"));
+        if magic != wire::NBDMAGIC || ihave != wire::IHAVEOPT {
+            return Err(proto(
+                &self.what,
+                "not a newstyle NBD server (bad greeting)",
+            ));
+        }
+        let hflags = u16::from_be_bytes([g[16], g[17]]);
+        if hflags & wire::hflag::FIXED_NEWSTYLE == 0 {
+            return Err(proto(&self.what, "does not speak fixed newstyle"));
+        }
+        let mut cflags = wire::cflag::FIXED_NEWSTYLE;
+        if hflags & wire::hflag::NO_ZEROES != 0 {
+            cflags |= wire::cflag::NO_ZEROES;
+        }
+        self.s
+            .write_all(&cflags.to_be_bytes())
+            .await
+            .map_err(|e| self.io(e))?;
+        // Structured replies and base:allocation: both optional.
+        self.send_option(opt::STRUCTURED_REPLY, &[]).await?;
+        let (r, _) = self.option_reply(opt::STRUCTURED_REPLY).await?;
+        self.structured = r == rep::ACK;
+        if self.structured {
+            let mut d = Vec::new();
+            d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+            d.extend_from_slice(export.as_bytes());
+            d.extend_from_slice(&1u32.to_be_bytes());
+            d.extend_from_slice(&(wire::BASE_ALLOCATION.len() as u32).to_be_bytes());
+            d.extend_from_slice(wire::BASE_ALLOCATION.as_bytes());
+            self.send_option(opt::SET_META_CONTEXT, &d).await?;
+            loop {
+                let (r, data) = self.option_reply(opt::SET_META_CONTEXT).await?;
+                match r {
+                    rep::META_CONTEXT if data.len() >= 4 => {
+                        self.base_allocation = &data[4..] == wire::BASE_ALLOCATION.as_bytes()
+                    }
+                    rep::ACK => break,
+                    r if r & 0x8000_0000 != 0 => break,
+                    _ => {}
+                }
+            }
+        }
+        // GO: no info requests, the server sends NBD_INFO_EXPORT anyway.
+        let mut d = Vec::new();
+        d.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        self.send_option(opt::GO, &d).await?;
+        let mut have_info = false;
+        loop {
+            let (r, data) = self.option_reply(opt::GO).await?;
+            match r {
+                rep::INFO if data.len() >= 2 => {
+                    if u16::from_be_bytes([data[0], data[1]]) == wire::info::EXPORT {
+                        if data.len() != 12 {
+                            return Err(proto(&self.what, "bad NBD_INFO_EXPORT length"));
+                        }
+                        self.size = u64::from_be_bytes(data[2..10].try_into().expect("8"));
+                        self.flags = u16::from_be_bytes([data[10], data[11]]);
+                        have_info = true;
+                    }
+                }
+                rep::ACK if have_info => return Ok(()),
+                rep::ACK => return Err(proto(&self.what, "GO acknowledged without export info")),
+                rep::ERR_UNKNOWN => {
+                    return Err(Error::new(
+                        ErrorKind::NotFound,
+                        format!("NBD server {}: no such export", self.what),
+                    ))
+                }
+                r if r & 0x8000_0000 != 0 => {
+                    let msg = String::from_utf8_lossy(&data).into_owned();
+                    return Err(proto(
+                        &self.what,
+                        format!("refused the export ({r:#x}) {msg}"),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn send_option(&mut self, option: u32, data: &[u8]) -> Result<()> {
+        let mut b = OptionHeader {
+            option,
+            len: data.len() as u32,
+        }
+        .encode()
+        .to_vec();
+        b.extend_from_slice(data);
+        self.s.write_all(&b).await.map_err(|e| self.io(e))
+    }
+
+    async fn option_reply(&mut self, option: u32) -> Result<(u32, Vec<u8>)> {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).await.map_err(|e| self.io(e))?;
+        let magic = u64::from_be_bytes(h[..8].try_into().expect("8"));
+        let got = u32::from_be_bytes(h[8..12].try_into().expect("4"));
+        let r = u32::from_be_bytes(h[12..16].try_into().expect("4"));
+        let len = u32::from_be_bytes(h[16..20].try_into().expect("4"));
+        if magic != wire::OPT_REPLY_MAGIC || got != option {
+            return Err(proto(&self.what, "bad option reply"));
+        }
+        if len > wire::MAX_OPTION_LEN {
+            return Err(proto(&self.what, "option reply too long"));
+        }
+        let mut data = vec![0u8; len as usize];
+        self.s.read_exact(&mut data).await.map_err(|e| self.io(e))?;
+        Ok((r, data))
+    }
+
+    async fn request(&mut self, typ: u16, flags: u16, r: ByteRange, payload: &[u8]) -> Result<u64> {
+        self.cookie += 1;
+        let req = Request {
+            flags,
+            typ,
+            cookie: self.cookie,
+            offset: r.offset,
+            len: r.len as u32,
+        };
+        let mut b = req.encode().to_vec();
+        b.extend_from_slice(payload);
+        self.s.write_all(&b).await.map_err(|e| self.io(e))?;
+        Ok(self.cookie)
+    }
+
+    fn errno(&self, what: &str, r: ByteRange, errno: u32) -> Error {
+        let kind = if errno == wire::errno::ENOSPC {
+            ErrorKind::NoSpace
+        } else {
+            ErrorKind::Io
+        };
+        Error::new(
+            kind,
+            format!("NBD server {}: {what} {r} failed: errno {errno}", self.what),
+        )
+    }
+
+    /// Read a reply that carries no data (simple, or a single structured
+    /// NONE / ERROR chunk).
+    async fn ack(&mut self, cookie: u64, what: &str, r: ByteRange) -> Result<()> {
+        let mut m = [0u8; 4];
+        self.s.read_exact(&mut m).await.map_err(|e| self.io(e))?;
+        match u32::from_be_bytes(m) {
+            wire::SIMPLE_REPLY_MAGIC => {
+                let mut rest = [0u8; 12];
+                self.s.read_exact(&mut rest).await.map_err(|e| self.io(e))?;
+                let err = u32::from_be_bytes(rest[..4].try_into().expect("4"));
+                if u64::from_be_bytes(rest[4..].try_into().expect("8")) != cookie {
+                    return Err(proto(&self.what, "reply to a request never sent"));
+                }
+                if err != 0 {
+                    return Err(self.errno(what, r, err));
+                }
+                Ok(())
+            }
+            wire::STRUCTURED_REPLY_MAGIC => {
+                let h = self.chunk_rest(m).await?;
+                if h.cookie != cookie {
+                    return Err(proto(&self.what, "reply to a request never sent"));
+                }
+                let mut body = vec![0u8; h.len as usize];
+                self.s.read_exact(&mut body).await.map_err(|e| self.io(e))?;
+                if h.typ & 0x8000 != 0 {
+                    let e = body
+                        .get(..4)
+                        .map(|b| u32::from_be_bytes(b.try_into().expect("4")));
+                    return Err(self.errno(what, r, e.unwrap_or(wire::errno::EIO)));
+                }
+                if h.flags & chunk::FLAG_DONE == 0 {
+                    return Err(proto(&self.what, "unexpected data chunk"));
+                }
+                Ok(())
+            }
+            _ => Err(proto(&self.what, "bad reply magic")),
+        }
+    }
+
+    async fn chunk_rest(&mut self, magic: [u8; 4]) -> Result<ChunkHeader> {
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(&magic);
+        self.s
+            .read_exact(&mut h[4..])
+            .await
+            .map_err(|e| self.io(e))?;
+        let h = ChunkHeader::decode(&h).map_err(|e| proto(&self.what, e))?;
+        if h.len > wire::MAX_PAYLOAD + 64 {
+            return Err(proto(&self.what, "chunk too long"));
+        }
+        Ok(h)
+    }
+
+    /// Read `r` (at most 32 MiB).
+    pub async fn read(&mut self, r: ByteRange) -> Result<Bytes> {
+        let cookie = self.request(cmd::READ, 0, r, &[]).await?;
+        let mut out = BytesMut::zeroed(r.len as usize);
+        let mut m = [0u8; 4];
+        self.s.read_exact(&mut m).await.map_err(|e| self.io(e))?;
+        if u32::from_be_bytes(m) == wire::SIMPLE_REPLY_MAGIC {
+            let mut rest = [0u8; 12];
+            self.s.read_exact(&mut rest).await.map_err(|e| self.io(e))?;
+            let err = u32::from_be_bytes(rest[..4].try_into().expect("4"));
+            if u64::from_be_bytes(rest[4..].try_into().expect("8")) != cookie {
+                return Err(proto(&self.what, "reply to a request never sent"));
+            }
+            if err != 0 {
+                return Err(self.errno("read", r, err));
+            }
+            self.s.read_exact(&mut out).await.map_err(|e| self.io(e))?;
+            return Ok(out.freeze());
+        }
+        // Structured: data and hole chunks must tile the request exactly.
+        let mut covered = 0u64;
+        loop {
+            if u32::from_be_bytes(m) != wire::STRUCTURED_REPLY_MAGIC {
+                return Err(proto(&self.what, "bad reply magic"));
+            }
+            let h = self.chunk_rest(m).await?;
+            if h.cookie != cookie {
+                return Err(proto(&self.what, "reply to a request never sent"));
+            }
+            match h.typ {
+                chunk::OFFSET_DATA => {
+                    if h.len < 8 {
+                        return Err(proto(&self.what, "short data chunk"));
+                    }
+                    let off = self.s.read_u64().await.map_err(|e| self.io(e))?;
+                    let n = (h.len - 8) as u64;
+                    let at = off
+                        .checked_sub(r.offset)
+                        .filter(|a| a + n <= r.len)
+                        .ok_or_else(|| proto(&self.what, "data chunk outside the request"))?;
+                    self.s
+                        .read_exact(&mut out[at as usize..(at + n) as usize])
+                        .await
+                        .map_err(|e| self.io(e))?;
+                    covered += n;
+                }
+                chunk::OFFSET_HOLE => {
+                    if h.len != 12 {
+                        return Err(proto(&self.what, "bad hole chunk"));
+                    }
+                    let off = self.s.read_u64().await.map_err(|e| self.io(e))?;
+                    let n = self.s.read_u32().await.map_err(|e| self.io(e))? as u64;
+                    let at = off
+                        .checked_sub(r.offset)
+                        .filter(|a| a + n <= r.len)
+                        .ok_or_else(|| proto(&self.what, "hole chunk outside the request"))?;
+                    out[at as usize..(at + n) as usize].fill(0);
+                    covered += n;
+                }
+                chunk::NONE if h.len == 0 => {}
+                t if t & 0x8000 != 0 => {
+                    let mut body = vec![0u8; h.len as usize];
+                    self.s.read_exact(&mut body).await.map_err(|e| self.io(e))?;
+                    let e = body
+                        .get(..4)
+                        .map(|b| u32::from_be_bytes(b.try_into().expect("4")));
+                    // Drain to DONE so the connection stays usable.
+                    let mut done = h.flags & chunk::FLAG_DONE != 0;
+                    while !done {
+                        self.s.read_exact(&mut m).await.map_err(|e| self.io(e))?;
+                        let h = self.chunk_rest(m).await?;
+                        let mut skip = vec![0u8; h.len as usize];
+                        self.s.read_exact(&mut skip).await.map_err(|e| self.io(e))?;
+                        done = h.flags & chunk::FLAG_DONE != 0;
+                    }
+                    return Err(self.errno("read", r, e.unwrap_or(wire::errno::EIO)));
+                }
+                _ => {
+                    return Err(proto(
+                        &self.what,
+                        format!("unexpected chunk type {}", h.typ),
+                    ))
+                }
+            }
+            if h.flags & chunk::FLAG_DONE != 0 {
+                break;
+            }
+            self.s.read_exact(&mut m).await.map_err(|e| self.io(e))?;
+        }
+        // Overlaps are forbidden, so full coverage means every byte came.
+        if covered != r.len {
+            return Err(proto(
+                &self.what,
+                format!("read {r} answered {covered} bytes"),
+            ));
+        }
+        Ok(out.freeze())
+    }
+
+    /// Allocation of `r` (all data when the server has no base:allocation).
+    pub async fn extents(&mut self, r: ByteRange) -> Result<Vec<Extent>> {
+        if !self.base_allocation {
+            return Ok(vec![Extent {
+                len: r.len,
+                zero: false,
+            }]);
+        }
+        let cookie = self.request(cmd::BLOCK_STATUS, 0, r, &[]).await?;
+        let mut out = Vec::new();
+        let mut m = [0u8; 4];
+        loop {
+            self.s.read_exact(&mut m).await.map_err(|e| self.io(e))?;
+            if u32::from_be_bytes(m) != wire::STRUCTURED_REPLY_MAGIC {
+                return Err(proto(&self.what, "bad block status reply"));
+            }
+            let h = self.chunk_rest(m).await?;
+            if h.cookie != cookie {
+                return Err(proto(&self.what, "reply to a request never sent"));
+            }
+            let mut body = vec![0u8; h.len as usize];
+            self.s.read_exact(&mut body).await.map_err(|e| self.io(e))?;
+            if h.typ & 0x8000 != 0 {
+                let e = body
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes(b.try_into().expect("4")));
+                return Err(self.errno("block status", r, e.unwrap_or(wire::errno::EIO)));
+            }
+            if h.typ == chunk::BLOCK_STATUS && body.len() >= 4 && (body.len() - 4) % 8 == 0 {
+                for d in body[4..].chunks(8) {
+                    let len = u32::from_be_bytes(d[..4].try_into().expect("4")) as u64;
+                    let st = u32::from_be_bytes(d[4..].try_into().expect("4"));
+                    out.push(Extent {
+                        len,
+                        zero: st & wire::state::ZERO != 0,
+                    });
+                }
+            }
+            if h.flags & chunk::FLAG_DONE != 0 {
+                break;
+            }
+        }
+        // Clip to the request; an empty answer means "unknown": data.
+        let mut left = r.len;
+        let mut clipped = Vec::new();
+        for e in out {
+            if left == 0 || e.len == 0 {
+                break;
+            }
+            let len = e.len.min(left);
+            left -= len;
+            clipped.push(Extent { len, zero: e.zero });
+        }
+        if clipped.is_empty() {
+            clipped.push(Extent {
+                len: r.len,
+                zero: false,
+            });
+        }
+        Ok(clipped)
+    }
+
+    pub async fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let r = ByteRange {
+            offset,
+            len: data.len() as u64,
+        };
+        let c = self.request(cmd::WRITE, 0, r, data).await?;
+        self.ack(c, "write", r).await
+    }
+
+    /// Zero `r`: WRITE_ZEROES when the server has it, else written zeroes.
+    pub async fn write_zeroes(&mut self, r: ByteRange) -> Result<()> {
+        if self.flags & tflag::SEND_WRITE_ZEROES != 0 {
+            let c = self.request(cmd::WRITE_ZEROES, 0, r, &[]).await?;
+            return self.ack(c, "write zeroes", r).await;
+        }
+        let zeros = vec![0u8; r.len as usize];
+        self.write(r.offset, &zeros).await
+    }
+
+    pub async fn flush(&mut self) -> Result<()> {
+        if self.flags & tflag::SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        let r = ByteRange { offset: 0, len: 0 };
+        let c = self.request(cmd::FLUSH, 0, r, &[]).await?;
+        self.ack(c, "flush", r).await
+    }
+
+    /// Say goodbye (NBD_CMD_DISC); the server closes.
+    pub async fn disconnect(mut self) {
+        let r = ByteRange { offset: 0, len: 0 };
+        let _ = self.request(cmd::DISC, 0, r, &[]).await;
+        let _ = self.s.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        let u = NbdUri::parse("nbd://127.0.0.1:10810/vm%201").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("127.0.0.1:10810".into()));
+        assert_eq!(u.export, "vm 1");
+        let u = NbdUri::parse("nbd://host").unwrap();
+        assert_eq!(
+            (u.addr, u.export),
+            (NbdAddr::Tcp("host:10809".into()), String::new())
+        );
+        let u = NbdUri::parse("nbd://[::1]/x").unwrap();
+        assert_eq!(u.addr, NbdAddr::Tcp("[::1]:10809".into()));
+        let u = NbdUri::parse("nbd+unix:///disk?socket=/run/l.sock").unwrap();
+        assert_eq!(u.addr, NbdAddr::Unix("/run/l.sock".into()));
+        assert_eq!(u.export, "disk");
+        assert!(NbdUri::parse("nbd+unix:///disk").is_err());
+        assert!(NbdUri::parse("http://x/y").is_err());
+        assert!(NbdUri::parse("nbd:///x").is_err());
+    }
+}
