@@ -163,6 +163,9 @@ enum Dest {
     Nbd(Pool),
 }
 
+/// The pieces of one chunk, as copied, for the in-order digest.
+type Pieces = Vec<(ByteRange, Piece)>;
+
 /// A chunk, as read: its bytes or "all zero".
 enum Piece {
     Data(Bytes),
@@ -178,7 +181,7 @@ impl Source {
     }
 
     /// Read `r` as a list of pieces (holes skipped where known).
-    async fn read(&self, r: ByteRange) -> Result<Vec<(ByteRange, Piece)>> {
+    async fn read(&self, r: ByteRange) -> Result<Pieces> {
         match self {
             Source::Origin(o) => Ok(vec![(r, Piece::Data(o.read_range(r).await?))]),
             Source::Nbd(pool) => {
@@ -340,12 +343,7 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// Copy one chunk; returns its pieces for the in-order digest.
-async fn chunk(
-    src: Arc<Source>,
-    dst: Arc<Dest>,
-    r: ByteRange,
-    verify: bool,
-) -> Result<Vec<(ByteRange, Piece)>> {
+async fn chunk(src: Arc<Source>, dst: Arc<Dest>, r: ByteRange, verify: bool) -> Result<Pieces> {
     let mut pieces = src.read(r).await?;
     for (pr, p) in pieces.iter_mut() {
         if let Piece::Data(d) = p {
@@ -399,7 +397,7 @@ async fn run(spec: CopySpec, progress: Arc<CopyProgress>) -> Result<CopyReport> 
     progress.total.store(size, Ordering::Relaxed);
     let dst = Arc::new(Dest::open(&spec.dest, size, jobs).await?);
     let src = Arc::new(src);
-    let mut inflight: VecDeque<JoinHandle<Result<Vec<(ByteRange, Piece)>>>> = VecDeque::new();
+    let mut inflight: VecDeque<JoinHandle<Result<Pieces>>> = VecDeque::new();
     let mut hasher = Sha256::new();
     let zeros = vec![0u8; spec.chunk as usize];
     let mut next = 0u64;

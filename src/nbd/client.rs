@@ -230,15 +230,16 @@ impl NbdClient {
         loop {
             let (r, data) = self.option_reply(opt::GO).await?;
             match r {
-                rep::INFO if data.len() >= 2 => {
-                    if u16::from_be_bytes([data[0], data[1]]) == wire::info::EXPORT {
-                        if data.len() != 12 {
-                            return Err(proto(&self.what, "bad NBD_INFO_EXPORT length"));
-                        }
-                        self.size = u64::from_be_bytes(data[2..10].try_into().expect("8"));
-                        self.flags = u16::from_be_bytes([data[10], data[11]]);
-                        have_info = true;
+                rep::INFO
+                    if data.len() >= 2
+                        && u16::from_be_bytes([data[0], data[1]]) == wire::info::EXPORT =>
+                {
+                    if data.len() != 12 {
+                        return Err(proto(&self.what, "bad NBD_INFO_EXPORT length"));
                     }
+                    self.size = u64::from_be_bytes(data[2..10].try_into().expect("8"));
+                    self.flags = u16::from_be_bytes([data[10], data[11]]);
+                    have_info = true;
                 }
                 rep::ACK if have_info => return Ok(()),
                 rep::ACK => return Err(proto(&self.what, "GO acknowledged without export info")),
