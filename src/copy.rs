@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::block::ByteRange;
@@ -108,43 +108,59 @@ pub fn start(spec: CopySpec) -> CopyTask {
     }
 }
 
-/// A pool of NBD connections, one per job.
+/// A pool of NBD connections: up to one per job when the server allows
+/// several (CAN_MULTI_CONN), else one, shared in turn.
 struct Pool {
     conns: Mutex<Vec<NbdClient>>,
+    free: Semaphore,
 }
+
+/// How long an extra connection may take: servers that serve one client
+/// at a time (qemu-nbd's default) accept it only when the first goes.
+const EXTRA_CONNECT: Duration = Duration::from_secs(3);
 
 impl Pool {
     async fn open(uri: &NbdUri, n: usize) -> Result<Pool> {
-        let mut conns = Vec::with_capacity(n);
-        for _ in 0..n {
-            conns.push(NbdClient::connect(uri).await?);
+        let first = NbdClient::connect(uri).await?;
+        let want = if first.can_multi_conn() { n } else { 1 };
+        let mut conns = vec![first];
+        while conns.len() < want {
+            match tokio::time::timeout(EXTRA_CONNECT, NbdClient::connect(uri)).await {
+                Ok(Ok(c)) => conns.push(c),
+                _ => break, // a connection limit: go on with what we have
+            }
         }
         Ok(Pool {
+            free: Semaphore::new(conns.len()),
             conns: Mutex::new(conns),
         })
     }
 
-    /// Take a connection (at most `jobs` chunks run, each holding at most
-    /// one connection of a pool at a time, so one is free).
+    /// Take a connection, waiting for one to be given back.
     async fn take(&self) -> NbdClient {
+        let permit = self
+            .free
+            .acquire()
+            .await
+            .expect("pool semaphore never closes");
+        permit.forget();
         self.conns
             .lock()
             .await
             .pop()
-            .expect("one connection per job")
+            .expect("a permit means a free connection")
     }
 
     async fn give(&self, c: NbdClient) {
         self.conns.lock().await.push(c);
+        self.free.add_permits(1);
     }
 
     async fn size(&self) -> u64 {
-        self.conns
-            .lock()
-            .await
-            .first()
-            .map(|c| c.size())
-            .unwrap_or(0)
+        let c = self.take().await;
+        let size = c.size();
+        self.give(c).await;
+        size
     }
 }
 
@@ -216,19 +232,23 @@ impl Dest {
         if NbdUri::is_nbd(spec) {
             let pool = Pool::open(&NbdUri::parse(spec)?, jobs).await?;
             {
-                let conns = pool.conns.lock().await;
-                let c = &conns[0];
-                if c.read_only() {
-                    return Err(Error::new(
+                let c = pool.take().await;
+                let refused = if c.read_only() {
+                    Some(Error::new(
                         ErrorKind::ReadOnly,
                         format!("{spec}: the export is read-only"),
-                    ));
-                }
-                if c.size() < size {
-                    return Err(Error::new(
+                    ))
+                } else if c.size() < size {
+                    Some(Error::new(
                         ErrorKind::InvalidInput,
                         format!("{spec}: export has {} bytes, the image {size}", c.size()),
-                    ));
+                    ))
+                } else {
+                    None
+                };
+                pool.give(c).await;
+                if let Some(e) = refused {
+                    return Err(e);
                 }
             }
             return Ok(Dest::Nbd(pool));
@@ -436,6 +456,12 @@ async fn run(spec: CopySpec, progress: Arc<CopyProgress>) -> Result<CopyReport> 
     }
     let dst = Arc::into_inner(dst).expect("all chunk tasks are done");
     dst.finish().await?;
+    if let Source::Nbd(pool) = &*src {
+        // Say goodbye properly: servers log a client that just hangs up.
+        for c in std::mem::take(&mut *pool.conns.lock().await) {
+            c.disconnect().await;
+        }
+    }
     let digest: [u8; 32] = hasher.finalize().into();
     if let Some(want) = spec.sha256 {
         if want != digest {

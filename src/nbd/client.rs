@@ -165,6 +165,12 @@ impl NbdClient {
         self.size
     }
 
+    /// Whether the server allows several connections to act as one
+    /// (a FLUSH on one covers writes on all).
+    pub fn can_multi_conn(&self) -> bool {
+        self.flags & tflag::CAN_MULTI_CONN != 0
+    }
+
     pub fn read_only(&self) -> bool {
         self.flags & tflag::READ_ONLY != 0
     }
