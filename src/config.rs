@@ -13,7 +13,9 @@
 //! [origin]
 //! connections = 16
 //! timeout_secs = 30
-//! retries = 4
+//! retries = 4                           # default: as many as the deadline allows
+//! deadline_secs = 30                      # a read fails with EIO after this
+//! hedge = "auto"                          # or "off", or milliseconds
 //! headers = ["X-Auth-Token: secret"]
 //!
 //! [boot]
@@ -92,6 +94,10 @@ pub struct OriginSection {
     pub connections: Option<usize>,
     pub timeout_secs: Option<u64>,
     pub retries: Option<u32>,
+    /// Seconds a read may keep trying the origin before EIO.
+    pub deadline_secs: Option<u64>,
+    /// "auto", "off" or milliseconds.
+    pub hedge: Option<String>,
     #[serde(default)]
     pub headers: Vec<String>,
     pub ca_file: Option<PathBuf>,

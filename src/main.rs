@@ -290,9 +290,19 @@ struct ServeArgs {
     /// Deadline for one origin request, in seconds [default: 30].
     #[arg(long)]
     origin_timeout: Option<u64>,
-    /// Retries of a failed origin request, with exponential backoff [default: 4].
+    /// Most retries of a failed origin request, with exponential backoff
+    /// and jitter [default: as many as --origin-deadline allows].
     #[arg(long)]
     origin_retries: Option<u32>,
+    /// Seconds one read may keep trying the origin (retries, hedges)
+    /// before the client gets EIO [default: 30].
+    #[arg(long, value_name = "SECS")]
+    origin_deadline: Option<u64>,
+    /// Send a second copy of an origin request still unanswered after MS
+    /// milliseconds: 'auto' (twice the recent p95 latency), 'off', or MS
+    /// [default: auto].
+    #[arg(long, value_name = "MS|auto|off")]
+    origin_hedge: Option<lazybd::origin::Hedge>,
     /// PEM file of extra CA certificates to trust for an https:// origin.
     #[arg(long, value_name = "PEM")]
     origin_ca: Option<PathBuf>,
@@ -495,6 +505,17 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
                 .or(file.origin.retries)
                 .unwrap_or(defaults.retries),
             ca_file: a.origin_ca.or(file.origin.ca_file.clone()),
+            deadline: Duration::from_secs(
+                a.origin_deadline
+                    .or(file.origin.deadline_secs)
+                    .unwrap_or(defaults.deadline.as_secs())
+                    .max(1),
+            ),
+            hedge: match (a.origin_hedge, &file.origin.hedge) {
+                (Some(h), _) => h,
+                (None, Some(h)) => h.parse().map_err(anyhow::Error::msg)?,
+                (None, None) => defaults.hedge,
+            },
         },
         limits: Limits {
             max_connections: a

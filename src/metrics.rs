@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering::Relaxed;
 type Field = fn(&Stats) -> u64;
 
 /// (name, help, value) of each per-image counter.
-const IMAGE_COUNTERS: [(&str, &str, Field); 14] = [
+const IMAGE_COUNTERS: [(&str, &str, Field); 15] = [
     ("lazybd_read_requests", "NBD READ requests answered", |s| {
         Stats::get(&s.reads)
     }),
@@ -55,6 +55,11 @@ const IMAGE_COUNTERS: [(&str, &str, Field); 14] = [
     ("lazybd_origin_errors", "Origin requests that failed", |s| {
         Stats::get(&s.origin_errors)
     }),
+    (
+        "lazybd_origin_hedges",
+        "Slow origin requests sent a second time (hedged)",
+        |s| Stats::get(&s.origin_hedges),
+    ),
     (
         "lazybd_crc_failures",
         "Cache pages that failed their CRC (refetched)",

@@ -32,6 +32,24 @@ impl Histogram {
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The bucket bound at or above quantile `q`, once `min` samples are
+    /// in (None before, or when it lies in the +Inf bucket).
+    pub fn quantile(&self, q: f64, min: u64) -> Option<Duration> {
+        let count = self.count.load(Ordering::Relaxed);
+        if count < min {
+            return None;
+        }
+        let want = (count as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= want {
+                return LATENCY_BUCKETS.get(i).map(|&s| Duration::from_secs_f64(s));
+            }
+        }
+        None
+    }
+
     /// (sum in seconds, count, per-bucket (upper bound, count)); the
     /// encoder makes them cumulative.
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
@@ -73,6 +91,8 @@ pub struct Stats {
     pub zero_blocks: AtomicU64,
     /// Blocks evicted to keep the cache under its size limit.
     pub evictions: AtomicU64,
+    /// Slow origin requests that were sent a second time (hedged).
+    pub origin_hedges: AtomicU64,
     /// Bytes brought in ahead of the guest by sequential readahead.
     pub readahead_bytes: AtomicU64,
     /// Bytes brought in ahead of the guest by boot profile replay.
@@ -100,7 +120,7 @@ impl fmt::Display for Stats {
             f,
             "reads={} bytes_served={} hits={} misses={} origin_requests={} origin_bytes={} \
              origin_errors={} crc_failures={} store_failures={} zero_blocks={} evictions={} \
-             readahead_bytes={} profile_bytes={} hydrate_bytes={}",
+             readahead_bytes={} profile_bytes={} hydrate_bytes={} origin_hedges={}",
             g(&self.reads),
             g(&self.bytes_served),
             g(&self.hits),
@@ -115,6 +135,7 @@ impl fmt::Display for Stats {
             g(&self.readahead_bytes),
             g(&self.profile_bytes),
             g(&self.hydrate_bytes),
+            g(&self.origin_hedges),
         )
     }
 }

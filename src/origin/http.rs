@@ -11,7 +11,7 @@
 //! exact. Anything else is an error and its bytes are dropped.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{
@@ -20,7 +20,7 @@ use reqwest::header::{
 use reqwest::{StatusCode, Url};
 use tokio::sync::Semaphore;
 
-use super::{BoxFuture, Origin, OriginIdentity, OriginOptions};
+use super::{BoxFuture, Hedge, Origin, OriginIdentity, OriginOptions};
 use crate::block::ByteRange;
 use crate::error::{Error, ErrorKind, Result};
 use crate::stats::Stats;
@@ -43,6 +43,8 @@ pub struct HttpOrigin {
     limit: Semaphore,
     connections: usize,
     retries: u32,
+    deadline: Duration,
+    hedge: Hedge,
     stats: Arc<Stats>,
 }
 
@@ -219,6 +221,8 @@ impl HttpOrigin {
             limit: Semaphore::new(opts.connections.max(1)),
             connections: opts.connections.max(1),
             retries: opts.retries,
+            deadline: opts.deadline,
+            hedge: opts.hedge,
             stats,
         })
     }
@@ -383,26 +387,97 @@ impl Origin for HttpOrigin {
                 .acquire()
                 .await
                 .map_err(|_| Error::new(ErrorKind::Shutdown, "origin closed"))?;
-            let mut attempt = 0;
+            let started = Instant::now();
+            let deadline = started + self.deadline;
+            let mut attempt = 0u32;
             loop {
-                match self.fetch_once(range).await {
+                // The last attempt, right at the deadline, still gets a
+                // moment to be answered.
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(200));
+                let res = match tokio::time::timeout(left, self.fetch_hedged(range)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::new(
+                        ErrorKind::TimedOut,
+                        format!(
+                            "GET {} {range}: no answer within the origin deadline ({} s)",
+                            self.identity.locator,
+                            self.deadline.as_secs_f64()
+                        ),
+                    )),
+                };
+                let e = match res {
                     Ok(b) => return Ok(b),
-                    Err(e) => {
-                        Stats::add(&self.stats.origin_errors, 1);
-                        let retryable = matches!(e.kind(), ErrorKind::Origin | ErrorKind::TimedOut);
-                        if !retryable || attempt >= self.retries {
-                            return Err(e);
-                        }
-                        // Exponential backoff with full jitter: 50 ms, 100 ms, ...
-                        let base = 50u64 << attempt.min(6);
-                        let wait = base / 2 + crate::util::jitter(base);
-                        tracing::warn!(error = %e, attempt = attempt + 1, wait_ms = wait, "origin request failed, retrying");
-                        tokio::time::sleep(Duration::from_millis(wait)).await;
-                        attempt += 1;
+                    Err(e) => e,
+                };
+                Stats::add(&self.stats.origin_errors, 1);
+                let retryable = matches!(e.kind(), ErrorKind::Origin | ErrorKind::TimedOut);
+                // Exponential backoff with jitter: 50 ms, 100 ms, ... 2 s.
+                let base = (50u64 << attempt.min(6)).min(2000);
+                let wait = Duration::from_millis(base / 2 + crate::util::jitter(base));
+                let now = Instant::now();
+                if !retryable || attempt >= self.retries || now >= deadline {
+                    if attempt == 0 {
+                        return Err(e);
                     }
+                    return Err(e.context_prefix(format!(
+                        "after {} attempts in {:.1} s",
+                        attempt + 1,
+                        started.elapsed().as_secs_f64()
+                    )));
                 }
+                tracing::warn!(error = %e, attempt = attempt + 1, wait_ms = wait.as_millis() as u64,
+                    "origin request failed, retrying");
+                tokio::time::sleep(wait.min(deadline - now)).await;
+                attempt += 1;
             }
         })
+    }
+}
+
+impl HttpOrigin {
+    /// The hedge delay now, if hedging.
+    fn hedge_delay(&self) -> Option<Duration> {
+        match self.hedge {
+            Hedge::Off => None,
+            Hedge::After(d) => Some(d),
+            Hedge::Auto => {
+                let p95 = self.stats.origin_latency.quantile(0.95, 32)?;
+                Some((p95 * 2).max(Duration::from_millis(50)))
+            }
+        }
+    }
+
+    /// One attempt, with a twin sent if it is slow and a connection is
+    /// free; the first correct answer wins, the other is dropped.
+    async fn fetch_hedged(&self, range: ByteRange) -> Result<Bytes> {
+        let Some(delay) = self.hedge_delay() else {
+            return self.fetch_once(range).await;
+        };
+        let first = self.fetch_once(range);
+        tokio::pin!(first);
+        tokio::select! {
+            r = &mut first => return r,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let Ok(_extra) = self.limit.try_acquire() else {
+            return first.await; // every connection busy: a twin would queue
+        };
+        Stats::add(&self.stats.origin_hedges, 1);
+        tracing::debug!(%range, delay_ms = delay.as_millis() as u64, "origin request slow: hedging");
+        let second = self.fetch_once(range);
+        tokio::pin!(second);
+        tokio::select! {
+            r = &mut first => match r {
+                Ok(b) => Ok(b),
+                Err(_) => second.await,
+            },
+            r = &mut second => match r {
+                Ok(b) => Ok(b),
+                Err(_) => first.await,
+            },
+        }
     }
 }
 

@@ -78,6 +78,33 @@ pub trait Origin: Send + Sync + 'static {
     }
 }
 
+/// Hedging: a request still unanswered after a delay gets a twin (when a
+/// connection is free); the first correct answer wins. A stalled connection
+/// or an overloaded origin node then costs one delay, not a timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hedge {
+    Off,
+    After(Duration),
+    /// Twice the origin's recent 95th percentile latency (at least 50 ms),
+    /// once 32 requests have been timed; no hedging before that.
+    Auto,
+}
+
+impl std::str::FromStr for Hedge {
+    type Err = String;
+    /// "auto", "off" / "0", or milliseconds.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Hedge::Auto),
+            "off" | "0" => Ok(Hedge::Off),
+            ms => ms
+                .parse::<u64>()
+                .map(|m| Hedge::After(Duration::from_millis(m)))
+                .map_err(|_| format!("{s:?}: expected auto, off or milliseconds")),
+        }
+    }
+}
+
 /// How to reach an origin; from the CLI or config.
 #[derive(Debug, Clone)]
 pub struct OriginOptions {
@@ -87,8 +114,15 @@ pub struct OriginOptions {
     pub connections: usize,
     /// Deadline for one request, body included.
     pub request_timeout: Duration,
-    /// Retries of a failed request (transient failures only).
+    /// Most retries of a failed request (transient failures only); the
+    /// default is as many as `deadline` allows.
     pub retries: u32,
+    /// How long one read may keep trying (retries with backoff, hedges)
+    /// before it fails with EIO: a short origin outage is ridden out, a
+    /// long one is reported.
+    pub deadline: Duration,
+    /// When to send a second copy of a slow request.
+    pub hedge: Hedge,
     /// Extra PEM CA certificates to trust for https:// origins (a private CA),
     /// on top of the built-in web PKI roots.
     pub ca_file: Option<std::path::PathBuf>,
@@ -100,7 +134,9 @@ impl Default for OriginOptions {
             headers: Vec::new(),
             connections: 16,
             request_timeout: Duration::from_secs(30),
-            retries: 4,
+            retries: u32::MAX,
+            deadline: Duration::from_secs(30),
+            hedge: Hedge::Auto,
             ca_file: None,
         }
     }

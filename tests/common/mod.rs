@@ -51,6 +51,16 @@ pub struct Faults {
     pub redirects: AtomicU64,
     /// Required request header (name, value), 403 without it.
     pub require_header: Mutex<Option<(String, String)>>,
+    /// The next N ranged GETs wait `stall_ms` before answering.
+    pub stall_next: AtomicU64,
+    pub stall_ms: AtomicU64,
+    /// The next N ranged GETs get the connection closed, no answer.
+    pub reset_next: AtomicU64,
+    /// The next N ranged GETs send more body than the range asked (with a
+    /// Content-Length to match, so only the length check can catch it).
+    pub long_body_next: AtomicU64,
+    /// The next N ranged GETs answer this status, no body: (status, N).
+    pub status_next: Mutex<Option<(u16, u64)>>,
 }
 
 pub struct TestOrigin {
@@ -173,9 +183,43 @@ async fn serve_http(
             }
         }
         let size = body.len() as u64;
+        if range.is_some() {
+            if take_one(&faults.stall_next) {
+                let ms = faults.stall_ms.load(Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            if take_one(&faults.reset_next) {
+                return Ok(()); // close without a word
+            }
+            let status = {
+                let mut st = faults.status_next.lock().unwrap();
+                match st.as_mut() {
+                    Some((code, n)) if *n > 0 => {
+                        *n -= 1;
+                        Some(*code)
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(code) = status {
+                let head = format!("HTTP/1.1 {code} Injected\r\ncontent-length: 0\r\n\r\n");
+                w.write_all(head.as_bytes()).await?;
+                continue;
+            }
+        }
         match range {
             Some((a, b)) if !faults.no_range.load(Ordering::SeqCst) && a < size => {
                 let b = b.min(size - 1);
+                if take_one(&faults.long_body_next) {
+                    let extra = (b - a + 1 + 10).min(size - a);
+                    let head = format!(
+                        "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {a}-{b}/{size}\r\n\
+                         content-length: {extra}\r\netag: {tag}\r\n\r\n"
+                    );
+                    w.write_all(head.as_bytes()).await?;
+                    w.write_all(&body[a as usize..(a + extra) as usize]).await?;
+                    continue;
+                }
                 if take_one(&faults.fail_next) {
                     w.write_all(b"HTTP/1.1 500 Oops\r\ncontent-length: 0\r\n\r\n")
                         .await?;
