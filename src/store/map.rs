@@ -185,6 +185,24 @@ impl BlockMap {
     }
 
     fn map(file: File, geometry: Geometry, path: &Path) -> Result<BlockMap> {
+        // Every page of the mapping gets its disk blocks now: a store into
+        // a sparse hole of a shared mapping on a full disk is SIGBUS, which
+        // would kill every VM's server; ENOSPC here is an ordinary error.
+        use std::os::unix::io::AsRawFd;
+        let len = geometry.file_len();
+        // SAFETY: fallocate on an open descriptor we own, within its length;
+        // no memory is passed.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // File systems without fallocate keep the old behaviour.
+            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(Error::io(
+                    format!("allocating {len} bytes for the block map {}", path.display()),
+                    e,
+                ));
+            }
+        }
         // SAFETY: the map file is private to this cache directory and held
         // under an exclusive flock by the serving process; it is never
         // truncated while mapped. All access after this point goes through
