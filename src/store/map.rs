@@ -198,7 +198,10 @@ impl BlockMap {
             // File systems without fallocate keep the old behaviour.
             if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
                 return Err(Error::io(
-                    format!("allocating {len} bytes for the block map {}", path.display()),
+                    format!(
+                        "allocating {len} bytes for the block map {}",
+                        path.display()
+                    ),
                     e,
                 ));
             }
