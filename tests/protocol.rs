@@ -826,6 +826,32 @@ async fn unknown_export_in_info_or_go_is_err_unknown() {
     env.stop().await;
 }
 
+/// spec: strings, error messages included, MUST be at most 4096 bytes of
+/// UTF-8. A refusal that quotes a (maximal, 4096-byte) name must still fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_messages_fit_the_string_limit() {
+    let env = Env::read_only().await;
+    let mut s = env.hello(3).await;
+    for name in [
+        "n".repeat(4096),
+        "\"".repeat(4096),
+        "é".repeat(2048),
+        "€".repeat(1365),
+    ] {
+        for o in [opt::INFO, opt::GO] {
+            // `option` checks the message.
+            let r = option(&mut s, o, &info_req(&name, &[])).await;
+            assert_eq!(last(&r), rep::ERR_UNKNOWN);
+        }
+        let r = option(&mut s, opt::STRUCTURED_REPLY, &[]).await;
+        assert_eq!(last(&r), rep::ACK);
+        let r = option(&mut s, opt::LIST_META_CONTEXT, &meta(&name, &[])).await;
+        assert_eq!(last(&r), rep::ERR_UNKNOWN);
+    }
+    drop(s);
+    env.stop().await;
+}
+
 /// spec: after NBD_REP_ACK to NBD_OPT_GO transmission starts and the client
 /// MUST NOT send options: what follows is read as a request. An option
 /// there does not have the request magic, so the server hard-disconnects;

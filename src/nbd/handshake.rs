@@ -75,6 +75,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Haggle<'_, S> {
 
     async fn error(&mut self, option: u32, typ: u32, msg: &str) -> Result<()> {
         tracing::debug!(option, typ, msg, "option refused");
+        // Messages may quote what the client sent; they must stay strings.
+        let msg = wire::truncate_str(msg, wire::MAX_STRING);
         self.reply(option, typ, msg.as_bytes()).await
     }
 

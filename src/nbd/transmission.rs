@@ -225,7 +225,8 @@ fn error_reply(structured: bool, cookie: u64, r: &Refusal) -> Reply {
     if !structured {
         return simple(cookie, r.errno);
     }
-    let msg = &r.msg.as_bytes()[..r.msg.len().min(1024)];
+    // A human-readable string: short, and never a character cut in half.
+    let msg = wire::truncate_str(&r.msg, 1024).as_bytes();
     let mut b = BytesMut::with_capacity(20 + 6 + msg.len());
     b.put_slice(&wire::chunk_header(
         chunk::FLAG_DONE,
@@ -646,6 +647,17 @@ mod tests {
         }
         assert!(done);
         out
+    }
+
+    #[test]
+    fn error_chunk_messages_are_strings() {
+        let r = refuse(errno::EIO, "€".repeat(1000)); // 3 bytes each
+        let b = &error_reply(true, 1, &r)[0];
+        let h = wire::ChunkHeader::decode(b[..20].try_into().unwrap()).unwrap();
+        let n = u16::from_be_bytes([b[24], b[25]]) as usize;
+        assert_eq!(h.len as usize, 6 + n);
+        assert!(n <= 1024);
+        assert!(std::str::from_utf8(&b[26..26 + n]).is_ok());
     }
 
     #[test]

@@ -242,6 +242,20 @@ pub fn to_string(bytes: &[u8], what: &'static str) -> Result<String, DecodeError
     }
 }
 
+/// `s` cut to at most `max` bytes, at a character boundary: a message that
+/// quotes a client's 4096-byte name must still be a protocol string (valid
+/// UTF-8, at most [`MAX_STRING`] bytes).
+pub fn truncate_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// The fixed 16-byte header of a client option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionHeader {
@@ -528,6 +542,15 @@ mod tests {
         assert!(InfoRequest::decode(&huge).is_err());
         huge.truncate(10);
         assert!(InfoRequest::decode(&huge).is_err());
+    }
+
+    #[test]
+    fn truncated_strings_stay_utf8() {
+        assert_eq!(truncate_str("abc", 5), "abc");
+        assert_eq!(truncate_str("abc", 2), "ab");
+        // 'é' is 2 bytes: never cut in half.
+        assert_eq!(truncate_str("éé", 3), "é");
+        assert_eq!(truncate_str(&"€".repeat(2000), MAX_STRING).len(), 4095);
     }
 
     #[test]
