@@ -898,6 +898,52 @@ async fn meta_contexts_need_structured_replies() {
     env.stop().await;
 }
 
+/// spec: NBD_OPT_SET_META_CONTEXT replaces all previously set contexts,
+/// including when it fails; with zero queries it MUST select nothing. A
+/// BLOCK_STATUS without a selected context is answered EINVAL (SHOULD).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_meta_context_replaces_the_selection_even_when_it_fails() {
+    let mut env = Env::read_only().await;
+    let good = meta("disk", &["base:allocation"]);
+    let second: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("malformed", vec![0, 0, 0, 9], rep::ERR_INVALID),
+        (
+            "unknown export",
+            meta("nope", &["base:allocation"]),
+            rep::ERR_UNKNOWN,
+        ),
+        ("no queries", meta("disk", &[]), rep::ACK),
+        ("nothing matches", meta("disk", &["x-foo:bar"]), rep::ACK),
+    ];
+    for (what, d, want) in second {
+        let mut s = env.hello(3).await;
+        assert_eq!(
+            last(&option(&mut s, opt::STRUCTURED_REPLY, &[]).await),
+            rep::ACK
+        );
+        let r = option(&mut s, opt::SET_META_CONTEXT, &good).await;
+        assert_eq!((r.len(), last(&r)), (2, rep::ACK));
+        let r = option(&mut s, opt::SET_META_CONTEXT, &d).await;
+        assert_eq!((r.len(), last(&r)), (1, want), "{what}");
+        let mut c = within(Client::go(
+            s,
+            Opts {
+                meta: false,
+                ..Opts::default()
+            },
+        ))
+        .await;
+        let r = request(&mut c, cmd::BLOCK_STATUS, 0, 0, 4096).await;
+        assert_eq!(
+            error_of(&r, true),
+            errno::EINVAL,
+            "{what}: context still selected"
+        );
+        env.others_ok().await;
+    }
+    env.stop().await;
+}
+
 /// spec: the `base:` namespace: LIST with no query MUST return every
 /// context; `base:` MUST work as a wildcard in LIST and MUST be ignored in
 /// SET; unknown `base:` leaves and unknown namespaces MUST be ignored; LIST

@@ -127,6 +127,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Haggle<'_, S> {
     }
 
     async fn meta_context(&mut self, option: u32, data: &[u8]) -> Result<()> {
+        if option == opt::SET_META_CONTEXT {
+            // SET replaces the selection, also when it fails (spec).
+            self.meta = None;
+        }
         if !self.structured {
             return self
                 .error(
