@@ -1251,6 +1251,34 @@ async fn refused_writes_consume_their_payload() {
     }
 }
 
+/// spec: size constraints: a client MUST NOT send a WRITE larger than the
+/// maximum payload (32 MiB here); either side MAY hard-disconnect on a
+/// payload large enough to be a denial of service, and up to 32 MiB is
+/// never one. lazybd ends the session at the header of a larger WRITE
+/// rather than reading up to 4 GiB it will throw away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_writes_end_the_session() {
+    for writable in [false, true] {
+        let mut env = Env::start(writable).await;
+        for len in [wire::MAX_PAYLOAD + 1, u32::MAX] {
+            for structured in [false, true] {
+                let mut c = env.client_with(structured).await;
+                c.send(cmd::WRITE, 0, 0, len).await;
+                c.s.write_all(&[0; 4096]).await.unwrap(); // a start of payload
+                let got = closed(&mut c.s).await;
+                // At most an error reply on the way out.
+                assert!(
+                    got.len() <= 20 + 6 + 4096,
+                    "{} bytes before closing",
+                    got.len()
+                );
+                env.others_ok().await;
+            }
+        }
+        env.stop().await;
+    }
+}
+
 /// spec: READ with simple replies: the client MUST NOT ask more than the
 /// maximum payload; the server refuses such reads with an error (with
 /// structured replies it MAY refuse them with EOVERFLOW) and carries on.
