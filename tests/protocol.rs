@@ -1759,3 +1759,60 @@ async fn a_client_that_never_reads_does_not_stall_others() {
     drop(c);
     env.stop().await;
 }
+
+/// spec: NBD_FLAG_CAN_MULTI_CONN: the effects of FLUSH and FUA MUST be
+/// visible on every connection when the server replies to them (lazybd's
+/// connections share one overlay: any acknowledged write is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_conn_writes_are_visible_on_every_connection() {
+    let env = Env::writable().await;
+    let mut a = env.client().await;
+    let mut b = env.client_with(false).await;
+    assert_ne!(a.flags & tflag::CAN_MULTI_CONN, 0);
+    for (i, flags) in [0u16, cmdflag::FUA].into_iter().enumerate() {
+        let off = 3 * MIB as u64 + i as u64 * 10_000;
+        let w = a.send(cmd::WRITE, flags, off, 5000).await;
+        a.s.write_all(&[0x77; 5000]).await.unwrap();
+        assert_eq!(error_of(&collect(&mut a, &[(w, None)]).await[&w], true), 0);
+        if flags == 0 {
+            let f = request(&mut a, cmd::FLUSH, 0, 0, 0).await;
+            assert_eq!(error_of(&f, true), 0);
+        }
+        let r = request(&mut b, cmd::READ, 0, off, 5000).await;
+        let got = check_read(&r, false, off, 5000, false).unwrap();
+        assert!(
+            got.iter().all(|&x| x == 0x77),
+            "write not visible elsewhere"
+        );
+    }
+    env.stop().await;
+}
+
+/// spec: on a server shutdown the server SHOULD wait for in-flight requests
+/// to be serviced before disconnecting (or answer them NBD_ESHUTDOWN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_requests_in_flight() {
+    let env = Env::read_only().await;
+    env.origin.faults.latency_ms.store(300, Ordering::SeqCst);
+    let mut c = env.client().await;
+    let mut want = Vec::new();
+    for i in 0..16u64 {
+        want.push((c.send(cmd::READ, 0, i * 65536, 4096).await, Some(4096)));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let Env {
+        srv, witness, img, ..
+    } = env;
+    drop(witness);
+    let stopping = tokio::spawn(stop(srv));
+    let got = collect(&mut c, &want).await;
+    for (i, (k, _)) in want.iter().enumerate() {
+        let off = i as u64 * 65536;
+        match check_read(&got[k], true, off, 4096, false) {
+            Ok(d) => assert!(d == img[off as usize..off as usize + 4096]),
+            Err(e) => assert_eq!(e, errno::ESHUTDOWN),
+        }
+    }
+    assert!(closed(&mut c.s).await.is_empty());
+    within(stopping).await.unwrap();
+}
