@@ -1816,3 +1816,28 @@ async fn shutdown_answers_requests_in_flight() {
     assert!(closed(&mut c.s).await.is_empty());
     within(stopping).await.unwrap();
 }
+/// spec: strings (export descriptions in NBD_REP_SERVER and
+/// NBD_INFO_DESCRIPTION included) MUST be at most 4096 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_descriptions_are_cut_to_the_string_limit() {
+    let o = TestOrigin::start(image(MIB, 3)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&o.url, dir.path(), BS);
+    cfg.exports[0].description = Some("€".repeat(3000));
+    let (srv, addr) = start(cfg).await;
+    let mut s = greet(&addr).await;
+    let r = option(&mut s, opt::LIST, &[]).await;
+    let (t, d) = &r[0];
+    assert_eq!(*t, rep::SERVER);
+    let n = be32(d) as usize;
+    assert_eq!(&d[4..4 + n], b"disk");
+    check_string(&d[4 + n..], "NBD_REP_SERVER description");
+    let r = option(&mut s, opt::INFO, &info_req("disk", &[info::DESCRIPTION])).await;
+    let desc = r
+        .iter()
+        .find(|(t, d)| *t == rep::INFO && u16::from_be_bytes([d[0], d[1]]) == info::DESCRIPTION)
+        .expect("a description");
+    check_string(&desc.1[2..], "NBD_INFO_DESCRIPTION");
+    drop(s);
+    stop(srv).await;
+}

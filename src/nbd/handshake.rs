@@ -248,9 +248,7 @@ where
                         .await?;
                 } else {
                     for (name, desc) in exports.list() {
-                        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-                        d.extend_from_slice(name.as_bytes());
-                        d.extend_from_slice(desc.as_bytes());
+                        let d = wire::rep_server(&name, &desc);
                         h.reply(hdr.option, rep::SERVER, &d).await?;
                     }
                     h.reply(hdr.option, rep::ACK, &[]).await?;

@@ -365,6 +365,17 @@ pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
     v
 }
 
+/// `NBD_REP_SERVER` payload: the name, then the description as the
+/// human-readable string (cut to the string limit).
+pub fn rep_server(name: &str, description: &str) -> Vec<u8> {
+    let description = truncate_str(description, MAX_STRING);
+    let mut v = Vec::with_capacity(4 + name.len() + description.len());
+    v.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(description.as_bytes());
+    v
+}
+
 /// `NBD_REP_INFO` payload for `NBD_INFO_EXPORT`.
 pub fn info_export(size: u64, flags: u16) -> Vec<u8> {
     let mut v = Vec::with_capacity(12);
@@ -384,8 +395,10 @@ pub fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
     v
 }
 
-/// `NBD_REP_INFO` payload for `NBD_INFO_NAME` or `NBD_INFO_DESCRIPTION`.
+/// `NBD_REP_INFO` payload for `NBD_INFO_NAME` or `NBD_INFO_DESCRIPTION`
+/// (cut to the string limit: a description comes from configuration).
 pub fn info_string(kind: u16, s: &str) -> Vec<u8> {
+    let s = truncate_str(s, MAX_STRING);
     let mut v = Vec::with_capacity(2 + s.len());
     v.extend_from_slice(&kind.to_be_bytes());
     v.extend_from_slice(s.as_bytes());
