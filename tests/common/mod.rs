@@ -285,6 +285,7 @@ pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
             replay_profile: false,
             ..Default::default()
         },
+        tls: Default::default(),
     }
 }
 
