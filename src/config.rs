@@ -9,6 +9,9 @@
 //! metrics = "127.0.0.1:9109"              # Prometheus, GET /metrics
 //! block_size = "64k"
 //! cache_size = "50G"                      # LRU eviction of clean blocks
+//! tls = "require"                         # or "on" (optional), "off"
+//! tls_certificates = "/etc/pki/lazybd"    # ca-cert.pem, server-cert.pem, server-key.pem
+//! tls_verify_peer = true                  # client certificates from ca-cert.pem
 //!
 //! [origin]
 //! connections = 16
@@ -86,6 +89,12 @@ pub struct ServerSection {
     pub metrics: Option<String>,
     /// Limit on cached data across images, e.g. "50G".
     pub cache_size: Option<String>,
+    /// TLS for NBD clients: "off", "on" or "require".
+    pub tls: Option<crate::tls::TlsMode>,
+    /// Directory with ca-cert.pem, server-cert.pem, server-key.pem.
+    pub tls_certificates: Option<PathBuf>,
+    /// Require client certificates issued by ca-cert.pem.
+    pub tls_verify_peer: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,6 +210,20 @@ mod tests {
         assert_eq!(c.exports.len(), 2);
         assert!(c.exports[1].writable);
         assert_eq!(c.server.listen.len(), 2);
+    }
+
+    #[test]
+    fn tls_keys() {
+        let c = FileConfig::parse(
+            "[server]\ntls = \"require\"\ntls_certificates = \"/p\"\ntls_verify_peer = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.tls, Some(crate::tls::TlsMode::Require));
+        assert_eq!(c.server.tls_verify_peer, Some(true));
+        let e = FileConfig::parse("[server]\ntls = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls") && e.contains("require"), "{e}");
     }
 
     #[test]

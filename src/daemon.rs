@@ -90,6 +90,8 @@ pub struct ServeConfig {
     /// so it works in batches, not on every fetch). Overlays never count.
     pub cache_size: Option<u64>,
     pub boot: BootOptions,
+    /// TLS for NBD clients (STARTTLS); off by default.
+    pub tls: crate::tls::TlsOptions,
 }
 
 /// Eviction starts when cached data exceeds this share of the limit...
@@ -466,6 +468,8 @@ impl Running {
 
 /// Open everything and start serving in the background.
 pub async fn start(cfg: ServeConfig) -> Result<Running> {
+    // Certificates first: a bad file is a start-up error, before any work.
+    let tls = crate::tls::Tls::load(&cfg.tls)?;
     let (stop, rx) = watch::channel(false);
     let daemon = Arc::new(Daemon {
         boot: cfg.boot.clone(),
@@ -508,6 +512,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
     let shared = Shared {
         exports: daemon.exports.clone(),
         limits: cfg.limits.clone(),
+        tls,
     };
     let task = tokio::spawn(server::run(listeners, shared, rx.clone()));
     // Persist maps now and then so a power cut loses little work (a process

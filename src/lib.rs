@@ -9,6 +9,7 @@
 //! - [`error`]   the one error type (kind + context + source) and its NBD errno
 //! - [`nbd`]     the NBD protocol: `wire` (pure codec), `handshake`, `transmission`
 //! - [`server`]  TCP/Unix listeners, connection limits, graceful shutdown
+//! - [`tls`]     NBD over TLS: modes (off/on/require), certificates, acceptor
 //! - [`export`]  the NBD-facing device trait, exports registry, `stack` (composition)
 //! - [`cache`]   the verified cache of an origin: single-flight fetches, `dir`, `verify`
 //! - [`store`]   block store shared by cache and overlays: data file + `map` (state + CRCs)
@@ -45,4 +46,5 @@ pub mod sample;
 pub mod server;
 pub mod stats;
 pub mod store;
+pub mod tls;
 pub mod util;

@@ -39,6 +39,10 @@ Examples:
       --listen 0.0.0.0:10809 --listen unix:/run/lazybd.sock \\
       --header 'X-Auth-Token: $TOKEN' --name base
 
+  # TLS only (certificates as for qemu's tls-creds-x509 / nbdkit)
+  lazybd serve IMAGE --tls require --tls-certificates /etc/pki/lazybd
+  nbdinfo 'nbds://127.0.0.1/disk?tls-certificates=/etc/pki/qemu'
+
 Reads of blocks not yet cached are fetched with ranged GETs (adjacent blocks
 coalesced, concurrent readers of one block share one fetch), stored in
 --cache-dir with a CRC32 per 4 KiB page, and served locally from then on,
@@ -329,6 +333,20 @@ struct ServeArgs {
     /// Hydration rate limit in bytes per second (e.g. 100M) [default: none].
     #[arg(long, value_name = "RATE")]
     hydrate_rate: Option<String>,
+    /// TLS for NBD clients (NBD_OPT_STARTTLS): 'off'; 'on': clients may
+    /// upgrade, plaintext is still served; 'require': a client must upgrade
+    /// before anything else (qemu: tls-creds=...; nbdinfo: nbds://)
+    /// [default: off].
+    #[arg(long, value_name = "off|on|require")]
+    tls: Option<lazybd::tls::TlsMode>,
+    /// Directory with server-cert.pem, server-key.pem and (for
+    /// --tls-verify-peer) ca-cert.pem: the layout of qemu's tls-creds-x509
+    /// and nbdkit's --tls-certificates.
+    #[arg(long, value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
+    /// Accept only clients with a certificate issued by DIR/ca-cert.pem.
+    #[arg(long)]
+    tls_verify_peer: bool,
 }
 
 #[derive(Subcommand)]
@@ -527,6 +545,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         },
         exports,
         control,
+        tls: lazybd::tls::TlsOptions {
+            mode: a.tls.or(file.server.tls).unwrap_or_default(),
+            certificates: a.tls_certificates.or(file.server.tls_certificates.clone()),
+            verify_peer: a.tls_verify_peer || file.server.tls_verify_peer.unwrap_or(false),
+        },
         metrics: a.metrics.or(file.server.metrics.clone()),
         cache_size: match a.cache_size.or(file.server.cache_size.clone()) {
             Some(s) => Some(parse_size(&s)?),

@@ -1,21 +1,27 @@
 //! Listeners and connections: TCP and Unix sockets, a connection limit, a
-//! handshake deadline, and graceful shutdown (stop accepting, answer what is
-//! in flight, then return).
+//! handshake deadline, TLS after STARTTLS, and graceful shutdown (stop
+//! accepting, answer what is in flight, then return).
+//!
+//! A connection is generic over its stream: plaintext TCP and Unix
+//! connections run the handshake and transmission code on the socket
+//! itself; one that sends STARTTLS continues on a TLS stream wrapping it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::Exports;
-use crate::nbd::handshake::{self, Outcome};
+use crate::nbd::handshake::{self, Negotiated, Outcome};
 use crate::nbd::transmission;
+use crate::tls::{Tls, TlsMode};
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,37 +139,80 @@ impl Listener {
 pub struct Shared {
     pub exports: Arc<Exports>,
     pub limits: Limits,
+    /// TLS for clients that send STARTTLS; None: TLS off.
+    pub tls: Option<Arc<Tls>>,
+}
+
+/// A handshake step's result, logged; `None` when the connection is done.
+fn handshake_step(
+    r: std::result::Result<Result<Outcome>, tokio::time::error::Elapsed>,
+    peer: &str,
+) -> Option<Outcome> {
+    match r {
+        Err(_) => tracing::warn!(%peer, "handshake timed out; dropping client"),
+        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "handshake failed"),
+        Ok(Ok(Outcome::Closed)) => tracing::debug!(%peer, "client ended the handshake"),
+        Ok(Ok(o)) => return Some(o),
+    }
+    None
 }
 
 async fn connection<S>(mut s: S, peer: String, shared: Shared, shutdown: watch::Receiver<bool>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let neg = match tokio::time::timeout(
-        shared.limits.handshake_timeout,
-        handshake::negotiate(&mut s, &shared.exports),
+    // One deadline for the whole handshake, TLS included.
+    let deadline = Instant::now() + shared.limits.handshake_timeout;
+    let mode = shared.tls.as_ref().map_or(TlsMode::Off, |t| t.mode());
+    let first = tokio::time::timeout_at(
+        deadline,
+        handshake::negotiate(&mut s, &shared.exports, mode),
     )
-    .await
-    {
-        Err(_) => {
-            tracing::warn!(%peer, "handshake timed out; dropping client");
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(%peer, error = %e, "handshake failed");
-            return;
-        }
-        Ok(Ok(Outcome::Closed)) => {
-            tracing::debug!(%peer, "client ended the handshake");
-            return;
-        }
-        Ok(Ok(Outcome::Transmission(n))) => n,
+    .await;
+    let session = match handshake_step(first, &peer) {
+        Some(Outcome::Transmission(n)) => return transmit(s, n, &peer, shutdown, false).await,
+        Some(Outcome::StartTls(session)) => session,
+        _ => return,
     };
+    // The handshake answers STARTTLS with ACK only when TLS is configured.
+    let Some(tls) = shared.tls.as_ref() else {
+        return;
+    };
+    let mut t = match tokio::time::timeout_at(deadline, tls.accept(s)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "TLS handshake timed out; dropping client");
+            return;
+        }
+    };
+    let next = tokio::time::timeout_at(
+        deadline,
+        handshake::after_starttls(&mut t, &shared.exports, session),
+    )
+    .await;
+    match handshake_step(next, &peer) {
+        Some(Outcome::Transmission(n)) => transmit(t, n, &peer, shutdown, true).await,
+        // ABORT or a failure: close TLS properly when the peer is still there.
+        _ => {
+            let _ = tokio::time::timeout(Duration::from_secs(1), t.shutdown()).await;
+        }
+    }
+}
+
+/// The transmission phase of one client, counted on its export.
+async fn transmit<S>(s: S, neg: Negotiated, peer: &str, shutdown: watch::Receiver<bool>, tls: bool)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let ex = neg.export.clone();
     let export = ex.name.clone();
     ex.clients
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tracing::info!(%peer, %export, structured = neg.structured, base_allocation = neg.base_allocation, "client connected");
+    tracing::info!(%peer, %export, structured = neg.structured, base_allocation = neg.base_allocation, tls, "client connected");
     match transmission::serve(s, neg, shutdown).await {
         Ok(()) => tracing::info!(%peer, %export, "client disconnected"),
         Err(e) => tracing::warn!(%peer, %export, error = %e, "connection closed"),

@@ -1,4 +1,5 @@
-//! `lazybd::nbd::handshake::negotiate` against a hostile client.
+//! `lazybd::nbd::handshake::negotiate` against a hostile client (TLS off:
+//! tests/tls.rs covers the TLS modes).
 //!
 //! Input layout: the first byte picks the mode and the export's flags.
 //! - mode bit (0x01) clear: the rest of the input IS the client's byte stream
@@ -41,6 +42,7 @@ use lazybd::nbd::handshake::{negotiate, Outcome};
 use lazybd::nbd::wire::{self, cflag, opt, rep, tflag, OptionHeader};
 use lazybd::origin::BoxFuture;
 use lazybd::stats::Stats;
+use lazybd::tls::TlsMode;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -494,7 +496,7 @@ fn run(first: u8, client: &[u8], chunk: usize) {
         out: Vec::new(),
     };
     let result = runtime().block_on(MustFinish {
-        inner: Box::pin(negotiate(&mut s, &exports)),
+        inner: Box::pin(negotiate(&mut s, &exports, TlsMode::Off)),
         polls: 0,
     });
     let (replies, tail) = parse_output(&s.out);
@@ -522,6 +524,7 @@ fn run(first: u8, client: &[u8], chunk: usize) {
                     tail.len()
                 ),
                 Ok(Outcome::Closed) => panic!("EXPORT_NAME ended in Closed"),
+                Ok(Outcome::StartTls(_)) => panic!("STARTTLS accepted with TLS off"),
                 Err(_) => assert!(
                     tail.is_empty(),
                     "{} bytes after a refused EXPORT_NAME",

@@ -2,9 +2,14 @@
 //!
 //! Supported: EXPORT_NAME, ABORT, LIST, INFO, GO (NBD_INFO_EXPORT, NAME,
 //! DESCRIPTION, BLOCK_SIZE), STRUCTURED_REPLY, LIST_META_CONTEXT and
-//! SET_META_CONTEXT with `base:allocation`. STARTTLS is refused by policy
-//! (no TLS configured), EXTENDED_HEADERS and unknown options get ERR_UNSUP
-//! and negotiation goes on, as the spec requires.
+//! SET_META_CONTEXT with `base:allocation`, STARTTLS when TLS is configured
+//! (refused by policy otherwise). EXTENDED_HEADERS and unknown options get
+//! ERR_UNSUP and negotiation goes on, as the spec requires.
+//!
+//! STARTTLS changes the stream under the handshake, so it ends [`negotiate`]
+//! with [`Outcome::StartTls`]; the caller runs the TLS handshake and
+//! continues with [`after_starttls`] on the TLS stream. What was negotiated
+//! in plaintext does not carry over (spec), only the greeting's flags.
 
 use std::sync::Arc;
 
@@ -15,6 +20,7 @@ use super::wire::{
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{Export, Exports};
+use crate::tls::TlsMode;
 
 /// What the client and server agreed on.
 pub struct Negotiated {
@@ -24,10 +30,34 @@ pub struct Negotiated {
     pub base_allocation: bool,
 }
 
+/// TLS as one connection sees it. Decided at the greeting and kept for the
+/// connection's lifetime, as the spec requires of a server's TLS mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsState {
+    /// No TLS (NOTLS): STARTTLS is refused by policy.
+    Off,
+    /// The client may upgrade or stay in plaintext.
+    Offered,
+    /// Nothing but STARTTLS and ABORT until the client upgrades (FORCEDTLS).
+    Required,
+    /// The session runs over TLS.
+    Active,
+}
+
+/// What survives STARTTLS: the greeting's outcome, not negotiated options.
+#[derive(Debug, Clone, Copy)]
+pub struct Session {
+    no_zeroes: bool,
+    tls: TlsState,
+}
+
 /// How the handshake ended.
 pub enum Outcome {
     /// Enter transmission with these settings.
     Transmission(Negotiated),
+    /// STARTTLS was acknowledged: run the TLS handshake on the stream, then
+    /// [`after_starttls`].
+    StartTls(Session),
     /// The client aborted or asked only for information.
     Closed,
 }
@@ -60,6 +90,7 @@ fn io_err(e: std::io::Error) -> Error {
 struct Haggle<'a, S> {
     s: &'a mut S,
     exports: &'a Exports,
+    tls: TlsState,
     structured: bool,
     /// Export name and whether base:allocation was selected by SET_META_CONTEXT.
     meta: Option<(String, bool)>,
@@ -75,6 +106,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Haggle<'_, S> {
 
     async fn error(&mut self, option: u32, typ: u32, msg: &str) -> Result<()> {
         tracing::debug!(option, typ, msg, "option refused");
+        // Messages may quote what the client sent; they must stay strings.
+        let msg = wire::truncate_str(msg, wire::MAX_STRING);
         self.reply(option, typ, msg.as_bytes()).await
     }
 
@@ -125,6 +158,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Haggle<'_, S> {
     }
 
     async fn meta_context(&mut self, option: u32, data: &[u8]) -> Result<()> {
+        if option == opt::SET_META_CONTEXT {
+            // SET replaces the selection, also when it fails (spec).
+            self.meta = None;
+        }
         if !self.structured {
             return self
                 .error(
@@ -163,8 +200,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Haggle<'_, S> {
     }
 }
 
-/// Run the handshake on `s`. Errors mean the connection must be dropped.
-pub async fn negotiate<S>(s: &mut S, exports: &Exports) -> Result<Outcome>
+/// Run the handshake on `s`, for a server in TLS mode `tls`. Errors mean
+/// the connection must be dropped.
+pub async fn negotiate<S>(s: &mut S, exports: &Exports, tls: TlsMode) -> Result<Outcome>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -179,11 +217,47 @@ where
     if client_flags & !cflag::KNOWN != 0 {
         return Err(proto(format!("unknown client flags {client_flags:#x}")));
     }
-    let no_zeroes = client_flags & cflag::NO_ZEROES != 0;
+    // TLS needs fixed newstyle (spec); without it the session is NOTLS,
+    // which a server that requires TLS cannot offer.
+    let fixed = client_flags & cflag::FIXED_NEWSTYLE != 0;
+    let tls = match (tls, fixed) {
+        (TlsMode::Off, _) | (TlsMode::On, false) => TlsState::Off,
+        (TlsMode::On, true) => TlsState::Offered,
+        (TlsMode::Require, true) => TlsState::Required,
+        (TlsMode::Require, false) => {
+            return Err(proto(
+                "TLS is required and the client did not negotiate fixed newstyle",
+            ))
+        }
+    };
+    let session = Session {
+        no_zeroes: client_flags & cflag::NO_ZEROES != 0,
+        tls,
+    };
+    haggle(s, exports, session).await
+}
 
+/// Option haggling over TLS after [`Outcome::StartTls`], on the TLS stream.
+pub async fn after_starttls<S>(s: &mut S, exports: &Exports, session: Session) -> Result<Outcome>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let session = Session {
+        tls: TlsState::Active,
+        ..session
+    };
+    haggle(s, exports, session).await
+}
+
+async fn haggle<S>(s: &mut S, exports: &Exports, session: Session) -> Result<Outcome>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let no_zeroes = session.no_zeroes;
     let mut h = Haggle {
         s,
         exports,
+        tls: session.tls,
         structured: false,
         meta: None,
     };
@@ -204,7 +278,27 @@ where
         let mut data = vec![0u8; hdr.len as usize];
         h.s.read_exact(&mut data).await.map_err(io_err)?;
 
+        if h.tls == TlsState::Required
+            && !matches!(hdr.option, opt::STARTTLS | opt::ABORT | opt::EXPORT_NAME)
+        {
+            // FORCEDTLS: every other option, INFO, GO and unknown ones
+            // included, gets ERR_TLS_REQD until TLS is up (spec).
+            h.error(
+                hdr.option,
+                rep::ERR_TLS_REQD,
+                "TLS is required: send NBD_OPT_STARTTLS first",
+            )
+            .await?;
+            h.flush().await?;
+            continue;
+        }
         match hdr.option {
+            opt::EXPORT_NAME if h.tls == TlsState::Required => {
+                // It cannot carry an error: the spec says end the session.
+                return Err(proto(
+                    "NBD_OPT_EXPORT_NAME before STARTTLS; TLS is required",
+                ));
+            }
             opt::EXPORT_NAME => {
                 let name =
                     wire::to_string(&data, "export name").map_err(|e| proto(e.to_string()))?;
@@ -242,21 +336,31 @@ where
                         .await?;
                 } else {
                     for (name, desc) in exports.list() {
-                        let mut d = (name.len() as u32).to_be_bytes().to_vec();
-                        d.extend_from_slice(name.as_bytes());
-                        d.extend_from_slice(desc.as_bytes());
+                        let d = wire::rep_server(&name, &desc);
                         h.reply(hdr.option, rep::SERVER, &d).await?;
                     }
                     h.reply(hdr.option, rep::ACK, &[]).await?;
                 }
             }
             opt::STARTTLS => {
-                h.error(
-                    hdr.option,
-                    rep::ERR_POLICY,
-                    "TLS is not enabled on this server",
-                )
-                .await?;
+                let refusal = match h.tls {
+                    TlsState::Off => Some((rep::ERR_POLICY, "TLS is not enabled on this server")),
+                    TlsState::Active => Some((rep::ERR_INVALID, "TLS is already active")),
+                    _ if !data.is_empty() => {
+                        Some((rep::ERR_INVALID, "NBD_OPT_STARTTLS takes no data"))
+                    }
+                    TlsState::Offered | TlsState::Required => None,
+                };
+                if let Some((typ, msg)) = refusal {
+                    h.error(hdr.option, typ, msg).await?;
+                } else {
+                    h.reply(hdr.option, rep::ACK, &[]).await?;
+                    h.flush().await?;
+                    return Ok(Outcome::StartTls(Session {
+                        no_zeroes,
+                        tls: h.tls,
+                    }));
+                }
             }
             opt::INFO | opt::GO => {
                 if let Some(export) = h.info_or_go(hdr.option, &data).await? {

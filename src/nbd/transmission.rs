@@ -84,12 +84,15 @@ enum Command {
 struct Refusal {
     errno: u32,
     msg: String,
+    /// The connection cannot go on after this request: answer, then close.
+    fatal: bool,
 }
 
 fn refuse(errno: u32, msg: impl Into<String>) -> Refusal {
     Refusal {
         errno,
         msg: msg.into(),
+        fatal: false,
     }
 }
 
@@ -104,6 +107,22 @@ struct Ctx {
 /// the layers below rely on it (see `BlockDevice`).
 fn validate(req: &Request, ctx: &Ctx) -> std::result::Result<Command, Refusal> {
     let size = ctx.export.device.size();
+    if req.typ == cmd::WRITE && req.len > wire::MAX_PAYLOAD {
+        // Checked first: any other refusal would have to skip the payload,
+        // and staying in step would mean reading up to 4 GiB. The spec lets
+        // a server hard-disconnect on a payload over its advertised maximum.
+        return Err(Refusal {
+            fatal: true,
+            ..refuse(
+                errno::EINVAL,
+                format!(
+                    "write of {} bytes exceeds the {} byte maximum payload",
+                    req.len,
+                    wire::MAX_PAYLOAD
+                ),
+            )
+        });
+    }
     let allowed = match req.typ {
         cmd::READ => cmdflag::FUA | cmdflag::DF,
         cmd::WRITE | cmd::TRIM => cmdflag::FUA,
@@ -153,16 +172,6 @@ fn validate(req: &Request, ctx: &Ctx) -> std::result::Result<Command, Refusal> {
         cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES => {
             if ctx.export.read_only() {
                 return Err(refuse(errno::EPERM, "export is read-only"));
-            }
-            if req.typ == cmd::WRITE && req.len > wire::MAX_PAYLOAD {
-                return Err(refuse(
-                    errno::EINVAL,
-                    format!(
-                        "write of {} bytes exceeds the {} byte maximum",
-                        req.len,
-                        wire::MAX_PAYLOAD
-                    ),
-                ));
             }
             if !range.within(size) {
                 // The spec asks for ENOSPC when a write runs past the end.
@@ -225,7 +234,8 @@ fn error_reply(structured: bool, cookie: u64, r: &Refusal) -> Reply {
     if !structured {
         return simple(cookie, r.errno);
     }
-    let msg = &r.msg.as_bytes()[..r.msg.len().min(1024)];
+    // A human-readable string: short, and never a character cut in half.
+    let msg = wire::truncate_str(&r.msg, 1024).as_bytes();
     let mut b = BytesMut::with_capacity(20 + 6 + msg.len());
     b.put_slice(&wire::chunk_header(
         chunk::FLAG_DONE,
@@ -493,6 +503,17 @@ where
             break;
         }
         let checked = validate(&req, &ctx);
+        if let Err(r) = &checked {
+            if r.fatal {
+                let reply = error_reply(ctx.structured, req.cookie, r);
+                let _ = tx.send(Outgoing { reply, _held: None }).await;
+                outcome = Err(Error::new(
+                    ErrorKind::Protocol,
+                    format!("{}; closing connection", r.msg),
+                ));
+                break;
+            }
+        }
         let mut payload = Bytes::new();
         let mut bytes_held = None;
         if req.typ == cmd::WRITE {
@@ -646,6 +667,17 @@ mod tests {
         }
         assert!(done);
         out
+    }
+
+    #[test]
+    fn error_chunk_messages_are_strings() {
+        let r = refuse(errno::EIO, "€".repeat(1000)); // 3 bytes each
+        let b = &error_reply(true, 1, &r)[0];
+        let h = wire::ChunkHeader::decode(b[..20].try_into().unwrap()).unwrap();
+        let n = u16::from_be_bytes([b[24], b[25]]) as usize;
+        assert_eq!(h.len as usize, 6 + n);
+        assert!(n <= 1024);
+        assert!(std::str::from_utf8(&b[26..26 + n]).is_ok());
     }
 
     #[test]

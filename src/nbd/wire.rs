@@ -242,6 +242,20 @@ pub fn to_string(bytes: &[u8], what: &'static str) -> Result<String, DecodeError
     }
 }
 
+/// `s` cut to at most `max` bytes, at a character boundary: a message that
+/// quotes a client's 4096-byte name must still be a protocol string (valid
+/// UTF-8, at most [`MAX_STRING`] bytes).
+pub fn truncate_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// The fixed 16-byte header of a client option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionHeader {
@@ -351,6 +365,17 @@ pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
     v
 }
 
+/// `NBD_REP_SERVER` payload: the name, then the description as the
+/// human-readable string (cut to the string limit).
+pub fn rep_server(name: &str, description: &str) -> Vec<u8> {
+    let description = truncate_str(description, MAX_STRING);
+    let mut v = Vec::with_capacity(4 + name.len() + description.len());
+    v.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(description.as_bytes());
+    v
+}
+
 /// `NBD_REP_INFO` payload for `NBD_INFO_EXPORT`.
 pub fn info_export(size: u64, flags: u16) -> Vec<u8> {
     let mut v = Vec::with_capacity(12);
@@ -370,8 +395,10 @@ pub fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
     v
 }
 
-/// `NBD_REP_INFO` payload for `NBD_INFO_NAME` or `NBD_INFO_DESCRIPTION`.
+/// `NBD_REP_INFO` payload for `NBD_INFO_NAME` or `NBD_INFO_DESCRIPTION`
+/// (cut to the string limit: a description comes from configuration).
 pub fn info_string(kind: u16, s: &str) -> Vec<u8> {
+    let s = truncate_str(s, MAX_STRING);
     let mut v = Vec::with_capacity(2 + s.len());
     v.extend_from_slice(&kind.to_be_bytes());
     v.extend_from_slice(s.as_bytes());
@@ -528,6 +555,15 @@ mod tests {
         assert!(InfoRequest::decode(&huge).is_err());
         huge.truncate(10);
         assert!(InfoRequest::decode(&huge).is_err());
+    }
+
+    #[test]
+    fn truncated_strings_stay_utf8() {
+        assert_eq!(truncate_str("abc", 5), "abc");
+        assert_eq!(truncate_str("abc", 2), "ab");
+        // 'é' is 2 bytes: never cut in half.
+        assert_eq!(truncate_str("éé", 3), "é");
+        assert_eq!(truncate_str(&"€".repeat(2000), MAX_STRING).len(), 4095);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use lazybd::nbd::wire::{
 };
 use lazybd::origin::OriginOptions;
 use lazybd::server::{Limits, ListenAddr};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Deterministic pseudo-random image with a zero region at [1 MiB, 2 MiB).
@@ -285,6 +285,7 @@ pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
             replay_profile: false,
             ..Default::default()
         },
+        tls: Default::default(),
     }
 }
 
@@ -330,9 +331,26 @@ pub struct Reply {
     pub extents: Vec<(u32, u32)>,
 }
 
-/// A minimal NBD client over lazybd's wire codec.
-pub struct Client {
-    pub s: TcpStream,
+/// One structured reply chunk, undecoded.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub flags: u16,
+    pub typ: u16,
+    pub cookie: u64,
+    pub payload: Vec<u8>,
+}
+
+/// One transmission-phase message from the server.
+#[derive(Debug)]
+pub enum Message {
+    Simple { error: u32, cookie: u64 },
+    Chunk(Chunk),
+}
+
+/// A minimal NBD client over lazybd's wire codec, on a TCP stream or any
+/// other byte stream (a TLS session in tests/tls.rs).
+pub struct Client<S = TcpStream> {
+    pub s: S,
     pub size: u64,
     pub flags: u16,
     pub structured: bool,
@@ -355,7 +373,7 @@ impl Default for Opts {
     }
 }
 
-pub async fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
+pub async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8]) {
     s.write_all(
         &OptionHeader {
             option,
@@ -369,7 +387,9 @@ pub async fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
 }
 
 /// Read one option reply: (option, type, data).
-pub async fn read_option_reply(s: &mut TcpStream) -> std::io::Result<(u32, u32, Vec<u8>)> {
+pub async fn read_option_reply<S: AsyncRead + Unpin>(
+    s: &mut S,
+) -> std::io::Result<(u32, u32, Vec<u8>)> {
     let magic = s.read_u64().await?;
     assert_eq!(magic, wire::OPT_REPLY_MAGIC);
     let option = s.read_u32().await?;
@@ -393,7 +413,24 @@ pub async fn greet(addr: &str) -> TcpStream {
 
 impl Client {
     pub async fn connect(addr: &str, o: Opts) -> Client {
-        let mut s = greet(addr).await;
+        Client::go(greet(addr).await, o).await
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// A client on a stream already in transmission (a hand-made handshake).
+    pub fn new(s: S, size: u64, flags: u16, structured: bool) -> Client<S> {
+        Client {
+            s,
+            size,
+            flags,
+            structured,
+            next: 1,
+        }
+    }
+
+    /// Option haggling on a greeted stream, up to a successful GO.
+    pub async fn go(mut s: S, o: Opts) -> Client<S> {
         if o.structured {
             send_option(&mut s, opt::STRUCTURED_REPLY, &[]).await;
             let (_, t, _) = read_option_reply(&mut s).await.unwrap();
@@ -454,6 +491,42 @@ impl Client {
         };
         self.s.write_all(&r.encode()).await.unwrap();
         cookie
+    }
+
+    /// Send a request with a cookie of the caller's choosing.
+    pub async fn send_cookie(&mut self, typ: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
+        let r = Request {
+            flags,
+            typ,
+            cookie,
+            offset,
+            len,
+        };
+        self.s.write_all(&r.encode()).await.unwrap();
+    }
+
+    /// Read the next message exactly as sent: a simple reply header (a
+    /// READ's data, if any, is left for the caller) or one structured chunk.
+    pub async fn recv_message(&mut self) -> std::io::Result<Message> {
+        let magic = self.s.read_u32().await?;
+        if magic == wire::SIMPLE_REPLY_MAGIC {
+            let error = self.s.read_u32().await?;
+            let cookie = self.s.read_u64().await?;
+            return Ok(Message::Simple { error, cookie });
+        }
+        assert_eq!(magic, wire::STRUCTURED_REPLY_MAGIC, "reply magic");
+        let flags = self.s.read_u16().await?;
+        let typ = self.s.read_u16().await?;
+        let cookie = self.s.read_u64().await?;
+        let len = self.s.read_u32().await?;
+        let mut payload = vec![0u8; len as usize];
+        self.s.read_exact(&mut payload).await?;
+        Ok(Message::Chunk(Chunk {
+            flags,
+            typ,
+            cookie,
+            payload,
+        }))
     }
 
     /// Read one complete reply (all chunks of one cookie; assumes replies
