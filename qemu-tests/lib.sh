@@ -660,3 +660,109 @@ lazybd_wait_ready() {
   LAZYBD_URI=$1
   log "lazybd pid $LAZYBD_PID ready: $*"
 }
+
+# ---------------------------------------------------------------- small file systems (t-61)
+
+_TMPFS_MOUNTS=()   # tmpfs mount points of this test (unmounted at exit)
+
+# _cleanup_tmpfs : EXIT trap of a test that mounted a tmpfs: lazily unmount
+# every mount point (a server may still hold files there; it is stopped right
+# after), then the usual _cleanup with the original exit status
+_cleanup_tmpfs() {
+  local rc=$? m
+  set +e
+  for m in "${_TMPFS_MOUNTS[@]}"; do
+    mountpoint -q "$m" 2>/dev/null && umount -l "$m" 2>/dev/null
+  done
+  (exit "$rc")
+  _cleanup
+}
+
+# tmpfs_mount DIR SIZE : mount a tmpfs of SIZE (e.g. 12M, 64k) on DIR (made if
+# needed; under $T); unmounted at exit. Needs root.
+tmpfs_mount() {
+  local dir=$1 size=$2
+  ((EUID == 0)) || fail "tmpfs_mount: needs root (mount -t tmpfs)"
+  mkdir -p "$dir"
+  mount -t tmpfs -o "size=$size,mode=0755" tmpfs "$dir" || fail "mount -t tmpfs -o size=$size $dir failed"
+  _TMPFS_MOUNTS+=("$dir")
+  trap _cleanup_tmpfs EXIT
+}
+
+# tmpfs_umount DIR : unmount a tmpfs made by tmpfs_mount now
+tmpfs_umount() {
+  umount "$1" || fail "umount $1 failed"
+}
+
+# fs_free_bytes DIR : bytes free on the file system of DIR
+fs_free_bytes() {
+  df -B1 --output=avail "$1" | tail -n 1 | tr -d ' '
+}
+
+# ---------------------------------------------------------------- VM boots (t-5x, bench/boot.sh)
+
+# boot_image DIR [NAME] : build (or reuse, see qemu-tests/boot-image.sh) the
+# boot test image as DIR/NAME (default base.img). Sets BOOT_IMG (its path) and
+# BOOT_SHA (the sha256 the guest must find on its data partition),
+# BOOT_WRITE_OFF (where a guest on a writable disk writes its record).
+BOOT_IMG="" BOOT_SHA="" BOOT_WRITE_OFF=""
+boot_image() {
+  local dir=$1 name=${2:-base.img}
+  mkdir -p "$dir"
+  "$REPO/qemu-tests/boot-image.sh" "$dir/$name" >&2 || fail "boot-image.sh $dir/$name failed"
+  BOOT_IMG=$dir/$name
+  BOOT_SHA=$(sed -n 's/^data_sha256=//p' "$BOOT_IMG.meta")
+  BOOT_WRITE_OFF=$(sed -n 's/^write_offset=//p' "$BOOT_IMG.meta")
+  [[ -n $BOOT_SHA && -n $BOOT_WRITE_OFF ]] || fail "boot_image: no data_sha256/write_offset in $BOOT_IMG.meta"
+}
+
+# boot_vm DISK [TIMEOUT_S] : boot a VM from DISK (NBD URI or file) with
+# qemu-tests/boot.sh (env BOOT_READONLY, BOOT_MEM, ... pass through; the data
+# sha is checked against BOOT_SHA). Never fails by itself: sets BOOT_RC (0 ok,
+# 1 fail, 124 timeout), BOOT_STATUS, BOOT_S (seconds from qemu start to the
+# marker), BOOT_INIT_S, BOOT_WROTE ("OFF:UUID" on a writable disk), BOOT_LINE
+# (boot.sh's line) and BOOT_LOG (serial console, $T/boot-N.log).
+BOOT_N=0 BOOT_RC="" BOOT_STATUS="" BOOT_S="" BOOT_INIT_S="" BOOT_WROTE="" BOOT_LINE="" BOOT_LOG=""
+boot_vm() {
+  local disk=$1 to=${2:-120}
+  BOOT_N=$((BOOT_N + 1))
+  BOOT_LOG=$T/boot-$BOOT_N.log
+  BOOT_LINE=$(BOOT_LOG=$BOOT_LOG BOOT_SHA=$BOOT_SHA "$REPO/qemu-tests/boot.sh" "$disk" "$to") && BOOT_RC=0 || BOOT_RC=$?
+  BOOT_STATUS=$(_boot_field status); BOOT_S=$(_boot_field marker_s)
+  BOOT_INIT_S=$(_boot_field init_s); BOOT_WROTE=$(_boot_field wrote)
+  log "boot #$BOOT_N from $disk: ${BOOT_STATUS:-?} in ${BOOT_S:-?} s (init at ${BOOT_INIT_S:-?} s)"
+}
+_boot_field() { local v; v=$(grep -o " $1=[^ ]*" <<<"$BOOT_LINE" | head -n 1 || true); echo "${v#*=}"; }
+
+# assert_booted : the last boot_vm reached the OK marker
+assert_booted() {
+  ((BOOT_RC == 0)) || {
+    echo "---- serial console (boot #$BOOT_N) ----" >&2; tail -n 20 "$BOOT_LOG" >&2
+    fail "boot #$BOOT_N: ${BOOT_STATUS:-no result} ($BOOT_LINE)"
+  }
+}
+
+# lazybd_metric PORT NAME : sum over all label sets of metric NAME (e.g.
+# lazybd_read_bytes_total) from lazybd's /metrics on 127.0.0.1:PORT
+lazybd_metric() {
+  curl -fsS "http://127.0.0.1:$1/metrics" |
+    awk -v n="$2" '$1 == n || index($1, n "{") == 1 {s += $NF; f = 1} END {if (f) printf "%.0f\n", s; else print ""}'
+}
+
+# origin_ranges_since MARK [PATH] : "UNIQUE_BYTES DUP_BYTES RANGED_GETS" of the
+# ranged data GETs after MARK (lazybd's "bytes=0-0" open probes left out):
+# bytes covered at least once, and bytes fetched more than once (0 when every
+# byte came once)
+origin_ranges_since() {
+  _origin_lines "$1" | awk -F'|' -v p="${2:-}" '$2=="GET" && (p=="" || $3==p) && $5 ~ /^bytes=[0-9]+-[0-9]+$/ && $5 != "bytes=0-0" {print $5}' |
+    python3 -c '
+import sys
+iv = sorted(tuple(map(int, l.strip()[6:].split("-"))) for l in sys.stdin if l.strip())
+total = sum(b - a + 1 for a, b in iv)
+uniq, end = 0, -1
+for a, b in iv:
+    if b > end:
+        uniq += b - max(a, end + 1) + 1
+        end = b
+print(uniq, total - uniq, len(iv))'
+}

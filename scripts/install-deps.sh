@@ -22,6 +22,9 @@ missing=0
 for t in "${need[@]}"; do command -v "$t" >/dev/null 2>&1 || { missing=1; break; }; done
 [[ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]] || missing=1
 nbdkit curl --version >/dev/null 2>&1 || missing=1   # the curl plugin loads
+# the boot test image (qemu-tests/boot-image.sh): syslinux's MBR and a static busybox
+[[ -e /usr/lib/syslinux/mbr/mbr.bin ]] || missing=1
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing=1
 # python3-libnbd: the qemu-tests send raw NBD requests with /usr/bin/python3 + libnbd
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || missing=1
 if [[ $missing == 0 ]]; then
