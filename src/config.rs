@@ -5,13 +5,16 @@
 //! [server]
 //! listen = ["127.0.0.1:10809", "unix:/run/lazybd/nbd.sock"]
 //! cache_dir = "/var/cache/lazybd"
-//! control = "/run/lazybd/control.sock"   # `lazybd export add/remove/list`
+//! control = "/run/lazybd/control.sock"   # `lazybd export add/remove/list`; "none": off
 //! metrics = "127.0.0.1:9109"              # Prometheus, GET /metrics
 //! block_size = "64k"
 //! cache_size = "50G"                      # LRU eviction of clean blocks
 //! tls = "require"                         # or "on" (optional), "off"
 //! tls_certificates = "/etc/pki/lazybd"    # ca-cert.pem, server-cert.pem, server-key.pem
 //! tls_verify_peer = true                  # client certificates from ca-cert.pem
+//! max_connections = 1024
+//! max_buffered = "1G"                     # read replies held for all clients
+//! send_timeout_secs = 120                 # drop a client that stops reading
 //!
 //! [origin]
 //! connections = 16
@@ -85,6 +88,10 @@ pub struct ServerSection {
     pub control: Option<PathBuf>,
     pub block_size: Option<String>,
     pub max_connections: Option<usize>,
+    /// Read-reply bytes all clients may hold in memory, e.g. "1G".
+    pub max_buffered: Option<String>,
+    /// Drop a client that takes no reply bytes for this long.
+    pub send_timeout_secs: Option<u64>,
     /// Prometheus endpoint, HOST:PORT.
     pub metrics: Option<String>,
     /// Limit on cached data across images, e.g. "50G".
@@ -168,6 +175,17 @@ impl FileConfig {
 }
 
 /// Export names become directory names and NBD strings: keep them plain.
+/// Where the control socket goes: the command line wins over the file, "none"
+/// in either place disables it, and the default is `CACHE_DIR/control.sock`.
+pub fn control_socket(cli: Option<&str>, file: Option<&Path>, cache_dir: &Path) -> Option<PathBuf> {
+    let chosen = match (cli, file) {
+        (Some(c), _) => PathBuf::from(c),
+        (None, Some(f)) => f.to_path_buf(),
+        (None, None) => return Some(cache_dir.join("control.sock")),
+    };
+    (chosen.as_os_str() != "none").then_some(chosen)
+}
+
 pub fn validate_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name.len() > 255 {
         return Err("must be 1 to 255 characters".into());
@@ -210,6 +228,47 @@ mod tests {
         assert_eq!(c.exports.len(), 2);
         assert!(c.exports[1].writable);
         assert_eq!(c.server.listen.len(), 2);
+    }
+
+    /// The example in this module's documentation is a valid config.
+    #[test]
+    fn the_documented_example_parses() {
+        let text: String = include_str!("config.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//!"))
+            .skip_while(|l| l.trim() != "```toml")
+            .skip(1)
+            .take_while(|l| l.trim() != "```")
+            .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+            .collect();
+        let c = FileConfig::parse(&text).unwrap();
+        assert_eq!(c.exports.len(), 2);
+        assert_eq!(c.server.max_buffered.as_deref(), Some("1G"));
+        assert_eq!(c.server.send_timeout_secs, Some(120));
+        assert_eq!(c.boot.hydrate_rate.as_deref(), Some("200M"));
+    }
+
+    #[test]
+    fn control_none_disables_the_socket_from_either_place() {
+        let cache = Path::new("/var/cache/lazybd");
+        let file = FileConfig::parse("[server]\ncontrol = \"none\"\n").unwrap();
+        assert_eq!(
+            control_socket(None, file.server.control.as_deref(), cache),
+            None
+        );
+        assert_eq!(control_socket(Some("none"), None, cache), None);
+        assert_eq!(
+            control_socket(Some("/run/c.sock"), file.server.control.as_deref(), cache),
+            Some(PathBuf::from("/run/c.sock"))
+        );
+        assert_eq!(
+            control_socket(None, Some(Path::new("/run/f.sock")), cache),
+            Some(PathBuf::from("/run/f.sock"))
+        );
+        assert_eq!(
+            control_socket(None, None, cache),
+            Some(cache.join("control.sock"))
+        );
     }
 
     #[test]

@@ -422,9 +422,15 @@ pub struct Running {
     listeners: Vec<JoinHandle<()>>,
     /// The periodic sync: aborted at shutdown.
     syncer: JoinHandle<()>,
+    budget: crate::nbd::transmission::Budget,
 }
 
 impl Running {
+    /// Read-reply bytes no connection holds right now (of `--max-buffered`).
+    pub fn budget_available(&self) -> u64 {
+        self.budget.available()
+    }
+
     /// Counters of the first image (the single-image case and tests).
     pub async fn stats(&self) -> Arc<Stats> {
         self.daemon
@@ -513,7 +519,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         exports: daemon.exports.clone(),
         limits: cfg.limits.clone(),
         tls,
+        budget: crate::nbd::transmission::Budget::new(
+            cfg.limits.max_buffered,
+            cfg.limits.send_timeout,
+        ),
     };
+    let budget = shared.budget.clone();
     let task = tokio::spawn(server::run(listeners, shared, rx.clone()));
     // Persist maps now and then so a power cut loses little work (a process
     // kill loses nothing: the mappings live in the page cache).
@@ -541,6 +552,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         task,
         listeners: aux,
         syncer,
+        budget,
     })
 }
 

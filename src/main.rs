@@ -313,6 +313,15 @@ struct ServeArgs {
     /// Most simultaneous client connections [default: 1024].
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Read-reply bytes all clients together may hold in memory; each
+    /// client is also held to 64 MiB. Reads wait while it is spent
+    /// [default: 1G; at least 64M].
+    #[arg(long, value_name = "SIZE")]
+    max_buffered: Option<String>,
+    /// Drop a client that takes no reply bytes for SECS seconds while
+    /// replies wait for it (frees what it held) [default: 120].
+    #[arg(long, value_name = "SECS")]
+    send_timeout: Option<u64>,
     /// Record a boot profile: which blocks each image reads during SECS
     /// seconds after its first read (0: until `lazybd profile stop` or
     /// shutdown). Saved in the image's cache directory; replayed on the
@@ -490,16 +499,11 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .cloned()
         .collect();
     let headers = parse_headers(&all)?;
-    let control = match a.control {
-        Some(c) if c == "none" => None,
-        Some(c) => Some(PathBuf::from(c)),
-        None => Some(
-            file.server
-                .control
-                .clone()
-                .unwrap_or_else(|| cache_dir.join("control.sock")),
-        ),
-    };
+    let control = lazybd::config::control_socket(
+        a.control.as_deref(),
+        file.server.control.as_deref(),
+        &cache_dir,
+    );
     let defaults = OriginOptions::default();
     let cfg = ServeConfig {
         cache_dir,
@@ -541,6 +545,20 @@ fn serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
                 .or(file.server.max_connections)
                 .unwrap_or(Limits::default().max_connections)
                 .max(1),
+            max_buffered: match a
+                .max_buffered
+                .as_deref()
+                .or(file.server.max_buffered.as_deref())
+            {
+                Some(v) => lazybd::block::parse_size(v)
+                    .map_err(|e| anyhow::anyhow!("max_buffered: {e}"))?,
+                None => Limits::default().max_buffered,
+            },
+            send_timeout: a
+                .send_timeout
+                .or(file.server.send_timeout_secs)
+                .map(|s| Duration::from_secs(s.max(1)))
+                .unwrap_or(Limits::default().send_timeout),
             ..Limits::default()
         },
         exports,

@@ -137,6 +137,10 @@ impl Readahead {
             }
         };
         let Some((i, range)) = want else { return };
+        if !self.cache.storing() {
+            // A full disk: read-ahead bytes could not be kept.
+            return;
+        }
         let bs = self.cache.block_size();
         if !bs.covering(range).any(|b| self.cache.is_missing(b)) {
             // Already local: nothing to fetch, but the stream moves on.

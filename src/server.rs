@@ -67,6 +67,12 @@ pub struct Limits {
     pub max_connections: usize,
     /// A client that has not finished the handshake by then is dropped.
     pub handshake_timeout: Duration,
+    /// Read-reply bytes all connections together may hold in memory (each
+    /// connection is also held to 64 MiB of payload).
+    pub max_buffered: u64,
+    /// A client that takes no reply bytes for this long while replies wait
+    /// is dropped.
+    pub send_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -74,6 +80,8 @@ impl Default for Limits {
         Limits {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(30),
+            max_buffered: 1 << 30,
+            send_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -141,6 +149,8 @@ pub struct Shared {
     pub limits: Limits,
     /// TLS for clients that send STARTTLS; None: TLS off.
     pub tls: Option<Arc<Tls>>,
+    /// Memory and send-time bounds shared by all connections.
+    pub budget: transmission::Budget,
 }
 
 /// A handshake step's result, logged; `None` when the connection is done.
@@ -170,7 +180,9 @@ where
     )
     .await;
     let session = match handshake_step(first, &peer) {
-        Some(Outcome::Transmission(n)) => return transmit(s, n, &peer, shutdown, false).await,
+        Some(Outcome::Transmission(n)) => {
+            return transmit(s, n, &peer, shutdown, false, shared.budget.clone()).await
+        }
         Some(Outcome::StartTls(session)) => session,
         _ => return,
     };
@@ -195,7 +207,9 @@ where
     )
     .await;
     match handshake_step(next, &peer) {
-        Some(Outcome::Transmission(n)) => transmit(t, n, &peer, shutdown, true).await,
+        Some(Outcome::Transmission(n)) => {
+            transmit(t, n, &peer, shutdown, true, shared.budget.clone()).await
+        }
         // ABORT or a failure: close TLS properly when the peer is still there.
         _ => {
             let _ = tokio::time::timeout(Duration::from_secs(1), t.shutdown()).await;
@@ -204,8 +218,14 @@ where
 }
 
 /// The transmission phase of one client, counted on its export.
-async fn transmit<S>(s: S, neg: Negotiated, peer: &str, shutdown: watch::Receiver<bool>, tls: bool)
-where
+async fn transmit<S>(
+    s: S,
+    neg: Negotiated,
+    peer: &str,
+    shutdown: watch::Receiver<bool>,
+    tls: bool,
+    budget: transmission::Budget,
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let ex = neg.export.clone();
@@ -213,7 +233,7 @@ where
     ex.clients
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(%peer, %export, structured = neg.structured, base_allocation = neg.base_allocation, tls, "client connected");
-    match transmission::serve(s, neg, shutdown).await {
+    match transmission::serve(s, neg, shutdown, budget).await {
         Ok(()) => tracing::info!(%peer, %export, "client disconnected"),
         Err(e) => tracing::warn!(%peer, %export, error = %e, "connection closed"),
     }

@@ -1760,6 +1760,46 @@ async fn a_client_that_never_reads_does_not_stall_others() {
     env.stop().await;
 }
 
+/// Clients that stop reading their replies share one server-wide budget
+/// of reply memory and are dropped after the send timeout, which frees it:
+/// afterwards everybody else is served again and the budget is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stop_reading_are_dropped_and_free_the_shared_budget() {
+    let img = image(SIZE, 0x5eed);
+    let origin = TestOrigin::start(img.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&origin.url, dir.path(), BS);
+    cfg.limits.max_buffered = 64 << 20; // the minimum: one client's worth
+    cfg.limits.send_timeout = Duration::from_secs(1);
+    let (srv, addr) = start(cfg).await;
+    let mut hostile = Vec::new();
+    for _ in 0..2 {
+        let mut c = within(Client::connect(&addr, Opts::default())).await;
+        for i in 0..200u64 {
+            c.send(cmd::READ, 0, (i % 4) * MIB as u64, MIB as u32).await;
+        }
+        hostile.push(c);
+    }
+    // Both stop reading; the server must give up on them and close.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for c in &mut hostile {
+        let got = closed(&mut c.s).await;
+        assert!(
+            got.len() < 200 * MIB,
+            "a client that stopped reading got all its replies"
+        );
+    }
+    let mut c = within(Client::connect(&addr, Opts::default())).await;
+    for i in 0..8u64 {
+        let off = i * 512 * 1024;
+        let r = within(c.read(off, 512 * 1024)).await.unwrap();
+        assert!(r.error == 0 && r.data == img[off as usize..off as usize + 512 * 1024]);
+    }
+    assert_eq!(srv.budget_available(), 64 << 20, "reply memory leaked");
+    drop(c);
+    stop(srv).await;
+}
+
 /// spec: NBD_FLAG_CAN_MULTI_CONN: the effects of FLUSH and FUA MUST be
 /// visible on every connection when the server replies to them (lazybd's
 /// connections share one overlay: any acknowledged write is).

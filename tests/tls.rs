@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use common::*;
 use lazybd::daemon::{self, Running};
-use lazybd::nbd::wire::{self, cmd, errno, opt, rep, tflag, InfoRequest, MetaContextRequest};
+use lazybd::nbd::wire::{
+    self, cmd, errno, opt, rep, tflag, InfoRequest, MetaContextRequest, OptionHeader,
+};
 use lazybd::server::ListenAddr;
 use lazybd::tls::{TlsMode, TlsOptions};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -321,7 +323,7 @@ async fn require_refuses_everything_but_starttls_before_tls() {
 async fn require_ends_plaintext_sessions_that_cannot_be_refused() {
     let env = Env::start(TlsMode::Require, false).await;
     let mut s = greet(&env.addr).await;
-    send_option(&mut s, opt::EXPORT_NAME, b"disk").await;
+    let _ = write_lossy(&mut s, opt::EXPORT_NAME, b"disk").await;
     assert!(closed(&mut s).await.is_empty());
     let mut s = greet(&env.addr).await;
     assert_eq!(option(&mut s, opt::ABORT, &[]).await, vec![rep::ACK]);
@@ -331,7 +333,9 @@ async fn require_ends_plaintext_sessions_that_cannot_be_refused() {
         let mut g = [0u8; 18];
         s.read_exact(&mut g).await.unwrap();
         s.write_u32(flags).await.unwrap();
-        send_option(&mut s, opt::EXPORT_NAME, b"disk").await;
+        // Without fixed newstyle the server may hang up at once (a reset
+        // if our bytes are still unread): the write may fail.
+        let _ = write_lossy(&mut s, opt::EXPORT_NAME, b"disk").await;
         assert!(closed(&mut s).await.is_empty(), "client flags {flags}");
     }
     env.stop().await;
@@ -460,6 +464,19 @@ async fn disc_and_abort_close_tls_cleanly() {
     env.stop().await;
 }
 
+/// Send an option the server is expected to answer by hanging up: the
+/// write itself may fail when it already has.
+async fn write_lossy(s: &mut TcpStream, option: u32, data: &[u8]) -> std::io::Result<()> {
+    let mut b = OptionHeader {
+        option,
+        len: data.len() as u32,
+    }
+    .encode()
+    .to_vec();
+    b.extend_from_slice(data);
+    s.write_all(&b).await
+}
+
 /// spec: a failed TLS handshake after the ACK MUST terminate the session
 /// (too late for plaintext); other clients are not affected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -468,8 +485,8 @@ async fn a_failed_tls_handshake_ends_only_that_session() {
     let mut s = greet(&env.addr).await;
     assert_eq!(option(&mut s, opt::STARTTLS, &[]).await, vec![rep::ACK]);
     // Plaintext where a ClientHello belongs.
-    send_option(&mut s, opt::GO, &[0; 6]).await;
-    s.write_all(&[0; 200]).await.unwrap();
+    // The server may close (even reset) before all of it is written.
+    let _ = write_lossy(&mut s, opt::GO, &[0; 206]).await;
     closed(&mut s).await;
     env.others_ok().await;
     // A client that trusts another CA gives up; the server drops it.

@@ -66,6 +66,11 @@ struct Inner {
     stats: Arc<Stats>,
     /// Log "cannot store" once, not per block.
     store_warned: AtomicBool,
+    /// When storing last failed (ms since `opened`, 0: not failing). While
+    /// stores fail (a full disk), background fetches would only fetch bytes
+    /// to throw away, so they wait: see [`ImageCache::storing`].
+    store_failed_at: AtomicU64,
+    opened: std::time::Instant,
     /// Holds the directory's exclusive flock for the cache's lifetime.
     _lock: File,
     /// Readers hold it (shared) from checking a block's state to having
@@ -160,6 +165,8 @@ impl ImageCache {
                 max_fetch: DEFAULT_MAX_FETCH.max(g.block_size.bytes()),
                 stats,
                 store_warned: AtomicBool::new(false),
+                store_failed_at: AtomicU64::new(0),
+                opened: std::time::Instant::now(),
                 _lock: lock,
                 dir,
                 background: Arc::new(Semaphore::new(background)),
@@ -262,9 +269,17 @@ impl ImageCache {
     /// (readahead, profile replay, hydration), joining fetches already in
     /// flight, and resolve once they are stored. The caller bounds its own
     /// concurrency (see [`Self::background_permits`]). Returns the bytes
-    /// of the blocks that were missing.
+    /// this call fetched itself (blocks it only joined are counted by
+    /// whoever started them). While stores fail (a full disk) it fetches
+    /// nothing and returns a `NoSpace` error: the bytes could not be kept.
     pub async fn fetch_background(&self, r: ByteRange, why: Background) -> Result<u64> {
         let inner = &self.inner;
+        if !self.storing() {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                "the cache cannot store blocks right now; background fetches wait",
+            ));
+        }
         let missing: Vec<u64> = inner
             .bs
             .covering(r)
@@ -273,8 +288,9 @@ impl ImageCache {
         if missing.is_empty() {
             return Ok(0);
         }
+        let (plans, claimed) = self.plan_fetch(&missing);
         let mut flights: Vec<Arc<Flight>> = Vec::new();
-        for p in self.plan_fetch(&missing) {
+        for p in plans {
             if let Plan::Wait(f) = p {
                 if !flights.iter().any(|g| Arc::ptr_eq(g, &f)) {
                     flights.push(f);
@@ -284,7 +300,7 @@ impl ImageCache {
         for f in &flights {
             wait(f).await?;
         }
-        let bytes = missing.len() as u64 * inner.bs.bytes();
+        let bytes = claimed * inner.bs.bytes();
         let counter = match why {
             Background::Readahead => &inner.stats.readahead_bytes,
             Background::Profile => &inner.stats.profile_bytes,
@@ -292,6 +308,17 @@ impl ImageCache {
         };
         Stats::add(counter, bytes);
         Ok(bytes)
+    }
+
+    /// False for a few seconds after storing fetched blocks failed (and
+    /// until a store succeeds again). Background work checks it so a full
+    /// disk does not turn readahead into origin traffic that is thrown away;
+    /// after the pause one background fetch probes again.
+    pub fn storing(&self) -> bool {
+        const PAUSE_MS: u64 = 5_000;
+        let inner = &self.inner;
+        let at = inner.store_failed_at.load(Ordering::Relaxed);
+        at == 0 || inner.opened.elapsed().as_millis() as u64 >= at + PAUSE_MS
     }
 
     /// (present, zero, total) blocks.
@@ -497,7 +524,7 @@ impl ImageCache {
                 });
             }
             Stats::add(&inner.stats.misses, need.len() as u64);
-            let plans = self.plan_fetch(&need);
+            let (plans, _) = self.plan_fetch(&need);
             todo.clear();
             for (b, plan) in need.iter().zip(plans) {
                 match plan {
@@ -535,7 +562,7 @@ impl ImageCache {
             return Ok(None);
         }
         let need: Vec<u64> = blocks.collect();
-        let plans = self.plan_fetch(&need);
+        let (plans, _) = self.plan_fetch(&need);
         let Some(Plan::Wait(f)) = plans.first() else {
             return Ok(None);
         };
@@ -553,8 +580,9 @@ impl ImageCache {
 
     /// For each needed block: join its flight, start a new one (coalescing
     /// adjacent claims), or report it became available meanwhile (`Done`:
-    /// the caller reads it locally in its next round).
-    fn plan_fetch(&self, need: &[u64]) -> Vec<Plan> {
+    /// the caller reads it locally in its next round). Also returns how
+    /// many blocks this call claimed (new flights it started).
+    fn plan_fetch(&self, need: &[u64]) -> (Vec<Plan>, u64) {
         let inner = &self.inner;
         let mut plans: Vec<Option<Plan>> = Vec::with_capacity(need.len());
         let mut claims: Vec<(usize, u64)> = Vec::new(); // (index in need, block)
@@ -590,7 +618,8 @@ impl ImageCache {
                 k += n as usize;
             }
         }
-        plans.into_iter().map(|p| p.unwrap_or(Plan::Done)).collect()
+        let plans = plans.into_iter().map(|p| p.unwrap_or(Plan::Done)).collect();
+        (plans, claims.len() as u64)
     }
 
     /// Spawn the fetch of blocks `[first, first + count)`. The caller holds
@@ -621,6 +650,8 @@ impl ImageCache {
                         stored.map_err(|e| Error::with_source(ErrorKind::Io, "cache store task", e))
                     {
                         Stats::add(&inner.stats.store_failures, count);
+                        let now = inner.opened.elapsed().as_millis() as u64;
+                        inner.store_failed_at.store(now.max(1), Ordering::Relaxed);
                         if !inner.store_warned.swap(true, Ordering::Relaxed) {
                             tracing::warn!(error = %e, "cannot store fetched blocks in the cache; serving them uncached");
                         }
@@ -709,6 +740,7 @@ impl Inner {
     /// Blocking; runs on the blocking pool.
     fn store(&self, first: u64, bytes: &Bytes) -> Result<()> {
         let c = self.store.publish_blocks(first, bytes)?;
+        self.store_failed_at.store(0, Ordering::Relaxed);
         Stats::add(&self.stats.zero_blocks, c.zero);
         self.present_bytes
             .fetch_add(c.present * self.bs.bytes(), Ordering::Relaxed);

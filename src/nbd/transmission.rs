@@ -12,8 +12,16 @@
 //! go out in completion order. A per-connection semaphore caps requests in
 //! flight (and so the memory a client can pin); when it is exhausted the
 //! reader stops reading the socket and TCP pushes back on the client.
+//!
+//! Memory is bounded at two levels. Each connection may hold at most
+//! [`MAX_IN_FLIGHT_BYTES`] of payload (write data read in, read data not yet
+//! sent). Read replies are what a client can make the server produce without
+//! sending anything, so they also draw on one server-wide [`Budget`]; a
+//! client that stops taking its replies is dropped after the budget's send
+//! timeout, which returns what it held.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -41,12 +49,51 @@ const MAX_EXTENTS: usize = 1 << 14;
 /// One reply: buffers written back to back, in order.
 type Reply = Vec<Bytes>;
 
+/// Bounds shared by every connection of a server (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Budget {
+    /// Read-reply payload all connections together may hold, in
+    /// `BUDGET_UNIT`s.
+    replies: Arc<Semaphore>,
+    /// A client that takes no reply bytes for this long while replies wait
+    /// is dropped (its buffers freed).
+    send_timeout: Duration,
+}
+
+impl Budget {
+    /// `max_bytes` of read replies in memory across connections (at least
+    /// one connection's worth, so any single request can proceed).
+    pub fn new(max_bytes: u64, send_timeout: Duration) -> Budget {
+        let units = max_bytes.max(MAX_IN_FLIGHT_BYTES as u64) / BUDGET_UNIT as u64;
+        Budget {
+            replies: Arc::new(Semaphore::new(
+                units.min(Semaphore::MAX_PERMITS as u64) as usize
+            )),
+            send_timeout,
+        }
+    }
+
+    /// Bytes of read replies not currently held by any connection.
+    pub fn available(&self) -> u64 {
+        self.replies.available_permits() as u64 * BUDGET_UNIT as u64
+    }
+}
+
+/// What a request holds until its reply has been handed to the socket: its
+/// in-flight slot, its bytes of the connection's budget and, for reads, of
+/// the server-wide one.
+struct Held {
+    _slot: OwnedSemaphorePermit,
+    _bytes: OwnedSemaphorePermit,
+    _shared: Option<OwnedSemaphorePermit>,
+}
+
 /// A reply on its way to the socket, with the in-flight permits it holds:
 /// they are released only once the writer has taken the bytes, so the
 /// budgets bound queued replies too, not just running handlers.
 struct Outgoing {
     reply: Reply,
-    _held: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    _held: Option<Held>,
 }
 
 /// A request that passed validation.
@@ -424,18 +471,36 @@ async fn handle(ctx: Arc<Ctx>, req: Request, c: Command, payload: Bytes) -> Repl
 async fn writer<W: AsyncWrite + Unpin>(
     w: W,
     mut rx: mpsc::Receiver<Outgoing>,
+    send_timeout: Duration,
 ) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(256 << 10, w);
+    // Every step that waits for the client to take bytes has a deadline: a
+    // client that stops reading must not pin its buffers forever.
+    let stalled = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the client took no reply bytes for {} s",
+                send_timeout.as_secs_f64()
+            ),
+        )
+    };
     while let Some(out) = rx.recv().await {
-        for b in out.reply {
-            w.write_all(&b).await?;
-        }
+        let mut batch = vec![out];
         while let Ok(out) = rx.try_recv() {
-            for b in out.reply {
-                w.write_all(&b).await?;
-            }
+            batch.push(out);
         }
-        w.flush().await?;
+        let put = async {
+            for out in &batch {
+                for b in &out.reply {
+                    w.write_all(b).await?;
+                }
+            }
+            w.flush().await
+        };
+        tokio::time::timeout(send_timeout, put)
+            .await
+            .map_err(|_| stalled())??;
     }
     w.shutdown().await
 }
@@ -452,14 +517,27 @@ async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> std::io::Result<()>
 /// Serve requests on an established connection until the client
 /// disconnects, breaks the protocol, `shutdown` turns true (server stop) or
 /// the export is removed. In-flight requests are always answered first.
-pub async fn serve<S>(stream: S, neg: Negotiated, mut shutdown: watch::Receiver<bool>) -> Result<()>
+pub async fn serve<S>(
+    stream: S,
+    neg: Negotiated,
+    mut shutdown: watch::Receiver<bool>,
+    shared: Budget,
+) -> Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(128 << 10, rd);
     let (tx, rx) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT + 8);
-    let writer = tokio::spawn(writer(wr, rx));
+    // When the writer gives up (the client stopped reading, or hung up),
+    // the reader stops too instead of waiting for a request forever.
+    let (writer_done, mut writer_gone) = watch::channel(false);
+    let send_timeout = shared.send_timeout;
+    let writer = tokio::spawn(async move {
+        let r = writer(wr, rx, send_timeout).await;
+        let _ = writer_done.send(true);
+        r
+    });
     let ctx = Arc::new(Ctx {
         export: neg.export,
         structured: neg.structured,
@@ -478,6 +556,7 @@ where
             r = rd.read_exact(&mut hb) => r,
             _ = shutdown.wait_for(|s| *s) => break,
             _ = closing.wait_for(|s| *s) => break,
+            _ = writer_gone.wait_for(|s| *s) => break,
         };
         if let Err(e) = read {
             if e.kind() != std::io::ErrorKind::UnexpectedEof {
@@ -552,19 +631,37 @@ where
                 }
             }
             Ok(c) => {
-                // Reads reserve their payload from the byte budget (a 32 MiB
-                // read takes half of it); the reader waits when it is spent.
-                let bytes = match (c, bytes_held) {
-                    (_, Some(held)) => held,
+                // Reads reserve their payload from the connection's byte
+                // budget (a 32 MiB read takes half of it), then from the
+                // server's; the reader waits while either is spent.
+                let held = match (c, bytes_held) {
+                    (_, Some(bytes)) => Held {
+                        _slot: permit,
+                        _bytes: bytes,
+                        _shared: None,
+                    },
                     (Command::Read { range, .. }, None) => {
                         let units = (range.len as u32).div_ceil(BUDGET_UNIT);
-                        match budget.clone().acquire_many_owned(units).await {
-                            Ok(h) => h,
-                            Err(_) => break,
+                        let Ok(bytes) = budget.clone().acquire_many_owned(units).await else {
+                            break;
+                        };
+                        let all = tokio::select! {
+                            p = shared.replies.clone().acquire_many_owned(units) => p,
+                            _ = writer_gone.wait_for(|s| *s) => break,
+                        };
+                        let Ok(all) = all else { break };
+                        Held {
+                            _slot: permit,
+                            _bytes: bytes,
+                            _shared: Some(all),
                         }
                     }
                     _ => match budget.clone().acquire_many_owned(0).await {
-                        Ok(h) => h,
+                        Ok(bytes) => Held {
+                            _slot: permit,
+                            _bytes: bytes,
+                            _shared: None,
+                        },
                         Err(_) => break,
                     },
                 };
@@ -575,7 +672,7 @@ where
                         let reply = read_result(&ctx, req, range, df, res);
                         let out = Outgoing {
                             reply,
-                            _held: Some((permit, bytes)),
+                            _held: Some(held),
                         };
                         if tx.send(out).await.is_err() {
                             break;
@@ -592,7 +689,7 @@ where
                         };
                         let out = Outgoing {
                             reply,
-                            _held: Some((permit, bytes)),
+                            _held: Some(held),
                         };
                         if tx.send(out).await.is_err() {
                             break;
@@ -606,7 +703,7 @@ where
                     let _ = tx
                         .send(Outgoing {
                             reply,
-                            _held: Some((permit, bytes)),
+                            _held: Some(held),
                         })
                         .await;
                 });
