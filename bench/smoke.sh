@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # bench/smoke.sh — a short bench run for CI (under a minute once the binary is
-# built): 64 MiB image, 2 s per timed case, lazybd plus one peer, every case.
-# Fails (non-zero) if any case of either server produced no numbers. Writes
-# its report to a temp file, never to bench/RESULTS.md.
+# built): 64 MiB image, 2 s per timed case, lazybd plus one peer, every case;
+# then bench/boot.sh QUICK=1 (one real VM boot per lazybd case at 10 ms RTT,
+# report on stdout only; SMOKE_BOOT=0 skips it).
+# Fails (non-zero) if any case of either server produced no numbers or a boot
+# failed. Writes its report to a temp file, never to bench/RESULTS.md.
 # Env: SMOKE_PEER (nbdkit-cache), SMOKE_TIMEOUT (240 s for the whole run),
 #      plus any bench/run.sh knob (e.g. LAZYBD, LAZYBD_ARGS).
 set -euo pipefail
@@ -26,4 +28,7 @@ for p in lazybd "$peer"; do
   done
 done
 if [[ $rc != 0 || $missing != 0 ]]; then echo "smoke: FAILED (run.sh rc=$rc)" >&2; exit 1; fi
+if [[ ${SMOKE_BOOT:-1} == 1 ]]; then
+  QUICK=1 timeout -k 10 300 "$BENCH/boot.sh" || { echo "smoke: bench/boot.sh QUICK=1 FAILED" >&2; exit 1; }
+fi
 echo "smoke: ok"

@@ -68,6 +68,31 @@ async fn a_vanished_object_fails_reads_at_once_and_says_why() {
     stop(srv).await;
 }
 
+/// An origin that stops honouring Range mid-run (200 with the whole
+/// object): reads it would serve fail with EIO at once, the body is never
+/// read into the cache, cached blocks are still served, and once Range is
+/// back the same blocks read correctly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_support_withdrawn_mid_run_is_eio_never_the_whole_object() {
+    let img = image(4 * MIB, 35);
+    let (o, _dir, srv, addr) = serve_image(&img, BS).await;
+    let mut c = Client::connect(&addr, Opts::default()).await;
+    read_ok(&mut c, &img, 1).await;
+    o.faults.no_range.store(true, SeqCst);
+    let t = Instant::now();
+    let r = c.read(40 * BS, 4096).await.unwrap();
+    assert_eq!(r.error, errno::EIO);
+    assert!(t.elapsed() < Duration::from_secs(5), "a 200 was retried");
+    read_ok(&mut c, &img, 1).await;
+    o.faults.no_range.store(false, SeqCst);
+    read_ok(&mut c, &img, 40).await;
+    let st = stop(srv).await;
+    assert!(
+        Stats::get(&st.origin_bytes) < img.len() as u64,
+        "a whole-object body was read: {st}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_request_is_hedged() {
     let img = image(4 * MIB, 33);

@@ -283,7 +283,12 @@ impl HttpOrigin {
                 // 401/403 and friends: retrying will not change the answer.
                 _ => ErrorKind::OriginRefused,
             };
-            return Err(Error::new(kind, format!("{}: HTTP {status}", ctx())));
+            let why = if status == StatusCode::OK {
+                " (the whole object: the origin no longer honours Range)"
+            } else {
+                ""
+            };
+            return Err(Error::new(kind, format!("{}: HTTP {status}{why}", ctx())));
         }
         self.check_validator(resp.headers())?;
         let cr = header_str(resp.headers(), CONTENT_RANGE).unwrap_or_default();
