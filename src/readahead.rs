@@ -86,6 +86,7 @@ impl Readahead {
             st.tick += 1;
             let tick = st.tick;
             let size = self.cache.image_size();
+            let max_fetch = self.cache.max_fetch().max(MIN_WINDOW);
             // Forward, a stream continues only across a small gap (a few
             // requests of this size delivered out of order), so random
             // reads near each other do not look sequential.
@@ -108,10 +109,28 @@ impl Readahead {
                         s.window = (s.window * 2).min(MAX_WINDOW);
                     }
                     // Top up when less than half a window is left ahead.
-                    let target = (s.next + s.window).min(size);
+                    // Ranges end on a grid (the window, up to one origin
+                    // request), so readers of one image at different
+                    // offsets (many VMs, one template) claim the same whole
+                    // cells and join each other's fetches instead of
+                    // splitting them into slivers.
+                    let grid = s.window.min(max_fetch);
+                    let target = (s.next + s.window)
+                        .div_ceil(grid)
+                        .saturating_mul(grid)
+                        .min(size);
                     if s.run >= 2 && s.ahead < s.next + s.window / 2 && target > s.ahead.max(s.next)
                     {
-                        let from = s.ahead.max(s.next);
+                        // The reader has outrun readahead: restart on the
+                        // grid cell holding this very read, so the read
+                        // joins one cell-sized fetch instead of claiming a
+                        // sliver of it (cached or in-flight blocks cost
+                        // nothing).
+                        let from = if s.ahead >= s.next {
+                            s.ahead
+                        } else {
+                            s.ahead.max(r.offset) / grid * grid
+                        };
                         Some((
                             i,
                             ByteRange {
@@ -154,13 +173,23 @@ impl Readahead {
             return;
         };
         self.advance(i, range.end());
-        let cache = self.cache.clone();
-        tokio::spawn(async move {
-            let _permits = (mine, image);
-            if let Err(e) = cache.fetch_background(range, Background::Readahead).await {
-                tracing::debug!(error = %e, %range, "readahead fetch failed");
+        // Planned here, before the triggering read goes to the cache: when
+        // the range covers that read, the read joins these fetches.
+        match self.cache.start_background(range, Background::Readahead) {
+            Err(e) => tracing::debug!(error = %e, %range, "readahead not started"),
+            // Everything is cached or on its way (another export of the
+            // image leads this stretch): give the permits back at once, so
+            // they go to fetches that bring something.
+            Ok(f) if f.claimed_blocks() == 0 => {}
+            Ok(f) => {
+                tokio::spawn(async move {
+                    let _permits = (mine, image);
+                    if let Err(e) = f.finish().await {
+                        tracing::debug!(error = %e, %range, "readahead fetch failed");
+                    }
+                });
             }
-        });
+        }
     }
 
     fn advance(&self, i: usize, to: u64) {

@@ -107,6 +107,39 @@ pub enum Background {
     Hydrate,
 }
 
+/// Background fetches planned by [`ImageCache::start_background`].
+pub struct BackgroundFetch {
+    flights: Vec<Arc<Flight>>,
+    claimed: u64,
+    inner: Arc<Inner>,
+    why: Background,
+}
+
+impl BackgroundFetch {
+    /// Blocks this fetch claimed (0: all of them were cached or already
+    /// on their way, fetched by someone else).
+    pub fn claimed_blocks(&self) -> u64 {
+        self.claimed
+    }
+
+    /// Wait until every block is stored (or its fetch failed); the bytes
+    /// this fetch claimed, counted on its kind's counter.
+    pub async fn finish(self) -> Result<u64> {
+        for f in &self.flights {
+            wait(f).await?;
+        }
+        let inner = &self.inner;
+        let bytes = self.claimed * inner.bs.bytes();
+        let counter = match self.why {
+            Background::Readahead => &inner.stats.readahead_bytes,
+            Background::Profile => &inner.stats.profile_bytes,
+            Background::Hydrate => &inner.stats.hydrate_bytes,
+        };
+        Stats::add(counter, bytes);
+        Ok(bytes)
+    }
+}
+
 /// Decrements `guest_waiting` when a guest read stops waiting, however
 /// it ends (also when its future is dropped).
 struct Waiting<'a>(&'a AtomicUsize);
@@ -272,23 +305,37 @@ impl ImageCache {
     /// this call fetched itself (blocks it only joined are counted by
     /// whoever started them). While stores fail (a full disk) it fetches
     /// nothing and returns a `NoSpace` error: the bytes could not be kept.
-    pub async fn fetch_background(&self, r: ByteRange, why: Background) -> Result<u64> {
-        let inner = &self.inner;
+    pub fn fetch_background(
+        &self,
+        r: ByteRange,
+        why: Background,
+    ) -> impl std::future::Future<Output = Result<u64>> + Send + 'static {
+        let planned = self.start_background(r, why);
+        async move { planned?.finish().await }
+    }
+
+    /// The first half of [`Self::fetch_background`]: claim or join the
+    /// fetches of the missing blocks of `r` now (so a read of the same
+    /// blocks issued next joins them), and tell how many blocks this call
+    /// claimed; [`BackgroundFetch::finish`] waits for them.
+    pub fn start_background(&self, r: ByteRange, why: Background) -> Result<BackgroundFetch> {
         if !self.storing() {
             return Err(Error::new(
                 ErrorKind::NoSpace,
                 "the cache cannot store blocks right now; background fetches wait",
             ));
         }
-        let missing: Vec<u64> = inner
+        let missing: Vec<u64> = self
+            .inner
             .bs
             .covering(r)
             .filter(|&b| self.is_missing(b))
             .collect();
-        if missing.is_empty() {
-            return Ok(0);
-        }
-        let (plans, claimed) = self.plan_fetch(&missing);
+        let (plans, claimed) = if missing.is_empty() {
+            (Vec::new(), 0)
+        } else {
+            self.plan_fetch(&missing)
+        };
         let mut flights: Vec<Arc<Flight>> = Vec::new();
         for p in plans {
             if let Plan::Wait(f) = p {
@@ -297,17 +344,12 @@ impl ImageCache {
                 }
             }
         }
-        for f in &flights {
-            wait(f).await?;
-        }
-        let bytes = claimed * inner.bs.bytes();
-        let counter = match why {
-            Background::Readahead => &inner.stats.readahead_bytes,
-            Background::Profile => &inner.stats.profile_bytes,
-            Background::Hydrate => &inner.stats.hydrate_bytes,
-        };
-        Stats::add(counter, bytes);
-        Ok(bytes)
+        Ok(BackgroundFetch {
+            flights,
+            claimed,
+            inner: self.inner.clone(),
+            why,
+        })
     }
 
     /// False for a few seconds after storing fetched blocks failed (and

@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::handshake::Negotiated;
@@ -505,6 +507,19 @@ async fn writer<W: AsyncWrite + Unpin>(
     w.shutdown().await
 }
 
+/// Read exactly `n` bytes of write payload into a fresh buffer (not
+/// zeroed first: every byte is overwritten by the socket's).
+async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, n: usize) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(n);
+    while buf.len() < n {
+        let want = (n - buf.len()) as u64;
+        if (&mut *r).take(want).read_buf(&mut buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf.freeze())
+}
+
 /// Discard `n` bytes of payload we will not use, keeping the stream in sync.
 async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> std::io::Result<()> {
     let copied = tokio::io::copy(&mut r.take(n), &mut tokio::io::sink()).await?;
@@ -552,11 +567,23 @@ where
             break;
         };
         let mut hb = [0u8; Request::SIZE];
-        let read = tokio::select! {
-            r = rd.read_exact(&mut hb) => r,
-            _ = shutdown.wait_for(|s| *s) => break,
-            _ = closing.wait_for(|s| *s) => break,
-            _ = writer_gone.wait_for(|s| *s) => break,
+        let stop = || *shutdown.borrow() || *closing.borrow() || *writer_gone.borrow();
+        let read = if rd.buffer().len() >= Request::SIZE {
+            // A pipelining client's next request is usually buffered
+            // already: take it without arming the wake-ups below.
+            if stop() {
+                break;
+            }
+            hb.copy_from_slice(&rd.buffer()[..Request::SIZE]);
+            std::pin::Pin::new(&mut rd).consume(Request::SIZE);
+            Ok(Request::SIZE)
+        } else {
+            tokio::select! {
+                r = rd.read_exact(&mut hb) => r,
+                _ = shutdown.wait_for(|s| *s) => break,
+                _ = closing.wait_for(|s| *s) => break,
+                _ = writer_gone.wait_for(|s| *s) => break,
+            }
         };
         if let Err(e) = read {
             if e.kind() != std::io::ErrorKind::UnexpectedEof {
@@ -605,10 +632,14 @@ where
                     break;
                 };
                 bytes_held = Some(held);
-                let mut buf = BytesMut::zeroed(req.len as usize);
-                let r = rd.read_exact(&mut buf).await.map(|_| ());
-                payload = buf.freeze();
-                r
+                let r = read_payload(&mut rd, req.len as usize).await;
+                match r {
+                    Ok(buf) => {
+                        payload = buf;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
             } else {
                 discard(&mut rd, req.len as u64).await
             };
