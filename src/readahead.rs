@@ -115,21 +115,19 @@ impl Readahead {
                     // cells and join each other's fetches instead of
                     // splitting them into slivers.
                     let grid = s.window.min(max_fetch);
-                    let target = (s.next + s.window)
-                        .div_ceil(grid)
-                        .saturating_mul(grid)
-                        .min(size);
+                    // Rounded down: never further than the window (the
+                    // grid is at most the window, so this is past `next`).
+                    let target = ((s.next + s.window) / grid * grid).min(size);
                     if s.run >= 2 && s.ahead < s.next + s.window / 2 && target > s.ahead.max(s.next)
                     {
-                        // The reader has outrun readahead: restart on the
-                        // grid cell holding this very read, so the read
-                        // joins one cell-sized fetch instead of claiming a
-                        // sliver of it (cached or in-flight blocks cost
-                        // nothing).
+                        // The reader has outrun readahead: restart at this
+                        // very read, so the read joins the readahead fetch
+                        // instead of claiming a sliver of its own (the
+                        // range still ends on the grid).
                         let from = if s.ahead >= s.next {
                             s.ahead
                         } else {
-                            s.ahead.max(r.offset) / grid * grid
+                            s.ahead.max(r.offset)
                         };
                         Some((
                             i,
