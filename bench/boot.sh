@@ -546,17 +546,7 @@ cp "$ROWS" "$T/rows-final.tsv"
 echo
 cat "$SECTION"
 if [[ -n $OUT ]]; then
-  python3 - "$OUT" "$SECTION" <<'EOF'
-import re, sys
-out, sec = sys.argv[1], open(sys.argv[2]).read()
-try:
-    text = open(out).read()
-except FileNotFoundError:
-    text = ""
-pat = re.compile(r"^## Boot \(bench/boot\.sh\)\n.*?(?=^## |\Z)", re.S | re.M)
-text = pat.sub(lambda m: sec, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + sec
-open(out, "w").write(text)
-EOF
+  python3 "$BENCH/replace-section.py" "$OUT" "$SECTION"
   log "section written to $OUT"
 fi
 column -t -s $'\t' "$ROWS" >&2 || cat "$ROWS" >&2

@@ -78,17 +78,7 @@ section=$tmp/section.md
   echo "\`$summary\`"
   echo
 } > "$section"
-python3 - "$OUT" "$section" <<'EOF'
-import re, sys
-out, sec = sys.argv[1], open(sys.argv[2]).read()
-try:
-    text = open(out).read()
-except FileNotFoundError:
-    text = ""
-pat = re.compile(r"^## Crash loop \(bench/crash\.sh\)\n.*?(?=^## |\Z)", re.S | re.M)
-text = pat.sub(lambda m: sec, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + sec
-open(out, "w").write(text)
-EOF
+python3 "$BENCH/replace-section.py" "$OUT" "$section"
 echo "crash.sh: section written to $OUT" >&2
 if ((rc != 0)); then
   echo "crash.sh: FAILED (status $rc); evidence in $evidence" >&2

@@ -120,15 +120,5 @@ section=$T/section.md
   echo
 } >"$section"
 cat "$section"
-python3 - "$OUT" "$section" <<'EOF'
-import re, sys
-out, sec = sys.argv[1], open(sys.argv[2]).read()
-try:
-    text = open(out).read()
-except FileNotFoundError:
-    text = ""
-pat = re.compile(r"^## Hydration \(bench/hydrate\.sh\)\n.*?(?=^## |\Z)", re.S | re.M)
-text = pat.sub(lambda m: sec, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + sec
-open(out, "w").write(text)
-EOF
+python3 "$BENCH/replace-section.py" "$OUT" "$section"
 log "section written to $OUT"

@@ -93,16 +93,6 @@ PY
   echo "\`$summary\`"
   echo
 } > "$section"
-python3 - "$OUT" "$section" <<'EOF2'
-import re, sys
-out, sec = sys.argv[1], open(sys.argv[2]).read()
-try:
-    text = open(out).read()
-except FileNotFoundError:
-    text = ""
-pat = re.compile(r"^## Soak \(bench/soak\.sh\)\n.*?(?=^## |\Z)", re.S | re.M)
-text = pat.sub(lambda m: sec, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + sec
-open(out, "w").write(text)
-EOF2
+python3 "$BENCH/replace-section.py" "$OUT" "$section"
 echo "soak.sh: section written to $OUT" >&2
 exit "$rc"

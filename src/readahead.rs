@@ -154,10 +154,6 @@ impl Readahead {
             }
         };
         let Some((i, range)) = want else { return };
-        if !self.cache.storing() {
-            // A full disk: read-ahead bytes could not be kept.
-            return;
-        }
         let bs = self.cache.block_size();
         if !bs.covering(range).any(|b| self.cache.is_missing(b)) {
             // Already local: nothing to fetch, but the stream moves on.
@@ -174,6 +170,8 @@ impl Readahead {
         // Planned here, before the triggering read goes to the cache: when
         // the range covers that read, the read joins these fetches.
         match self.cache.start_background(range, Background::Readahead) {
+            // A full disk (see `ImageCache::storing`): nothing it fetched
+            // could be kept.
             Err(e) => tracing::debug!(error = %e, %range, "readahead not started"),
             // Everything is cached or on its way (another export of the
             // image leads this stretch): give the permits back at once, so

@@ -12,7 +12,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -31,15 +30,6 @@ const BS: u64 = 64 << 10;
 const SIZE: usize = 4 * MIB;
 /// The witness reads the last 64 KiB; tests never write there.
 const WITNESS: u64 = SIZE as u64 - 65536;
-/// The error reply types have bit 31 set.
-const REP_ERR: u32 = 0x8000_0000;
-
-/// Await `f`, failing the test if the server takes more than 20 s.
-async fn within<T>(f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .expect("the server did not answer within 20 s")
-}
 
 /// A server with one export `disk` over a 4 MiB image, and a witness client.
 struct Env {
@@ -120,52 +110,6 @@ impl Env {
     async fn stop(mut self) {
         self.others_ok().await;
         within(stop(self.srv)).await;
-    }
-}
-
-/// The server ends the connection (EOF or reset) within 20 s. Returns what
-/// it sent before.
-async fn closed<S: AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match within(s.read(&mut buf)).await {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
-/// Spec: strings (names, error messages) are UTF-8 without NUL and MUST be
-/// no longer than 4096 bytes.
-fn check_string(b: &[u8], what: &str) {
-    assert!(b.len() <= 4096, "{what}: {} bytes, over 4096", b.len());
-    let s = std::str::from_utf8(b).unwrap_or_else(|_| panic!("{what}: not UTF-8"));
-    assert!(!s.contains('\0'), "{what}: contains NUL");
-}
-
-/// Send one option and read its replies up to the final one (ACK or an
-/// error). Checks what every option reply must be: it names the option it
-/// answers (spec: fixed newstyle reply format) and error messages are
-/// strings.
-async fn option<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    option: u32,
-    data: &[u8],
-) -> Vec<(u32, Vec<u8>)> {
-    send_option(s, option, data).await;
-    let mut out = Vec::new();
-    loop {
-        let (o, t, d) = within(read_option_reply(s)).await.unwrap();
-        assert_eq!(o, option, "a reply names the option it answers");
-        if t & REP_ERR != 0 {
-            check_string(&d, "option error message");
-        }
-        let last = t == rep::ACK || t & REP_ERR != 0;
-        out.push((t, d));
-        if last {
-            return out;
-        }
     }
 }
 

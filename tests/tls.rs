@@ -8,13 +8,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::*;
 use lazybd::daemon::{self, Running};
-use lazybd::nbd::wire::{
-    self, cmd, errno, opt, rep, tflag, InfoRequest, MetaContextRequest, OptionHeader,
-};
+use lazybd::nbd::wire::{self, cmd, errno, opt, rep, tflag, InfoRequest, MetaContextRequest};
 use lazybd::server::ListenAddr;
 use lazybd::tls::{TlsMode, TlsOptions};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -26,12 +23,6 @@ use tokio_rustls::TlsConnector;
 
 const MIB: usize = 1 << 20;
 const BS: u64 = 64 << 10;
-
-async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .expect("no answer within 20 s")
-}
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -213,28 +204,11 @@ impl Env {
 
 /// Send an option, read replies to the final one; returns their types.
 async fn option<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, o: u32, data: &[u8]) -> Vec<u32> {
-    send_option(s, o, data).await;
-    let mut types = Vec::new();
-    loop {
-        let (ro, t, _) = within(read_option_reply(s)).await.unwrap();
-        assert_eq!(ro, o);
-        types.push(t);
-        if t == rep::ACK || t & 0x8000_0000 != 0 {
-            return types;
-        }
-    }
-}
-
-/// The server ends the connection (EOF or error) within 20 s.
-async fn closed<S: AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match within(s.read(&mut buf)).await {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
+    common::option(s, o, data)
+        .await
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect()
 }
 
 fn every_option() -> Vec<(u32, Vec<u8>)> {
@@ -323,7 +297,7 @@ async fn require_refuses_everything_but_starttls_before_tls() {
 async fn require_ends_plaintext_sessions_that_cannot_be_refused() {
     let env = Env::start(TlsMode::Require, false).await;
     let mut s = greet(&env.addr).await;
-    let _ = write_lossy(&mut s, opt::EXPORT_NAME, b"disk").await;
+    let _ = try_send_option(&mut s, opt::EXPORT_NAME, b"disk").await;
     assert!(closed(&mut s).await.is_empty());
     let mut s = greet(&env.addr).await;
     assert_eq!(option(&mut s, opt::ABORT, &[]).await, vec![rep::ACK]);
@@ -335,7 +309,7 @@ async fn require_ends_plaintext_sessions_that_cannot_be_refused() {
         s.write_u32(flags).await.unwrap();
         // Without fixed newstyle the server may hang up at once (a reset
         // if our bytes are still unread): the write may fail.
-        let _ = write_lossy(&mut s, opt::EXPORT_NAME, b"disk").await;
+        let _ = try_send_option(&mut s, opt::EXPORT_NAME, b"disk").await;
         assert!(closed(&mut s).await.is_empty(), "client flags {flags}");
     }
     env.stop().await;
@@ -464,19 +438,6 @@ async fn disc_and_abort_close_tls_cleanly() {
     env.stop().await;
 }
 
-/// Send an option the server is expected to answer by hanging up: the
-/// write itself may fail when it already has.
-async fn write_lossy(s: &mut TcpStream, option: u32, data: &[u8]) -> std::io::Result<()> {
-    let mut b = OptionHeader {
-        option,
-        len: data.len() as u32,
-    }
-    .encode()
-    .to_vec();
-    b.extend_from_slice(data);
-    s.write_all(&b).await
-}
-
 /// spec: a failed TLS handshake after the ACK MUST terminate the session
 /// (too late for plaintext); other clients are not affected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -486,7 +447,7 @@ async fn a_failed_tls_handshake_ends_only_that_session() {
     assert_eq!(option(&mut s, opt::STARTTLS, &[]).await, vec![rep::ACK]);
     // Plaintext where a ClientHello belongs.
     // The server may close (even reset) before all of it is written.
-    let _ = write_lossy(&mut s, opt::GO, &[0; 206]).await;
+    let _ = try_send_option(&mut s, opt::GO, &[0; 206]).await;
     closed(&mut s).await;
     env.others_ok().await;
     // A client that trusts another CA gives up; the server drops it.

@@ -500,20 +500,9 @@ async fn writer<W: AsyncWrite + Unpin>(
             }
             w.flush().await
         };
-        let mut put = std::pin::pin!(put);
-        // Most batches go out at once: arm the timer only for one that
-        // has to wait for the client.
-        let first = std::future::poll_fn(|cx| match std::future::Future::poll(put.as_mut(), cx) {
-            std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
-            std::task::Poll::Pending => std::task::Poll::Ready(None),
-        })
-        .await;
-        match first {
-            Some(r) => r?,
-            None => tokio::time::timeout(send_timeout, put)
-                .await
-                .map_err(|_| stalled())??,
-        }
+        tokio::time::timeout(send_timeout, put)
+            .await
+            .map_err(|_| stalled())??;
     }
     w.shutdown().await
 }

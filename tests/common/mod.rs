@@ -373,17 +373,25 @@ impl Default for Opts {
     }
 }
 
+/// Send one option (header and data in one write); an error is returned,
+/// not a panic, for tests where the server may already have hung up.
+pub async fn try_send_option<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut b = OptionHeader {
+        option,
+        len: data.len() as u32,
+    }
+    .encode()
+    .to_vec();
+    b.extend_from_slice(data);
+    s.write_all(&b).await
+}
+
 pub async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8]) {
-    s.write_all(
-        &OptionHeader {
-            option,
-            len: data.len() as u32,
-        }
-        .encode(),
-    )
-    .await
-    .unwrap();
-    s.write_all(data).await.unwrap();
+    try_send_option(s, option, data).await.unwrap();
 }
 
 /// Read one option reply: (option, type, data).
@@ -640,5 +648,58 @@ impl Pending for Vec<u8> {
             "chunks must cover the read exactly once"
         );
         out
+    }
+}
+
+/// Await `f`, failing the test if the server takes more than 20 s.
+pub async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .expect("the server did not answer within 20 s")
+}
+
+/// The server ends the connection (EOF or reset) within 20 s. Returns what
+/// it sent before.
+pub async fn closed<S: AsyncRead + Unpin>(s: &mut S) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match within(s.read(&mut buf)).await {
+            Ok(0) | Err(_) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Spec: strings (names, error messages) are UTF-8 without NUL and MUST be
+/// no longer than 4096 bytes.
+pub fn check_string(b: &[u8], what: &str) {
+    assert!(b.len() <= 4096, "{what}: {} bytes, over 4096", b.len());
+    let s = std::str::from_utf8(b).unwrap_or_else(|_| panic!("{what}: not UTF-8"));
+    assert!(!s.contains('\0'), "{what}: contains NUL");
+}
+
+/// Send one option and read its replies up to the final one (ACK or an
+/// error). Checks what every option reply must be: it names the option it
+/// answers (spec: fixed newstyle reply format) and error messages are
+/// strings.
+pub async fn option<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    data: &[u8],
+) -> Vec<(u32, Vec<u8>)> {
+    send_option(s, option, data).await;
+    let mut out = Vec::new();
+    loop {
+        let (o, t, d) = within(read_option_reply(s)).await.unwrap();
+        assert_eq!(o, option, "a reply names the option it answers");
+        if t & 0x8000_0000 != 0 {
+            check_string(&d, "option error message");
+        }
+        let last = t == rep::ACK || t & 0x8000_0000 != 0;
+        out.push((t, d));
+        if last {
+            return out;
+        }
     }
 }
