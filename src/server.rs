@@ -226,7 +226,7 @@ async fn transmit<S>(
     tls: bool,
     budget: transmission::Budget,
 ) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ex = neg.export.clone();
     let export = ex.name.clone();

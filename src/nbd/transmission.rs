@@ -1,17 +1,21 @@
 //! The transmission phase: requests in, replies out, concurrently.
 //!
 //! ```text
-//!   socket --read--> [reader loop: decode + validate] --spawn--> handler tasks
-//!                                                                  |
-//!   socket <--write-- [writer task: batches replies] <---mpsc------+
+//!             +------------- connection loop (one task) --------------+
+//!   socket -->| decode + validate -> local? answer now -> outbox      |--> socket
+//!             |                   \-> may wait? spawn handler task    |
+//!             |   outbox <- replies of finished handlers (channel)    |
+//!             +-------------------------------------------------------+
 //! ```
 //!
 //! Requests are validated once, here, before any layer sees them
-//! (flags, ranges, read-only, payload size). Each valid request runs in its
-//! own task, so a cache hit is never queued behind an origin miss; replies
-//! go out in completion order. A per-connection semaphore caps requests in
-//! flight (and so the memory a client can pin); when it is exhausted the
-//! reader stops reading the socket and TCP pushes back on the client.
+//! (flags, ranges, read-only, payload size). A request that needs only
+//! local I/O (a cached read, an overlay write) is answered inside the loop,
+//! with no task or wake-up; one that may wait (an origin fetch, a flush)
+//! runs in its own task, so a cache hit is never queued behind a miss.
+//! Replies go out in completion order, every ready one in one write. A
+//! per-connection cap on requests in flight bounds what a client can pin;
+//! at the cap the loop stops reading the socket and TCP pushes back.
 //!
 //! Memory is bounded at two levels. Each connection may hold at most
 //! [`MAX_IN_FLIGHT_BYTES`] of payload (write data read in, read data not yet
@@ -20,13 +24,16 @@
 //! client that stops taking its replies is dropped after the budget's send
 //! timeout, which returns what it held.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{
-    AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
-};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::handshake::Negotiated;
@@ -81,21 +88,27 @@ impl Budget {
     }
 }
 
-/// What a request holds until its reply has been handed to the socket: its
-/// in-flight slot, its bytes of the connection's budget and, for reads, of
-/// the server-wide one.
+/// What a request holds until its reply has been handed to the socket:
+/// its bytes of the connection's budget (counted by the connection loop)
+/// and, for reads, its permit of the server-wide one.
 struct Held {
-    _slot: OwnedSemaphorePermit,
-    _bytes: OwnedSemaphorePermit,
-    _shared: Option<OwnedSemaphorePermit>,
+    units: u32,
+    shared: Option<OwnedSemaphorePermit>,
 }
 
-/// A reply on its way to the socket, with the in-flight permits it holds:
-/// they are released only once the writer has taken the bytes, so the
-/// budgets bound queued replies too, not just running handlers.
+impl Held {
+    fn none() -> Held {
+        Held {
+            units: 0,
+            shared: None,
+        }
+    }
+}
+
+/// The reply of a request that ran in its own task, with what it holds.
 struct Outgoing {
     reply: Reply,
-    _held: Option<Held>,
+    held: Held,
 }
 
 /// A request that passed validation.
@@ -469,294 +482,494 @@ async fn handle(ctx: Arc<Ctx>, req: Request, c: Command, payload: Bytes) -> Repl
     }
 }
 
-/// Write replies, batching whatever is ready before each flush.
-async fn writer<W: AsyncWrite + Unpin>(
-    w: W,
-    mut rx: mpsc::Receiver<Outgoing>,
-    send_timeout: Duration,
-) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 << 10, w);
-    // Every step that waits for the client to take bytes has a deadline: a
-    // client that stops reading must not pin its buffers forever.
-    let stalled = || {
-        std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "the client took no reply bytes for {} s",
-                send_timeout.as_secs_f64()
-            ),
-        )
-    };
-    while let Some(out) = rx.recv().await {
-        let mut batch = vec![out];
-        while let Ok(out) = rx.try_recv() {
-            batch.push(out);
+/// Replies on their way to the socket, in order, with what each holds.
+///
+/// Small buffers (headers, short replies) are copied into one coalescing
+/// buffer so that a batch of replies leaves in one system call; payloads
+/// stay as they are and go out through vectored writes.
+#[derive(Default)]
+struct Outbox {
+    /// Segments in send order; `head_sent` bytes of the first are sent.
+    segs: VecDeque<Bytes>,
+    head_sent: usize,
+    /// Small buffers not yet moved to `segs`.
+    small: BytesMut,
+    /// Stream positions: bytes ever queued, bytes ever sent.
+    queued: u64,
+    sent: u64,
+    /// Per reply, the position of its last byte and what it holds.
+    held: VecDeque<(u64, Held)>,
+    /// Totals over `held`, so the budgets are checked without a walk.
+    replies: usize,
+    units: u32,
+}
+
+/// Buffers up to this size are copied into the coalescing buffer.
+const SMALL: usize = 512;
+/// Most buffers one vectored write takes.
+const MAX_IOV: usize = 64;
+
+impl Outbox {
+    fn push(&mut self, reply: Reply, held: Held) {
+        for b in reply {
+            self.queued += b.len() as u64;
+            if b.len() <= SMALL {
+                self.small.extend_from_slice(&b);
+            } else {
+                self.seal();
+                self.segs.push_back(b);
+            }
         }
-        let put = async {
-            for out in &batch {
-                for b in &out.reply {
-                    w.write_all(b).await?;
+        self.replies += 1;
+        self.units += held.units;
+        self.held.push_back((self.queued, held));
+    }
+
+    /// Move the coalesced small buffers into the send queue.
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            self.segs.push_back(self.small.split().freeze());
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queued == self.sent
+    }
+
+    /// Account `n` more bytes as sent; release what fully sent replies held.
+    fn advance(&mut self, mut n: usize) {
+        self.sent += n as u64;
+        while n > 0 {
+            let head = self.segs[0].len() - self.head_sent;
+            if n < head {
+                self.head_sent += n;
+                break;
+            }
+            n -= head;
+            self.segs.pop_front();
+            self.head_sent = 0;
+        }
+        while let Some((end, _)) = self.held.front() {
+            if *end > self.sent {
+                break;
+            }
+            let (_, h) = self.held.pop_front().expect("front exists");
+            self.replies -= 1;
+            self.units -= h.units;
+        }
+    }
+
+    /// Write as much as the socket takes. `Ready(Ok)` once everything queued
+    /// is sent and flushed; `Pending` when the socket is full. Progress made
+    /// before `Pending` is kept (see `sent`).
+    fn poll_send<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.seal();
+        while !self.segs.is_empty() {
+            let n = if w.is_write_vectored() && self.segs.len() > 1 {
+                let mut iov = [IoSlice::new(&[]); MAX_IOV];
+                let mut k = 0;
+                for (i, s) in self.segs.iter().take(MAX_IOV).enumerate() {
+                    let from = if i == 0 { self.head_sent } else { 0 };
+                    iov[i] = IoSlice::new(&s[from..]);
+                    k = i + 1;
+                }
+                ready!(Pin::new(&mut *w).poll_write_vectored(cx, &iov[..k]))?
+            } else {
+                ready!(Pin::new(&mut *w).poll_write(cx, &self.segs[0][self.head_sent..]))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.advance(n);
+        }
+        // TLS keeps records in its own buffer until flushed.
+        Pin::new(w).poll_flush(cx)
+    }
+}
+
+/// What woke the connection loop.
+enum Event {
+    /// Request bytes arrived (0: end of stream).
+    Read(std::io::Result<usize>),
+    /// A handler task finished.
+    Reply(Outgoing),
+    /// The server-wide reply budget granted what a read waits for.
+    Granted(OwnedSemaphorePermit),
+    /// Everything queued was sent: budgets may allow more requests now.
+    Sent,
+    SendFailed(std::io::Error),
+    /// Server stop or export removal.
+    Stop,
+}
+
+/// Read buffer size: room for a burst of pipelined 4 KiB writes.
+const READ_CHUNK: usize = 128 << 10;
+
+/// The connection's side of the loop: everything `step` needs besides the
+/// socket and the event sources.
+struct Conn {
+    ctx: Arc<Ctx>,
+    /// Request bytes read and not yet consumed.
+    inbuf: BytesMut,
+    /// Payload bytes of a refused write still to be skipped.
+    skip: u64,
+    /// Still taking requests (false after DISC, end of stream, a stop or a
+    /// fatal protocol error: in-flight requests are still answered).
+    reading: bool,
+    out: Outbox,
+    /// Handler tasks running, and the budget units they hold.
+    running: usize,
+    running_units: u32,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// A read waits for the server-wide budget (nothing else is taken
+    /// until it is granted), or the grant waiting for that read.
+    waiting: Option<Pin<Box<dyn Future<Output = Option<OwnedSemaphorePermit>> + Send>>>,
+    granted: Option<OwnedSemaphorePermit>,
+    shared: Budget,
+    outcome: Result<()>,
+}
+
+impl Conn {
+    /// May one more request with `units` of payload be taken?
+    fn room(&self, units: u32) -> bool {
+        self.running + self.out.replies < MAX_IN_FLIGHT
+            && self.running_units + self.out.units + units
+                <= (MAX_IN_FLIGHT_BYTES / BUDGET_UNIT as usize) as u32
+    }
+
+    /// Whether the loop should read the socket now.
+    fn wants_bytes(&self) -> bool {
+        self.reading && self.waiting.is_none() && self.room(0)
+    }
+
+    fn stop_reading(&mut self, outcome: Result<()>) {
+        self.reading = false;
+        if self.outcome.is_ok() {
+            self.outcome = outcome;
+        }
+    }
+
+    /// Take every complete request in the buffer, as long as the budgets
+    /// allow. Cheap requests are answered right here; the rest go to tasks.
+    fn take_requests(&mut self) {
+        while self.reading {
+            if self.skip > 0 {
+                let n = self.skip.min(self.inbuf.len() as u64) as usize;
+                self.inbuf.advance(n);
+                self.skip -= n as u64;
+                if self.skip > 0 {
+                    return;
                 }
             }
-            w.flush().await
-        };
-        tokio::time::timeout(send_timeout, put)
-            .await
-            .map_err(|_| stalled())??;
-    }
-    w.shutdown().await
-}
-
-/// Read exactly `n` bytes of write payload into a fresh buffer (not
-/// zeroed first: every byte is overwritten by the socket's).
-async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, n: usize) -> std::io::Result<Bytes> {
-    let mut buf = BytesMut::with_capacity(n);
-    while buf.len() < n {
-        let want = (n - buf.len()) as u64;
-        if (&mut *r).take(want).read_buf(&mut buf).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+            if self.inbuf.len() < Request::SIZE || self.waiting.is_some() {
+                return;
+            }
+            let hb: &[u8; Request::SIZE] = self.inbuf[..Request::SIZE].try_into().expect("sized");
+            let req = match Request::decode(hb) {
+                Ok(r) => r,
+                Err(e) => {
+                    return self.stop_reading(Err(Error::new(
+                        ErrorKind::Protocol,
+                        format!("request: {e}; closing connection"),
+                    )))
+                }
+            };
+            if req.typ == cmd::DISC {
+                self.inbuf.clear();
+                return self.stop_reading(Ok(()));
+            }
+            // Every reply counts against the in-flight cap, refusals too: a
+            // client that sends garbage and reads nothing is stopped by it.
+            if !self.room(0) {
+                return;
+            }
+            let checked = validate(&req, &self.ctx);
+            let cmd = match checked {
+                Err(r) if r.fatal => {
+                    self.push(
+                        error_reply(self.ctx.structured, req.cookie, &r),
+                        Held::none(),
+                    );
+                    return self.stop_reading(Err(Error::new(
+                        ErrorKind::Protocol,
+                        format!("{}; closing connection", r.msg),
+                    )));
+                }
+                Err(r) => {
+                    tracing::debug!(?req, errno = r.errno, msg = %r.msg, "request refused");
+                    self.inbuf.advance(Request::SIZE);
+                    if req.typ == cmd::WRITE {
+                        // The payload follows whatever we think of the
+                        // request; skip it to stay in step.
+                        self.skip = req.len as u64;
+                    }
+                    self.push(
+                        error_reply(self.ctx.structured, req.cookie, &r),
+                        Held::none(),
+                    );
+                    continue;
+                }
+                Ok(c) => c,
+            };
+            let units = match cmd {
+                Command::Write { range, .. } | Command::Read { range, .. } => {
+                    (range.len as u32).div_ceil(BUDGET_UNIT)
+                }
+                _ => 0,
+            };
+            if !self.room(units) {
+                return; // answered replies free the budget
+            }
+            let mut held = Held {
+                units,
+                shared: None,
+            };
+            let mut payload: &[u8] = &[];
+            if let Command::Write { range, .. } = cmd {
+                let need = Request::SIZE + range.len as usize;
+                if self.inbuf.len() < need {
+                    self.inbuf.reserve(need - self.inbuf.len());
+                    return; // the rest of the payload is on its way
+                }
+                payload = &self.inbuf[Request::SIZE..need];
+            }
+            if let Command::Read { .. } = cmd {
+                // Read replies also draw on the server-wide budget.
+                let permit = match self.granted.take() {
+                    Some(p) if p.num_permits() == units as usize => p,
+                    _ => match self.shared.replies.clone().try_acquire_many_owned(units) {
+                        Ok(p) => p,
+                        Err(_) => {
+                            let sem = self.shared.replies.clone();
+                            self.waiting =
+                                Some(Box::pin(
+                                    async move { sem.acquire_many_owned(units).await.ok() },
+                                ));
+                            return;
+                        }
+                    },
+                };
+                held.shared = Some(permit);
+            }
+            let done = Request::SIZE + payload.len();
+            if let Some(reply) = self.run_now(req, cmd, payload) {
+                self.push(reply, held);
+            } else {
+                let bytes = Bytes::copy_from_slice(payload);
+                self.spawn(req, cmd, bytes, held);
+            }
+            self.inbuf.advance(done);
         }
     }
-    Ok(buf.freeze())
-}
 
-/// Discard `n` bytes of payload we will not use, keeping the stream in sync.
-async fn discard<R: AsyncRead + Unpin>(r: &mut R, n: u64) -> std::io::Result<()> {
-    let copied = tokio::io::copy(&mut r.take(n), &mut tokio::io::sink()).await?;
-    if copied != n {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    /// The reply, when the request needs nothing but local I/O.
+    fn run_now(&self, req: Request, cmd: Command, payload: &[u8]) -> Option<Reply> {
+        let ctx = &self.ctx;
+        match cmd {
+            Command::Read { range, df } => {
+                let res = ctx.export.device.read_now(range)?;
+                Some(read_result(ctx, req, range, df, res))
+            }
+            Command::Write { range, fua } => {
+                let w = ctx.export.writable.as_ref()?;
+                if range.is_empty() {
+                    return Some(ok_reply(ctx.structured, req.cookie));
+                }
+                Some(match w.write_now(range.offset, payload, fua)? {
+                    Ok(()) => ok_reply(ctx.structured, req.cookie),
+                    Err(e) => failed(ctx, &req, e),
+                })
+            }
+            _ => None,
+        }
     }
-    Ok(())
+
+    fn spawn(&mut self, req: Request, cmd: Command, payload: Bytes, held: Held) {
+        self.running += 1;
+        self.running_units += held.units;
+        let (ctx, tx) = (self.ctx.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let reply = handle(ctx, req, cmd, payload).await;
+            // The connection may be gone; its reply with it.
+            let _ = tx.send(Outgoing { reply, held });
+        });
+    }
+
+    fn push(&mut self, reply: Reply, held: Held) {
+        self.out.push(reply, held);
+    }
+
+    fn finished(&mut self, o: Outgoing) {
+        self.running -= 1;
+        self.running_units -= o.held.units;
+        self.out.push(o.reply, o.held);
+    }
 }
 
 /// Serve requests on an established connection until the client
 /// disconnects, breaks the protocol, `shutdown` turns true (server stop) or
 /// the export is removed. In-flight requests are always answered first.
+///
+/// One task does it all: it reads requests, answers those that need only
+/// local I/O on the spot, and writes every reply; handler tasks hand back
+/// only the replies of requests that had to wait. Each wake-up takes all
+/// the requests that arrived and sends all the replies that are ready.
 pub async fn serve<S>(
-    stream: S,
+    mut stream: S,
     neg: Negotiated,
     mut shutdown: watch::Receiver<bool>,
     shared: Budget,
 ) -> Result<()>
 where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (rd, wr) = tokio::io::split(stream);
-    let mut rd = BufReader::with_capacity(128 << 10, rd);
-    let (tx, rx) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT + 8);
-    // When the writer gives up (the client stopped reading, or hung up),
-    // the reader stops too instead of waiting for a request forever.
-    let (writer_done, mut writer_gone) = watch::channel(false);
-    let send_timeout = shared.send_timeout;
-    let writer = tokio::spawn(async move {
-        let r = writer(wr, rx, send_timeout).await;
-        let _ = writer_done.send(true);
-        r
-    });
     let ctx = Arc::new(Ctx {
         export: neg.export,
         structured: neg.structured,
         base_allocation: neg.base_allocation,
     });
     let mut closing = ctx.export.closing.subscribe();
-    let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-    let budget = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BYTES / BUDGET_UNIT as usize));
-    let mut outcome = Ok(());
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
+    let send_timeout = shared.send_timeout;
+    let mut c = Conn {
+        ctx,
+        inbuf: BytesMut::with_capacity(READ_CHUNK),
+        skip: 0,
+        reading: true,
+        out: Outbox::default(),
+        running: 0,
+        running_units: 0,
+        tx,
+        waiting: None,
+        granted: None,
+        shared,
+        outcome: Ok(()),
+    };
+    // Armed once; polled only when the loop is about to wait.
+    let mut stop = std::pin::pin!(async move {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => {}
+            _ = closing.wait_for(|s| *s) => {}
+        }
+    });
+    // Set while replies wait for a client that takes no bytes.
+    let mut stalled: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
-        let Ok(permit) = limit.clone().acquire_owned().await else {
+        c.take_requests();
+        if !c.reading && c.running == 0 && c.out.is_empty() {
             break;
-        };
-        let mut hb = [0u8; Request::SIZE];
-        let stop = || *shutdown.borrow() || *closing.borrow() || *writer_gone.borrow();
-        let read = if rd.buffer().len() >= Request::SIZE {
-            // A pipelining client's next request is usually buffered
-            // already: take it without arming the wake-ups below.
-            if stop() {
-                break;
+        }
+        let ev = std::future::poll_fn(|cx| {
+            if !c.out.is_empty() {
+                let before = c.out.sent;
+                match c.out.poll_send(&mut stream, cx) {
+                    Poll::Ready(Ok(())) => {
+                        stalled = None;
+                        return Poll::Ready(Event::Sent);
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::SendFailed(e)),
+                    Poll::Pending => {
+                        if c.out.sent != before {
+                            stalled = None;
+                        }
+                        let timer = stalled
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep(send_timeout)));
+                        if timer.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Event::SendFailed(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "the client took no reply bytes for {} s",
+                                    send_timeout.as_secs_f64()
+                                ),
+                            )));
+                        }
+                    }
+                }
             }
-            hb.copy_from_slice(&rd.buffer()[..Request::SIZE]);
-            std::pin::Pin::new(&mut rd).consume(Request::SIZE);
-            Ok(Request::SIZE)
-        } else {
-            tokio::select! {
-                r = rd.read_exact(&mut hb) => r,
-                _ = shutdown.wait_for(|s| *s) => break,
-                _ = closing.wait_for(|s| *s) => break,
-                _ = writer_gone.wait_for(|s| *s) => break,
+            if c.running > 0 {
+                if let Poll::Ready(Some(o)) = rx.poll_recv(cx) {
+                    return Poll::Ready(Event::Reply(o));
+                }
             }
-        };
-        if let Err(e) = read {
-            if e.kind() != std::io::ErrorKind::UnexpectedEof {
-                outcome = Err(Error::with_source(
+            if let Some(w) = c.waiting.as_mut() {
+                if let Poll::Ready(p) = w.as_mut().poll(cx) {
+                    c.waiting = None;
+                    // Closed only if the server is going away.
+                    return match p {
+                        Some(p) => Poll::Ready(Event::Granted(p)),
+                        None => Poll::Ready(Event::Stop),
+                    };
+                }
+            }
+            if c.reading && stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Stop);
+            }
+            if c.wants_bytes() {
+                if c.inbuf.capacity() - c.inbuf.len() < Request::SIZE {
+                    c.inbuf.reserve(READ_CHUNK);
+                }
+                let read = std::pin::pin!(stream.read_buf(&mut c.inbuf));
+                if let Poll::Ready(r) = read.poll(cx) {
+                    return Poll::Ready(Event::Read(r));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        match ev {
+            Event::Read(Ok(0)) => {
+                // A client may hang up without DISC between requests; in
+                // the middle of one, it broke the protocol.
+                let partial = !c.inbuf.is_empty() || c.skip > 0;
+                c.stop_reading(if partial {
+                    Err(Error::new(
+                        ErrorKind::Protocol,
+                        "the client hung up in the middle of a request",
+                    ))
+                } else {
+                    Ok(())
+                });
+            }
+            Event::Read(Ok(_)) => {}
+            Event::Read(Err(e)) => {
+                c.stop_reading(Err(Error::with_source(
                     ErrorKind::Protocol,
                     "reading request",
                     e,
-                ));
+                )));
             }
-            break; // EOF: client hung up without DISC
-        }
-        let req = match Request::decode(&hb) {
-            Ok(r) => r,
-            Err(e) => {
-                outcome = Err(Error::new(
-                    ErrorKind::Protocol,
-                    format!("request: {e}; closing connection"),
-                ));
-                break;
-            }
-        };
-        if req.typ == cmd::DISC {
-            break;
-        }
-        let checked = validate(&req, &ctx);
-        if let Err(r) = &checked {
-            if r.fatal {
-                let reply = error_reply(ctx.structured, req.cookie, r);
-                let _ = tx.send(Outgoing { reply, _held: None }).await;
-                outcome = Err(Error::new(
-                    ErrorKind::Protocol,
-                    format!("{}; closing connection", r.msg),
-                ));
-                break;
-            }
-        }
-        let mut payload = Bytes::new();
-        let mut bytes_held = None;
-        if req.typ == cmd::WRITE {
-            // The payload follows the header whatever we think of the
-            // request: read it for a valid write (within the byte budget),
-            // skip it otherwise, so the stream stays in step.
-            let read = if let Ok(Command::Write { .. }) = checked {
-                let units = req.len.div_ceil(BUDGET_UNIT);
-                let Ok(held) = budget.clone().acquire_many_owned(units).await else {
-                    break;
-                };
-                bytes_held = Some(held);
-                let r = read_payload(&mut rd, req.len as usize).await;
-                match r {
-                    Ok(buf) => {
-                        payload = buf;
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                }
-            } else {
-                discard(&mut rd, req.len as u64).await
-            };
-            if let Err(e) = read {
-                outcome = Err(Error::with_source(
-                    ErrorKind::Protocol,
-                    "reading write payload",
-                    e,
-                ));
-                break;
-            }
-        }
-        match checked {
-            Err(r) => {
-                tracing::debug!(?req, errno = r.errno, msg = %r.msg, "request refused");
-                let reply = error_reply(ctx.structured, req.cookie, &r);
-                drop(permit);
-                if tx.send(Outgoing { reply, _held: None }).await.is_err() {
-                    break;
+            Event::Reply(o) => {
+                c.finished(o);
+                // Take every other finished reply too: one send for all.
+                while let Ok(o) = rx.try_recv() {
+                    c.finished(o);
                 }
             }
-            Ok(c) => {
-                // Reads reserve their payload from the connection's byte
-                // budget (a 32 MiB read takes half of it), then from the
-                // server's; the reader waits while either is spent.
-                let held = match (c, bytes_held) {
-                    (_, Some(bytes)) => Held {
-                        _slot: permit,
-                        _bytes: bytes,
-                        _shared: None,
-                    },
-                    (Command::Read { range, .. }, None) => {
-                        let units = (range.len as u32).div_ceil(BUDGET_UNIT);
-                        let Ok(bytes) = budget.clone().acquire_many_owned(units).await else {
-                            break;
-                        };
-                        let all = tokio::select! {
-                            p = shared.replies.clone().acquire_many_owned(units) => p,
-                            _ = writer_gone.wait_for(|s| *s) => break,
-                        };
-                        let Ok(all) = all else { break };
-                        Held {
-                            _slot: permit,
-                            _bytes: bytes,
-                            _shared: Some(all),
-                        }
-                    }
-                    _ => match budget.clone().acquire_many_owned(0).await {
-                        Ok(bytes) => Held {
-                            _slot: permit,
-                            _bytes: bytes,
-                            _shared: None,
-                        },
-                        Err(_) => break,
-                    },
-                };
-                // A read whose blocks are all local is answered right here:
-                // no task, no wake-up; anything that may wait goes to a task.
-                if let Command::Read { range, df } = c {
-                    if let Some(res) = ctx.export.device.read_now(range) {
-                        let reply = read_result(&ctx, req, range, df, res);
-                        let out = Outgoing {
-                            reply,
-                            _held: Some(held),
-                        };
-                        if tx.send(out).await.is_err() {
-                            break;
-                        }
-                        continue;
-                    }
+            Event::Granted(p) => c.granted = Some(p),
+            Event::Sent => {}
+            Event::Stop => c.stop_reading(Ok(())),
+            Event::SendFailed(e) => {
+                use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+                // A client that hangs up while we answer is not an error
+                // worth a warning.
+                if c.outcome.is_ok() && !matches!(e.kind(), BrokenPipe | ConnectionReset) {
+                    c.outcome = Err(Error::with_source(
+                        ErrorKind::Protocol,
+                        "writing replies",
+                        e,
+                    ));
                 }
-                // Likewise a write that needs nothing but local I/O.
-                if let (Command::Write { range, fua }, Some(w)) = (c, &ctx.export.writable) {
-                    if let Some(res) = w.write_now(range.offset, &payload, fua) {
-                        let reply = match res {
-                            Ok(()) => ok_reply(ctx.structured, req.cookie),
-                            Err(e) => failed(&ctx, &req, e),
-                        };
-                        let out = Outgoing {
-                            reply,
-                            _held: Some(held),
-                        };
-                        if tx.send(out).await.is_err() {
-                            break;
-                        }
-                        continue;
-                    }
-                }
-                let (ctx, tx) = (ctx.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let reply = handle(ctx, req, c, payload).await;
-                    let _ = tx
-                        .send(Outgoing {
-                            reply,
-                            _held: Some(held),
-                        })
-                        .await;
-                });
+                // Replies of requests still running are dropped with `rx`.
+                return c.outcome;
             }
         }
     }
-    // Every handler holds a sender: the writer finishes once the last
-    // in-flight request has been answered.
-    drop(tx);
-    use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
-    match writer.await {
-        // A client that hangs up while we answer is not an error worth a warning.
-        Ok(Err(e)) if outcome.is_ok() && !matches!(e.kind(), BrokenPipe | ConnectionReset) => {
-            outcome = Err(Error::with_source(
-                ErrorKind::Protocol,
-                "writing replies",
-                e,
-            ));
-        }
-        _ => {}
-    }
-    outcome
+    let _ = tokio::time::timeout(send_timeout, stream.shutdown()).await;
+    c.outcome
 }
 
 #[cfg(test)]
