@@ -1360,6 +1360,44 @@ async fn structured_reads_never_get_simple_replies() {
     env.stop().await;
 }
 
+/// spec: with structured replies the server MAY answer any request but
+/// READ with a simple reply and SHOULD send errors as structured replies.
+/// lazybd answers successes without payload simply (one 16-byte message,
+/// as nbdkit and qemu-nbd do) and errors as error chunks with a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_successes_without_payload_are_simple_and_errors_are_chunks() {
+    let mut env = Env::writable().await;
+    let mut c = env.client().await;
+    for (typ, flags, off, len) in [
+        (cmd::WRITE, 0u16, 8192u64, 4096u32),
+        (cmd::WRITE, cmdflag::FUA, 12288, 100),
+        (cmd::TRIM, 0, 65536, 65536),
+        (cmd::WRITE_ZEROES, 0, 16384, 4096),
+        (cmd::FLUSH, 0, 0, 0),
+        (cmd::CACHE, 0, 0, 65536),
+    ] {
+        let r = request(&mut c, typ, flags, off, len).await;
+        assert_eq!(r.simple, Some(0), "command {typ}: {:?}", r.chunks.len());
+    }
+    // Errors carry a message: structured.
+    for (typ, off) in [(cmd::WRITE, SIZE as u64), (99, 0)] {
+        let r = request(&mut c, typ, 0, off, 1).await;
+        assert!(r.simple.is_none(), "command {typ}: simple error reply");
+        assert_ne!(check_chunks(&r), 0);
+    }
+    // The bytes written read back through a structured READ.
+    let got = check_read(
+        &request(&mut c, cmd::READ, 0, 8192, 4096).await,
+        true,
+        8192,
+        4096,
+        false,
+    );
+    assert_eq!(got.unwrap(), vec![0x5a; 4096]);
+    env.others_ok().await;
+    env.stop().await;
+}
+
 /// spec: structured READ replies: content chunks each describe at least
 /// one byte, lie within the request, never overlap, and (without error)
 /// cover it all; OFFSET_HOLE chunks are 12 bytes with a nonzero size; the

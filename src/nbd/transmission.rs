@@ -311,17 +311,12 @@ fn error_reply(structured: bool, cookie: u64, r: &Refusal) -> Reply {
     vec![b.freeze()]
 }
 
-fn ok_reply(structured: bool, cookie: u64) -> Reply {
-    if structured {
-        vec![Bytes::copy_from_slice(&wire::chunk_header(
-            chunk::FLAG_DONE,
-            chunk::NONE,
-            cookie,
-            0,
-        ))]
-    } else {
-        simple(cookie, 0)
-    }
+/// Success without a payload. A simple reply even when structured replies
+/// were negotiated: the spec allows it for every command but READ, and
+/// clients read it in one go (16 bytes, no chunk header to parse), as
+/// nbdkit and qemu-nbd answer too.
+fn ok_reply(cookie: u64) -> Reply {
+    simple(cookie, 0)
 }
 
 /// Structured read reply: data chunks, holes where known zero (unless DF).
@@ -333,7 +328,13 @@ fn read_reply(structured: bool, cookie: u64, range: ByteRange, rd: ReadData, df:
         ];
     }
     if range.is_empty() {
-        return ok_reply(true, cookie);
+        // READ must be answered with chunks once they are negotiated.
+        return vec![Bytes::copy_from_slice(&wire::chunk_header(
+            chunk::FLAG_DONE,
+            chunk::NONE,
+            cookie,
+            0,
+        ))];
     }
     let data_chunk = |flags: u16, off: u64, data: Bytes| -> [Bytes; 2] {
         let mut h = BytesMut::with_capacity(28);
@@ -426,7 +427,7 @@ fn failed(ctx: &Ctx, req: &Request, e: Error) -> Reply {
 
 async fn handle(ctx: Arc<Ctx>, req: Request, c: Command, payload: Bytes) -> Reply {
     let dev = &ctx.export.device;
-    let ok = || ok_reply(ctx.structured, req.cookie);
+    let ok = || ok_reply(req.cookie);
     let writer = || {
         ctx.export
             .writable
@@ -450,13 +451,10 @@ async fn handle(ctx: Arc<Ctx>, req: Request, c: Command, payload: Bytes) -> Repl
         Command::Read { range, df } => {
             return read_result(&ctx, req, range, df, dev.read(range).await)
         }
-        Command::Flush => dev
-            .flush()
-            .await
-            .map(|_| ok_reply(ctx.structured, req.cookie)),
+        Command::Flush => dev.flush().await.map(|_| ok_reply(req.cookie)),
         Command::Cache { range } => {
             dev.prefetch(range);
-            Ok(ok_reply(ctx.structured, req.cookie))
+            Ok(ok_reply(req.cookie))
         }
         Command::BlockStatus { range, req_one } => dev.extents(range).map(|ext| {
             let take = if req_one { 1 } else { MAX_EXTENTS };
@@ -777,10 +775,10 @@ impl Conn {
             Command::Write { range, fua } => {
                 let w = ctx.export.writable.as_ref()?;
                 if range.is_empty() {
-                    return Some(ok_reply(ctx.structured, req.cookie));
+                    return Some(ok_reply(req.cookie));
                 }
                 Some(match w.write_now(range.offset, payload, fua)? {
-                    Ok(()) => ok_reply(ctx.structured, req.cookie),
+                    Ok(()) => ok_reply(req.cookie),
                     Err(e) => failed(ctx, &req, e),
                 })
             }
