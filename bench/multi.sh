@@ -16,9 +16,11 @@
 #    `nbdkit --filter=cow file LOCAL_COPY` (once per COW_BLOCK_SIZES value).
 #    On each fresh server: fio 4 KiB randwrite QD32 over the first RW_MIB MiB for
 #    RUNTIME s, then 4 KiB randread QD32 over the same region for RUNTIME s;
-#    over TCP and over a Unix socket. Ratio lazybd (block size BLOCK_SIZE) ÷
-#    the best nbdkit cow variant (goal ≥ 1.0×), and lazybd ÷ nbdkit at equal
-#    block sizes.
+#    over TCP and over a Unix socket. ROUNDS rounds, the order of the servers
+#    reversed every other round (this host's speed drifts by ±15 % over
+#    minutes, so single runs mislead). Ratio of the medians lazybd (block size
+#    BLOCK_SIZE) ÷ the best nbdkit cow variant (goal ≥ 1.0×), with each
+#    round's own ratio, and lazybd ÷ nbdkit at equal block sizes.
 # The report section "## Many exports and writable exports (bench/multi.sh)"
 # is appended to OUT (bench/RESULTS.md), replacing an earlier section of that
 # name; not while bench/run.sh is running (it rewrites OUT when it ends): then
@@ -29,7 +31,7 @@
 #   BLOCK_SIZE (64k)  DELAY_MS (0.5)  RATE_MBIT (1000)  SEQ_MAX (120 s cap per pass)
 #   COW_BLOCK_SIZES ("64k 4k": nbdkit cow-block-size values to try; 64k is 1.32's default)
 #   LAZYBD_BLOCK_SIZES ("$BLOCK_SIZE 4k": lazybd --block-size values for part B)
-#   PARTS ("a b")  LAZYBD (binary)  OUT (bench/RESULTS.md)  APPEND (1)
+#   ROUNDS (3: part B rounds)  PARTS ("a b")  LAZYBD (binary)  OUT (bench/RESULTS.md)  APPEND (1)
 #   KEEP (1: keep the temp dir)  BENCH_TMP (parent of the temp dir, default /tmp)
 # Exit status: 0 if every measurement produced numbers, 1 otherwise, 2 on a set-up error.
 set -euo pipefail
@@ -49,6 +51,7 @@ LAZYBD_BLOCK_SIZES=${LAZYBD_BLOCK_SIZES:-$BLOCK_SIZE 4k}
 LAZYBD_BLOCK_SIZES=$(printf '%s\n' $LAZYBD_BLOCK_SIZES | awk '!seen[tolower($0)]++' | tr '\n' ' ')
 LAZYBD_BLOCK_SIZES=${LAZYBD_BLOCK_SIZES% }
 PARTS=${PARTS:-a b}
+ROUNDS=${ROUNDS:-3}
 LAZYBD=${LAZYBD:-$ROOT/target/release/lazybd}
 OUT=${OUT:-$BENCH/RESULTS.md}
 APPEND=${APPEND:-1}
@@ -284,13 +287,13 @@ start_b() {
     lazybd)
       cmd=("$LZ" serve "$URL_DIRECT" --cache-dir "$T/b/cache-$cbs" --control none --listen "$la" --name disk
            --block-size "$cbs" --writable --overlay-dir "$d/overlay")
-      note_cmd "B lazybd-$cbs/$tr: ${cmd[*]}"
+      [[ $label == *.r1 ]] && note_cmd "B lazybd-$cbs/$tr: ${cmd[*]}"
       "${cmd[@]}" > "$SRV_LOG" 2>&1 &
       SRV_PID=$!; PIDS+=("$SRV_PID") ;;
     nbdkit)
       mkdir -p "$d/tmp"
       cmd=(nbdkit -P "$d/pid" --log=stderr -e disk "${nk[@]}" --filter=cow file "$T/local.img" cow-block-size="$cbs")
-      note_cmd "B nbdkit-cow-$cbs/$tr: TMPDIR=$d/tmp ${cmd[*]}"
+      [[ $label == *.r1 ]] && note_cmd "B nbdkit-cow-$cbs/$tr: TMPDIR=$d/tmp ${cmd[*]}"
       TMPDIR=$d/tmp "${cmd[@]}" > "$SRV_LOG" 2>&1 || true
       for _ in $(seq 50); do [[ -s $d/pid ]] && break; sleep 0.1; done
       SRV_PID=$(cat "$d/pid" 2>/dev/null || true)
@@ -320,7 +323,7 @@ b_phase() {
     randwrite) args+=(--rw=randwrite --bs=4k --iodepth=32 --size="$RW_BYTES" --time_based --runtime="$RUNTIME") ;;
     randread)  args+=(--rw=randread --bs=4k --iodepth=32 --size="$RW_BYTES" --time_based --runtime="$RUNTIME") ;;
   esac
-  [[ $label == */tcp ]] && note_cmd "B $label $phase: fio ${args[*]} --output-format=json"
+  [[ $label == */tcp.r1 ]] && note_cmd "B $label $phase: fio ${args[*]} --output-format=json"
   log "B: $label $phase"
   # write back what earlier steps left dirty (the image copy, the cache a warm
   # pass filled, earlier overlays) so that no timed phase pays for it
@@ -357,9 +360,13 @@ b_session() { # KIND TRANSPORT LABEL BS
   rm -rf "$T/b/$label/overlay" "$T/b/$label/tmp"
 }
 if has "$PARTS" b; then
-  for tr in tcp unix; do
-    for bs in $LAZYBD_BLOCK_SIZES; do b_session lazybd "$tr" "lazybd-$bs/$tr" "$bs"; done
-    for cbs in $COW_BLOCK_SIZES; do b_session nbdkit "$tr" "nbdkit-cow-$cbs/$tr" "$cbs"; done
+  for round in $(seq "$ROUNDS"); do
+    for tr in tcp unix; do
+      lz_first=$((round % 2))
+      ((lz_first)) && for bs in $LAZYBD_BLOCK_SIZES; do b_session lazybd "$tr" "lazybd-$bs/$tr.r$round" "$bs"; done
+      for cbs in $COW_BLOCK_SIZES; do b_session nbdkit "$tr" "nbdkit-cow-$cbs/$tr.r$round" "$cbs"; done
+      ((lz_first)) || for bs in $LAZYBD_BLOCK_SIZES; do b_session lazybd "$tr" "lazybd-$bs/$tr.r$round" "$bs"; done
+    done
   done
 fi
 ELAPSED=$(( $(date +%s) - START ))
@@ -378,8 +385,9 @@ META=$T/meta.tsv
   printf 'lazybd\t%s; binary %s\n' "$lazybd_rev" "$LAZYBD_INFO"
   printf 'load\t%s at start, %s at end\n' "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
   printf 'elapsed_s\t%s\n' "$ELAPSED"
-  printf 'invocation\t%s\n' "IMG_MIB=$IMG_MIB READERS=$READERS RUNTIME=$RUNTIME RW_MIB=$RW_MIB BLOCK_SIZE=$BLOCK_SIZE DELAY_MS=$DELAY_MS RATE_MBIT=$RATE_MBIT COW_BLOCK_SIZES=\"$COW_BLOCK_SIZES\" LAZYBD_BLOCK_SIZES=\"$LAZYBD_BLOCK_SIZES\" PARTS=\"$PARTS\" bench/multi.sh"
+  printf 'invocation\t%s\n' "IMG_MIB=$IMG_MIB READERS=$READERS RUNTIME=$RUNTIME RW_MIB=$RW_MIB BLOCK_SIZE=$BLOCK_SIZE DELAY_MS=$DELAY_MS RATE_MBIT=$RATE_MBIT ROUNDS=$ROUNDS COW_BLOCK_SIZES=\"$COW_BLOCK_SIZES\" LAZYBD_BLOCK_SIZES=\"$LAZYBD_BLOCK_SIZES\" PARTS=\"$PARTS\" bench/multi.sh"
   printf 'lazybd_default_bs\t%s\n' "lazybd-$BLOCK_SIZE"
+  printf 'rounds\t%s\n' "$ROUNDS"
   printf 'img_mib\t%s\nreaders\t%s\nruntime\t%s\nrw_mib\t%s\nblock_size\t%s\ndelay_ms\t%s\nrate_mbit\t%s\n' \
     "$IMG_MIB" "$READERS" "$RUNTIME" "$RW_MIB" "$BLOCK_SIZE" "$DELAY_MS" "$RATE_MBIT"
 } > "$META"
@@ -452,23 +460,29 @@ if b:
       "`nbdkit --filter=cow file LOCAL_COPY` (base: a local copy of the image; overlay in nbdkit's TMPDIR, same file system), "
       "for each `cow-block-size` tried. On each fresh server: fio 4 KiB `randwrite` QD32 over the first "
       f"{meta['rw_mib']} MiB for {meta['runtime']} s, then 4 KiB `randread` QD32 over the same region for {meta['runtime']} s; "
-      "one NBD connection. The curl plugin as the cow base (`--filter=cow --filter=cache curl URL`) was not run: its "
+      f"one NBD connection; {meta.get('rounds', '1')} rounds, server order reversed every other round. The curl plugin as the cow base (`--filter=cow --filter=cache curl URL`) was not run: its "
       "base reads go through nbdkit-curl (one HTTP request at a time in 1.32), so it cannot beat the file plugin.")
     w("")
-    w("| server | transport | phase | IOPS | MiB/s | mean µs | p99 µs | origin requests | overlay after |")
-    w("|---|---|---|---|---|---|---|---|---|")
-    vals = {}
+    w("| round | server | transport | phase | IOPS | MiB/s | mean µs | p99 µs | origin requests | overlay after |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    runs = {}  # (server, transport, phase) -> {round: IOPS}
     for r in b:
         label = r[0][2:]
-        srv, tr = label.rsplit("/", 1) if "/" in label else (label, "")
+        base, rnd = label.rsplit(".r", 1) if ".r" in label else (label, "1")
+        srv, tr = base.rsplit("/", 1) if "/" in base else (base, "")
         if r[1] != "ok" and len(r) < 13:
-            w(f"| {srv} | {tr} | {r[0]} | FAIL: {r[2]} | | | | | |"); continue
+            w(f"| {rnd} | {srv} | {tr} | {r[0]} | FAIL: {r[2]} | | | | | |"); continue
         ph = r[3]
-        vals[(srv, tr, ph)] = float(r[4])
+        if ph != "warm":
+            runs.setdefault((srv, tr, ph), {})[rnd] = float(r[4])
         ov = sizes.get(label)
         ovs = f"{ov / 1048576:.1f} MiB" if ov is not None and ph == "randread" else ""
-        w(f"| {srv} | {tr} | {ph} | {fn(r[4])} | {fn(r[5],1)} | {fn(r[6],1)} | {fn(r[7],1)} | {fn(r[10])} | {ovs} |")
+        w(f"| {rnd} | {srv} | {tr} | {ph} | {fn(r[4])} | {fn(r[5],1)} | {fn(r[6],1)} | {fn(r[7],1)} | {fn(r[10])} | {ovs} |")
     w("")
+    def median(xs):
+        xs = sorted(xs); n = len(xs)
+        return None if not n else xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    vals = {k: median(list(v.values())) for k, v in runs.items()}
     def bsz(name):  # "lazybd-64k" -> 65536
         v = name.rsplit("-", 1)[1].lower(); m = {"k": 1 << 10, "m": 1 << 20}
         return int(v[:-1]) * m[v[-1]] if v[-1] in m else int(v)
@@ -479,8 +493,10 @@ if b:
       "the last column compares equal block sizes (lazybd's cache block = `--block-size`, its overlay always "
       "tracks 4 KiB pages; nbdkit's cow block = `cow-block-size`).")
     w("")
-    w("| transport | phase | " + " | ".join(f"{c}" for c in lzs + cows) + f" | best nbdkit cow | {dflt} ÷ best cow | same block size: lazybd ÷ nbdkit |")
-    w("|---|---|" + "---|" * len(lzs + cows) + "---|---|---|")
+    w("Medians over the rounds (IOPS); per round: that round's own ratio.")
+    w("")
+    w("| transport | phase | " + " | ".join(f"{c}" for c in lzs + cows) + f" | best nbdkit cow | {dflt} ÷ best cow | per round | same block size: lazybd ÷ nbdkit |")
+    w("|---|---|" + "---|" * len(lzs + cows) + "---|---|---|---|")
     for tr in ("tcp", "unix"):
         for ph in ("randwrite", "randread"):
             cv = {c: vals.get((c, tr, ph)) for c in lzs + cows}
@@ -492,8 +508,12 @@ if b:
             for l in lzs:
                 c = "nbdkit-cow-" + l.split("-", 1)[1]
                 if c in cv and cv[c] and cv[l]: same.append(f"{l.split('-', 1)[1]}: {fr(ratio(cv[l], cv[c]))}")
+            per = []
+            if best and dflt:
+                a_, b_ = runs.get((dflt, tr, ph), {}), runs.get((best, tr, ph), {})
+                per = [fr(ratio(a_[k], b_[k])) for k in sorted(a_, key=int) if k in b_]
             w(f"| {tr} | {ph} | " + " | ".join(fn(cv[c]) for c in lzs + cows) +
-              f" | {best or '—'} | {fr(rr)} | {', '.join(same) or '—'} |")
+              f" | {best or '—'} | {fr(rr)} | {', '.join(per) or '—'} | {', '.join(same) or '—'} |")
             goals.append((f"warm 4K {ph} QD32 {tr}: {dflt} ÷ best nbdkit cow ({best})", "≥ 1.0×", fr(rr),
                           "met" if rr is not None and rr >= 1.0 else "NOT met"))
     w("")

@@ -645,3 +645,42 @@ async fn bad_certificate_files_are_start_up_errors_naming_the_file() {
     let (srv, _) = start(cfg).await;
     stop(srv).await;
 }
+
+/// Many large reads in flight over TLS, the client reading nothing until
+/// all are sent: the server's socket fills, so TLS records wait in the TLS
+/// layer's buffer and must be flushed as the socket drains. Every byte
+/// arrives, in structured and simple replies alike. (qemu-tests t-44 runs
+/// nbdcopy over TLS, which caught a loop that did not flush.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_large_reads_over_tls_arrive_whole() {
+    let env = Env::start(TlsMode::Require, false).await;
+    for structured in [false, true] {
+        let t = env.starttls(&default_connector(&env.pki())).await;
+        let o = Opts {
+            structured,
+            meta: structured,
+            ..Opts::default()
+        };
+        let mut c = within(Client::go(t, o)).await;
+        let mut want = std::collections::HashMap::new();
+        for i in 0..24u64 {
+            let off = (i % 3) * MIB as u64 + i * 4096;
+            let len = MIB as u32 - 8192;
+            want.insert(c.send(cmd::READ, 0, off, len).await, (off, len));
+        }
+        // Let the server fill the socket and block before anything is read.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        for _ in 0..want.len() {
+            let (cookie, r) = within(c.recv(Some(MIB as u32 - 8192))).await.unwrap();
+            let (off, len) = want[&cookie];
+            assert_eq!(r.error, 0);
+            let got = if structured {
+                assembled(&r, off, len)
+            } else {
+                r.data
+            };
+            assert!(got == env.img[off as usize..off as usize + len as usize]);
+        }
+    }
+    env.stop().await;
+}

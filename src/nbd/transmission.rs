@@ -495,6 +495,9 @@ struct Outbox {
     /// Stream positions: bytes ever queued, bytes ever sent.
     queued: u64,
     sent: u64,
+    /// Bytes were written and the stream not flushed since (TLS keeps
+    /// records in its own buffer until flushed).
+    unflushed: bool,
     /// Per reply, the position of its last byte and what it holds.
     held: VecDeque<(u64, Held)>,
     /// Totals over `held`, so the budgets are checked without a walk.
@@ -530,13 +533,15 @@ impl Outbox {
         }
     }
 
+    /// Nothing left to send or flush.
     fn is_empty(&self) -> bool {
-        self.queued == self.sent
+        self.queued == self.sent && !self.unflushed
     }
 
     /// Account `n` more bytes as sent; release what fully sent replies held.
     fn advance(&mut self, mut n: usize) {
         self.sent += n as u64;
+        self.unflushed = true;
         while n > 0 {
             let head = self.segs[0].len() - self.head_sent;
             if n < head {
@@ -584,8 +589,11 @@ impl Outbox {
             }
             self.advance(n);
         }
-        // TLS keeps records in its own buffer until flushed.
-        Pin::new(w).poll_flush(cx)
+        if self.unflushed {
+            ready!(Pin::new(w).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

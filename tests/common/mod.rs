@@ -613,6 +613,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 }
 
+/// The bytes of a structured READ reply of `[offset, offset + len)` that
+/// [`Client::recv`] collected (data chunks and holes, in any order).
+pub fn assembled(r: &Reply, offset: u64, len: u32) -> Vec<u8> {
+    r.data.assemble(offset, len, &r.holes)
+}
+
 /// Data chunks are collected as (offset, bytes) records in a flat buffer and
 /// assembled at the end, so chunk order does not matter.
 trait Pending {
