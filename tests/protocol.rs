@@ -1742,6 +1742,36 @@ async fn a_client_that_never_reads_does_not_stall_others() {
     env.stop().await;
 }
 
+/// A client that stops taking replies is pushed back: once its budget is
+/// spent the server reads no more of its requests, so what it keeps
+/// sending piles up in socket buffers (a few MiB), not in server memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_pushed_back() {
+    let mut env = Env::read_only().await;
+    let mut c = env.client().await;
+    // 1 Mi reads of 1 MiB: 28 MiB of requests, far beyond the 64 MiB of
+    // replies one connection may have waiting.
+    let mut reqs = Vec::with_capacity(28 << 20);
+    for i in 0..(1u64 << 20) {
+        let r = Request {
+            flags: 0,
+            typ: cmd::READ,
+            cookie: i,
+            offset: (i % 4) * MIB as u64,
+            len: MIB as u32,
+        };
+        reqs.extend_from_slice(&r.encode());
+    }
+    let sent = tokio::time::timeout(Duration::from_secs(3), c.s.write_all(&reqs)).await;
+    assert!(
+        sent.is_err(),
+        "the server took 28 MiB of requests it could not answer"
+    );
+    env.others_ok().await;
+    drop(c);
+    env.stop().await;
+}
+
 /// Clients that stop reading their replies share one server-wide budget
 /// of reply memory and are dropped after the send timeout, which frees it:
 /// afterwards everybody else is served again and the budget is whole.

@@ -615,12 +615,16 @@ enum Event {
 /// Read buffer size: room for a burst of pipelined 4 KiB writes.
 const READ_CHUNK: usize = 128 << 10;
 
-/// The connection's side of the loop: everything `step` needs besides the
-/// socket and the event sources.
+/// The state of one connection's loop, besides the socket and the event
+/// sources.
 struct Conn {
     ctx: Arc<Ctx>,
     /// Request bytes read and not yet consumed.
     inbuf: BytesMut,
+    /// The next request is incomplete in `inbuf`: read the socket. False
+    /// while a budget holds the next request back, so that a client cannot
+    /// make the buffer grow by sending while it is not being served.
+    starved: bool,
     /// Payload bytes of a refused write still to be skipped.
     skip: u64,
     /// Still taking requests (false after DISC, end of stream, a stop or a
@@ -649,7 +653,7 @@ impl Conn {
 
     /// Whether the loop should read the socket now.
     fn wants_bytes(&self) -> bool {
-        self.reading && self.waiting.is_none() && self.room(0)
+        self.reading && self.starved
     }
 
     fn stop_reading(&mut self, outcome: Result<()>) {
@@ -662,16 +666,22 @@ impl Conn {
     /// Take every complete request in the buffer, as long as the budgets
     /// allow. Cheap requests are answered right here; the rest go to tasks.
     fn take_requests(&mut self) {
+        self.starved = false;
         while self.reading {
             if self.skip > 0 {
                 let n = self.skip.min(self.inbuf.len() as u64) as usize;
                 self.inbuf.advance(n);
                 self.skip -= n as u64;
                 if self.skip > 0 {
+                    self.starved = true;
                     return;
                 }
             }
-            if self.inbuf.len() < Request::SIZE || self.waiting.is_some() {
+            if self.waiting.is_some() {
+                return;
+            }
+            if self.inbuf.len() < Request::SIZE {
+                self.starved = true;
                 return;
             }
             let hb: &[u8; Request::SIZE] = self.inbuf[..Request::SIZE].try_into().expect("sized");
@@ -739,7 +749,8 @@ impl Conn {
                 let need = Request::SIZE + range.len as usize;
                 if self.inbuf.len() < need {
                     self.inbuf.reserve(need - self.inbuf.len());
-                    return; // the rest of the payload is on its way
+                    self.starved = true; // the rest of the payload is on its way
+                    return;
                 }
                 payload = &self.inbuf[Request::SIZE..need];
             }
@@ -844,6 +855,7 @@ where
     let mut c = Conn {
         ctx,
         inbuf: BytesMut::with_capacity(READ_CHUNK),
+        starved: true,
         skip: 0,
         reading: true,
         out: Outbox::default(),
@@ -915,7 +927,9 @@ where
                 return Poll::Ready(Event::Stop);
             }
             if c.wants_bytes() {
-                if c.inbuf.capacity() - c.inbuf.len() < Request::SIZE {
+                // Room for a burst, so that a 4 KiB write is rarely read
+                // in two pieces (reclaims the consumed front in place).
+                if c.inbuf.capacity() - c.inbuf.len() < READ_CHUNK / 8 {
                     c.inbuf.reserve(READ_CHUNK);
                 }
                 let read = std::pin::pin!(stream.read_buf(&mut c.inbuf));
