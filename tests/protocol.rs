@@ -1749,10 +1749,19 @@ async fn a_client_that_never_reads_does_not_stall_others() {
 async fn a_client_that_never_reads_is_pushed_back() {
     let mut env = Env::read_only().await;
     let mut c = env.client().await;
-    // 1 Mi reads of 1 MiB: 28 MiB of requests, far beyond the 64 MiB of
-    // replies one connection may have waiting.
-    let mut reqs = Vec::with_capacity(28 << 20);
-    for i in 0..(1u64 << 20) {
+    // Reads of 1 MiB, far beyond the 64 MiB of replies one connection may
+    // have waiting: at least 56 MiB of requests, and twice what the
+    // loopback socket buffers can hold (the tcp_rmem + tcp_wmem maxima).
+    let max_of = |f: &str| -> usize {
+        std::fs::read_to_string(f)
+            .ok()
+            .and_then(|t| t.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let buffers = max_of("/proc/sys/net/ipv4/tcp_rmem") + max_of("/proc/sys/net/ipv4/tcp_wmem");
+    let bytes = (56 << 20).max(2 * buffers);
+    let mut reqs = Vec::with_capacity(bytes);
+    for i in 0..(bytes / Request::SIZE) as u64 {
         let r = Request {
             flags: 0,
             typ: cmd::READ,
@@ -1765,7 +1774,8 @@ async fn a_client_that_never_reads_is_pushed_back() {
     let sent = tokio::time::timeout(Duration::from_secs(3), c.s.write_all(&reqs)).await;
     assert!(
         sent.is_err(),
-        "the server took 28 MiB of requests it could not answer"
+        "the server took {} MiB of requests it could not answer",
+        bytes >> 20
     );
     env.others_ok().await;
     drop(c);
