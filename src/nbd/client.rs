@@ -268,13 +268,7 @@ impl NbdClient {
     }
 
     async fn send_option(&mut self, option: u32, data: &[u8]) -> Result<()> {
-        let mut b = OptionHeader {
-            option,
-            len: data.len() as u32,
-        }
-        .encode()
-        .to_vec();
-        b.extend_from_slice(data);
+        let b = OptionHeader::message(option, data);
         self.s.write_all(&b).await.map_err(|e| self.io(e))
     }
 

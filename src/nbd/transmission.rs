@@ -436,7 +436,6 @@ async fn handle(ctx: Arc<Ctx>, req: Request, c: Command, payload: Bytes) -> Repl
     };
     let result: Result<Reply> = match c {
         Command::Write { range, fua } => match writer() {
-            Ok(_) if range.is_empty() => Ok(ok()),
             Ok(w) => w.write(range.offset, payload, fua).await.map(|_| ok()),
             Err(e) => Err(e),
         },
@@ -706,7 +705,7 @@ impl Conn {
             let checked = validate(&req, &self.ctx);
             let cmd = match checked {
                 Err(r) if r.fatal => {
-                    self.push(
+                    self.out.push(
                         error_reply(self.ctx.structured, req.cookie, &r),
                         Held::none(),
                     );
@@ -723,7 +722,7 @@ impl Conn {
                         // request; skip it to stay in step.
                         self.skip = req.len as u64;
                     }
-                    self.push(
+                    self.out.push(
                         error_reply(self.ctx.structured, req.cookie, &r),
                         Held::none(),
                     );
@@ -774,7 +773,7 @@ impl Conn {
             }
             let done = Request::SIZE + payload.len();
             if let Some(reply) = self.run_now(req, cmd, payload) {
-                self.push(reply, held);
+                self.out.push(reply, held);
             } else {
                 let bytes = Bytes::copy_from_slice(payload);
                 self.spawn(req, cmd, bytes, held);
@@ -794,6 +793,7 @@ impl Conn {
             Command::Write { range, fua } => {
                 let w = ctx.export.writable.as_ref()?;
                 if range.is_empty() {
+                    // Every write passes here first; nothing to store.
                     return Some(ok_reply(req.cookie));
                 }
                 Some(match w.write_now(range.offset, payload, fua)? {
@@ -814,10 +814,6 @@ impl Conn {
             // The connection may be gone; its reply with it.
             let _ = tx.send(Outgoing { reply, held });
         });
-    }
-
-    fn push(&mut self, reply: Reply, held: Held) {
-        self.out.push(reply, held);
     }
 
     fn finished(&mut self, o: Outgoing) {

@@ -278,6 +278,18 @@ impl OptionHeader {
         })
     }
 
+    /// A whole option message: the header for `data`, then `data`.
+    pub fn message(option: u32, data: &[u8]) -> Vec<u8> {
+        let mut b = OptionHeader {
+            option,
+            len: data.len() as u32,
+        }
+        .encode()
+        .to_vec();
+        b.extend_from_slice(data);
+        b
+    }
+
     pub fn encode(&self) -> [u8; Self::SIZE] {
         let mut b = [0u8; Self::SIZE];
         b[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());

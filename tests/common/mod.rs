@@ -380,14 +380,7 @@ pub async fn try_send_option<S: AsyncWrite + Unpin>(
     option: u32,
     data: &[u8],
 ) -> std::io::Result<()> {
-    let mut b = OptionHeader {
-        option,
-        len: data.len() as u32,
-    }
-    .encode()
-    .to_vec();
-    b.extend_from_slice(data);
-    s.write_all(&b).await
+    s.write_all(&OptionHeader::message(option, data)).await
 }
 
 pub async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8]) {
