@@ -9,6 +9,19 @@ use std::ops::Range;
 
 use crate::error::{Error, ErrorKind, Result};
 
+/// Merge ranges sorted by offset where one ends at the next's start (zero
+/// ranges of a read, for structured-reply holes). The one implementation.
+pub fn merge_adjacent(v: Vec<ByteRange>) -> Vec<ByteRange> {
+    let mut out: Vec<ByteRange> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(m) if m.end() == r.offset => m.len += r.len,
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 /// A half-open byte range `[offset, offset + len)` of an image.
 ///
 /// Invariant: `offset + len` does not overflow (checked by [`ByteRange::new`]).
@@ -83,12 +96,6 @@ impl BlockSize {
     /// blocks (bytes fetched per 4K read), boot traces read 32 KiB runs, and
     /// readahead/coalescing make sequential reads large regardless.
     pub const DEFAULT: BlockSize = BlockSize(64 << 10);
-    /// Overlays track writes per 4 KiB page, whatever the cache block: a
-    /// guest's 4K write to an untouched block is then a plain write, with
-    /// no read-modify-write of a larger base block (which, cold, would
-    /// even cost an origin fetch). The map grows by one state byte per
-    /// page beside the eight CRC bytes it already keeps.
-    pub const OVERLAY: BlockSize = BlockSize(4 << 10);
 
     pub fn new(bytes: u64) -> Result<Self> {
         if !bytes.is_power_of_two() || bytes < Self::MIN as u64 || bytes > Self::MAX as u64 {

@@ -71,6 +71,9 @@ enum Cmd {
     /// Add, remove or list exports of a running server (control socket).
     #[command(subcommand, after_help = EXPORT_EXAMPLES)]
     Export(ExportCmd),
+    /// Check (and repair) a writable export's overlay directory.
+    #[command(subcommand, after_help = OVERLAY_EXAMPLES)]
+    Overlay(OverlayCmd),
     /// Copy a whole image (HTTP(S), file or NBD) to a file or an NBD export,
     /// in parallel, verified.
     #[command(after_help = COPY_EXAMPLES)]
@@ -375,6 +378,25 @@ enum CacheCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum OverlayCmd {
+    /// Verify every page of an overlay against its CRC; exit 1 if any is
+    /// damaged. The overlay must not be in use (its export removed or the
+    /// server stopped). A version-1 overlay is migrated first.
+    Check {
+        /// Overlay directory (default for an export: CACHE_DIR/overlays/NAME).
+        dir: PathBuf,
+        /// Keep every page that verifies; pages that do not read as zeroes
+        /// from then on (their content is lost either way; they are listed).
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+const OVERLAY_EXAMPLES: &str = "Examples:
+  lazybd overlay check /var/cache/lazybd/overlays/vm1
+  lazybd overlay check --repair /var/cache/lazybd/overlays/vm1";
+
 fn default_cache_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(x).join("lazybd");
@@ -404,6 +426,7 @@ fn main() -> ExitCode {
         Cmd::Cache(CacheCmd::Info { dir }) => cache_info(&dir),
         Cmd::Cache(CacheCmd::Verify { dir, repair }) => cache_verify(&dir, repair),
         Cmd::Export(c) => export_cmd(c),
+        Cmd::Overlay(OverlayCmd::Check { dir, repair }) => overlay_check(&dir, repair),
         Cmd::Profile(c) => profile_cmd(c),
         Cmd::Copy(a) => copy_cmd(a),
     };
@@ -943,6 +966,58 @@ fn cache_info(dir: &std::path::Path) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn overlay_check(dir: &std::path::Path, repair: bool) -> anyhow::Result<ExitCode> {
+    let start = std::time::Instant::now();
+    let rep = lazybd::overlay::check_dir(dir, repair)?;
+    let list = |v: &[u64]| {
+        let shown: Vec<String> = v.iter().take(20).map(|p| (p * 4096).to_string()).collect();
+        format!(
+            "{}{}",
+            shown.join(", "),
+            if v.len() > 20 { ", ..." } else { "" }
+        )
+    };
+    if rep.migrated {
+        println!("{}: migrated from format version 1", dir.display());
+    }
+    if !rep.migrate_lost.is_empty() {
+        println!(
+            "  {} page(s) failed both CRCs and were not kept (now zero), at byte offsets: {}",
+            rep.migrate_lost.len(),
+            list(&rep.migrate_lost)
+        );
+    }
+    let state = match (rep.bad.is_empty(), rep.repaired) {
+        (true, _) => "ok",
+        (false, true) => "REPAIRED",
+        (false, false) => "DAMAGED",
+    };
+    println!(
+        "{state}: {} — {} data pages ({}) checked, {} damaged ({:.1}s)",
+        dir.display(),
+        rep.data_pages,
+        lazybd::util::human_bytes(rep.data_pages * 4096),
+        rep.bad.len(),
+        start.elapsed().as_secs_f64()
+    );
+    if !rep.bad.is_empty() {
+        println!(
+            "  damaged pages at byte offsets: {}{}",
+            list(&rep.bad),
+            if rep.repaired {
+                " (now zero: their content could not be kept)"
+            } else {
+                " (run with --repair to keep every other page)"
+            }
+        );
+    }
+    Ok(if rep.bad.is_empty() || rep.repaired {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn cache_verify(dir: &std::path::Path, repair: bool) -> anyhow::Result<ExitCode> {

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::path::Path;
 
 use super::{BlockDevice, Export, Writable};
-use crate::block::BlockSize;
 use crate::cache::ImageCache;
 use crate::error::Result;
 use crate::overlay::Overlay;
@@ -77,12 +76,7 @@ pub fn read_only_export(spec: ExportSpec, cache: ImageCache) -> Export {
 /// shared cache.
 pub fn writable_export(spec: ExportSpec, cache: ImageCache, overlay_dir: &Path) -> Result<Export> {
     let base_id = cache.origin().identity().to_string();
-    let overlay = Arc::new(Overlay::open(
-        overlay_dir,
-        base(&spec, &cache),
-        &base_id,
-        BlockSize::OVERLAY,
-    )?);
+    let overlay = Arc::new(Overlay::open(overlay_dir, base(&spec, &cache), &base_id)?);
     let device: Arc<dyn BlockDevice> = overlay.clone();
     Ok(export(spec, &cache, device, Some(overlay)))
 }

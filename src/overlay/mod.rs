@@ -9,70 +9,124 @@
 //!   present               overlay (CRC)      rewrite in place (CRC rotation)
 //! ```
 //!
-//! Durability: FLUSH (and FUA) fdatasync the data file, then msync the map.
-//! Crash safety without a journal: a block becomes present only after its
-//! data and CRCs are written; a present page rewritten in place keeps its
-//! previous CRC as a second valid value until the new bytes are written
-//! (see `BlockStore::overwrite`). After `kill -9` at any moment every page
-//! reads as its old or its new content, never as a mix within a page, and
-//! every write acknowledged before a FLUSH reads back.
+//! Pages live in [`store::PageStore`] (format in `format.rs`, crash
+//! contract in `store.rs`), which does its I/O through `disk::Dir` so that
+//! tests can cut power under it. FLUSH and FUA make every completed write
+//! durable; after `kill -9` or a power cut every flushed write reads back
+//! and every page reads as a content it held since.
 //!
 //! The overlay records the identity of the image it was made over; opening
 //! it over a different image is refused, because its missing blocks would
 //! silently read the new image's bytes.
+
+pub mod disk;
+pub mod format;
+pub mod migrate;
+pub mod store;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
-use crate::block::{BlockIndex, BlockSize, ByteRange};
+use crate::block::{ByteRange, PAGE};
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{BlockDevice, Extent, ReadData, Writable, ZeroFlags};
 use crate::origin::BoxFuture;
-use crate::store::map::{BlockState, Geometry};
-use crate::store::BlockStore;
+use store::{PageStore, Piece};
 
-/// Writers of one block are serialised by one of these stripes; a read of
-/// the base block and the merge happen under it, so two partial writes to
-/// one missing block cannot lose each other's bytes.
+/// Writers of one page are serialised by one of these stripes; a read of
+/// the base page and the merge happen under it, so two partial writes to
+/// one page cannot lose each other's bytes.
 const STRIPES: usize = 64;
 
 /// Attempts before a page that keeps failing its CRC is reported: a page
-/// being rewritten concurrently may fail once; damage fails every time.
+/// whose slot was reused under a slow reader fails once; damage fails
+/// every time.
 const READ_ATTEMPTS: usize = 4;
+
+/// Largest buffer of zeroes written at once for WRITE_ZEROES with NO_HOLE.
+const ZERO_CHUNK: u64 = 1 << 20;
 
 pub struct Overlay {
     base: Arc<dyn BlockDevice>,
     /// Shared with blocking sync tasks.
-    store: Arc<BlockStore>,
+    store: Arc<PageStore>,
     stripes: Vec<Mutex<()>>,
     dir: PathBuf,
+    size: u64,
     /// Holds the overlay directory's exclusive flock.
     _lock: File,
 }
 
-/// What `base` records about the image an overlay was made over.
-fn base_record(base_id: &str, size: u64, bs: BlockSize) -> String {
-    format!("base={base_id}\nsize={size}\nblock_size={}\n", bs.bytes())
+/// What `base` records about the image an overlay was made over (the
+/// block size line is the overlay's page, kept from version 1).
+fn base_record(base_id: &str, size: u64) -> String {
+    format!("base={base_id}\nsize={size}\nblock_size={PAGE}\n")
+}
+
+/// Pages `[first, end)` covering `r`.
+fn pages_of(r: ByteRange) -> (u64, u64) {
+    (r.offset / PAGE, r.end().div_ceil(PAGE))
+}
+
+/// What `overlay check` found.
+#[derive(Debug, Clone, Default)]
+pub struct CheckReport {
+    pub data_pages: u64,
+    /// Pages that failed their CRC (byte offset = page * 4096).
+    pub bad: Vec<u64>,
+    /// Pages of a version-1 overlay that could not be migrated.
+    pub migrate_lost: Vec<u64>,
+    pub repaired: bool,
+    pub migrated: bool,
+}
+
+/// Verify every page of the overlay in `dir` (which no server may hold);
+/// with `repair`, pages that fail read as zeroes afterwards (reported).
+pub fn check_dir(dir: &Path, repair: bool) -> Result<CheckReport> {
+    let lock = crate::store::lock_dir(dir, "overlay")?;
+    let record_path = dir.join("base");
+    let record = fs::read_to_string(&record_path)
+        .map_err(|e| Error::io(format!("reading {}", record_path.display()), e))?;
+    let size = record
+        .lines()
+        .find_map(|l| l.strip_prefix("size="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!("{}: no size= line", record_path.display()),
+            )
+        })?;
+    let identity = crate::util::fnv64(record.as_bytes());
+    let mut report = CheckReport::default();
+    if migrate::pending(dir) {
+        report.migrate_lost = migrate::migrate(dir, size, identity, repair)?;
+        report.migrated = true;
+    }
+    let (store, _) = PageStore::open(Arc::new(disk::OsDir::new(dir)), size, identity)?;
+    report.bad = store.check()?;
+    report.data_pages = store.data_pages();
+    if repair && !report.bad.is_empty() {
+        store.repair(&report.bad)?;
+        report.repaired = true;
+    }
+    drop(lock);
+    Ok(report)
 }
 
 impl Overlay {
     /// Open or create the overlay in `dir` over `base`. `base_id` names the
     /// base image's identity (its `Display` form); a different one refuses.
-    pub fn open(
-        dir: &Path,
-        base: Arc<dyn BlockDevice>,
-        base_id: &str,
-        bs: BlockSize,
-    ) -> Result<Overlay> {
+    pub fn open(dir: &Path, base: Arc<dyn BlockDevice>, base_id: &str) -> Result<Overlay> {
         fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating overlay {}", dir.display()), e))?;
         let lock = crate::store::lock_dir(dir, "overlay")?;
         let size = base.size();
-        let record = base_record(base_id, size, bs);
+        let record = base_record(base_id, size);
         let record_path = dir.join("base");
         match fs::read_to_string(&record_path) {
             Ok(existing) if existing != record => {
@@ -88,31 +142,36 @@ impl Overlay {
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if dir.join("meta").exists() {
-                    return Err(Error::new(
-                        ErrorKind::Corrupt,
-                        format!("overlay {} has data but no base record", dir.display()),
-                    ));
+                for f in ["meta", store::JOURNAL, store::PAGES] {
+                    if dir.join(f).exists() {
+                        return Err(Error::new(
+                            ErrorKind::Corrupt,
+                            format!(
+                                "overlay {} has data ({f}) but no base record; refusing to open it",
+                                dir.display()
+                            ),
+                        ));
+                    }
                 }
                 crate::util::write_atomic(&record_path, record.as_bytes())?;
             }
             Err(e) => return Err(Error::io(format!("reading {}", record_path.display()), e)),
         }
-        let geometry = Geometry {
-            block_size: bs,
-            image_size: size,
-            identity_hash: crate::util::fnv64(record.as_bytes()),
-            crc_slots: 2,
-        };
-        let (store, fresh) = BlockStore::open(dir, geometry)?;
-        if fresh {
-            store.sync()?;
+        let identity = crate::util::fnv64(record.as_bytes());
+        if migrate::pending(dir) {
+            migrate::migrate(dir, size, identity, false)?;
+        }
+        let (store, report) = PageStore::open(Arc::new(disk::OsDir::new(dir)), size, identity)?;
+        if report.tail > 0 {
+            tracing::info!(overlay = %dir.display(), records = report.tail, kept = report.tail_kept,
+                "overlay recovered writes made since its last flush");
         }
         Ok(Overlay {
             base,
             store: Arc::new(store),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             dir: dir.to_path_buf(),
+            size,
             _lock: lock,
         })
     }
@@ -121,27 +180,54 @@ impl Overlay {
         &self.dir
     }
 
-    /// Bytes held by the overlay (present blocks), for `export list`.
+    /// Bytes held by the overlay (data pages), for `export list`: a
+    /// counter, not a scan.
     pub fn bytes_written(&self) -> u64 {
-        self.store.map().counts().0 * self.store.block_size().bytes()
+        self.store.data_pages() * PAGE
     }
 
-    fn stripe(&self, b: u64) -> &Mutex<()> {
-        &self.stripes[(b as usize) % STRIPES]
+    /// The stripe indices of pages `[p0, p1)`, sorted (the lock order).
+    fn stripe_ids(p0: u64, p1: u64) -> Vec<usize> {
+        if p1 - p0 >= STRIPES as u64 {
+            return (0..STRIPES).collect();
+        }
+        let mut v: Vec<usize> = (p0..p1).map(|p| p as usize % STRIPES).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    async fn lock_pages(&self, p0: u64, p1: u64) -> Vec<MutexGuard<'_, ()>> {
+        let mut g = Vec::new();
+        for i in Self::stripe_ids(p0, p1) {
+            g.push(self.stripes[i].lock().await);
+        }
+        g
+    }
+
+    fn try_lock_pages(&self, p0: u64, p1: u64) -> Option<Vec<MutexGuard<'_, ()>>> {
+        Self::stripe_ids(p0, p1)
+            .into_iter()
+            .map(|i| self.stripes[i].try_lock().ok())
+            .collect()
+    }
+
+    fn page_range(&self, p: u64) -> ByteRange {
+        ByteRange {
+            offset: p * PAGE,
+            len: PAGE.min(self.size - p * PAGE),
+        }
     }
 
     async fn read_impl(&self, r: ByteRange) -> Result<ReadData> {
-        let bs = self.store.block_size();
+        let (p0, p1) = pages_of(r);
         // The common case for a VM booting a template: nothing written here.
-        if bs
-            .covering(r)
-            .all(|b| self.store.state(b) == BlockState::Missing)
-        {
+        if !self.store.holds_any(p0, p1) {
             return self.base.read(r).await;
         }
         // Base pieces are read first, then the read is assembled from the
-        // states as they are then. A block can change state in between (a
-        // write, a TRIM) or a page can be caught mid-rewrite: assembling
+        // map as it is then. A page can change in between (a write, a
+        // TRIM) or its old slot be reused under this read: assembling
         // starts over. Damage fails every attempt.
         let mut fetched: Vec<(ByteRange, ReadData)> = Vec::new();
         for _ in 0..READ_ATTEMPTS {
@@ -157,64 +243,71 @@ impl Overlay {
                         fetched.push((p, self.base.read(p).await?));
                     }
                 }
-                Assembled::Torn(b) => {
-                    // Let the writer of that block finish, then retry.
-                    drop(self.stripe(b).lock().await);
+                Assembled::Torn(p) => {
+                    // Let the writer of that page finish, then retry.
+                    drop(self.lock_pages(p, p + 1).await);
                 }
             }
         }
         Err(Error::new(
             ErrorKind::Corrupt,
             format!(
-                "overlay {}: read {r} keeps failing its checksum (damaged client data)",
+                "overlay {}: read {r} keeps failing its checksum (damaged client data; see `lazybd overlay check`)",
                 self.dir.display()
             ),
         ))
     }
 
-    /// Assemble a read of `r` from the overlay's blocks as they are now,
-    /// asking `base` for the parts of `r` in missing blocks; `base` answers
-    /// `None` for a part it cannot give without waiting.
+    /// Assemble a read of `r` from the overlay's pages as they are now,
+    /// asking `base` for the parts of `r` the overlay does not hold;
+    /// `base` answers `None` for a part it cannot give without waiting.
     fn assemble(
         &self,
         r: ByteRange,
         base: &mut dyn FnMut(ByteRange) -> Option<Result<ReadData>>,
     ) -> Assembled {
-        let bs = self.store.block_size();
-        let blocks = bs.covering(r);
+        let (p0, p1) = pages_of(r);
         let mut out = BytesMut::zeroed(r.len as usize);
         let mut zero: Vec<ByteRange> = Vec::new();
         let mut need: Vec<ByteRange> = Vec::new();
-        let mut b = blocks.start;
-        while b < blocks.end {
-            let s = self.store.state(b);
-            let mut e = b + 1;
-            while e < blocks.end && self.store.state(e) == s {
-                e += 1;
-            }
+        for (first, count, piece) in self.store.lookup(p0, p1) {
             let run = ByteRange {
-                offset: self.store.block_range(b).offset,
-                len: self.store.block_range(e - 1).end() - self.store.block_range(b).offset,
+                offset: first * PAGE,
+                len: ((first + count) * PAGE).min(self.size) - first * PAGE,
             };
-            let piece = run.intersect(&r).expect("run of covering blocks meets r");
-            let dst = (piece.offset - r.offset) as usize;
-            match s {
-                BlockState::Zero => zero.push(piece),
-                BlockState::Present => match self.store.read_verified(r, b, e, &mut out) {
-                    Ok(bad) if !bad.is_empty() => return Assembled::Torn(bad[0]),
-                    Ok(_) => {}
-                    Err(err) => return Assembled::Done(Err(err)),
-                },
-                BlockState::Missing => match base(piece) {
+            let part = run.intersect(&r).expect("run of covering pages meets r");
+            let dst = (part.offset - r.offset) as usize;
+            match piece {
+                Piece::Zero => zero.push(part),
+                Piece::Data(slots) => {
+                    let aligned = part == run;
+                    let mut scratch;
+                    let buf: &mut [u8] = if aligned {
+                        &mut out[dst..dst + part.len as usize]
+                    } else {
+                        scratch = vec![0u8; run.len as usize];
+                        &mut scratch
+                    };
+                    match self.store.read_slots(first, &slots, buf) {
+                        Ok(bad) if !bad.is_empty() => return Assembled::Torn(bad[0]),
+                        Ok(_) => {}
+                        Err(err) => return Assembled::Done(Err(err)),
+                    }
+                    if !aligned {
+                        let s = (part.offset - run.offset) as usize;
+                        let src = buf[s..s + part.len as usize].to_vec();
+                        out[dst..dst + part.len as usize].copy_from_slice(&src);
+                    }
+                }
+                Piece::Base => match base(part) {
                     Some(Ok(rd)) => {
-                        out[dst..dst + piece.len as usize].copy_from_slice(&rd.data);
+                        out[dst..dst + part.len as usize].copy_from_slice(&rd.data);
                         zero.extend(rd.zero);
                     }
                     Some(Err(err)) => return Assembled::Done(Err(err)),
-                    None => need.push(piece),
+                    None => need.push(part),
                 },
             }
-            b = e;
         }
         if !need.is_empty() {
             return Assembled::NeedBase(need);
@@ -222,86 +315,166 @@ impl Overlay {
         zero.sort_by_key(|z| z.offset);
         Assembled::Done(Ok(ReadData {
             data: out.freeze(),
-            zero: merge(zero),
+            zero: crate::block::merge_adjacent(zero),
         }))
     }
 
-    /// Whether writing `piece` of block `b` needs the base block's bytes
-    /// (a partial write over a block the overlay does not hold yet).
-    fn needs_base(&self, b: u64, piece: ByteRange) -> bool {
-        self.store.state(b) == BlockState::Missing && piece != self.store.block_range(b)
-    }
-
-    /// Write `src` at `piece` of block `b`; the caller holds the block's
-    /// stripe and passes the base block when [`Self::needs_base`] said so.
-    fn write_block(
+    /// The current bytes of page `p` for a read-modify-write, verified;
+    /// the caller holds the page's stripe. `base` answers the base's part
+    /// (`None`: it would have to wait).
+    fn page_now(
         &self,
-        b: u64,
-        piece: ByteRange,
-        src: &[u8],
-        keep_zeros: bool,
-        base: Option<ReadData>,
-    ) -> Result<()> {
-        let br = self.store.block_range(b);
-        if self.store.state(b) == BlockState::Present {
-            return self.store.overwrite(piece.offset, src);
+        p: u64,
+        base: &mut dyn FnMut(ByteRange) -> Option<Result<ReadData>>,
+    ) -> Option<Result<Vec<u8>>> {
+        let pr = self.page_range(p);
+        match self.assemble(pr, base) {
+            Assembled::Done(Ok(rd)) => Some(Ok(rd.data.to_vec())),
+            Assembled::Done(Err(e)) => Some(Err(e)),
+            Assembled::NeedBase(_) => None,
+            // No writer can be at work on it (we hold its stripe): damage.
+            Assembled::Torn(_) => Some(Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "overlay {}: page at {} fails its checksum; refusing to write over part of it (see `lazybd overlay check`)",
+                    self.dir.display(),
+                    pr.offset
+                ),
+            ))),
         }
-        if piece == br {
-            self.store.publish_blocks_with(b, src, keep_zeros)?;
-            return Ok(());
-        }
-        let mut buf = match base {
-            Some(rd) => BytesMut::from(&rd.data[..]),
-            None => BytesMut::zeroed(br.len as usize),
-        };
-        let at = (piece.offset - br.offset) as usize;
-        buf[at..at + src.len()].copy_from_slice(src);
-        self.store.publish_blocks_with(b, &buf, keep_zeros)?;
-        Ok(())
     }
 
-    /// Write `data` at `offset` (validated by the protocol edge).
-    /// `keep_zeros`: store all-zero blocks as data (NO_HOLE) instead of
-    /// recording them as zero.
-    async fn write_impl(&self, offset: u64, data: &[u8], keep_zeros: bool) -> Result<()> {
-        let bs = self.store.block_size();
+    /// Whole pages for `data` at `offset`: `data` itself when aligned,
+    /// else the edge pages' current bytes merged with it. `edge` gives an
+    /// edge page's bytes (or `None`: not without waiting).
+    fn whole_pages<'a>(
+        &self,
+        offset: u64,
+        data: &'a [u8],
+        edge: &mut dyn FnMut(u64) -> Option<Result<Vec<u8>>>,
+    ) -> Option<Result<std::borrow::Cow<'a, [u8]>>> {
         let r = ByteRange {
             offset,
             len: data.len() as u64,
         };
-        for (BlockIndex(b), piece) in bs.split(r, self.store.size()) {
-            let src = &data[(piece.offset - offset) as usize..(piece.end() - offset) as usize];
-            let _g = self.stripe(b).lock().await;
-            let base = if self.needs_base(b, piece) {
-                Some(self.base.read(self.store.block_range(b)).await?)
-            } else {
-                None
-            };
-            self.write_block(b, piece, src, keep_zeros, base)?;
+        let (p0, p1) = pages_of(r);
+        let start = p0 * PAGE;
+        let end = (p1 * PAGE).min(self.size);
+        if offset == start && r.end() == end {
+            return Some(Ok(std::borrow::Cow::Borrowed(data)));
         }
-        Ok(())
+        let mut buf = vec![0u8; (end - start) as usize];
+        // The first page when the write starts inside it (or is all inside
+        // it), the last when the write ends inside it.
+        let mut edges = Vec::new();
+        if offset > start || p1 - p0 == 1 {
+            edges.push(p0);
+        }
+        if p1 - p0 > 1 && r.end() < end {
+            edges.push(p1 - 1);
+        }
+        for p in edges {
+            match edge(p)? {
+                Ok(b) => {
+                    let at = ((p - p0) * PAGE) as usize;
+                    buf[at..at + b.len()].copy_from_slice(&b);
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        let at = (offset - start) as usize;
+        buf[at..at + data.len()].copy_from_slice(data);
+        Some(Ok(std::borrow::Cow::Owned(buf)))
     }
 
-    /// Zero `r`: whole blocks become `zero` (space freed), partial edges are
-    /// written as zero bytes unless `edges` is false (TRIM may skip them).
-    /// With `no_hole` every block is written as allocated zero bytes instead,
-    /// so it reads as data (not a hole) and later writes need no new space.
-    async fn zero_impl(&self, r: ByteRange, edges: bool, no_hole: bool) -> Result<()> {
-        let bs = self.store.block_size();
-        let zeros = vec![0u8; bs.bytes() as usize];
-        for (BlockIndex(b), piece) in bs.split(r, self.store.size()) {
-            let br = self.store.block_range(b);
-            if piece == br && !no_hole {
-                let _g = self.stripe(b).lock().await;
-                let was = self.store.state(b);
-                // State first: a crash before the punch leaves a zero block
-                // over stale bytes (ignored), never a present block over a hole.
-                self.store.set_state(b, BlockState::Zero);
-                if was == BlockState::Present {
-                    self.store.punch(br);
+    /// Write `data` at `offset` (validated by the protocol edge).
+    /// `keep_zeros`: store all-zero pages as data (NO_HOLE) instead of
+    /// recording them as zero.
+    async fn write_impl(&self, offset: u64, data: &[u8], keep_zeros: bool) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let r = ByteRange {
+            offset,
+            len: data.len() as u64,
+        };
+        let (p0, p1) = pages_of(r);
+        let _g = self.lock_pages(p0, p1).await;
+        // Edge pages the overlay does not hold come from the base first.
+        let mut base_parts: Vec<(ByteRange, ReadData)> = Vec::new();
+        for _ in 0..READ_ATTEMPTS {
+            let mut need = Vec::new();
+            let whole = {
+                let mut base = |q: ByteRange| {
+                    let got = base_parts
+                        .iter()
+                        .find(|(x, _)| *x == q)
+                        .map(|(_, rd)| Ok(rd.clone()));
+                    if got.is_none() {
+                        need.push(q);
+                    }
+                    got
+                };
+                self.whole_pages(offset, data, &mut |p| self.page_now(p, &mut base))
+            };
+            match whole {
+                Some(Ok(buf)) => return self.store.write(p0, &buf, keep_zeros),
+                Some(Err(e)) => return Err(e),
+                None => {
+                    for q in need {
+                        let rd = self.base.read(q).await?;
+                        base_parts.push((q, rd));
+                    }
                 }
-            } else if edges || no_hole {
-                self.write_impl(piece.offset, &zeros[..piece.len as usize], no_hole)
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Io,
+            format!(
+                "overlay {}: the base kept changing under a partial write",
+                self.dir.display()
+            ),
+        ))
+    }
+
+    /// Zero `r`: whole pages become zero (space freed after the next
+    /// flush), partial edges are written as zero bytes unless `edges` is
+    /// false (TRIM may skip them). With `no_hole` every page is written
+    /// as allocated zero bytes instead, so it reads as data (not a hole).
+    async fn zero_impl(&self, r: ByteRange, edges: bool, no_hole: bool) -> Result<()> {
+        if r.is_empty() {
+            return Ok(());
+        }
+        if no_hole {
+            let zeros = vec![0u8; ZERO_CHUNK as usize];
+            let mut at = r.offset;
+            while at < r.end() {
+                let n = (r.end() - at).min(ZERO_CHUNK - at % PAGE);
+                self.write_impl(at, &zeros[..n as usize], true).await?;
+                at += n;
+            }
+            return Ok(());
+        }
+        let first_full = r.offset.div_ceil(PAGE);
+        let end_full = if r.end() == self.size {
+            r.end().div_ceil(PAGE)
+        } else {
+            r.end() / PAGE
+        };
+        if first_full < end_full {
+            let _g = self.lock_pages(first_full, end_full).await;
+            self.store.zero(first_full, end_full - first_full)?;
+        }
+        if edges {
+            let zeros = vec![0u8; PAGE as usize];
+            let head_end = (first_full * PAGE).min(r.end());
+            if r.offset < head_end {
+                self.write_impl(r.offset, &zeros[..(head_end - r.offset) as usize], false)
+                    .await?;
+            }
+            let tail_start = (end_full * PAGE).max(r.offset).max(head_end);
+            if tail_start < r.end() && end_full >= first_full {
+                self.write_impl(tail_start, &zeros[..(r.end() - tail_start) as usize], false)
                     .await?;
             }
         }
@@ -310,13 +483,13 @@ impl Overlay {
 
     /// Sync from a blocking context (shutdown).
     pub fn sync_blocking(&self) -> Result<()> {
-        self.store.sync()
+        self.store.flush()
     }
 
     async fn sync(&self) -> Result<()> {
         // fdatasync can take a while; keep it off the runtime workers.
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.sync())
+        tokio::task::spawn_blocking(move || store.flush())
             .await
             .map_err(|e| Error::with_source(ErrorKind::Io, "overlay sync task", e))?
     }
@@ -325,27 +498,16 @@ impl Overlay {
 /// What [`Overlay::assemble`] made of a read.
 enum Assembled {
     Done(Result<ReadData>),
-    /// These parts of missing blocks must come from the base first.
+    /// These parts the overlay does not hold must come from the base first.
     NeedBase(Vec<ByteRange>),
-    /// A page of this block failed its CRC: torn by a concurrent rewrite
-    /// (worth another attempt once its writer is done) or damaged.
+    /// This page failed its CRC: its old slot reused under the read
+    /// (worth another attempt) or damaged.
     Torn(u64),
-}
-
-fn merge(v: Vec<ByteRange>) -> Vec<ByteRange> {
-    let mut out: Vec<ByteRange> = Vec::with_capacity(v.len());
-    for r in v {
-        match out.last_mut() {
-            Some(m) if m.end() == r.offset => m.len += r.len,
-            _ => out.push(r),
-        }
-    }
-    out
 }
 
 impl BlockDevice for Overlay {
     fn size(&self) -> u64 {
-        self.store.size()
+        self.size
     }
 
     fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
@@ -353,24 +515,29 @@ impl BlockDevice for Overlay {
     }
 
     fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
-        let bs = self.store.block_size();
         let mut out: Vec<Extent> = Vec::new();
         let mut push = |e: Extent| match out.last_mut() {
             Some(last) if last.zero == e.zero => last.len += e.len,
             _ => out.push(e),
         };
-        for (BlockIndex(b), piece) in bs.split(r, self.store.size()) {
-            match self.store.state(b) {
-                BlockState::Zero => push(Extent {
-                    len: piece.len,
+        let (p0, p1) = pages_of(r);
+        for (first, count, piece) in self.store.lookup(p0, p1) {
+            let run = ByteRange {
+                offset: first * PAGE,
+                len: ((first + count) * PAGE).min(self.size) - first * PAGE,
+            };
+            let part = run.intersect(&r).expect("run of covering pages meets r");
+            match piece {
+                Piece::Zero => push(Extent {
+                    len: part.len,
                     zero: true,
                 }),
-                BlockState::Present => push(Extent {
-                    len: piece.len,
+                Piece::Data(_) => push(Extent {
+                    len: part.len,
                     zero: false,
                 }),
-                BlockState::Missing => {
-                    for e in self.base.extents(piece)? {
+                Piece::Base => {
+                    for e in self.base.extents(part)? {
                         push(e);
                     }
                 }
@@ -380,11 +547,8 @@ impl BlockDevice for Overlay {
     }
 
     fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
-        let bs = self.store.block_size();
-        if bs
-            .covering(r)
-            .all(|b| self.store.state(b) == BlockState::Missing)
-        {
+        let (p0, p1) = pages_of(r);
+        if !self.store.holds_any(p0, p1) {
             return self.base.read_now(r);
         }
         match self.assemble(r, &mut |p| self.base.read_now(p)) {
@@ -394,10 +558,16 @@ impl BlockDevice for Overlay {
     }
 
     fn prefetch(&self, r: ByteRange) {
-        let bs = self.store.block_size();
-        for (BlockIndex(b), piece) in bs.split(r, self.store.size()) {
-            if self.store.state(b) == BlockState::Missing {
-                self.base.prefetch(piece);
+        let (p0, p1) = pages_of(r);
+        for (first, count, piece) in self.store.lookup(p0, p1) {
+            if piece == Piece::Base {
+                let run = ByteRange {
+                    offset: first * PAGE,
+                    len: ((first + count) * PAGE).min(self.size) - first * PAGE,
+                };
+                if let Some(part) = run.intersect(&r) {
+                    self.base.prefetch(part);
+                }
             }
         }
     }
@@ -409,32 +579,20 @@ impl BlockDevice for Overlay {
 
 impl Writable for Overlay {
     fn write_now(&self, offset: u64, data: &[u8], fua: bool) -> Option<Result<()>> {
-        if fua {
+        if fua || data.is_empty() {
             return None; // a sync does not belong on the request loop
         }
-        let bs = self.store.block_size();
         let r = ByteRange {
             offset,
             len: data.len() as u64,
         };
-        for (BlockIndex(b), piece) in bs.split(r, self.store.size()) {
-            let src = &data[(piece.offset - offset) as usize..(piece.end() - offset) as usize];
-            // Giving up half way is fine: the slow path writes the same
-            // bytes again, and overlapping in-flight writes are unordered.
-            let _g = self.stripe(b).try_lock().ok()?;
-            let base = if self.needs_base(b, piece) {
-                match self.base.read_now(self.store.block_range(b))? {
-                    Ok(rd) => Some(rd),
-                    Err(e) => return Some(Err(e)),
-                }
-            } else {
-                None
-            };
-            if let Err(e) = self.write_block(b, piece, src, false, base) {
-                return Some(Err(e));
-            }
+        let (p0, p1) = pages_of(r);
+        let _g = self.try_lock_pages(p0, p1)?;
+        let mut base = |q: ByteRange| self.base.read_now(q);
+        match self.whole_pages(offset, data, &mut |p| self.page_now(p, &mut base))? {
+            Ok(buf) => Some(self.store.write(p0, &buf, false)),
+            Err(e) => Some(Err(e)),
         }
-        Some(Ok(()))
     }
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<()>> {
@@ -449,7 +607,7 @@ impl Writable for Overlay {
 
     fn trim(&self, r: ByteRange, fua: bool) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            // TRIM is advisory; dropping whole blocks is enough.
+            // TRIM is advisory; dropping whole pages is enough.
             self.zero_impl(r, false, false).await?;
             if fua {
                 self.sync().await?;
@@ -460,15 +618,14 @@ impl Writable for Overlay {
 
     fn write_zeroes(&self, r: ByteRange, f: ZeroFlags) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let bs = self.store.block_size().bytes();
-            let aligned = r.offset % bs == 0 && (r.end() % bs == 0 || r.end() == self.store.size());
+            let aligned = r.offset % PAGE == 0 && (r.end() % PAGE == 0 || r.end() == self.size);
             if f.fast && (!aligned || f.no_hole) {
-                // Partial blocks need the base block, NO_HOLE needs the
+                // Partial pages need the page's bytes, NO_HOLE needs the
                 // zeroes written: neither is fast. The client asked to be
                 // told instead of waiting.
                 return Err(Error::new(
                     ErrorKind::Unsupported,
-                    "fast zero needs a block-aligned range without NO_HOLE",
+                    "fast zero needs a page-aligned range without NO_HOLE",
                 ));
             }
             self.zero_impl(r, true, f.no_hole).await?;

@@ -9,10 +9,19 @@
 //!  state: 0 = missing, 1 = present (data file holds it, CRCs valid),
 //!         2 = zero (all zero bytes; nothing stored)
 //!  slots: 1 for the cache (blocks are written once, then immutable);
-//!         2 for overlays (current + previous CRC, so a page rewritten in
-//!         place is valid as either its old or its new content while the
-//!         write is under way; see `BlockStore::overwrite`).
+//!         2 in version-1 overlays (read only, to migrate them).
+//!  header: magic "LAZYBDM1", version u32 (2), block size u32, image size
+//!         u64, identity hash u64, blocks u64, slots u32, crc32 of 0..44
+//!         (version 1 had no crc).
 //! ```
+//!
+//! The file is sparse: a page of it gets disk blocks (fallocate) when the
+//! first block it describes is published, so metadata grows with what is
+//! cached, not with the image (a 1 TiB image's map is 1 GiB of address
+//! space and a few KiB on disk until blocks arrive). Allocation is an
+//! ordinary error on a full disk; a store into a hole of a shared mapping
+//! would be SIGBUS. Counts of present and zero blocks are kept as they
+//! change, so listings and metrics never scan the map.
 //!
 //! Publication rule: a block's data is written to the data file and its page
 //! CRCs stored *before* its state becomes present (Release); readers load the
@@ -23,7 +32,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use memmap2::MmapMut;
 
@@ -31,9 +40,11 @@ use crate::block::{BlockIndex, BlockSize, PAGE};
 use crate::error::{Error, ErrorKind, Result};
 
 const MAGIC: &[u8; 8] = b"LAZYBDM1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER: u64 = 4096;
-const HEADER_FIELDS: usize = 44;
+const HEADER_FIELDS: usize = 48;
+/// Bytes of a map page (the allocation unit).
+const MAP_PAGE: u64 = 4096;
 
 /// What the cache knows about one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,32 +99,68 @@ impl Geometry {
         h[24..32].copy_from_slice(&self.identity_hash.to_le_bytes());
         h[32..40].copy_from_slice(&self.blocks().to_le_bytes());
         h[40..44].copy_from_slice(&self.crc_slots.to_le_bytes());
+        let crc = crc32fast::hash(&h[..44]);
+        h[44..48].copy_from_slice(&crc.to_le_bytes());
         h
     }
 
-    /// Parse a header; `None` if it is not a lazybd map of this version.
-    pub fn decode(h: &[u8]) -> Option<Geometry> {
+    /// Parse a header of version 1 or 2 (checksum checked); the error
+    /// says what is wrong, for the warning or refusal that names the file.
+    pub fn decode_versioned(h: &[u8]) -> std::result::Result<(Geometry, u32), String> {
         if h.len() < HEADER_FIELDS || &h[..8] != MAGIC {
-            return None;
+            return Err("not a lazybd block map (bad magic)".into());
         }
         let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap_or_default());
         let u64_at = |o: usize| u64::from_le_bytes(h[o..o + 8].try_into().unwrap_or_default());
-        if u32_at(8) != VERSION {
-            return None;
+        let version = u32_at(8);
+        if version > VERSION {
+            return Err(format!(
+                "format version {version}, written by a newer lazybd (this one reads up to {VERSION})"
+            ));
+        }
+        if version == 0 {
+            return Err("format version 0".into());
+        }
+        if version >= 2 {
+            let (stored, computed) = (u32_at(44), crc32fast::hash(&h[..44]));
+            if stored != computed {
+                return Err(format!(
+                    "header checksum mismatch (stored {stored:08x}, computed {computed:08x})"
+                ));
+            }
         }
         let g = Geometry {
-            block_size: BlockSize::new(u32_at(12) as u64).ok()?,
+            block_size: BlockSize::new(u32_at(12) as u64)
+                .map_err(|_| format!("invalid block size {}", u32_at(12)))?,
             image_size: u64_at(16),
             identity_hash: u64_at(24),
             crc_slots: u32_at(40),
         };
-        (u64_at(32) == g.blocks() && matches!(g.crc_slots, 1 | 2)).then_some(g)
+        if u64_at(32) != g.blocks() || !matches!(g.crc_slots, 1 | 2) {
+            return Err("inconsistent header fields".into());
+        }
+        Ok((g, version))
+    }
+
+    /// Parse a current-version header; `None` if it is anything else.
+    pub fn decode(h: &[u8]) -> Option<Geometry> {
+        match Self::decode_versioned(h) {
+            Ok((g, VERSION)) => Some(g),
+            _ => None,
+        }
     }
 }
 
 pub struct BlockMap {
-    /// Kept for flock and msync; the mapping keeps its own reference.
+    /// Kept for fallocate and msync; the mapping keeps its own reference.
     file: File,
+    /// One bit per map page: it has disk blocks (see the module docs).
+    allocated: Vec<AtomicU64>,
+    /// Serialises allocation (see `ensure_bytes`).
+    allocating: std::sync::Mutex<()>,
+    /// Blocks in each state, kept as states change.
+    present: AtomicU64,
+    zero: AtomicU64,
     map: MmapMut,
     geometry: Geometry,
     blocks: u64,
@@ -124,8 +171,10 @@ pub struct BlockMap {
 
 impl BlockMap {
     /// Open the map at `path` if its header matches `geometry`; otherwise
-    /// (missing, damaged, other image) create a fresh, all-missing one.
-    /// Returns the map and whether it was (re)created.
+    /// (missing, damaged, older or newer, other image) create a fresh,
+    /// all-missing one, with a warning naming the file and why: only the
+    /// cache uses this, and its blocks can be fetched again. Returns the
+    /// map and whether it was (re)created.
     pub fn open_or_create(path: &Path, geometry: Geometry) -> Result<(BlockMap, bool)> {
         let ctx = || format!("opening cache map {}", path.display());
         let file = OpenOptions::new()
@@ -137,11 +186,25 @@ impl BlockMap {
             .map_err(|e| Error::io(ctx(), e))?;
         let len = file.metadata().map_err(|e| Error::io(ctx(), e))?.len();
         let mut fresh = true;
-        if len == geometry.file_len() {
+        if len > 0 {
             let mut h = [0u8; HEADER_FIELDS];
             use std::os::unix::fs::FileExt;
-            if file.read_exact_at(&mut h, 0).is_ok() && Geometry::decode(&h) == Some(geometry) {
+            let why = match file.read_exact_at(&mut h, 0) {
+                Err(e) => format!("unreadable header ({e})"),
+                Ok(()) => match Geometry::decode_versioned(&h) {
+                    Ok((g, VERSION)) if g == geometry && len == geometry.file_len() => {
+                        String::new()
+                    }
+                    Ok((_, VERSION)) => "made for another image or block size".into(),
+                    Ok((_, v)) => format!("format version {v} (now {VERSION})"),
+                    Err(e) => e,
+                },
+            };
+            if why.is_empty() {
                 fresh = false;
+            } else {
+                tracing::warn!(map = %path.display(), reason = %why,
+                    "cache map cannot be reused: rebuilding it empty (cached blocks will be fetched again)");
             }
         }
         if fresh {
@@ -156,9 +219,10 @@ impl BlockMap {
         Ok((Self::map(file, geometry, path)?, fresh))
     }
 
-    /// Open an existing map, taking its geometry from its header.
+    /// Open an existing map of version 1 or 2, taking its geometry from
+    /// its header; anything else is refused with an error naming the file.
     pub fn open_existing(path: &Path) -> Result<BlockMap> {
-        let ctx = || format!("opening cache map {}", path.display());
+        let ctx = || format!("opening block map {}", path.display());
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -166,14 +230,11 @@ impl BlockMap {
             .map_err(|e| Error::io(ctx(), e))?;
         let mut h = [0u8; HEADER_FIELDS];
         use std::os::unix::fs::FileExt;
+        // A version-1 header is 44 bytes; reading 48 is always in the file.
         file.read_exact_at(&mut h, 0)
             .map_err(|e| Error::io(ctx(), e))?;
-        let g = Geometry::decode(&h).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Corrupt,
-                format!("{}: not a lazybd cache map", path.display()),
-            )
-        })?;
+        let (g, _) = Geometry::decode_versioned(&h)
+            .map_err(|why| Error::new(ErrorKind::Corrupt, format!("{}: {why}", path.display())))?;
         let len = file.metadata().map_err(|e| Error::io(ctx(), e))?.len();
         if len != g.file_len() {
             return Err(Error::new(
@@ -185,43 +246,112 @@ impl BlockMap {
     }
 
     fn map(file: File, geometry: Geometry, path: &Path) -> Result<BlockMap> {
-        // Every page of the mapping gets its disk blocks now: a store into
-        // a sparse hole of a shared mapping on a full disk is SIGBUS, which
-        // would kill every VM's server; ENOSPC here is an ordinary error.
-        use std::os::unix::io::AsRawFd;
         let len = geometry.file_len();
-        // SAFETY: fallocate on an open descriptor we own, within its length;
-        // no memory is passed.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            // File systems without fallocate keep the old behaviour.
-            if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(Error::io(
-                    format!(
-                        "allocating {len} bytes for the block map {}",
-                        path.display()
-                    ),
-                    e,
-                ));
+        let map_pages = len.div_ceil(MAP_PAGE);
+        let allocated: Vec<AtomicU64> = (0..map_pages.div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        for (s, e) in data_extents(&file, len)
+            .map_err(|e| Error::io(format!("reading the extents of {}", path.display()), e))?
+        {
+            for p in s / MAP_PAGE..e.div_ceil(MAP_PAGE) {
+                allocated[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
             }
         }
         // SAFETY: the map file is private to this cache directory and held
         // under an exclusive flock by the serving process; it is never
         // truncated while mapped. All access after this point goes through
         // atomics (see `states` / `crcs`), so concurrent readers and writers
-        // of the mapping are data-race free.
+        // of the mapping are data-race free. Stores only go to pages that
+        // were allocated first (`ensure_blocks`), so a full disk cannot
+        // turn a store into SIGBUS.
         let map = unsafe { MmapMut::map_mut(&file) }
             .map_err(|e| Error::io(format!("mapping {}", path.display()), e))?;
-        Ok(BlockMap {
+        let m = BlockMap {
             blocks: geometry.blocks(),
             pages: geometry.pages(),
             crc_offset: geometry.crc_offset() as usize,
             slots: geometry.crc_slots as usize,
             file,
+            allocated,
+            allocating: std::sync::Mutex::new(()),
+            present: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
             map,
             geometry,
-        })
+        };
+        // Count only the allocated pages of the state region: holes are
+        // all missing.
+        let (mut present, mut zero) = (0, 0);
+        let states = m.states();
+        let first = HEADER / MAP_PAGE;
+        let last = (HEADER + m.blocks).div_ceil(MAP_PAGE);
+        for p in first..last {
+            if !m.is_allocated(p) {
+                continue;
+            }
+            let s = ((p * MAP_PAGE).max(HEADER) - HEADER) as usize;
+            let e = (((p + 1) * MAP_PAGE - HEADER) as usize).min(m.blocks as usize);
+            for st in &states[s..e] {
+                match BlockState::from_u8(st.load(Ordering::Relaxed)) {
+                    BlockState::Present => present += 1,
+                    BlockState::Zero => zero += 1,
+                    BlockState::Missing => {}
+                }
+            }
+        }
+        m.present.store(present, Ordering::Relaxed);
+        m.zero.store(zero, Ordering::Relaxed);
+        Ok(m)
+    }
+
+    fn is_allocated(&self, map_page: u64) -> bool {
+        self.allocated[(map_page / 64) as usize].load(Ordering::Relaxed) & (1 << (map_page % 64))
+            != 0
+    }
+
+    /// Give disk blocks to the map pages of `[s, e)` (byte offsets in the
+    /// map file) that have none yet.
+    fn ensure_bytes(&self, s: u64, e: u64) -> Result<()> {
+        for p in s / MAP_PAGE..e.div_ceil(MAP_PAGE) {
+            if self.is_allocated(p) {
+                continue;
+            }
+            // Under the lock, and checked again: zeroes written over a page
+            // another thread has allocated and stored to would erase it.
+            let _g = self.allocating.lock().expect("allocation lock");
+            if self.is_allocated(p) {
+                continue;
+            }
+            // Never past the end: that would change the file's length.
+            let n = MAP_PAGE.min(self.geometry.file_len() - p * MAP_PAGE);
+            allocate(&self.file, p * MAP_PAGE, n).map_err(|err| {
+                Error::io(
+                    format!("allocating block map space at {}", p * MAP_PAGE),
+                    err,
+                )
+            })?;
+            self.allocated[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Before publishing blocks `[b0, b1)`: make sure the map pages holding
+    /// their state bytes and page CRCs have disk blocks. ENOSPC here is an
+    /// ordinary error (the blocks are served uncached).
+    pub fn ensure_blocks(&self, b0: u64, b1: u64) -> Result<()> {
+        if b0 >= b1 {
+            return Ok(());
+        }
+        self.ensure_bytes(HEADER + b0, HEADER + b1)?;
+        let bs = self.geometry.block_size.bytes();
+        let p0 = b0 * bs / PAGE;
+        let p1 = ((b1 * bs).min(self.geometry.image_size)).div_ceil(PAGE);
+        let w = 4 * self.slots as u64;
+        self.ensure_bytes(
+            self.crc_offset as u64 + p0 * w,
+            self.crc_offset as u64 + p1 * w,
+        )
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -258,35 +388,89 @@ impl BlockMap {
         }
     }
 
+    /// Is the map page holding block `b`'s state backed by disk blocks?
+    /// Unbacked pages are never touched through the mapping, not even
+    /// read: on tmpfs a read fault allocates, and on a full file system
+    /// that is SIGBUS. Their blocks are all missing.
+    fn state_backed(&self, b: BlockIndex) -> bool {
+        self.is_allocated((HEADER + b.0) / MAP_PAGE)
+    }
+
     pub fn state(&self, b: BlockIndex) -> BlockState {
+        if !self.state_backed(b) {
+            return BlockState::Missing;
+        }
         BlockState::from_u8(self.states()[b.0 as usize].load(Ordering::Acquire))
     }
 
     /// Publish a block's state. For `Present`, the caller MUST have written
-    /// the block's data and stored its page CRCs first.
+    /// the block's data and stored its page CRCs first; for any state but
+    /// `Missing`, the caller MUST have called [`BlockMap::ensure_blocks`].
     pub fn set_state(&self, b: BlockIndex, s: BlockState) {
-        self.states()[b.0 as usize].store(s as u8, Ordering::Release);
+        if !self.state_backed(b) {
+            // Only `Missing` may be stored without `ensure_blocks`, and an
+            // unbacked block is missing already.
+            debug_assert_eq!(s, BlockState::Missing);
+            return;
+        }
+        let old = self.states()[b.0 as usize].swap(s as u8, Ordering::AcqRel);
+        self.count(BlockState::from_u8(old), s);
+    }
+
+    fn count(&self, from: BlockState, to: BlockState) {
+        if from == to {
+            return;
+        }
+        for (st, d) in [(from, u64::MAX), (to, 1)] {
+            match st {
+                BlockState::Present => self.present.fetch_add(d, Ordering::Relaxed),
+                BlockState::Zero => self.zero.fetch_add(d, Ordering::Relaxed),
+                BlockState::Missing => 0,
+            };
+        }
     }
 
     /// Move `b` from `from` to `to` only if it is still `from`.
     pub fn transition(&self, b: BlockIndex, from: BlockState, to: BlockState) -> bool {
-        self.states()[b.0 as usize]
+        if !self.state_backed(b) {
+            debug_assert_eq!(to, BlockState::Missing);
+            return false;
+        }
+        let ok = self.states()[b.0 as usize]
             .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+            .is_ok();
+        if ok {
+            self.count(from, to);
+        }
+        ok
     }
 
     /// Raw state byte (for verification of damaged maps).
     pub fn raw_state(&self, b: BlockIndex) -> u8 {
+        if !self.state_backed(b) {
+            return 0;
+        }
         self.states()[b.0 as usize].load(Ordering::Acquire)
     }
 
     /// The current CRC of a page.
+    fn crc_backed(&self, page: u64) -> bool {
+        self.is_allocated((self.crc_offset as u64 + page * 4 * self.slots as u64) / MAP_PAGE)
+    }
+
     pub fn page_crc(&self, page: u64) -> u32 {
+        if !self.crc_backed(page) {
+            return 0;
+        }
         self.crcs()[page as usize * self.slots].load(Ordering::Relaxed)
     }
 
     /// Does `crc` match the page's current (or, with two slots, previous) CRC?
+    /// A page whose CRC was never recorded matches nothing.
     pub fn page_matches(&self, page: u64, crc: u32) -> bool {
+        if !self.crc_backed(page) {
+            return false;
+        }
         let c = self.crcs();
         let i = page as usize * self.slots;
         c[i].load(Ordering::Relaxed) == crc
@@ -302,29 +486,12 @@ impl BlockMap {
         }
     }
 
-    /// Before rewriting a page in place: keep its current CRC as previous and
-    /// make `crc` current, so the page verifies as either version until the
-    /// write lands. Needs two slots.
-    pub fn rotate_page_crc(&self, page: u64, crc: u32) {
-        debug_assert_eq!(self.slots, 2);
-        let c = self.crcs();
-        let i = page as usize * self.slots;
-        c[i + 1].store(c[i].load(Ordering::Relaxed), Ordering::Relaxed);
-        c[i].store(crc, Ordering::Relaxed);
-    }
-
-    /// (present, zero) block counts.
+    /// (present, zero) block counts: counters, not a scan.
     pub fn counts(&self) -> (u64, u64) {
-        let mut present = 0;
-        let mut zero = 0;
-        for s in self.states() {
-            match BlockState::from_u8(s.load(Ordering::Relaxed)) {
-                BlockState::Present => present += 1,
-                BlockState::Zero => zero += 1,
-                BlockState::Missing => {}
-            }
-        }
-        (present, zero)
+        (
+            self.present.load(Ordering::Relaxed),
+            self.zero.load(Ordering::Relaxed),
+        )
     }
 
     /// Write dirty metadata pages back to the file (msync).
@@ -333,6 +500,52 @@ impl BlockMap {
             .flush()
             .map_err(|e| Error::io("flushing cache map", e))
     }
+}
+
+/// Give `[off, off + len)` of `file` disk blocks by writing zeroes over
+/// it. The caller guarantees the range is a hole (reads as zeroes) or was
+/// never stored to. Not fallocate: ext4 turns a store through a mapping
+/// into an unwritten (fallocated) extent into a zero-out of up to a
+/// megabyte around it, so a sparse map would fill up anyway.
+fn allocate(file: &File, off: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const ZEROS: [u8; MAP_PAGE as usize] = [0; MAP_PAGE as usize];
+    let mut at = off;
+    while at < off + len {
+        let n = (off + len - at).min(MAP_PAGE);
+        file.write_all_at(&ZEROS[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// The data (non-hole) extents of `file` below `len`, by SEEK_DATA /
+/// SEEK_HOLE; the whole file where those are not supported.
+fn data_extents(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    while at < len {
+        // SAFETY: lseek on an owned descriptor; no memory is passed.
+        let d = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if d < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(out),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(vec![(0, len)]),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: as above.
+        let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+        if h < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        out.push((d as u64, (h as u64).min(len)));
+        at = h as u64;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -369,6 +582,7 @@ mod tests {
             let mut model_c = vec![0u32; pages as usize];
             let (mut m, fresh) = BlockMap::open_or_create(&path, g).unwrap();
             prop_assert!(fresh);
+            m.ensure_blocks(0, blocks).unwrap();
             for o in ops {
                 match o {
                     Op::SetState(b, s) => {
@@ -426,26 +640,92 @@ mod tests {
     }
 
     #[test]
-    fn two_slots_accept_old_and_new_during_a_rewrite() {
+    fn the_map_is_sparse_until_blocks_arrive() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let g = Geometry {
+            block_size: BlockSize::DEFAULT,
+            image_size: 1 << 40,
+            identity_hash: 1,
+            crc_slots: 1,
+        };
+        let t = std::time::Instant::now();
+        let (m, _) = BlockMap::open_or_create(&path, g).unwrap();
+        let disk = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+        assert!(
+            disk(&path) <= 64 << 10,
+            "untouched 1 TiB map uses {} bytes",
+            disk(&path)
+        );
+        assert_eq!(m.counts(), (0, 0));
+        // 1024 blocks spread over the image.
+        for i in 0..1024u64 {
+            let b = i * 16_381 % m.blocks();
+            m.ensure_blocks(b, b + 1).unwrap();
+            for p in b * 16..b * 16 + 16 {
+                m.set_page_crc(p, 7);
+            }
+            m.set_state(BlockIndex(b), BlockState::Present);
+        }
+        assert_eq!(m.counts(), (1024, 0));
+        assert!(
+            disk(&path) <= 16 << 20,
+            "{} bytes for 1024 blocks",
+            disk(&path)
+        );
+        drop(m);
+        let (m, fresh) = BlockMap::open_or_create(&path, g).unwrap();
+        assert!(!fresh);
+        assert_eq!(
+            m.counts(),
+            (1024, 0),
+            "counted again from the allocated pages"
+        );
+        assert!(
+            disk(&path) <= 16 << 20,
+            "{} bytes for 1024 blocks",
+            disk(&path)
+        );
+        // Opening a 1 TiB map is quick (no scan of holes, no preallocation).
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        m.set_state(BlockIndex(16_381), BlockState::Missing);
+        assert_eq!(m.counts(), (1023, 0));
+    }
+
+    #[test]
+    fn a_map_of_another_version_or_damaged_is_rebuilt_and_old_ones_still_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meta");
         let g = Geometry {
             block_size: BlockSize::DEFAULT,
             image_size: 1 << 20,
             identity_hash: 1,
-            crc_slots: 2,
+            crc_slots: 1,
         };
         let (m, _) = BlockMap::open_or_create(&path, g).unwrap();
-        m.set_page_crc(5, 111);
-        assert!(m.page_matches(5, 111) && !m.page_matches(5, 222));
-        m.rotate_page_crc(5, 222);
-        assert!(m.page_matches(5, 111) && m.page_matches(5, 222));
-        m.rotate_page_crc(5, 333);
-        assert!(!m.page_matches(5, 111) && m.page_matches(5, 222) && m.page_matches(5, 333));
-        assert!(!m.page_matches(4, 111) && !m.page_matches(6, 222));
-        // A one-slot map of the same image is a different geometry.
+        m.ensure_blocks(0, 1).unwrap();
+        m.set_state(BlockIndex(0), BlockState::Present);
         drop(m);
-        let (_, fresh) = BlockMap::open_or_create(&path, Geometry { crc_slots: 1, ..g }).unwrap();
+        use std::os::unix::fs::FileExt;
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        // A version-1 header (no checksum) is readable for migration...
+        f.write_all_at(&1u32.to_le_bytes(), 8).unwrap();
+        let old = BlockMap::open_existing(&path).unwrap();
+        assert_eq!(old.state(BlockIndex(0)), BlockState::Present);
+        drop(old);
+        // ...and a newer one is refused by name.
+        f.write_all_at(&9u32.to_le_bytes(), 8).unwrap();
+        let e = BlockMap::open_existing(&path).err().unwrap().to_string();
+        assert!(e.contains("newer lazybd") && e.contains("meta"), "{e}");
+        // The cache rebuilds either (with a warning).
+        let (m, fresh) = BlockMap::open_or_create(&path, g).unwrap();
         assert!(fresh);
+        assert_eq!(m.state(BlockIndex(0)), BlockState::Missing);
+        drop(m);
+        // A flipped header bit is caught by the checksum.
+        f.write_all_at(&[0x40], 20).unwrap();
+        let e = BlockMap::open_existing(&path).err().unwrap().to_string();
+        assert!(e.contains("checksum"), "{e}");
     }
 }

@@ -1,8 +1,12 @@
-//! The block store shared by the cache and the copy-on-write overlays: a
-//! sparse data file at image offsets plus a [`map::BlockMap`] (state per
-//! block, CRC per 4 KiB page). It knows how to read verified bytes and how to
-//! publish written blocks in crash-safe order; *what* a block means (fetched
-//! from an origin, written by a client) is the caller's business.
+//! The cache's block store: a sparse data file at image offsets plus a
+//! [`map::BlockMap`] (state per block, CRC per 4 KiB page). It knows how to
+//! read verified bytes and how to publish fetched blocks in crash-safe
+//! order. Blocks are written once and never rewritten in place, which is
+//! what makes a CRC per page enough: a power cut can only lose a block
+//! (it reads as a miss and is fetched again), never make it wrong.
+//! Overlays, whose pages are rewritten, have their own store
+//! (`overlay::store`); version-1 overlays used this one with two CRC slots,
+//! and `overlay::migrate` still reads them through [`map::BlockMap`].
 
 pub mod map;
 
@@ -62,7 +66,8 @@ pub fn is_zero(data: &[u8]) -> bool {
 
 impl BlockStore {
     /// Open `meta` and `data` in `dir` for `geometry`. A map whose header
-    /// does not match is rebuilt empty and the data file emptied with it.
+    /// does not match is rebuilt empty (with a warning) and the data file
+    /// emptied with it: this is the cache, whose blocks can be refetched.
     /// Returns the store and whether it started empty.
     pub fn open(dir: &Path, geometry: Geometry) -> Result<(BlockStore, bool)> {
         let (map, fresh) = BlockMap::open_or_create(&dir.join("meta"), geometry)?;
@@ -199,6 +204,9 @@ impl BlockStore {
         let is_zero = |d: &[u8]| !keep_zeros && is_zero(d);
         let base = first * self.bs.bytes();
         let count = self.bs.count(base + bytes.len() as u64) - first;
+        // The map's pages for these blocks get disk space first: a full
+        // disk fails here, before anything is written.
+        self.map.ensure_blocks(first, first + count)?;
         let mut counts = PublishCounts::default();
         let slice = |b: u64| {
             let br = self.block_range(b);
@@ -235,57 +243,6 @@ impl BlockStore {
             b = e;
         }
         Ok(counts)
-    }
-
-    /// Rewrite part of present blocks in place (two CRC slots needed). Each
-    /// touched page's CRC is rotated (old content stays valid as
-    /// "previous") before the bytes are written, so a kill at any moment
-    /// leaves every page verifiable as its old or its new content. Edge
-    /// pages are completed from the current data. The caller serialises
-    /// writers of the same blocks.
-    pub fn overwrite(&self, offset: u64, data: &[u8]) -> Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        let end = offset + data.len() as u64;
-        let ps = offset / PAGE * PAGE;
-        let pe = end.div_ceil(PAGE).saturating_mul(PAGE).min(self.size);
-        if offset == ps && end == pe {
-            // Whole pages (the common 4K guest write): hash the payload
-            // itself, no copy and no read-back.
-            for (i, p) in data.chunks(PAGE as usize).enumerate() {
-                self.map
-                    .rotate_page_crc(ps / PAGE + i as u64, crc32fast::hash(p));
-            }
-            return self
-                .data
-                .write_all_at(data, offset)
-                .map_err(|e| Error::io(format!("writing store data at {offset}"), e));
-        }
-        let mut page = vec![0u8; (pe - ps) as usize];
-        let read_err = |e| Error::io(format!("reading store data at {ps}"), e);
-        // Only partial edge pages need their current bytes.
-        let first_len = PAGE.min(self.size - ps);
-        if offset > ps || end < ps + first_len {
-            self.data
-                .read_exact_at(&mut page[..first_len as usize], ps)
-                .map_err(read_err)?;
-        }
-        let last = (pe - 1) / PAGE * PAGE;
-        if last != ps && end < pe {
-            self.data
-                .read_exact_at(&mut page[(last - ps) as usize..], last)
-                .map_err(read_err)?;
-        }
-        let s = (offset - ps) as usize;
-        page[s..s + data.len()].copy_from_slice(data);
-        for (i, p) in page.chunks(PAGE as usize).enumerate() {
-            self.map
-                .rotate_page_crc(ps / PAGE + i as u64, crc32fast::hash(p));
-        }
-        self.data
-            .write_all_at(data, offset)
-            .map_err(|e| Error::io(format!("writing store data at {offset}"), e))
     }
 
     /// Make data and map durable (fdatasync + msync), data first: a map

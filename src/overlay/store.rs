@@ -1,0 +1,942 @@
+//! The overlay's page store: guest pages written to fresh slots of `pages`,
+//! their locations appended to `journal`, an in-memory map rebuilt from
+//! the journal at open. Metadata and data grow with what the guest wrote,
+//! never with the image's virtual size.
+//!
+//! Crash contract (RELIABILITY.md): after `kill -9` or a power cut at any
+//! moment, every write acknowledged before the last completed flush reads
+//! back exactly; every page written since reads as one of the contents it
+//! held since that flush; nothing reads as EIO or as bytes nobody wrote.
+//!
+//! How the format keeps it, without a second copy of the data:
+//!
+//! * **A write never overwrites a slot anyone could fall back to.** Each
+//!   write goes to a free slot, then its record is appended. The slot it
+//!   replaces is only reusable once a flush has made the replacement
+//!   durable (`pending_free`). So the previous content of every page is
+//!   intact until the journal no longer needs it.
+//! * **A flush** captures the journal end `x`, syncs `pages` (so every
+//!   record before `x` points at durable bytes), appends `Flush{x}` and
+//!   syncs the journal.
+//! * **Replay** trusts the records before the last flush marker's `x`
+//!   (their data was synced before the marker was written) and verifies
+//!   every later record's page against its CRC, keeping the last one per
+//!   page that verifies. A record lost or torn is skipped; its page keeps
+//!   an earlier content, which the rule above kept intact.
+//! * **Open** syncs what replay rebuilt (data, then journal) before
+//!   anything is written, and compacts the journal when it has a tail or
+//!   has grown well past the map: the new journal is written beside the
+//!   old one and renamed over it.
+//! * **A failed sync poisons the store**: Linux may have dropped the pages
+//!   it failed to write and marked them clean, so no later sync can vouch
+//!   for them; writes fail until the overlay is opened again.
+//!
+//! Rejected: rewriting pages in place with two CRC slots (the previous
+//! format). A torn or lost rewrite of a page left it matching neither CRC,
+//! and mmap'd CRCs could reach the disk before the data they describe:
+//! EIO forever on a page of a VM's disk. Also rejected: a write-ahead log
+//! with checkpoints (every byte written twice).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use crate::block::PAGE;
+use crate::error::{Error, ErrorKind, Result};
+
+use super::disk::{read_full, Dir, DiskFile};
+use super::format::{
+    Header, HeaderError, Record, JOURNAL_MAGIC, PAGES_MAGIC, RECORD, RECORDS_START,
+};
+
+pub const JOURNAL: &str = "journal";
+pub const PAGES: &str = "pages";
+const JOURNAL_NEW: &str = "journal.new";
+
+/// What the map holds for a run of pages (absent: the base).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Data { slot: u64, crc: u32 },
+    Zero,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ext {
+    len: u64,
+    kind: Kind,
+}
+
+/// Page -> location, as non-overlapping extents keyed by first page.
+/// Data extents are one page long; zero extents any length.
+#[derive(Default)]
+struct PageMap {
+    ext: BTreeMap<u64, Ext>,
+    data_pages: u64,
+}
+
+impl PageMap {
+    /// Set `[first, first + len)` to `kind`; returns the slots no longer
+    /// referenced.
+    fn set(&mut self, first: u64, len: u64, kind: Option<Kind>) -> Vec<u64> {
+        let end = first + len;
+        let mut freed = Vec::new();
+        let mut hit: Vec<u64> = Vec::new();
+        if let Some((&k, e)) = self.ext.range(..first).next_back() {
+            if k + e.len > first {
+                hit.push(k);
+            }
+        }
+        hit.extend(self.ext.range(first..end).map(|(&k, _)| k));
+        for k in hit {
+            let e = self.ext.remove(&k).expect("extent found above");
+            match e.kind {
+                Kind::Data { slot, .. } => {
+                    freed.push(slot);
+                    self.data_pages -= 1;
+                }
+                Kind::Zero => {
+                    if k < first {
+                        self.ext.insert(
+                            k,
+                            Ext {
+                                len: first - k,
+                                kind: Kind::Zero,
+                            },
+                        );
+                    }
+                    if k + e.len > end {
+                        self.ext.insert(
+                            end,
+                            Ext {
+                                len: k + e.len - end,
+                                kind: Kind::Zero,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(kind) = kind {
+            debug_assert!(len == 1 || kind == Kind::Zero);
+            if matches!(kind, Kind::Data { .. }) {
+                self.data_pages += 1;
+            }
+            self.ext.insert(first, Ext { len, kind });
+        }
+        freed
+    }
+
+    /// Runs covering `[first, end)`, base runs included.
+    fn runs(&self, first: u64, end: u64) -> Vec<(u64, u64, Option<Kind>)> {
+        let mut out = Vec::new();
+        let mut at = first;
+        let push = |s: u64, e: u64, k: Option<Kind>, out: &mut Vec<(u64, u64, Option<Kind>)>| {
+            if s < e {
+                out.push((s, e - s, k));
+            }
+        };
+        let start_key = match self.ext.range(..=first).next_back() {
+            Some((&k, e)) if k + e.len > first => k,
+            _ => first,
+        };
+        for (&k, e) in self.ext.range(start_key..end) {
+            let s = k.max(first);
+            push(at, s, None, &mut out);
+            let e_end = (k + e.len).min(end);
+            push(s, e_end, Some(e.kind), &mut out);
+            at = e_end;
+        }
+        push(at, end, None, &mut out);
+        out
+    }
+
+    fn any_in(&self, first: u64, end: u64) -> bool {
+        if let Some((&k, e)) = self.ext.range(..=first).next_back() {
+            if k + e.len > first {
+                return true;
+            }
+        }
+        self.ext.range(first..end).next().is_some()
+    }
+}
+
+/// A piece of a lookup: pages `[first, first + count)` and where they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    Base,
+    Zero,
+    /// One (slot, crc) per page.
+    Data(Vec<(u64, u32)>),
+}
+
+struct State {
+    journal: Arc<dyn DiskFile>,
+    generation: u64,
+    log_end: u64,
+    map: PageMap,
+    free: BTreeSet<u64>,
+    next_slot: u64,
+    /// Slots replaced by the record at this journal offset; reusable once
+    /// a flush covering that offset has completed. `bool`: punch it then.
+    pending_free: Vec<(u64, u64, bool)>,
+    /// Records in the journal (for the compaction rule).
+    records: u64,
+    /// Slots below this have disk space reserved (see `alloc`).
+    reserved_end: u64,
+    /// Journal bytes below this have disk space reserved.
+    journal_reserved: u64,
+}
+
+/// Journal bytes reserved at a time.
+const GROW_JOURNAL: u64 = 1 << 20;
+
+impl State {
+    /// Slots kept for rewrites of pages the overlay already holds: a write
+    /// never overwrites a slot in place, so on a full disk a rewrite needs
+    /// a slot too. New pages may not use these; rewrites may. Flushes give
+    /// replaced slots back, so a guest that keeps flushing can keep
+    /// rewriting its disk on a full host.
+    fn rewrite_reserve(&self) -> u64 {
+        (self.map.data_pages / 16).clamp(256, 16384)
+    }
+
+    /// Slots for pages of one write: `rewrite[i]` when page i already has
+    /// one. `None`: no disk space (ENOSPC); nothing was taken.
+    fn alloc(&mut self, pages: &dyn DiskFile, rewrite: &[bool]) -> Option<Vec<u64>> {
+        let mut out = Vec::with_capacity(rewrite.len());
+        let first_tail = self.next_slot;
+        for _ in rewrite {
+            match self.free.pop_first() {
+                Some(s) => out.push(s),
+                None => {
+                    out.push(self.next_slot);
+                    self.next_slot += 1;
+                }
+            }
+        }
+        // Tail slots taken by new pages are paid for with fresh space at
+        // the end of the reservation, so new pages never eat the rewrite
+        // reserve; rewrites may.
+        let tail_new = rewrite
+            .iter()
+            .zip(&out)
+            .filter(|(r, s)| !**r && **s >= first_tail)
+            .count() as u64;
+        let ok = if tail_new > 0 {
+            let full = self.next_slot + self.rewrite_reserve();
+            let min = self.reserved_end.max(self.next_slot - tail_new) + tail_new;
+            (full <= self.reserved_end)
+                || self.reserve_to(pages, full.max(min))
+                || self.reserve_to(pages, min)
+        } else {
+            self.next_slot <= self.reserved_end || self.reserve_to(pages, self.next_slot)
+        };
+        if !ok {
+            // Give everything back.
+            self.next_slot = first_tail;
+            self.free
+                .extend(out.into_iter().filter(|&s| s < first_tail));
+            return None;
+        }
+        Some(out)
+    }
+
+    /// Reserve space for every slot below `end`: exactly, so that a new
+    /// page gets ENOSPC as soon as the disk is full (one fallocate per
+    /// write that adds pages; rewrites within the reserve need none).
+    fn reserve_to(&mut self, pages: &dyn DiskFile, end: u64) -> bool {
+        let from = self.reserved_end;
+        if pages.allocate(from * PAGE, (end - from) * PAGE).is_ok() {
+            self.reserved_end = end;
+            return true;
+        }
+        false
+    }
+
+    /// Reserve journal space ahead of appends (best effort: an append into
+    /// space not reserved may still succeed).
+    fn grow_journal(&mut self, need: u64) {
+        if self.log_end + need <= self.journal_reserved {
+            return;
+        }
+        let from = self.journal_reserved.max(self.log_end);
+        if self.journal.allocate(from, GROW_JOURNAL.max(need)).is_ok() {
+            self.journal_reserved = from + GROW_JOURNAL.max(need);
+        }
+    }
+}
+
+/// What opening found and did.
+#[derive(Debug, Default, Clone)]
+pub struct OpenReport {
+    pub created: bool,
+    /// Records after the last flush, and how many of them were kept.
+    pub tail: u64,
+    pub tail_kept: u64,
+    pub compacted: bool,
+}
+
+pub struct PageStore {
+    dir: Arc<dyn Dir>,
+    pages: Arc<dyn DiskFile>,
+    image_size: u64,
+    npages: u64,
+    identity: u64,
+    state: Mutex<State>,
+    /// Serialises flushes and compaction (held across their syncs; never
+    /// taken by reads or writes).
+    flushing: Mutex<()>,
+    /// Set when a sync failed: what to tell writers.
+    poisoned: Mutex<Option<String>>,
+}
+
+fn io_err(dir: &dyn Dir, name: &str, what: &str, e: std::io::Error) -> Error {
+    Error::io(format!("{what} {}", dir.path_of(name).display()), e)
+}
+
+fn refuse(dir: &dyn Dir, name: &str, e: HeaderError) -> Error {
+    Error::new(
+        ErrorKind::Corrupt,
+        format!(
+            "{}: {e}; refusing to open it, and leaving it untouched",
+            dir.path_of(name).display()
+        ),
+    )
+}
+
+impl PageStore {
+    /// Open the store in `dir` (creating it if it holds neither file) for
+    /// an image of `image_size` bytes whose `base` record hashes to
+    /// `identity`. Anything it cannot read is refused with an error naming
+    /// the file; nothing is truncated or recreated.
+    pub fn open(
+        dir: Arc<dyn Dir>,
+        image_size: u64,
+        identity: u64,
+    ) -> Result<(PageStore, OpenReport)> {
+        let d = &*dir;
+        let mut report = OpenReport::default();
+        // A compaction that did not reach its rename: the old journal is
+        // whole and current.
+        d.remove(JOURNAL_NEW)
+            .map_err(|e| io_err(d, JOURNAL_NEW, "removing", e))?;
+        let has_j = d.exists(JOURNAL);
+        let has_p = d.exists(PAGES);
+        // `pages` alone, holding nothing but its header: a creation that
+        // did not reach the journal's rename. Nothing was ever written.
+        let unborn = !has_j
+            && has_p
+            && d.open(PAGES, false)
+                .ok()
+                .flatten()
+                .and_then(|f| f.len().ok())
+                .is_some_and(|l| l <= PAGE);
+        if (!has_j && !has_p) || unborn {
+            create(d, image_size, identity)?;
+            report.created = true;
+        } else if !has_j || !has_p {
+            let (have, miss) = if has_j {
+                (JOURNAL, PAGES)
+            } else {
+                (PAGES, JOURNAL)
+            };
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{} exists but {} does not: the overlay is incomplete; refusing to open it",
+                    d.path_of(have).display(),
+                    d.path_of(miss).display()
+                ),
+            ));
+        }
+        let open = |name: &str| -> Result<Arc<dyn DiskFile>> {
+            d.open(name, false)
+                .map_err(|e| io_err(d, name, "opening", e))?
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("{} vanished", d.path_of(name).display()),
+                    )
+                })
+        };
+        let journal = open(JOURNAL)?;
+        let pages = open(PAGES)?;
+        let jh = read_header(d, JOURNAL, &*journal, JOURNAL_MAGIC)?;
+        let ph = read_header(d, PAGES, &*pages, PAGES_MAGIC)?;
+        for (name, h) in [(JOURNAL, &jh), (PAGES, &ph)] {
+            if h.image_size != image_size || h.identity != identity {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "{} belongs to another image (size {}, identity {:016x}; expected size {image_size}, identity {identity:016x}); refusing to open it",
+                        d.path_of(name).display(),
+                        h.image_size,
+                        h.identity
+                    ),
+                ));
+            }
+        }
+        let npages = image_size.div_ceil(PAGE);
+        let store = PageStore {
+            dir: dir.clone(),
+            pages,
+            image_size,
+            npages,
+            identity,
+            state: Mutex::new(State {
+                journal: journal.clone(),
+                generation: jh.generation,
+                log_end: RECORDS_START,
+                map: PageMap::default(),
+                free: BTreeSet::new(),
+                next_slot: 1,
+                pending_free: Vec::new(),
+                records: 0,
+                reserved_end: 0,
+                journal_reserved: 0,
+            }),
+            flushing: Mutex::new(()),
+            poisoned: Mutex::new(None),
+        };
+        store.replay(&mut report)?;
+        // Make what replay rebuilt durable before anything reuses a slot
+        // it no longer references (a kill -9 leaves it in the page cache).
+        store
+            .pages
+            .sync()
+            .map_err(|e| io_err(d, PAGES, "syncing", e))?;
+        journal
+            .sync()
+            .map_err(|e| io_err(d, JOURNAL, "syncing", e))?;
+        if report.tail > 0 || store.bloated() {
+            store.compact()?;
+            report.compacted = true;
+        }
+        Ok((store, report))
+    }
+
+    fn replay(&self, report: &mut OpenReport) -> Result<()> {
+        let d = &*self.dir;
+        let mut st = self.state.lock().expect("state lock");
+        let len = st
+            .journal
+            .len()
+            .map_err(|e| io_err(d, JOURNAL, "reading", e))?;
+        let mut buf = vec![0u8; len.saturating_sub(RECORDS_START) as usize];
+        read_full(&*st.journal, &mut buf, RECORDS_START)
+            .map_err(|e| io_err(d, JOURNAL, "reading", e))?;
+        let mut recs: Vec<(u64, Record)> = Vec::new();
+        let mut covered = RECORDS_START;
+        for (i, chunk) in buf.chunks(RECORD).enumerate() {
+            let pos = RECORDS_START + (i * RECORD) as u64;
+            match Record::decode(chunk, st.generation, self.npages) {
+                Some(Record::Flush { covered: x }) => covered = x.min(pos),
+                Some(r) => recs.push((pos, r)),
+                None => {}
+            }
+        }
+        let mut page = vec![0u8; PAGE as usize];
+        for (pos, r) in recs {
+            let tail = pos >= covered;
+            report.tail += tail as u64;
+            match r {
+                Record::Data { page: p, slot, crc } => {
+                    if tail {
+                        let n = self.page_len(p);
+                        read_full(&*self.pages, &mut page[..n], slot * PAGE)
+                            .map_err(|e| io_err(d, PAGES, "reading", e))?;
+                        if crc32fast::hash(&page[..n]) != crc {
+                            continue; // lost or torn since the last flush
+                        }
+                    }
+                    st.map.set(p, 1, Some(Kind::Data { slot, crc }));
+                }
+                Record::Zero { page: p, count } => {
+                    st.map.set(p, count, Some(Kind::Zero));
+                }
+                Record::Flush { .. } => unreachable!("flush records are not collected"),
+            }
+            report.tail_kept += tail as u64;
+            st.records += 1;
+        }
+        st.log_end = RECORDS_START + buf.len().div_ceil(RECORD) as u64 * RECORD as u64;
+        let mut used = BTreeSet::new();
+        for e in st.map.ext.values() {
+            if let Kind::Data { slot, .. } = e.kind {
+                used.insert(slot);
+            }
+        }
+        let next = used.last().map_or(1, |s| s + 1);
+        st.free = (1..next).filter(|s| !used.contains(s)).collect();
+        st.next_slot = next;
+        // Slots below the end have their space; the reserve beyond is
+        // taken again by the first write that needs it.
+        st.reserved_end = next;
+        Ok(())
+    }
+
+    fn bloated(&self) -> bool {
+        let st = self.state.lock().expect("state lock");
+        st.records > 2 * st.map.ext.len() as u64 + 32768
+    }
+
+    /// Bytes of page `p` (the last page of the image may be short).
+    fn page_len(&self, p: u64) -> usize {
+        PAGE.min(self.image_size - p * PAGE) as usize
+    }
+
+    pub fn image_size(&self) -> u64 {
+        self.image_size
+    }
+
+    /// Pages of guest data held (for listings and metrics: a counter).
+    pub fn data_pages(&self) -> u64 {
+        self.state.lock().expect("state lock").map.data_pages
+    }
+
+    /// Does the overlay hold anything (data or zero) in `[first, end)`?
+    pub fn holds_any(&self, first: u64, end: u64) -> bool {
+        self.state
+            .lock()
+            .expect("state lock")
+            .map
+            .any_in(first, end)
+    }
+
+    /// Where the pages `[first, end)` are, as runs `(first, count, piece)`.
+    pub fn lookup(&self, first: u64, end: u64) -> Vec<(u64, u64, Piece)> {
+        let st = self.state.lock().expect("state lock");
+        let mut out: Vec<(u64, u64, Piece)> = Vec::new();
+        for (s, n, k) in st.map.runs(first, end) {
+            let piece = match k {
+                None => Piece::Base,
+                Some(Kind::Zero) => Piece::Zero,
+                Some(Kind::Data { slot, crc }) => Piece::Data(vec![(slot, crc)]),
+            };
+            match (out.last_mut(), piece) {
+                (Some((_, c, Piece::Data(v))), Piece::Data(w)) => {
+                    *c += n;
+                    v.extend(w);
+                }
+                (Some((_, c, Piece::Zero)), Piece::Zero) => *c += n,
+                (Some((_, c, Piece::Base)), Piece::Base) => *c += n,
+                (_, piece) => out.push((s, n, piece)),
+            }
+        }
+        out
+    }
+
+    /// Read the data pages starting at page `first` from `slots` into
+    /// `out` (which holds exactly those pages' bytes). Returns the pages
+    /// that failed their CRC (their bytes in `out` are garbage).
+    pub fn read_slots(&self, first: u64, slots: &[(u64, u32)], out: &mut [u8]) -> Result<Vec<u64>> {
+        let mut bad = Vec::new();
+        let mut i = 0;
+        let mut at = 0usize;
+        while i < slots.len() {
+            // A run of consecutive slots is one read.
+            let mut j = i + 1;
+            while j < slots.len() && slots[j].0 == slots[j - 1].0 + 1 {
+                j += 1;
+            }
+            let bytes: usize = (i..j).map(|k| self.page_len(first + k as u64)).sum();
+            read_full(&*self.pages, &mut out[at..at + bytes], slots[i].0 * PAGE)
+                .map_err(|e| io_err(&*self.dir, PAGES, "reading", e))?;
+            let mut o = at;
+            for (k, &(_, crc)) in slots.iter().enumerate().take(j).skip(i) {
+                let n = self.page_len(first + k as u64);
+                if crc32fast::hash(&out[o..o + n]) != crc {
+                    bad.push(first + k as u64);
+                }
+                o += n;
+            }
+            at += bytes;
+            i = j;
+        }
+        Ok(bad)
+    }
+
+    fn check_poison(&self) -> Result<()> {
+        match &*self.poisoned.lock().expect("poison lock") {
+            Some(why) => Err(Error::new(ErrorKind::Io, why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&self, what: &str, e: &std::io::Error) {
+        let msg = format!(
+            "overlay {}: {what} failed ({e}); what it held may not be on disk, so writes are refused until the export is added again",
+            self.dir.path_of("").display()
+        );
+        tracing::error!("{msg}");
+        *self.poisoned.lock().expect("poison lock") = Some(msg);
+    }
+
+    /// Append records; on error the journal end still moves past them (a
+    /// prefix may have landed) so later records never overlap a torn one.
+    fn append(&self, st: &mut State, recs: &[Record]) -> Result<u64> {
+        let mut buf = Vec::with_capacity(recs.len() * RECORD);
+        for r in recs {
+            buf.extend_from_slice(&r.encode(st.generation));
+        }
+        st.grow_journal(buf.len() as u64);
+        let pos = st.log_end;
+        st.log_end += buf.len() as u64;
+        st.records += recs.len() as u64;
+        st.journal
+            .write_at(&buf, pos)
+            .map_err(|e| io_err(&*self.dir, JOURNAL, "writing", e))?;
+        Ok(pos)
+    }
+
+    /// Append records that change the map. If that fails, a prefix of
+    /// them may have landed, valid, and would win at the next replay over
+    /// what the map says now (a later flush would even make them trusted):
+    /// the store refuses further writes until it is opened again, when
+    /// replay decides. Their slots stay allocated, so the bytes such a
+    /// record names stay intact.
+    fn append_or_poison(&self, st: &mut State, recs: &[Record]) -> Result<u64> {
+        self.append(st, recs).inspect_err(|e| {
+            self.poison("writing the journal", &std::io::Error::other(e.to_string()))
+        })
+    }
+
+    /// Write whole pages starting at page `first` (`data` may end short
+    /// only at the image end). All-zero pages become zero records unless
+    /// `keep_zeros`. The caller serialises writers of the same pages.
+    pub fn write(&self, first: u64, data: &[u8], keep_zeros: bool) -> Result<()> {
+        self.check_poison()?;
+        let n = (data.len() as u64).div_ceil(PAGE);
+        debug_assert!(first + n <= self.npages);
+        let chunk = |i: u64| {
+            let s = (i * PAGE) as usize;
+            &data[s..(s + PAGE as usize).min(data.len())]
+        };
+        // Plan: a fresh slot for every non-zero page.
+        let mut plan: Vec<Option<u64>> = Vec::with_capacity(n as usize);
+        {
+            let mut st = self.state.lock().expect("state lock");
+            let mut rewrite = Vec::with_capacity(n as usize);
+            for i in 0..n {
+                if !keep_zeros && crate::store::is_zero(chunk(i)) {
+                    continue;
+                }
+                rewrite.push(matches!(
+                    st.map.runs(first + i, first + i + 1)[0].2,
+                    Some(Kind::Data { .. })
+                ));
+            }
+            let Some(slots) = st.alloc(&*self.pages, &rewrite) else {
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    format!(
+                        "no space left for overlay pages in {} (No space left on device)",
+                        self.dir.path_of(PAGES).display()
+                    ),
+                ));
+            };
+            let mut slots = slots.into_iter();
+            for i in 0..n {
+                if !keep_zeros && crate::store::is_zero(chunk(i)) {
+                    plan.push(None);
+                } else {
+                    plan.push(slots.next());
+                }
+            }
+        }
+        // Data first: runs of consecutive pages in consecutive slots are
+        // one write.
+        let mut i = 0;
+        while i < n as usize {
+            let Some(s0) = plan[i] else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < n as usize && plan[j] == Some(s0 + (j - i) as u64) {
+                j += 1;
+            }
+            let bytes = &data[i * PAGE as usize..(j * PAGE as usize).min(data.len())];
+            if let Err(e) = self.pages.write_at(bytes, s0 * PAGE) {
+                // No record points at these slots: they are free again.
+                let mut st = self.state.lock().expect("state lock");
+                st.free.extend(plan.iter().flatten());
+                return Err(io_err(&*self.dir, PAGES, "writing", e));
+            }
+            i = j;
+        }
+        // Then the records, and the map.
+        let mut recs = Vec::with_capacity(n as usize);
+        let mut zero_from: Option<u64> = None;
+        for (i, slot) in plan.iter().enumerate() {
+            let p = first + i as u64;
+            match slot {
+                None => {
+                    zero_from.get_or_insert(p);
+                }
+                Some(slot) => {
+                    if let Some(z) = zero_from.take() {
+                        recs.push(Record::Zero {
+                            page: z,
+                            count: p - z,
+                        });
+                    }
+                    recs.push(Record::Data {
+                        page: p,
+                        slot: *slot,
+                        crc: crc32fast::hash(chunk(i as u64)),
+                    });
+                }
+            }
+        }
+        if let Some(z) = zero_from {
+            recs.push(Record::Zero {
+                page: z,
+                count: first + n - z,
+            });
+        }
+        let mut st = self.state.lock().expect("state lock");
+        let pos = self.append_or_poison(&mut st, &recs)?;
+        for r in recs {
+            let freed = match r {
+                Record::Data { page, slot, crc } => {
+                    st.map.set(page, 1, Some(Kind::Data { slot, crc }))
+                }
+                Record::Zero { page, count } => st.map.set(page, count, Some(Kind::Zero)),
+                Record::Flush { .. } => unreachable!(),
+            };
+            for s in freed {
+                st.pending_free.push((pos, s, false));
+            }
+        }
+        Ok(())
+    }
+
+    /// Pages `[first, first + count)` read as zeroes from now on; their
+    /// space is given back once a flush has made that durable.
+    pub fn zero(&self, first: u64, count: u64) -> Result<()> {
+        self.check_poison()?;
+        if count == 0 {
+            return Ok(());
+        }
+        let mut st = self.state.lock().expect("state lock");
+        let pos = self.append_or_poison(&mut st, &[Record::Zero { page: first, count }])?;
+        for s in st.map.set(first, count, Some(Kind::Zero)) {
+            st.pending_free.push((pos, s, true));
+        }
+        Ok(())
+    }
+
+    /// Make every write that completed before this call durable.
+    pub fn flush(&self) -> Result<()> {
+        self.check_poison()?;
+        let _f = self.flushing.lock().expect("flush lock");
+        let (x, journal) = {
+            let st = self.state.lock().expect("state lock");
+            (st.log_end, st.journal.clone())
+        };
+        if let Err(e) = self.pages.sync() {
+            self.poison("syncing pages", &e);
+            return Err(io_err(&*self.dir, PAGES, "syncing", e));
+        }
+        {
+            let mut st = self.state.lock().expect("state lock");
+            self.append(&mut st, &[Record::Flush { covered: x }])?;
+        }
+        if let Err(e) = journal.sync() {
+            self.poison("syncing the journal", &e);
+            return Err(io_err(&*self.dir, JOURNAL, "syncing", e));
+        }
+        let punch = {
+            let mut st = self.state.lock().expect("state lock");
+            let mut punch = Vec::new();
+            let mut keep = Vec::new();
+            for (pos, slot, p) in std::mem::take(&mut st.pending_free) {
+                if pos < x {
+                    st.free.insert(slot);
+                    if p {
+                        punch.push(slot);
+                    }
+                } else {
+                    keep.push((pos, slot, p));
+                }
+            }
+            st.pending_free = keep;
+            punch
+        };
+        self.punch(punch);
+        if self.bloated() {
+            drop(_f);
+            // The flush is done; a compaction that fails (a full disk)
+            // leaves the old journal, whole, and is tried again later.
+            if let Err(e) = self.compact() {
+                tracing::warn!(error = %e, "overlay journal compaction failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Give freed slots' space back (runs of slots in one call). Failure
+    /// only means the space is not returned.
+    fn punch(&self, mut slots: Vec<u64>) {
+        slots.sort_unstable();
+        let mut i = 0;
+        while i < slots.len() {
+            let mut j = i + 1;
+            while j < slots.len() && slots[j] == slots[j - 1] + 1 {
+                j += 1;
+            }
+            if let Err(e) = self.pages.punch(slots[i] * PAGE, (j - i) as u64 * PAGE) {
+                tracing::debug!(error = %e, "punching freed overlay slots");
+            }
+            i = j;
+        }
+    }
+
+    /// Rewrite the journal as one record per extent of the map: written
+    /// beside the old one, then renamed over it. Holds the state lock
+    /// throughout, so the map it writes is the map as it is.
+    fn compact(&self) -> Result<()> {
+        self.check_poison()?;
+        let _f = self.flushing.lock().expect("flush lock");
+        let d = &*self.dir;
+        let mut st = self.state.lock().expect("state lock");
+        // Writes since the last flush have no synced data yet.
+        if let Err(e) = self.pages.sync() {
+            self.poison("syncing pages", &e);
+            return Err(io_err(d, PAGES, "syncing", e));
+        }
+        let generation = st.generation + 1;
+        let mut buf = Header {
+            magic: *JOURNAL_MAGIC,
+            generation,
+            image_size: self.image_size,
+            identity: self.identity,
+        }
+        .encode();
+        let mut records = 0u64;
+        let mut zero: Option<(u64, u64)> = None;
+        let mut push = |r: Record, buf: &mut Vec<u8>| {
+            buf.extend_from_slice(&r.encode(generation));
+            records += 1;
+        };
+        for (&k, e) in &st.map.ext {
+            match e.kind {
+                Kind::Zero => match &mut zero {
+                    Some((s, n)) if *s + *n == k => *n += e.len,
+                    _ => {
+                        if let Some((s, n)) = zero.take() {
+                            push(Record::Zero { page: s, count: n }, &mut buf);
+                        }
+                        zero = Some((k, e.len));
+                    }
+                },
+                Kind::Data { slot, crc } => {
+                    if let Some((s, n)) = zero.take() {
+                        push(Record::Zero { page: s, count: n }, &mut buf);
+                    }
+                    push(Record::Data { page: k, slot, crc }, &mut buf);
+                }
+            }
+        }
+        if let Some((s, n)) = zero.take() {
+            push(Record::Zero { page: s, count: n }, &mut buf);
+        }
+        let end = buf.len() as u64;
+        buf.extend_from_slice(&Record::Flush { covered: end }.encode(generation));
+        let new = d
+            .open(JOURNAL_NEW, true)
+            .map_err(|e| io_err(d, JOURNAL_NEW, "creating", e))?
+            .expect("created");
+        if let Err(e) = new.write_at(&buf, 0).and_then(|_| new.sync()) {
+            let _ = d.remove(JOURNAL_NEW);
+            return Err(io_err(d, JOURNAL_NEW, "writing", e));
+        }
+        d.rename(JOURNAL_NEW, JOURNAL)
+            .map_err(|e| io_err(d, JOURNAL, "replacing", e))?;
+        if let Err(e) = d.sync() {
+            // Either journal may be the one on disk now: both describe
+            // durable data, but slots must not be reused until one is.
+            self.poison("syncing the overlay directory", &e);
+            return Err(io_err(d, "", "syncing", e));
+        }
+        st.journal = new;
+        st.generation = generation;
+        st.log_end = buf.len() as u64;
+        st.records = records;
+        // Nothing durable points at replaced slots any more.
+        let mut punch = Vec::new();
+        for (_, slot, p) in std::mem::take(&mut st.pending_free) {
+            st.free.insert(slot);
+            if p {
+                punch.push(slot);
+            }
+        }
+        drop(st);
+        self.punch(punch);
+        Ok(())
+    }
+
+    /// Verify every data page; returns the pages that fail their CRC.
+    pub fn check(&self) -> Result<Vec<u64>> {
+        let all = self.lookup(0, self.npages);
+        let mut bad = Vec::new();
+        for (first, count, piece) in all {
+            if let Piece::Data(slots) = piece {
+                let bytes: usize = (0..count).map(|k| self.page_len(first + k)).sum();
+                let mut buf = vec![0u8; bytes];
+                bad.extend(self.read_slots(first, &slots, &mut buf)?);
+            }
+        }
+        Ok(bad)
+    }
+
+    /// Repair: pages that fail their CRC read as zeroes from now on (their
+    /// content is lost); everything else is kept. Durable on return.
+    pub fn repair(&self, bad: &[u64]) -> Result<()> {
+        for &p in bad {
+            self.zero(p, 1)?;
+        }
+        self.flush()
+    }
+}
+
+fn read_header(d: &dyn Dir, name: &str, f: &dyn DiskFile, magic: &[u8; 8]) -> Result<Header> {
+    let mut h = vec![0u8; PAGE as usize];
+    read_full(f, &mut h, 0).map_err(|e| io_err(d, name, "reading", e))?;
+    Header::decode(&h, magic).map_err(|e| refuse(d, name, e))
+}
+
+/// A new, empty store: `pages` with its header, then the journal renamed
+/// into place (its presence says the store is complete).
+fn create(d: &dyn Dir, image_size: u64, identity: u64) -> Result<()> {
+    let header = |magic: &[u8; 8]| {
+        Header {
+            magic: *magic,
+            generation: 1,
+            image_size,
+            identity,
+        }
+        .encode()
+    };
+    let pages = d
+        .open(PAGES, true)
+        .map_err(|e| io_err(d, PAGES, "creating", e))?
+        .expect("created");
+    pages
+        .write_at(&header(PAGES_MAGIC), 0)
+        .and_then(|_| pages.sync())
+        .map_err(|e| io_err(d, PAGES, "writing", e))?;
+    let j = d
+        .open(JOURNAL_NEW, true)
+        .map_err(|e| io_err(d, JOURNAL_NEW, "creating", e))?
+        .expect("created");
+    j.write_at(&header(JOURNAL_MAGIC), 0)
+        .and_then(|_| j.sync())
+        .map_err(|e| io_err(d, JOURNAL_NEW, "writing", e))?;
+    d.rename(JOURNAL_NEW, JOURNAL)
+        .and_then(|_| d.sync())
+        .map_err(|e| io_err(d, JOURNAL, "creating", e))
+}
+
+#[cfg(test)]
+mod tests;
