@@ -784,9 +784,12 @@ fn image_dir(a: &ImageArg) -> anyhow::Result<(PathBuf, lazybd::cache::dir::Recor
             names(&found)
         ),
         Some(want) => {
-            // As given, or as the server recorded it (file:// + canonical path).
+            // As given, or as the server recorded it (file:// + canonical
+            // path; a URL's locator, which leaves out signing parameters).
             let canon = std::fs::canonicalize(want)
                 .map(|p| format!("file://{}", p.display()))
+                .ok()
+                .or_else(|| lazybd::origin::http_locator(want))
                 .unwrap_or_default();
             let all = names(&found);
             found
