@@ -366,10 +366,15 @@ enum CacheCmd {
         dir: PathBuf,
     },
     /// Check every CRC of every cached block. Exits 1 if anything is damaged.
+    ///
+    /// Takes no lock, so it can run beside a server, but then the result is
+    /// a snapshot: blocks the server fetches or evicts during the check may
+    /// go unchecked or show as damaged.
     Verify {
         /// Cache directory.
         dir: PathBuf,
         /// Mark damaged blocks missing (they are refetched on next read).
+        /// Takes each image's lock: refused while a server uses the cache.
         #[arg(long)]
         repair: bool,
     },
@@ -953,6 +958,13 @@ fn cache_verify(dir: &std::path::Path, repair: bool) -> anyhow::Result<ExitCode>
     let images = cd.images()?;
     if images.is_empty() {
         println!("{}: no cached images", dir.display());
+    } else if !repair {
+        eprintln!(
+            "note: {} is read without its lock: if a server is using it, this is a snapshot \
+             (blocks fetched or evicted meanwhile may go unchecked or show as damaged); \
+             --repair takes the lock",
+            dir.display()
+        );
     }
     let mut damaged = 0;
     for d in images {
