@@ -298,6 +298,7 @@ impl Daemon {
         if cfg.hydrate {
             self.hydrate(&cache);
         }
+        let image = cache.origin().identity().locator.clone();
         let spec = ExportSpec {
             readahead: self.boot.readahead,
             name: cfg.name.clone(),
@@ -318,7 +319,8 @@ impl Daemon {
             stack::read_only_export(spec, cache)
         };
         self.exports.add(export)?;
-        tracing::info!(export = %cfg.name, image = %cfg.image, writable = cfg.writable, "export added");
+        // The locator, not the spec: a spec's query may carry a signature.
+        tracing::info!(export = %cfg.name, %image, writable = cfg.writable, "export added");
         Ok(())
     }
 

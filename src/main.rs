@@ -369,10 +369,15 @@ enum CacheCmd {
         dir: PathBuf,
     },
     /// Check every CRC of every cached block. Exits 1 if anything is damaged.
+    ///
+    /// Takes no lock, so it can run beside a server, but then the result is
+    /// a snapshot: blocks the server fetches or evicts during the check may
+    /// go unchecked or show as damaged.
     Verify {
         /// Cache directory.
         dir: PathBuf,
         /// Mark damaged blocks missing (they are refetched on next read).
+        /// Takes each image's lock: refused while a server uses the cache.
         #[arg(long)]
         repair: bool,
     },
@@ -807,9 +812,12 @@ fn image_dir(a: &ImageArg) -> anyhow::Result<(PathBuf, lazybd::cache::dir::Recor
             names(&found)
         ),
         Some(want) => {
-            // As given, or as the server recorded it (file:// + canonical path).
+            // As given, or as the server recorded it (file:// + canonical
+            // path; a URL's locator, which leaves out signing parameters).
             let canon = std::fs::canonicalize(want)
                 .map(|p| format!("file://{}", p.display()))
+                .ok()
+                .or_else(|| lazybd::origin::http_locator(want))
                 .unwrap_or_default();
             let all = names(&found);
             found
@@ -1025,6 +1033,13 @@ fn cache_verify(dir: &std::path::Path, repair: bool) -> anyhow::Result<ExitCode>
     let images = cd.images()?;
     if images.is_empty() {
         println!("{}: no cached images", dir.display());
+    } else if !repair {
+        eprintln!(
+            "note: {} is read without its lock: if a server is using it, this is a snapshot \
+             (blocks fetched or evicted meanwhile may go unchecked or show as damaged); \
+             --repair takes the lock",
+            dir.display()
+        );
     }
     let mut damaged = 0;
     for d in images {

@@ -434,6 +434,99 @@ async fn changed_origin_gets_a_fresh_cache() {
     stop(srv).await;
 }
 
+/// Serve `url` from the cache in `dir` as export `disk`, read it whole and
+/// stop; returns the bytes and the origin requests the run made.
+async fn serve_once(
+    o: &TestOrigin,
+    url: &str,
+    dir: &std::path::Path,
+    len: usize,
+) -> (Vec<u8>, u64) {
+    let before = o.requests();
+    let (srv, addr) = start(config(url, dir, BS)).await;
+    let mut c = Client::connect(&addr, Opts::default()).await;
+    let r = c.read(0, len as u32).await.unwrap();
+    assert_eq!(r.error, 0);
+    drop(c);
+    stop(srv).await;
+    (r.data, o.requests() - before)
+}
+
+/// Two objects told apart only by the query (`?id=1`, `?id=2`), of one
+/// size and without ETag or Last-Modified, are two images: neither may be
+/// served from the other's cache. Signing parameters are not identity (a
+/// re-signed URL keeps its cache), and no secret of the query reaches the
+/// cache directory's names or its `origin` files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_told_apart_by_the_query_never_share_a_cache() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (one, two) = (image(2 * MIB, 51), image(2 * MIB, 52));
+    let o = TestOrigin::start(Vec::new()).await;
+    o.faults.no_validator.store(true, SeqCst);
+    o.objects.lock().unwrap().extend([
+        ("id=1".to_string(), one.clone()),
+        ("id=2".to_string(), two.clone()),
+    ]);
+    let base = o.url.replace("/image.raw", "/get");
+    let url = |id: u32, sig: &str| {
+        format!(
+            "{base}?id={id}&token=TOPSECRET{id}&X-Amz-Date=20261124T00{sig}Z&X-Amz-Expires=3600\
+             &X-Amz-Credential=AKIDSECRET%2F20261124&X-Amz-Signature=SIGSECRET{sig}"
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (got, _) = serve_once(&o, &url(1, "a"), dir.path(), 2 * MIB).await;
+    assert!(got == one, "id=1 serves object 1");
+    let (got, _) = serve_once(&o, &url(2, "a"), dir.path(), 2 * MIB).await;
+    assert!(got == two, "id=2 must not be served from the cache of id=1");
+    // Re-signed (new date and signature): the same object, the same cache.
+    let (got, requests) = serve_once(&o, &url(1, "b"), dir.path(), 2 * MIB).await;
+    assert!(got == one);
+    assert_eq!(
+        requests, 1,
+        "a re-signed URL is served from its cache (the probe only)"
+    );
+    // Both at once, as two exports of one server.
+    let mut cfg = config(&url(1, "c"), dir.path(), BS);
+    let mut second = cfg.exports[0].clone();
+    second.name = "other".into();
+    second.image = url(2, "c");
+    cfg.exports.push(second);
+    let (srv, addr) = start(cfg).await;
+    for (name, want) in [("disk", &one), ("other", &two)] {
+        let mut c = Client::connect(
+            &addr,
+            Opts {
+                name,
+                ..Opts::default()
+            },
+        )
+        .await;
+        assert!(
+            c.read(0, 2 * MIB as u32).await.unwrap().data == *want,
+            "export {name}"
+        );
+    }
+    stop(srv).await;
+    // Two image directories, and no secret in their names or records.
+    let images = lazybd::cache::CacheDir::new(dir.path())
+        .unwrap()
+        .images()
+        .unwrap();
+    assert_eq!(images.len(), 2, "{images:?}");
+    for d in images {
+        let origin = std::fs::read_to_string(d.join("origin")).unwrap();
+        let all = format!("{}\n{origin}", d.display());
+        for secret in ["TOPSECRET", "AKIDSECRET", "SIGSECRET"] {
+            assert!(!all.contains(secret), "{secret} leaked: {all}");
+        }
+        assert!(
+            origin.contains("id="),
+            "the query is part of the identity: {origin}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_cache_blocks_are_refetched() {
     let img = image(2 * MIB, 41);

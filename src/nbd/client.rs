@@ -113,6 +113,92 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Which bytes of a READ the chunks of its structured reply have answered.
+/// Chunks may come in any order, but each must lie within the request,
+/// hold at least one byte and overlap no other; by the DONE chunk they must
+/// cover the request exactly once. A hostile server could otherwise pass a
+/// byte count check with one part sent twice and another never (which
+/// would then read as zeros), or wrap `offset + length` around u64.
+///
+/// Chunks in order (what servers send) need no memory: everything before
+/// `next` is answered, nothing after it. The first chunk out of order
+/// switches to a bitmap of one bit per byte of the request (4 MiB for the
+/// 32 MiB maximum), so any reply costs memory and time linear in the
+/// request. Rejected: a list of intervals, which a reply of scattered
+/// one-byte chunks can grow to tens of millions of entries.
+struct Coverage {
+    request: ByteRange,
+    /// Bytes answered so far.
+    covered: u64,
+    /// While `bits` is None: `[0, next)` of the request is answered.
+    next: u64,
+    /// Bit i: byte i of the request is answered.
+    bits: Option<Vec<u64>>,
+}
+
+impl Coverage {
+    fn new(request: ByteRange) -> Coverage {
+        Coverage {
+            request,
+            covered: 0,
+            next: 0,
+            bits: None,
+        }
+    }
+
+    /// Record a chunk of `n` bytes at image offset `offset`; returns where
+    /// it goes in the request's buffer, or why it is not acceptable.
+    fn claim(&mut self, offset: u64, n: u64) -> std::result::Result<usize, &'static str> {
+        if n == 0 {
+            return Err("is empty");
+        }
+        let at = offset
+            .checked_sub(self.request.offset)
+            .filter(|at| at.checked_add(n).is_some_and(|end| end <= self.request.len))
+            .ok_or("is outside the request")?;
+        let end = at + n;
+        let bits = match &mut self.bits {
+            None if at == self.next => {
+                self.next = end;
+                self.covered += n;
+                return Ok(at as usize);
+            }
+            None => {
+                let mut bits = vec![0u64; self.request.len.div_ceil(64) as usize];
+                for_words(0, self.next, |w, m| bits[w] |= m);
+                self.bits.insert(bits)
+            }
+            Some(bits) => bits,
+        };
+        let mut overlap = false;
+        for_words(at, end, |w, m| overlap |= bits[w] & m != 0);
+        if overlap {
+            return Err("overlaps another chunk");
+        }
+        for_words(at, end, |w, m| bits[w] |= m);
+        self.covered += n;
+        Ok(at as usize)
+    }
+}
+
+/// Call `f(word, mask)` for each 64-bit word of a bitmap that bits
+/// `[start, end)` touch, `mask` selecting those bits.
+fn for_words(start: u64, end: u64, mut f: impl FnMut(usize, u64)) {
+    let mut i = start;
+    while i < end {
+        let word = i / 64;
+        let lo = i % 64;
+        let hi = (end - word * 64).min(64);
+        let ones = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        f(word as usize, ones);
+        i = word * 64 + hi;
+    }
+}
+
 /// One connection to an export, in the transmission phase.
 pub struct NbdClient {
     s: Box<dyn Stream>,
@@ -391,7 +477,13 @@ impl NbdClient {
             return Ok(out.freeze());
         }
         // Structured: data and hole chunks must tile the request exactly.
-        let mut covered = 0u64;
+        let mut coverage = Coverage::new(r);
+        let bad = |peer: &str, kind: &str, off: u64, n: u64, why: &str| {
+            proto(
+                peer,
+                format!("read {r}: {kind} chunk of {n} bytes at {off} {why}"),
+            )
+        };
         loop {
             if u32::from_be_bytes(m) != wire::STRUCTURED_REPLY_MAGIC {
                 return Err(proto(&self.what, "bad reply magic"));
@@ -407,15 +499,13 @@ impl NbdClient {
                     }
                     let off = self.s.read_u64().await.map_err(|e| self.io(e))?;
                     let n = (h.len - 8) as u64;
-                    let at = off
-                        .checked_sub(r.offset)
-                        .filter(|a| a + n <= r.len)
-                        .ok_or_else(|| proto(&self.what, "data chunk outside the request"))?;
+                    let at = coverage
+                        .claim(off, n)
+                        .map_err(|why| bad(&self.what, "data", off, n, why))?;
                     self.s
-                        .read_exact(&mut out[at as usize..(at + n) as usize])
+                        .read_exact(&mut out[at..at + n as usize])
                         .await
                         .map_err(|e| self.io(e))?;
-                    covered += n;
                 }
                 chunk::OFFSET_HOLE => {
                     if h.len != 12 {
@@ -423,12 +513,10 @@ impl NbdClient {
                     }
                     let off = self.s.read_u64().await.map_err(|e| self.io(e))?;
                     let n = self.s.read_u32().await.map_err(|e| self.io(e))? as u64;
-                    let at = off
-                        .checked_sub(r.offset)
-                        .filter(|a| a + n <= r.len)
-                        .ok_or_else(|| proto(&self.what, "hole chunk outside the request"))?;
-                    out[at as usize..(at + n) as usize].fill(0);
-                    covered += n;
+                    let at = coverage
+                        .claim(off, n)
+                        .map_err(|why| bad(&self.what, "hole", off, n, why))?;
+                    out[at..at + n as usize].fill(0);
                 }
                 chunk::NONE if h.len == 0 => {}
                 t if t & 0x8000 != 0 => {
@@ -460,11 +548,12 @@ impl NbdClient {
             }
             self.s.read_exact(&mut m).await.map_err(|e| self.io(e))?;
         }
-        // Overlaps are forbidden, so full coverage means every byte came.
-        if covered != r.len {
+        // No chunk overlapped another, so as many bytes as asked means
+        // every byte came exactly once.
+        if coverage.covered != r.len {
             return Err(proto(
                 &self.what,
-                format!("read {r} answered {covered} bytes"),
+                format!("read {r} answered {} of its bytes", coverage.covered),
             ));
         }
         Ok(out.freeze())
@@ -571,6 +660,207 @@ impl NbdClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::DuplexStream;
+
+    const COOKIE: u64 = 1; // the first request's
+
+    /// A client in the transmission phase (structured replies) whose
+    /// server has already sent `reply`. The other end is returned so the
+    /// stream stays open; the request the client sends lands in it unread.
+    async fn client_with(reply: &[u8]) -> (NbdClient, DuplexStream) {
+        let (a, mut b) = tokio::io::duplex(1 << 20);
+        b.write_all(reply).await.unwrap();
+        let c = NbdClient {
+            s: Box::new(a),
+            size: 1 << 40,
+            flags: 0,
+            structured: true,
+            base_allocation: false,
+            cookie: 0,
+            what: "test".into(),
+        };
+        (c, b)
+    }
+
+    fn header(flags: u16, typ: u16, len: u32) -> Vec<u8> {
+        let mut v = wire::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&typ.to_be_bytes());
+        v.extend_from_slice(&COOKIE.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v
+    }
+
+    fn data(done: bool, offset: u64, payload: &[u8]) -> Vec<u8> {
+        let flags = if done { chunk::FLAG_DONE } else { 0 };
+        let mut v = header(flags, chunk::OFFSET_DATA, 8 + payload.len() as u32);
+        v.extend_from_slice(&offset.to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn hole(done: bool, offset: u64, len: u32) -> Vec<u8> {
+        let flags = if done { chunk::FLAG_DONE } else { 0 };
+        let mut v = header(flags, chunk::OFFSET_HOLE, 12);
+        v.extend_from_slice(&offset.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v
+    }
+
+    async fn read(reply: Vec<Vec<u8>>, offset: u64, len: u64) -> Result<Bytes> {
+        let (mut c, _server) = client_with(&reply.concat()).await;
+        c.read(ByteRange { offset, len }).await
+    }
+
+    /// The reply must be refused as a protocol error, saying `why`.
+    async fn refused(reply: Vec<Vec<u8>>, offset: u64, len: u64, why: &str) {
+        match read(reply, offset, len).await {
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+                assert!(e.to_string().contains(why), "{e}: expected {why:?}");
+            }
+            Ok(b) => panic!("accepted a hostile reply ({} bytes)", b.len()),
+        }
+    }
+
+    proptest::proptest! {
+        /// `Coverage` against a model that counts the chunks of each byte.
+        #[test]
+        fn coverage_matches_a_byte_model(
+            base in 0u64..3,
+            len in 1u64..300,
+            chunks in proptest::collection::vec((0u64..320, 0u64..120), 0..24),
+        ) {
+            let r = ByteRange { offset: base * 1000, len };
+            let mut c = Coverage::new(r);
+            let mut model = vec![0u32; len as usize];
+            for (at, n) in chunks {
+                let fits = n > 0 && at + n <= len;
+                let free = fits && model[at as usize..(at + n) as usize].iter().all(|&k| k == 0);
+                let got = c.claim(r.offset + at, n);
+                proptest::prop_assert_eq!(got.is_ok(), free, "chunk {}+{}", at, n);
+                if !free {
+                    break; // a refused chunk ends the read
+                }
+                proptest::prop_assert_eq!(got.ok(), Some(at as usize));
+                model[at as usize..(at + n) as usize].iter_mut().for_each(|k| *k += 1);
+                proptest::prop_assert_eq!(c.covered, model.iter().filter(|&&k| k > 0).count() as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn coverage_bitmap_edges() {
+        // Words touched by a range, at word boundaries and inside one word.
+        let mut seen = Vec::new();
+        for_words(60, 130, |w, m| seen.push((w, m)));
+        assert_eq!(seen, vec![(0, 0xf << 60), (1, u64::MAX), (2, 0b11)],);
+        seen.clear();
+        for_words(3, 5, |w, m| seen.push((w, m)));
+        assert_eq!(seen, vec![(0, 0b11000)]);
+        // A request at the very end of the u64 range.
+        let r = ByteRange {
+            offset: u64::MAX - 10,
+            len: 10,
+        };
+        let mut c = Coverage::new(r);
+        assert!(c.claim(u64::MAX - 5, 6).is_err());
+        assert!(c.claim(u64::MAX - 5, u64::MAX).is_err());
+        assert_eq!(c.claim(u64::MAX - 5, 5), Ok(5));
+        assert_eq!(c.claim(u64::MAX - 10, 5), Ok(0));
+        assert_eq!(c.covered, 10);
+    }
+
+    #[tokio::test]
+    async fn chunk_offsets_that_overflow_are_protocol_errors() {
+        let k = 4096u64;
+        // offset + length wraps around u64 to a small number: must not
+        // pass the range check (nor panic slicing the buffer).
+        refused(vec![data(true, u64::MAX - 3, &[7; 8])], 0, 2 * k, "outside").await;
+        refused(vec![hole(true, u64::MAX - 9, 20)], 0, 2 * k, "outside").await;
+        refused(
+            vec![data(false, 0, &[1; 4096]), hole(true, u64::MAX, 4096)],
+            0,
+            2 * k,
+            "outside",
+        )
+        .await;
+        refused(
+            vec![hole(true, u64::MAX - 100, u32::MAX)],
+            k,
+            2 * k,
+            "outside",
+        )
+        .await;
+        // Before the request, past its end, and ending just past it.
+        refused(vec![data(true, 0, &[1; 8192])], k, 2 * k, "outside").await;
+        refused(vec![hole(true, 3 * k, 1)], k, 2 * k, "outside").await;
+        refused(vec![data(true, k + 1, &[1; 8192])], k, 2 * k, "outside").await;
+    }
+
+    #[tokio::test]
+    async fn overlapping_chunks_are_protocol_errors() {
+        let k = 4096u64;
+        // The same 4 KiB twice and the second 4 KiB never: the byte count
+        // matches the request, the bytes do not.
+        let twice = vec![data(false, 0, &[1; 4096]), data(true, 0, &[2; 4096])];
+        refused(twice, 0, 2 * k, "overlap").await;
+        let twice = vec![hole(false, 0, 4096), data(true, 0, &[2; 4096])];
+        refused(twice, 0, 2 * k, "overlap").await;
+        // Out of order, overlapping by one byte, same total.
+        let v = vec![
+            data(false, 4096, &[1; 4096]),
+            data(false, 0, &[2; 4097]),
+            hole(true, 8192, 4095),
+        ];
+        refused(v, 0, 3 * k, "overlap").await;
+        // A chunk inside an earlier one.
+        let v = vec![data(false, 0, &[1; 8192]), hole(true, 100, 10)];
+        refused(v, 0, 3 * k, "overlap").await;
+    }
+
+    #[tokio::test]
+    async fn gaps_and_empty_chunks_are_protocol_errors() {
+        refused(vec![data(true, 0, &[1; 4096])], 0, 8192, "answered 4096").await;
+        refused(
+            vec![data(false, 0, &[1; 4096]), hole(true, 8000, 192)],
+            0,
+            8192,
+            "answered",
+        )
+        .await;
+        refused(
+            vec![data(false, 0, &[]), data(true, 0, &[1; 10])],
+            0,
+            10,
+            "empty",
+        )
+        .await;
+        refused(
+            vec![hole(false, 0, 0), data(true, 0, &[1; 10])],
+            0,
+            10,
+            "empty",
+        )
+        .await;
+    }
+
+    #[tokio::test]
+    async fn chunks_in_any_order_that_tile_the_request_are_read() {
+        let v = vec![
+            data(false, 8192 + 4096, &[3; 4096]),
+            hole(false, 8192, 4096),
+            data(true, 4096, &[1; 4096]),
+        ];
+        let b = read(v, 4096, 12288).await.unwrap();
+        let mut want = vec![1u8; 4096];
+        want.extend_from_slice(&[0; 4096]);
+        want.extend_from_slice(&[3; 4096]);
+        assert!(b[..] == want[..]);
+        // One chunk, the common case.
+        let b = read(vec![data(true, 10, &[9; 5])], 10, 5).await.unwrap();
+        assert_eq!(&b[..], &[9; 5]);
+    }
 
     #[test]
     fn uris() {

@@ -9,6 +9,16 @@
 //! Every block response is checked: status 206, Content-Range equal to what
 //! was asked, total equal to the image size, validator unchanged, body length
 //! exact. Anything else is an error and its bytes are dropped.
+//!
+//! Identity and display of a URL with a query (see [`locator`]):
+//!
+//! ```text
+//! https://h/get?id=7&token=T&X-Amz-Date=D&X-Amz-Signature=S
+//!   request:  sent as it is
+//!   shown:    https://h/get?id=7&token=…&X-Amz-Date=D&X-Amz-Signature=…
+//!   locator:  https://h/get?id=7&token=… [query sha256 <32 hex of "id=7&token=T">]
+//!             (signing parameters left out; a hidden value is hashed in)
+//! ```
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,16 +58,142 @@ pub struct HttpOrigin {
     stats: Arc<Stats>,
 }
 
-/// Hide credentials (`user:pass@`) and query strings (presigned signatures)
-/// from logs and the cache's `origin` file.
-fn redact(url: &Url) -> String {
+/// Query parameters that sign a URL rather than name an object: AWS
+/// Signature V4 and V2 (S3 presigned URLs), Google Cloud Storage V4
+/// signed URLs and OpenStack Swift temporary URLs. They change each time a
+/// URL is signed again, so they are not part of the image's identity: a
+/// re-signed URL keeps its cache. Every other parameter is identity
+/// (`?id=1` and `?id=2` are two images). Names match ignoring ASCII case.
+///
+/// The list is short on purpose. Leaving out a parameter that does select
+/// an object would let two objects share a cache (with no validator to
+/// tell them apart, each would serve the other's bytes); keeping a
+/// parameter that only signs costs a cold cache after a re-sign. So only
+/// names that are unambiguous signing parameters are here: not Azure's
+/// `sig`/`se`/`st`, whose short names a plain server could use for
+/// anything (a re-signed Azure SAS URL starts a new cache).
+/// Rejected: the whole query as identity (every re-sign a cold cache), and
+/// no query at all (the bug this replaced: `?id=1` served `?id=2`).
+const SIGNING_PARAMS: &[&str] = &[
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+    "X-Amz-Security-Token",
+    "Signature",
+    "Expires",
+    "AWSAccessKeyId",
+    "X-Goog-Algorithm",
+    "X-Goog-Credential",
+    "X-Goog-Date",
+    "X-Goog-Expires",
+    "X-Goog-SignedHeaders",
+    "X-Goog-Signature",
+    "temp_url_sig",
+    "temp_url_expires",
+];
+
+/// Parameter names whose values are secrets, as parts of the name (ASCII
+/// case ignored): `X-Amz-Signature`, `sig`, `token`, `AWSAccessKeyId`,
+/// `X-Amz-Credential`, `api_key`, ... Their values are never shown (logs,
+/// errors, the cache's `origin` file, directory names). Broad on purpose:
+/// hiding a harmless value only makes a log line less telling.
+const SECRET_NAME_PARTS: &[&str] = &[
+    "sig",
+    "token",
+    "secret",
+    "passw",
+    "credential",
+    "key",
+    "auth",
+];
+
+fn is_signing(name: &str) -> bool {
+    SIGNING_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(name))
+}
+
+fn is_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_NAME_PARTS.iter().any(|p| name.contains(p))
+}
+
+/// The `name=value` pieces of the query, as sent (still %-encoded).
+fn query_pieces(url: &Url) -> impl Iterator<Item = &str> {
+    url.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+}
+
+fn param_name(piece: &str) -> &str {
+    piece.split_once('=').map_or(piece, |(n, _)| n)
+}
+
+/// The pieces joined as a query, each secret value replaced by `…`; and
+/// whether any was.
+fn show_query<'a>(pieces: impl Iterator<Item = &'a str>) -> (String, bool) {
+    let mut hidden = false;
+    let shown: Vec<String> = pieces
+        .map(|p| match p.split_once('=') {
+            Some((n, v)) if !v.is_empty() && is_secret(n) => {
+                hidden = true;
+                format!("{n}=…")
+            }
+            _ => p.to_owned(),
+        })
+        .collect();
+    (shown.join("&"), hidden)
+}
+
+/// `scheme://host[:port]/path`: no `user:pass@`, query or fragment.
+fn without_query(url: &Url) -> String {
     let mut u = url.clone();
     let _ = u.set_username("");
     let _ = u.set_password(None);
-    if u.query().is_some() {
-        u.set_query(Some("…"));
-    }
+    u.set_query(None);
+    u.set_fragment(None);
     u.to_string()
+}
+
+/// A URL as logs and errors show it: no credentials (`user:pass@`), every
+/// query parameter, the values of secret ones (see [`SECRET_NAME_PARTS`])
+/// replaced by `…`. (Expiry dates stay visible: they explain a 403.)
+fn redact(url: &Url) -> String {
+    match show_query(query_pieces(url)) {
+        (q, _) if q.is_empty() => without_query(url),
+        (q, _) => format!("{}?{q}", without_query(url)),
+    }
+}
+
+/// The locator of the image at `url`: what names it in its identity, the
+/// cache's `origin` file and (hashed) its directory name.
+///
+/// It is the URL without credentials, fragment and signing parameters
+/// ([`SIGNING_PARAMS`]); every other query parameter is kept, in order, as
+/// sent. Secret values are shown as `…` and then a SHA-256 of the kept
+/// query is appended (`[query sha256 HEX]`), so that URLs that differ only
+/// in a secret are still two images while the secret cannot be read. A
+/// locator with `…` or a space can never be a plain URL's (a URL's query
+/// has them %-encoded), so the two forms cannot collide. A URL without a
+/// query keeps the locator it always had (its cache stays valid).
+pub fn locator(url: &Url) -> String {
+    let kept: Vec<&str> = query_pieces(url)
+        .filter(|p| !is_signing(param_name(p)))
+        .collect();
+    let base = without_query(url);
+    if kept.is_empty() {
+        return base;
+    }
+    let (shown, hidden) = show_query(kept.iter().copied());
+    if !hidden {
+        return format!("{base}?{shown}");
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(kept.join("&").as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{base}?{shown} [query sha256 {hex}]")
 }
 
 fn parse_headers(headers: &[(String, String)]) -> Result<HeaderMap> {
@@ -212,7 +348,7 @@ impl HttpOrigin {
         Ok(HttpOrigin {
             client,
             identity: OriginIdentity {
-                locator: shown,
+                locator: locator(&url),
                 size,
                 validator,
             },
@@ -507,5 +643,63 @@ mod tests {
         let u = Url::parse("https://user:secret@h.example/x.img?X-Amz-Signature=abc").unwrap();
         let r = redact(&u);
         assert!(!r.contains("secret") && !r.contains("abc"), "{r}");
+        let u = Url::parse(
+            "https://h/x.img?id=7&X-Amz-Credential=AKID%2F1&X-Amz-Date=20261124T000000Z\
+             &X-Amz-Signature=abc&sig=s1&token=t1&X-Amz-Security-Token=t2",
+        )
+        .unwrap();
+        assert_eq!(
+            redact(&u),
+            "https://h/x.img?id=7&X-Amz-Credential=…&X-Amz-Date=20261124T000000Z\
+             &X-Amz-Signature=…&sig=…&token=…&X-Amz-Security-Token=…"
+        );
+    }
+
+    fn loc(s: &str) -> String {
+        locator(&Url::parse(s).unwrap())
+    }
+
+    #[test]
+    fn the_query_is_identity_but_signatures_are_not() {
+        // Unchanged for URLs without a query (their caches stay valid).
+        assert_eq!(loc("http://u:p@h:81/a/x.img"), "http://h:81/a/x.img");
+        assert_eq!(loc("http://h/get?id=1"), "http://h/get?id=1");
+        assert_ne!(loc("http://h/get?id=1"), loc("http://h/get?id=2"));
+        // Signing parameters are not identity: a re-signed URL is the same
+        // image, and an S3 presigned URL names the object itself.
+        let s3 = |date: &str, sig: &str| {
+            loc(&format!(
+                "https://b.s3.example/k.img?versionId=3&X-Amz-Algorithm=AWS4-HMAC-SHA256\
+                 &X-Amz-Credential=AKID%2F20261124%2Fus-east-1%2Fs3%2Faws4_request\
+                 &X-Amz-Date={date}&X-Amz-Expires=3600&X-Amz-SignedHeaders=host\
+                 &X-Amz-Signature={sig}"
+            ))
+        };
+        assert_eq!(s3("20261124T000000Z", "aa"), s3("20261124T010000Z", "bb"));
+        assert_eq!(s3("d", "s"), "https://b.s3.example/k.img?versionId=3");
+        assert_eq!(
+            loc("https://h/v1/AUTH_a/c/o?temp_url_sig=x&temp_url_expires=1"),
+            "https://h/v1/AUTH_a/c/o"
+        );
+        assert_eq!(
+            loc("https://h/o?Signature=x&Expires=1&AWSAccessKeyId=AKID"),
+            "https://h/o"
+        );
+        assert_eq!(loc("https://h/o?x-amz-signature=x"), "https://h/o");
+        // Other secrets are identity, hidden and hashed in.
+        let a = loc("http://h/get?id=1&token=SECRET1");
+        let b = loc("http://h/get?id=1&token=SECRET2");
+        assert_ne!(a, b);
+        for l in [&a, &b] {
+            assert!(!l.contains("SECRET"), "{l}");
+            assert!(
+                l.starts_with("http://h/get?id=1&token=… [query sha256 "),
+                "{l}"
+            );
+        }
+        assert_eq!(a, loc("http://h/get?id=1&token=SECRET1&X-Amz-Signature=z"));
+        // The order of parameters is kept: reordering may be another
+        // object to some server, and costs at worst a second cache.
+        assert_ne!(loc("http://h/g?a=1&b=2"), loc("http://h/g?b=2&a=1"));
     }
 }

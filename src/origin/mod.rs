@@ -29,7 +29,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// are different images: their blocks must never be mixed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OriginIdentity {
-    /// URL (credentials stripped) or canonical path.
+    /// `file://` and the canonical path, or the URL without credentials
+    /// and signing parameters, secret values hidden and hashed in (see
+    /// `http::locator`): the query names the object, a signature does not.
     pub locator: String,
     /// Image size in bytes.
     pub size: u64,
@@ -140,6 +142,16 @@ impl Default for OriginOptions {
             ca_file: None,
         }
     }
+}
+
+/// The locator an `http://` or `https://` origin spec gets (None for
+/// other specs), without opening it: to find an image's cache by its URL.
+pub fn http_locator(spec: &str) -> Option<String> {
+    let lower = spec.to_ascii_lowercase();
+    if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+        return None;
+    }
+    reqwest::Url::parse(spec).ok().map(|u| http::locator(&u))
 }
 
 /// Open the origin named by `spec`: `http://`, `https://`, `file://` or a path.

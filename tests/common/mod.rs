@@ -61,7 +61,12 @@ pub struct Faults {
     pub long_body_next: AtomicU64,
     /// The next N ranged GETs answer this status, no body: (status, N).
     pub status_next: Mutex<Option<(u16, u64)>>,
+    /// Send no ETag (nor Last-Modified): an origin without validators.
+    pub no_validator: AtomicBool,
 }
+
+/// Bodies by a part of the request target (see `TestOrigin::objects`).
+pub type Objects = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
 pub struct TestOrigin {
     pub url: String,
@@ -70,6 +75,9 @@ pub struct TestOrigin {
     pub faults: Arc<Faults>,
     /// Ranged GETs answered (all statuses).
     pub requests: Arc<AtomicU64>,
+    /// Other objects: a request whose target (path and query) contains the
+    /// key gets that body instead of `data` (the first match wins).
+    pub objects: Objects,
 }
 
 impl TestOrigin {
@@ -80,13 +88,16 @@ impl TestOrigin {
         let etag = Arc::new(Mutex::new("\"v1\"".to_string()));
         let faults = Arc::new(Faults::default());
         let requests = Arc::new(AtomicU64::new(0));
+        let objects = Arc::new(Mutex::new(Vec::new()));
         let (d, e, f, r) = (data.clone(), etag.clone(), faults.clone(), requests.clone());
+        let objs = objects.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else { return };
                 let (d, e, f, r) = (d.clone(), e.clone(), f.clone(), r.clone());
+                let o = objs.clone();
                 tokio::spawn(async move {
-                    let _ = serve_http(s, d, e, f, r).await;
+                    let _ = serve_http(s, d, o, e, f, r).await;
                 });
             }
         });
@@ -96,6 +107,7 @@ impl TestOrigin {
             etag,
             faults,
             requests,
+            objects,
         }
     }
 
@@ -118,6 +130,7 @@ fn take_one(a: &AtomicU64) -> bool {
 async fn serve_http(
     s: TcpStream,
     data: Arc<Mutex<Vec<u8>>>,
+    objects: Objects,
     etag: Arc<Mutex<String>>,
     faults: Arc<Faults>,
     requests: Arc<AtomicU64>,
@@ -168,8 +181,20 @@ async fn serve_http(
         if lat > 0 {
             tokio::time::sleep(Duration::from_millis(lat)).await;
         }
-        let body = data.lock().unwrap().clone();
-        let tag = etag.lock().unwrap().clone();
+        let target = line.split_whitespace().nth(1).unwrap_or("");
+        let other = objects
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| target.contains(k.as_str()))
+            .map(|(_, b)| b.clone());
+        let body = other.unwrap_or_else(|| data.lock().unwrap().clone());
+        // The header line, or nothing for an origin without validators.
+        let tag = if faults.no_validator.load(Ordering::SeqCst) {
+            String::new()
+        } else {
+            format!("etag: {}\r\n", etag.lock().unwrap())
+        };
         let w = r.get_mut();
         let required = faults.require_header.lock().unwrap().clone();
         if let Some((n, v)) = required {
@@ -214,7 +239,7 @@ async fn serve_http(
                     let extra = (b - a + 1 + 10).min(size - a);
                     let head = format!(
                         "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {a}-{b}/{size}\r\n\
-                         content-length: {extra}\r\netag: {tag}\r\n\r\n"
+                         content-length: {extra}\r\n{tag}\r\n"
                     );
                     w.write_all(head.as_bytes()).await?;
                     w.write_all(&body[a as usize..(a + extra) as usize]).await?;
@@ -232,7 +257,7 @@ async fn serve_http(
                 };
                 let head = format!(
                     "HTTP/1.1 206 Partial Content\r\ncontent-range: bytes {ca}-{cb}/{size}\r\n\
-                     content-length: {}\r\netag: {tag}\r\n\r\n",
+                     content-length: {}\r\n{tag}\r\n",
                     b - a + 1
                 );
                 w.write_all(head.as_bytes()).await?;
@@ -248,8 +273,7 @@ async fn serve_http(
                 w.write_all(head.as_bytes()).await?;
             }
             _ => {
-                let head =
-                    format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\netag: {tag}\r\n\r\n");
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n{tag}\r\n");
                 w.write_all(head.as_bytes()).await?;
                 w.write_all(&body).await?;
             }
