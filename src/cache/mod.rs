@@ -756,6 +756,9 @@ impl Inner {
                 .map()
                 .transition(BlockIndex(b), BlockState::Present, BlockState::Missing)
             {
+                // Its bytes no longer count: the refetch adds them again.
+                self.present_bytes
+                    .fetch_sub(self.bs.bytes(), Ordering::Relaxed);
                 Stats::add(&self.stats.crc_failures, 1);
                 tracing::warn!(
                     block = b,
@@ -844,5 +847,134 @@ impl BlockDevice for ImageCache {
         // A read-only cache has nothing a client wrote; FLUSH is a no-op
         // (cache durability is not a client promise).
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    const BS: u64 = 64 << 10;
+    const MIB: u64 = 1 << 20;
+
+    /// An in-memory origin. Every answer is a fresh allocation whose
+    /// address is recorded (so tests can tell what a reply points into);
+    /// with `gate` closed, reads wait until permits are added.
+    struct MemOrigin {
+        data: Vec<u8>,
+        identity: crate::origin::OriginIdentity,
+        gate: Option<Semaphore>,
+        requests: AtomicU64,
+        /// (address, length) of every buffer handed out.
+        buffers: Mutex<Vec<(usize, usize)>>,
+    }
+
+    impl MemOrigin {
+        fn new(data: Vec<u8>, gated: bool) -> Arc<MemOrigin> {
+            Arc::new(MemOrigin {
+                identity: crate::origin::OriginIdentity {
+                    locator: "mem://image".into(),
+                    size: data.len() as u64,
+                    validator: Some("v1".into()),
+                },
+                data,
+                gate: gated.then(|| Semaphore::new(0)),
+                requests: AtomicU64::new(0),
+                buffers: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl Origin for MemOrigin {
+        fn identity(&self) -> &crate::origin::OriginIdentity {
+            &self.identity
+        }
+
+        fn read_range(&self, r: ByteRange) -> BoxFuture<'_, Result<Bytes>> {
+            Box::pin(async move {
+                if let Some(g) = &self.gate {
+                    let _p = g.acquire().await.unwrap();
+                }
+                self.requests.fetch_add(1, Ordering::SeqCst);
+                let v = self.data[r.offset as usize..r.end() as usize].to_vec();
+                self.buffers
+                    .lock()
+                    .unwrap()
+                    .push((v.as_ptr() as usize, v.len()));
+                Ok(Bytes::from(v))
+            })
+        }
+    }
+
+    /// Pseudo-random bytes without a zero block.
+    fn image(len: u64) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x as u8) | 1
+            })
+            .collect()
+    }
+
+    fn open(origin: Arc<MemOrigin>) -> (tempfile::TempDir, ImageCache) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path())
+            .unwrap()
+            .open_image(
+                origin,
+                Some(BlockSize::new(BS).unwrap()),
+                Arc::new(Stats::default()),
+            )
+            .unwrap();
+        (dir, cache)
+    }
+
+    fn range(offset: u64, len: u64) -> ByteRange {
+        ByteRange { offset, len }
+    }
+
+    /// Overwrite a few bytes of the cache's data file.
+    fn damage(cache: &ImageCache, at: u64) {
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(cache.dir().join("data"))
+            .unwrap()
+            .write_all_at(b"garbage!", at)
+            .unwrap();
+    }
+
+    /// `present_bytes` is what the map holds as present, in whole blocks.
+    fn accounted(cache: &ImageCache) -> bool {
+        cache.present_bytes() == cache.counts().0 * BS
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_block_failing_its_crc_leaves_present_bytes() {
+        let img = image(MIB);
+        let origin = MemOrigin::new(img.clone(), false);
+        let (_dir, cache) = open(origin.clone());
+        assert!(cache.read(range(0, MIB)).await.unwrap().data == img);
+        assert_eq!(cache.present_bytes(), MIB);
+        damage(&cache, 3 * BS + 5000);
+        // The inline path finds the damage, demotes the block and gives up.
+        assert!(cache.read_now(range(3 * BS, 8192)).is_none());
+        assert_eq!(cache.counts().0, 15);
+        assert!(accounted(&cache), "{} bytes", cache.present_bytes());
+        // The full path refetches it.
+        let r = cache.read(range(3 * BS, 8192)).await.unwrap();
+        assert!(r.data == img[3 * BS as usize..3 * BS as usize + 8192]);
+        assert_eq!(cache.present_bytes(), MIB);
+        // Same through the full path alone.
+        damage(&cache, 7 * BS + 100);
+        let r = cache.read(range(7 * BS, 4096)).await.unwrap();
+        assert!(r.data == img[7 * BS as usize..7 * BS as usize + 4096]);
+        assert!(accounted(&cache), "{} bytes", cache.present_bytes());
+        assert_eq!(cache.present_bytes(), MIB);
+        assert_eq!(Stats::get(&cache.stats().crc_failures), 2);
     }
 }
