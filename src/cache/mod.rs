@@ -617,7 +617,15 @@ impl ImageCache {
         Stats::add(&inner.stats.misses, need.len() as u64);
         let bytes = wait(f).await?;
         let start = (r.offset - f.first * inner.bs.bytes()) as usize;
-        Ok(Some(bytes.slice(start..start + r.len as usize)))
+        let part = start..start + r.len as usize;
+        // A slice keeps the whole fetch buffer (up to `max_fetch`, e.g. a
+        // readahead this read joined) alive for as long as the reply waits
+        // to be sent, while the reply budget counts only `r.len`. Below a
+        // quarter of the buffer the copy is cheap next to what it frees.
+        if (r.len as usize) < bytes.len() / 4 {
+            return Ok(Some(Bytes::copy_from_slice(&bytes[part])));
+        }
+        Ok(Some(bytes.slice(part)))
     }
 
     /// For each needed block: join its flight, start a new one (coalescing
@@ -884,6 +892,22 @@ mod tests {
                 buffers: Mutex::new(Vec::new()),
             })
         }
+
+        fn open(&self) {
+            if let Some(g) = &self.gate {
+                g.add_permits(Semaphore::MAX_PERMITS / 2);
+            }
+        }
+
+        /// Whether `p` points into a buffer this origin handed out.
+        fn owns(&self, p: *const u8) -> bool {
+            let p = p as usize;
+            self.buffers
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|&(a, n)| p >= a && p < a + n)
+        }
     }
 
     impl Origin for MemOrigin {
@@ -976,5 +1000,45 @@ mod tests {
         assert!(accounted(&cache), "{} bytes", cache.present_bytes());
         assert_eq!(cache.present_bytes(), MIB);
         assert_eq!(Stats::get(&cache.stats().crc_failures), 2);
+    }
+
+    /// A small read that joins a large fetch (readahead's 4 MiB) gets its
+    /// own copy: a reply slice would keep the whole fetch buffer alive
+    /// while the reply budget counts only the slice. A large read keeps the
+    /// zero-copy slice.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_small_read_joining_a_large_fetch_does_not_pin_its_buffer() {
+        let img = image(8 * MIB);
+        let origin = MemOrigin::new(img.clone(), true);
+        let (_dir, cache) = open(origin.clone());
+        let fetch = cache
+            .start_background(range(0, 4 * MIB), Background::Readahead)
+            .unwrap();
+        assert_eq!(fetch.claimed_blocks(), 64);
+        let spawn_read = |r: ByteRange| {
+            let c = cache.clone();
+            tokio::spawn(async move { c.read(r).await })
+        };
+        let small = spawn_read(range(8192, 4096));
+        let large = spawn_read(range(MIB, 2 * MIB));
+        // Both reads are planned (joined the fetch) before it answers.
+        while cache.guest_waiting() < 2 {
+            tokio::task::yield_now().await;
+        }
+        origin.open();
+        let small = small.await.unwrap().unwrap().data;
+        let large = large.await.unwrap().unwrap().data;
+        fetch.finish().await.unwrap();
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+        assert!(small == img[8192..12288]);
+        assert!(large == img[MIB as usize..3 * MIB as usize]);
+        assert!(
+            !origin.owns(small.as_ptr()),
+            "a 4 KiB reply points into the 4 MiB fetch buffer"
+        );
+        assert!(origin.owns(large.as_ptr()), "a 2 MiB reply is a slice");
+        // What the reply holds is what the budget counts.
+        let own = small.try_into_mut().expect("the reply owns its bytes");
+        assert_eq!(own.capacity(), 4096);
     }
 }
