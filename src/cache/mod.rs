@@ -14,6 +14,26 @@
 //! * a fetched block is stored, then its CRCs, then it is marked present;
 //!   all-zero blocks are recorded as `zero` and not stored;
 //! * if storing fails (disk full), the bytes are still served, uncached.
+//!
+//! Eviction (see [`ImageCache::evict`]) never makes readers wait for a
+//! punch, never punches bytes a reader is reading, and never punches a
+//! block fetched again meanwhile:
+//!
+//! ```text
+//!            demote (CAS, inflight lock)        punched, marker removed
+//!  present ---------------------------> evicting ----------------------> missing
+//!     ^      + "evicting" marker in        |  readers: the state says      |
+//!     |        inflight for the block      |  missing, plan_fetch finds    |
+//!     |                                    |  the marker, they wait for it |
+//!     |      pins drain: readers that      |  and plan again; nobody can   |
+//!     |      saw it present finish first   |  claim a fetch of it          |
+//!     +------------------------------------------------------------------+
+//!                         fetched and published again
+//! ```
+//!
+//! Readers pin the blocks whose bytes they read (a per-block count) and
+//! check the state after pinning; the evictor demotes, then waits for the
+//! pins to drain. Fences on both sides make one of them see the other.
 
 pub mod dir;
 pub mod verify;
@@ -24,8 +44,8 @@ pub use crate::store::map;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{watch, Semaphore};
@@ -47,10 +67,13 @@ pub const DEFAULT_MAX_FETCH: u64 = 4 << 20;
 /// The outcome of one origin fetch: the run's bytes, shared by all joiners.
 type FetchResult = Option<Result<Bytes>>;
 
-/// One origin fetch in progress covering blocks `[first, first + count)`.
+/// One origin fetch in progress covering blocks `[first, first + count)`,
+/// or (`evicting`) the marker of blocks being evicted: it resolves, with no
+/// bytes, once they are punched and may be fetched again.
 struct Flight {
     first: u64,
     rx: watch::Receiver<FetchResult>,
+    evicting: bool,
 }
 
 struct Inner {
@@ -73,11 +96,9 @@ struct Inner {
     opened: std::time::Instant,
     /// Holds the directory's exclusive flock for the cache's lifetime.
     _lock: File,
-    /// Readers hold it (shared) from checking a block's state to having
-    /// read its bytes; eviction holds it (exclusive) while it demotes and
-    /// punches blocks. So a block is never evicted under a reader. Never
-    /// held across `.await`.
-    evict_lock: RwLock<()>,
+    /// Readers of each block's bytes right now (see [`Inner::pin`]): the
+    /// evictor punches a block it demoted only once its count is zero.
+    pins: Vec<AtomicU16>,
     /// Clock reference bits, one per block, set when a read is served.
     refs: Vec<AtomicU8>,
     /// The clock hand (next block the evictor looks at).
@@ -186,7 +207,7 @@ impl ImageCache {
         let present = store.map().counts().0 * g.block_size.bytes();
         ImageCache {
             inner: Arc::new(Inner {
-                evict_lock: RwLock::new(()),
+                pins: (0..blocks).map(|_| AtomicU16::new(0)).collect(),
                 refs: (0..blocks).map(|_| AtomicU8::new(0)).collect(),
                 hand: AtomicU64::new(0),
                 present_bytes: AtomicU64::new(present),
@@ -339,7 +360,9 @@ impl ImageCache {
         let mut flights: Vec<Arc<Flight>> = Vec::new();
         for p in plans {
             if let Plan::Wait(f) = p {
-                if !flights.iter().any(|g| Arc::ptr_eq(g, &f)) {
+                // Blocks being evicted are not brought back: a later pass
+                // (hydration's next scan) finds them missing.
+                if !f.evicting && !flights.iter().any(|g| Arc::ptr_eq(g, &f)) {
                     flights.push(f);
                 }
             }
@@ -378,8 +401,14 @@ impl ImageCache {
     /// Evict up to `want` bytes of present blocks, least recently used first
     /// (a clock over the block map: a block read since the hand last passed
     /// gets a second chance). Zero blocks cost nothing and stay. Blocking
-    /// (punches holes); returns the bytes freed.
+    /// (waits for readers of its victims, punches holes), but holds nothing
+    /// readers wait on while it does; returns the bytes freed.
     pub fn evict(&self, want: u64) -> u64 {
+        self.evict_with(want, |store, r| store.punch(r))
+    }
+
+    /// [`Self::evict`] with the punch given (tests slow it down).
+    fn evict_with(&self, want: u64, mut punch: impl FnMut(&BlockStore, ByteRange)) -> u64 {
         const BATCH: usize = 64;
         let inner = &self.inner;
         let blocks = inner.store.map().blocks();
@@ -405,21 +434,62 @@ impl ImageCache {
                     break;
                 }
             }
-            let _evicting = inner.evict_lock.write().unwrap_or_else(|p| p.into_inner());
-            for b in victims {
-                if inner.store.map().transition(
-                    BlockIndex(b),
-                    BlockState::Present,
-                    BlockState::Missing,
-                ) {
-                    inner.store.punch(inner.store.block_range(b));
-                    inner
-                        .present_bytes
-                        .fetch_sub(inner.bs.bytes(), Ordering::Relaxed);
-                    Stats::add(&inner.stats.evictions, 1);
-                    freed += inner.bs.bytes();
+            if victims.is_empty() {
+                continue;
+            }
+            // Demote, and park an "evicting" marker in `inflight` for each
+            // victim: from here until the marker goes, readers of these
+            // blocks wait for it and nobody can fetch and publish one again
+            // (a punch landing after that would destroy fresh data).
+            let (tx, rx) = watch::channel(None);
+            let marker = Arc::new(Flight {
+                first: victims[0],
+                rx,
+                evicting: true,
+            });
+            let mut demoted = Vec::with_capacity(victims.len());
+            {
+                let mut inflight = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                for b in victims {
+                    // Still in `inflight`: its fetch is publishing it. Leave it.
+                    if !inflight.contains_key(&b)
+                        && inner.store.map().transition(
+                            BlockIndex(b),
+                            BlockState::Present,
+                            BlockState::Missing,
+                        )
+                    {
+                        inflight.insert(b, marker.clone());
+                        demoted.push(b);
+                    }
                 }
             }
+            // Pairs with the fence in `Inner::pin`: a reader either sees the
+            // demotion or has its pin seen here.
+            fence(Ordering::SeqCst);
+            // Reads that found these blocks present before the demotion
+            // finish first (they are short: one pread each).
+            for &b in &demoted {
+                wait_unpinned(&inner.pins[b as usize]);
+            }
+            for &b in &demoted {
+                punch(&inner.store, inner.store.block_range(b));
+                inner
+                    .present_bytes
+                    .fetch_sub(inner.bs.bytes(), Ordering::Relaxed);
+                Stats::add(&inner.stats.evictions, 1);
+                freed += inner.bs.bytes();
+            }
+            {
+                let mut inflight = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                for b in &demoted {
+                    if inflight.get(b).is_some_and(|f| Arc::ptr_eq(f, &marker)) {
+                        inflight.remove(b);
+                    }
+                }
+            }
+            // Waiting readers plan again: the blocks are missing now.
+            let _ = tx.send(Some(Ok(Bytes::new())));
         }
         freed
     }
@@ -435,7 +505,6 @@ impl ImageCache {
         let inner = &self.inner;
         self.observe(r);
         let blocks = inner.bs.covering(r);
-        let _reading = inner.evict_lock.read().unwrap_or_else(|p| p.into_inner());
         let map = inner.store.map();
         if blocks
             .clone()
@@ -443,45 +512,22 @@ impl ImageCache {
         {
             return None;
         }
+        let todo: Vec<u64> = blocks.collect();
         let mut out = BytesMut::zeroed(r.len as usize);
         let mut zero = Vec::new();
-        let mut b = blocks.start;
-        while b < blocks.end {
-            let st = map.state(BlockIndex(b));
-            let mut e = b + 1;
-            while e < blocks.end && map.state(BlockIndex(e)) == st {
-                e += 1;
+        match inner.local_pass(r, &todo, &mut out, &mut zero) {
+            Err(e) => Some(Err(e)),
+            // Demoted meanwhile (CRC, eviction): the full path refetches.
+            Ok(pass) if !pass.need.is_empty() => None,
+            Ok(pass) => {
+                Stats::add(&inner.stats.hits, pass.local);
+                merge_ranges(&mut zero);
+                Some(Ok(ReadData {
+                    data: out.freeze(),
+                    zero,
+                }))
             }
-            match st {
-                BlockState::Present => match inner.read_local(r, b, e, &mut out) {
-                    Ok(bad) if bad.is_empty() => {
-                        for k in b..e {
-                            inner.refs[k as usize].store(1, Ordering::Relaxed);
-                        }
-                    }
-                    Ok(_) => return None, // demoted; the full path refetches
-                    Err(err) => return Some(Err(err)),
-                },
-                BlockState::Zero => {
-                    let zr = ByteRange {
-                        offset: b * inner.bs.bytes(),
-                        len: (e - b) * inner.bs.bytes(),
-                    };
-                    if let Some(z) = zr.intersect(&r) {
-                        zero.push(z);
-                    }
-                }
-                // Evicted between the check and here cannot happen (we hold
-                // the eviction lock); a concurrent CRC demotion can.
-                BlockState::Missing => return None,
-            }
-            b = e;
         }
-        Stats::add(&inner.stats.hits, blocks.end - blocks.start);
-        Some(Ok(ReadData {
-            data: out.freeze(),
-            zero,
-        }))
     }
 
     async fn read_impl(&self, r: ByteRange) -> Result<ReadData> {
@@ -505,59 +551,9 @@ impl ImageCache {
         // A block can fail its CRC or be evicted between planning and
         // reading; a few rounds settle that, more means real trouble.
         for _round in 0..4 {
-            let mut local_ok = 0u64;
-            let mut need = Vec::new();
-            let mut i = 0;
-            while i < todo.len() {
-                let b = todo[i];
-                let _reading = inner.evict_lock.read().unwrap_or_else(|p| p.into_inner());
-                match inner.store.map().state(BlockIndex(b)) {
-                    BlockState::Present => {
-                        // Extend over consecutive present blocks: one pread.
-                        let mut j = i + 1;
-                        while j < todo.len()
-                            && todo[j] == todo[j - 1] + 1
-                            && inner.store.map().state(BlockIndex(todo[j])) == BlockState::Present
-                        {
-                            j += 1;
-                        }
-                        let bad = inner.read_local(r, b, todo[j - 1] + 1, &mut out)?;
-                        for k in &todo[i..j] {
-                            inner.refs[*k as usize].store(1, Ordering::Relaxed);
-                        }
-                        local_ok += (j - i) as u64 - bad.len() as u64;
-                        need.extend(bad);
-                        i = j;
-                    }
-                    BlockState::Zero => {
-                        let mut j = i + 1;
-                        while j < todo.len()
-                            && todo[j] == todo[j - 1] + 1
-                            && inner.store.map().state(BlockIndex(todo[j])) == BlockState::Zero
-                        {
-                            j += 1;
-                        }
-                        let zr = ByteRange {
-                            offset: b * inner.bs.bytes(),
-                            len: (todo[j - 1] + 1 - b) * inner.bs.bytes(),
-                        };
-                        if let Some(z) = zr.intersect(&r) {
-                            // `out` starts zeroed; a previous round may have
-                            // written here only if the block was then present.
-                            let s = (z.offset - r.offset) as usize;
-                            out[s..s + z.len as usize].fill(0);
-                            zero.push(z);
-                        }
-                        local_ok += (j - i) as u64;
-                        i = j;
-                    }
-                    BlockState::Missing => {
-                        need.push(b);
-                        i += 1;
-                    }
-                }
-            }
-            Stats::add(&inner.stats.hits, local_ok);
+            let pass = inner.local_pass(r, &todo, &mut out, &mut zero)?;
+            Stats::add(&inner.stats.hits, pass.local);
+            let need = pass.need;
             if need.is_empty() {
                 merge_ranges(&mut zero);
                 return Ok(ReadData {
@@ -573,7 +569,12 @@ impl ImageCache {
                     Plan::Done => todo.push(*b),
                     Plan::Wait(f) => {
                         let bytes = wait(&f).await?;
-                        inner.copy_from_flight(r, *b, &f, &bytes, &mut out);
+                        if f.evicting {
+                            // Punched now: the next round fetches it.
+                            todo.push(*b);
+                        } else {
+                            inner.copy_from_flight(r, *b, &f, &bytes, &mut out);
+                        }
                     }
                 }
             }
@@ -608,9 +609,10 @@ impl ImageCache {
         let Some(Plan::Wait(f)) = plans.first() else {
             return Ok(None);
         };
-        if !plans
-            .iter()
-            .all(|p| matches!(p, Plan::Wait(g) if Arc::ptr_eq(f, g)))
+        if f.evicting
+            || !plans
+                .iter()
+                .all(|p| matches!(p, Plan::Wait(g) if Arc::ptr_eq(f, g)))
         {
             return Ok(None);
         }
@@ -678,7 +680,11 @@ impl ImageCache {
     /// finds a block either in flight or in its final state.
     fn start_fetch(&self, first: u64, count: u64) -> Arc<Flight> {
         let (tx, rx) = watch::channel(None);
-        let flight = Arc::new(Flight { first, rx });
+        let flight = Arc::new(Flight {
+            first,
+            rx,
+            evicting: false,
+        });
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let start = inner.bs.range_of(BlockIndex(first), inner.size).offset;
@@ -752,7 +758,131 @@ impl ImageCache {
     }
 }
 
+/// What one [`Inner::local_pass`] found.
+#[derive(Default)]
+struct Pass {
+    /// Blocks served locally (present and verified, or zero).
+    local: u64,
+    /// Blocks that must come from the origin: missing, or demoted because
+    /// they failed their CRC or were evicted.
+    need: Vec<u64>,
+}
+
+/// Blocks pinned for reading (see [`Inner::pin`]); unpinned on drop.
+struct Pinned<'a> {
+    pins: &'a [AtomicU16],
+    blocks: std::ops::Range<u64>,
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        for b in self.blocks.clone() {
+            // Release: the read is done before the evictor sees zero.
+            self.pins[b as usize].fetch_sub(1, Ordering::Release);
+        }
+    }
+}
+
+/// Wait until no reader has `pin`'s block pinned. Pins are held for one
+/// pread, so this spins briefly, then yields, then sleeps.
+fn wait_unpinned(pin: &AtomicU16) {
+    let mut tries = 0u32;
+    while pin.load(Ordering::Acquire) != 0 {
+        tries += 1;
+        if tries < 100 {
+            std::hint::spin_loop();
+        } else if tries < 200 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+}
+
 impl Inner {
+    /// Pin `blocks` before reading their bytes; the caller MUST check their
+    /// states after this returns and read only blocks still present. While
+    /// pinned, a block the evictor demotes is not punched.
+    fn pin(&self, blocks: std::ops::Range<u64>) -> Pinned<'_> {
+        for b in blocks.clone() {
+            self.pins[b as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        // Pairs with the fence in `evict_with` (store-load on both sides:
+        // pin then load state here, demote then load pins there).
+        fence(Ordering::SeqCst);
+        Pinned {
+            pins: &self.pins,
+            blocks,
+        }
+    }
+
+    /// One pass over the blocks `todo` (ascending) of read `r`: serve the
+    /// local ones into `out` (which holds `r`) and `zero`, and tell which
+    /// must come from the origin.
+    fn local_pass(
+        &self,
+        r: ByteRange,
+        todo: &[u64],
+        out: &mut [u8],
+        zero: &mut Vec<ByteRange>,
+    ) -> Result<Pass> {
+        let map = self.store.map();
+        let mut pass = Pass::default();
+        let mut i = 0;
+        while i < todo.len() {
+            let b = todo[i];
+            // A run of consecutive blocks in one state: one pread.
+            let st = map.state(BlockIndex(b));
+            let mut j = i + 1;
+            while j < todo.len()
+                && todo[j] == todo[j - 1] + 1
+                && map.state(BlockIndex(todo[j])) == st
+            {
+                j += 1;
+            }
+            let end = todo[j - 1] + 1;
+            match st {
+                BlockState::Present => {
+                    let _pinned = self.pin(b..end);
+                    // Looked at unpinned: read what is still present now.
+                    let e = (b..end)
+                        .find(|&k| map.state(BlockIndex(k)) != BlockState::Present)
+                        .unwrap_or(end);
+                    if e == b {
+                        continue; // demoted meanwhile: look again
+                    }
+                    let bad = self.read_local(r, b, e, out)?;
+                    for k in b..e {
+                        self.refs[k as usize].store(1, Ordering::Relaxed);
+                    }
+                    pass.local += e - b - bad.len() as u64;
+                    pass.need.extend(bad);
+                    i += (e - b) as usize;
+                }
+                BlockState::Zero => {
+                    let zr = ByteRange {
+                        offset: b * self.bs.bytes(),
+                        len: (end - b) * self.bs.bytes(),
+                    };
+                    if let Some(z) = zr.intersect(&r) {
+                        // `out` may hold bytes of a round that found the
+                        // block present before it was refetched as zero.
+                        let s = (z.offset - r.offset) as usize;
+                        out[s..s + z.len as usize].fill(0);
+                        zero.push(z);
+                    }
+                    pass.local += (j - i) as u64;
+                    i = j;
+                }
+                BlockState::Missing => {
+                    pass.need.extend_from_slice(&todo[i..j]);
+                    i = j;
+                }
+            }
+        }
+        Ok(pass)
+    }
+
     /// Read present blocks `[b0, b1)`'s part of `r` into `out`, verifying
     /// every page touched. Returns the blocks that failed verification
     /// (already marked missing, so they will be refetched).
@@ -1040,5 +1170,166 @@ mod tests {
         // What the reply holds is what the budget counts.
         let own = small.try_into_mut().expect("the reply owns its bytes");
         assert_eq!(own.capacity(), 4096);
+    }
+
+    /// Clear every reference bit and put the clock hand on block `b`: the
+    /// next eviction takes `b` first.
+    fn aim(cache: &ImageCache, b: u64) {
+        for r in &cache.inner.refs {
+            r.store(0, Ordering::Relaxed);
+        }
+        cache.inner.hand.store(b, Ordering::Relaxed);
+    }
+
+    /// Evict one block (the one `aim`ed at) on a thread of its own, with a
+    /// punch that waits to be let go. Returns (the range being punched, as
+    /// soon as the punch is reached; the go signal; the evictor).
+    fn held_eviction(
+        cache: &ImageCache,
+    ) -> (
+        std::sync::mpsc::Receiver<ByteRange>,
+        std::sync::mpsc::Sender<()>,
+        std::thread::JoinHandle<u64>,
+    ) {
+        let (at_tx, at) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let c = cache.clone();
+        let evictor = std::thread::spawn(move || {
+            c.evict_with(BS, |store, r| {
+                at_tx.send(r).unwrap();
+                go_rx.recv().unwrap();
+                store.punch(r);
+            })
+        });
+        (at, go, evictor)
+    }
+
+    /// The evictor punches without holding anything readers wait on: while
+    /// a punch is held up, other blocks are read as usual. A read of the
+    /// block being evicted waits for the punch and only then fetches it
+    /// again: a fetch published before the punch landed would be destroyed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_never_wait_for_a_punch_nor_lose_a_refetch_to_it() {
+        let img = image(MIB);
+        let at = |o: u64, n: u64| &img[o as usize..(o + n) as usize];
+        let origin = MemOrigin::new(img.clone(), false);
+        let (_dir, cache) = open(origin.clone());
+        cache.read(range(0, MIB)).await.unwrap();
+        let fetched = origin.requests.load(Ordering::SeqCst);
+        aim(&cache, 5);
+        let (punching, go, evictor) = held_eviction(&cache);
+        let r = tokio::task::spawn_blocking(move || punching.recv().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r, range(5 * BS, BS));
+        let quick = std::time::Duration::from_secs(2);
+        let other = cache
+            .read_now(range(7 * BS, 4096))
+            .expect("inline")
+            .unwrap();
+        assert!(other.data == at(7 * BS, 4096));
+        let other = tokio::time::timeout(quick, cache.read(range(8 * BS, 2 * BS)))
+            .await
+            .expect("a read of other blocks waits for nothing")
+            .unwrap();
+        assert!(other.data == at(8 * BS, 2 * BS));
+        assert!(cache.read_now(range(5 * BS, 4096)).is_none());
+        let c = cache.clone();
+        let evicted = tokio::spawn(async move { c.read(range(4 * BS + 100, 2 * BS)).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!evicted.is_finished(), "the read waits for the punch");
+        assert_eq!(
+            origin.requests.load(Ordering::SeqCst),
+            fetched,
+            "no fetch of the block before its punch"
+        );
+        go.send(()).unwrap();
+        let evicted = tokio::time::timeout(quick, evicted)
+            .await
+            .expect("the read goes on after the punch")
+            .unwrap()
+            .unwrap();
+        assert_eq!(evictor.join().unwrap(), BS);
+        assert!(evicted.data == at(4 * BS + 100, 2 * BS));
+        assert_eq!(origin.requests.load(Ordering::SeqCst), fetched + 1);
+        // Fetched after the punch, so intact.
+        let again = cache.read_now(range(5 * BS, BS)).expect("present").unwrap();
+        assert!(again.data == at(5 * BS, BS));
+        assert_eq!(cache.present_bytes(), MIB);
+        assert!(accounted(&cache));
+        assert_eq!(Stats::get(&cache.stats().evictions), 1);
+        assert_eq!(Stats::get(&cache.stats().crc_failures), 0);
+    }
+
+    /// A block demoted while a reader has it pinned (between checking its
+    /// state and reading its bytes) is punched only after that read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_block_is_punched_only_after_its_readers() {
+        let img = image(MIB);
+        let (_dir, cache) = open(MemOrigin::new(img.clone(), false));
+        cache.read(range(0, MIB)).await.unwrap();
+        aim(&cache, 5);
+        let reading = cache.inner.pin(5..6);
+        let (punching, go, evictor) = held_eviction(&cache);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(cache.is_missing(5), "demoted at once");
+        assert!(
+            punching.try_recv().is_err(),
+            "but not punched under a reader"
+        );
+        drop(reading);
+        let r = punching
+            .recv_timeout(std::time::Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(r, range(5 * BS, BS));
+        go.send(()).unwrap();
+        assert_eq!(evictor.join().unwrap(), BS);
+    }
+
+    /// Readers and an evictor racing over a small cache: every read is
+    /// right, and no block is ever punched under a reader or after a
+    /// refetch (either would show as a CRC failure).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_racing_the_evictor_are_right_and_never_see_a_punch() {
+        let img = Arc::new(image(2 * MIB));
+        let (_dir, cache) = open(MemOrigin::new(img.to_vec(), false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let c = cache.clone();
+        let s = stop.clone();
+        let evictor = std::thread::spawn(move || {
+            let mut freed = 0;
+            while !s.load(Ordering::Relaxed) {
+                freed += c.evict(4 * BS);
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            freed
+        });
+        let mut readers = Vec::new();
+        for seed in 1..=4u64 {
+            let (c, img) = (cache.clone(), img.clone());
+            readers.push(tokio::spawn(async move {
+                let mut x = seed * 0x9E37_79B9;
+                for _ in 0..2000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let len = 1 + x % (3 * BS);
+                    let off = (x >> 20) % (2 * MIB - len);
+                    let r = range(off, len);
+                    let got = match c.read_now(r) {
+                        Some(d) => d.unwrap(),
+                        None => c.read(r).await.unwrap(),
+                    };
+                    assert!(got.data == img[off as usize..(off + len) as usize], "{r}");
+                }
+            }));
+        }
+        for r in readers {
+            r.await.unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(evictor.join().unwrap() > 0);
+        assert_eq!(Stats::get(&cache.stats().crc_failures), 0);
+        assert!(accounted(&cache));
     }
 }
