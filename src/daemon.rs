@@ -577,7 +577,9 @@ async fn evictor(d: Arc<Daemon>, limit: u64, mut stop: watch::Receiver<bool>) {
             // Largest caches first: they hold the most cold blocks.
             let mut caches = caches;
             caches.sort_by_key(|c| std::cmp::Reverse(c.present_bytes()));
-            for c in caches {
+            // A cache whose file system cannot punch holes frees nothing
+            // (it said so once, in a warning naming its directory).
+            for c in caches.iter().filter(|c| c.can_evict()) {
                 if freed >= want {
                     break;
                 }
@@ -587,12 +589,20 @@ async fn evictor(d: Arc<Daemon>, limit: u64, mut stop: watch::Receiver<bool>) {
         })
         .await
         .unwrap_or(0);
-        tracing::info!(
-            limit,
-            cached = total,
-            freed,
-            "cache over its size limit: evicted least recently used blocks"
-        );
+        if freed > 0 {
+            tracing::info!(
+                limit,
+                cached = total,
+                freed,
+                "cache over its size limit: evicted least recently used blocks"
+            );
+        } else {
+            tracing::debug!(
+                limit,
+                cached = total,
+                "cache over its size limit: nothing could be evicted"
+            );
+        }
     }
 }
 

@@ -89,6 +89,11 @@ struct Inner {
     stats: Arc<Stats>,
     /// Log "cannot store" once, not per block.
     store_warned: AtomicBool,
+    /// Log "cannot punch" once, not per eviction.
+    punch_warned: AtomicBool,
+    /// The file system cannot punch holes: eviction frees nothing, so it
+    /// is not tried again (demoting blocks would only cost refetches).
+    punch_unsupported: AtomicBool,
     /// When storing last failed (ms since `opened`, 0: not failing). While
     /// stores fail (a full disk), background fetches would only fetch bytes
     /// to throw away, so they wait: see [`ImageCache::storing`].
@@ -219,6 +224,8 @@ impl ImageCache {
                 max_fetch: DEFAULT_MAX_FETCH.max(g.block_size.bytes()),
                 stats,
                 store_warned: AtomicBool::new(false),
+                punch_warned: AtomicBool::new(false),
+                punch_unsupported: AtomicBool::new(false),
                 store_failed_at: AtomicU64::new(0),
                 opened: std::time::Instant::now(),
                 _lock: lock,
@@ -403,22 +410,38 @@ impl ImageCache {
     /// gets a second chance). Zero blocks cost nothing and stay. Blocking
     /// (waits for readers of its victims, punches holes), but holds nothing
     /// readers wait on while it does; returns the bytes freed.
+    ///
+    /// A hole that cannot be punched leaves its block cached (its bytes and
+    /// CRCs are untouched, or caught by the CRCs if partly zeroed), is
+    /// counted in `punch_failures`, logged once, and ends this call; on a
+    /// file system without hole punching, eviction stops for good.
     pub fn evict(&self, want: u64) -> u64 {
-        self.evict_with(want, |store, r| store.punch(r))
+        self.evict_with(want, |store, r| store.try_punch(r))
     }
 
-    /// [`Self::evict`] with the punch given (tests slow it down).
-    fn evict_with(&self, want: u64, mut punch: impl FnMut(&BlockStore, ByteRange)) -> u64 {
+    /// Whether eviction can free space here (false once the file system
+    /// turned out unable to punch holes).
+    pub fn can_evict(&self) -> bool {
+        !self.inner.punch_unsupported.load(Ordering::Relaxed)
+    }
+
+    /// [`Self::evict`] with the punch given (tests slow it down or fail it).
+    fn evict_with(
+        &self,
+        want: u64,
+        mut punch: impl FnMut(&BlockStore, ByteRange) -> Result<()>,
+    ) -> u64 {
         const BATCH: usize = 64;
         let inner = &self.inner;
         let blocks = inner.store.map().blocks();
-        if blocks == 0 {
+        if blocks == 0 || !self.can_evict() {
             return 0;
         }
+        let mut failed = false;
         let mut freed = 0;
         let mut looked = 0u64;
         // Two turns of the clock: the first may only clear reference bits.
-        while freed < want && looked < 2 * blocks {
+        while freed < want && looked < 2 * blocks && !failed {
             let mut victims = Vec::with_capacity(BATCH);
             while victims.len() < BATCH && looked < 2 * blocks {
                 let b = inner.hand.fetch_add(1, Ordering::Relaxed) % blocks;
@@ -473,7 +496,26 @@ impl ImageCache {
                 wait_unpinned(&inner.pins[b as usize]);
             }
             for &b in &demoted {
-                punch(&inner.store, inner.store.block_range(b));
+                let res = if failed {
+                    Ok(()) // not tried: restored below
+                } else {
+                    punch(&inner.store, inner.store.block_range(b))
+                };
+                if let Err(e) = &res {
+                    failed = true;
+                    self.punch_failed(e);
+                }
+                if failed {
+                    // Back to present: nothing wrote the block while its
+                    // marker was up, so its bytes and CRCs still agree (a
+                    // partial punch fails the CRC and is refetched).
+                    inner.store.map().transition(
+                        BlockIndex(b),
+                        BlockState::Missing,
+                        BlockState::Present,
+                    );
+                    continue;
+                }
                 inner
                     .present_bytes
                     .fetch_sub(inner.bs.bytes(), Ordering::Relaxed);
@@ -492,6 +534,29 @@ impl ImageCache {
             let _ = tx.send(Some(Ok(Bytes::new())));
         }
         freed
+    }
+
+    /// Count and report a failed punch (once per cache).
+    fn punch_failed(&self, e: &Error) {
+        let inner = &self.inner;
+        Stats::add(&inner.stats.punch_failures, 1);
+        let unsupported = e.kind() == ErrorKind::Unsupported;
+        if unsupported {
+            inner.punch_unsupported.store(true, Ordering::Relaxed);
+        }
+        if !inner.punch_warned.swap(true, Ordering::Relaxed) {
+            let why = if unsupported {
+                "its file system cannot punch holes; eviction is off for this image"
+            } else {
+                "eviction will try again"
+            };
+            tracing::warn!(
+                error = %e,
+                "cannot punch holes in the cache data file in {}: --cache-size cannot be enforced \
+                 (the blocks stay cached; {why})",
+                inner.dir.display()
+            );
+        }
     }
 
     /// Persist metadata and data (shutdown, FLUSH).
@@ -1198,7 +1263,7 @@ mod tests {
             c.evict_with(BS, |store, r| {
                 at_tx.send(r).unwrap();
                 go_rx.recv().unwrap();
-                store.punch(r);
+                store.try_punch(r)
             })
         });
         (at, go, evictor)
@@ -1331,5 +1396,58 @@ mod tests {
         assert!(evictor.join().unwrap() > 0);
         assert_eq!(Stats::get(&cache.stats().crc_failures), 0);
         assert!(accounted(&cache));
+    }
+
+    /// A hole that cannot be punched: the block stays cached and correct,
+    /// the failure is counted, and a file system without hole punching
+    /// stops eviction (an I/O error is tried again next time).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_punch_keeps_the_block_and_is_counted() {
+        let img = image(MIB);
+        let origin = MemOrigin::new(img.clone(), false);
+        let (_dir, cache) = open(origin.clone());
+        cache.read(range(0, MIB)).await.unwrap();
+        let fetched = origin.requests.load(Ordering::SeqCst);
+        let tries = AtomicU64::new(0);
+        let failing = |kind: ErrorKind| {
+            let tries = &tries;
+            move |_: &BlockStore, _: ByteRange| {
+                tries.fetch_add(1, Ordering::SeqCst);
+                Err(Error::new(kind, "injected"))
+            }
+        };
+        aim(&cache, 5);
+        assert_eq!(cache.evict_with(4 * BS, failing(ErrorKind::Io)), 0);
+        assert_eq!(tries.load(Ordering::SeqCst), 1, "the first failure ends it");
+        assert_eq!(cache.counts().0, 16, "every victim is present again");
+        assert!(cache.can_evict());
+        aim(&cache, 5);
+        assert_eq!(cache.evict_with(BS, failing(ErrorKind::Unsupported)), 0);
+        assert_eq!(tries.load(Ordering::SeqCst), 2);
+        assert!(!cache.can_evict());
+        assert_eq!(cache.evict(BS), 0, "no more tries");
+        assert_eq!(cache.counts().0, 16);
+        assert_eq!(cache.present_bytes(), MIB);
+        assert_eq!(Stats::get(&cache.stats().punch_failures), 2);
+        assert_eq!(Stats::get(&cache.stats().evictions), 0);
+        let r = cache
+            .read_now(range(4 * BS, 4 * BS))
+            .expect("still cached")
+            .unwrap();
+        assert!(r.data == img[4 * BS as usize..8 * BS as usize]);
+        assert_eq!(origin.requests.load(Ordering::SeqCst), fetched);
+    }
+
+    /// The store reports what fallocate said (here it can punch).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_punch_reports_its_outcome() {
+        let (_dir, cache) = open(MemOrigin::new(image(MIB), false));
+        cache.read(range(0, MIB)).await.unwrap();
+        let store = &cache.inner.store;
+        store.try_punch(range(2 * BS, BS)).unwrap();
+        let mut page = vec![1u8; 4096];
+        let data = std::fs::File::open(cache.dir().join("data")).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&data, &mut page, 2 * BS).unwrap();
+        assert!(page.iter().all(|&b| b == 0), "punched");
     }
 }

@@ -299,18 +299,38 @@ impl BlockStore {
 
     /// Drop the bytes of blocks that no longer need storage (zeroed or
     /// given back to the base); frees disk space where the filesystem can.
+    /// For callers to whom a failure only means no space is freed; see
+    /// [`BlockStore::try_punch`].
     pub fn punch(&self, r: ByteRange) {
+        let _ = self.try_punch(r);
+    }
+
+    /// [`BlockStore::punch`], telling whether it worked: `Unsupported` when
+    /// the file system cannot punch holes, another kind for I/O errors.
+    /// On failure the bytes may still be there (all of them for
+    /// `Unsupported`) or be partly zeroed: the caller decides what the
+    /// blocks are (their CRCs catch the latter).
+    pub fn try_punch(&self, r: ByteRange) -> Result<()> {
         use std::os::unix::io::AsRawFd;
         // SAFETY: fallocate on an owned, open descriptor with in-range
-        // offsets; no memory is passed. Failure only means no space is freed.
-        unsafe {
+        // offsets; no memory is passed.
+        let rc = unsafe {
             libc::fallocate(
                 self.data.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 r.offset as libc::off_t,
                 r.len as libc::off_t,
-            );
+            )
+        };
+        if rc == 0 {
+            return Ok(());
         }
+        let e = std::io::Error::last_os_error();
+        let what = format!("punching a hole at {r} of the store data file");
+        Err(match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => Error::with_source(ErrorKind::Unsupported, what, e),
+            _ => Error::io(what, e),
+        })
     }
 }
 
