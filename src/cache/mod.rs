@@ -15,6 +15,12 @@
 //!   all-zero blocks are recorded as `zero` and not stored;
 //! * if storing fails (disk full), the bytes are still served, uncached.
 //!
+//! Disk I/O never runs on the async workers unless it cannot block: a read
+//! tries the page cache first (`RWF_NOWAIT`: the inline fast path and the
+//! first pass of the full path); blocks whose bytes would have to come from
+//! the disk are read on the blocking pool, where stores of fetched blocks
+//! run too.
+//!
 //! Eviction (see [`ImageCache::evict`]) never makes readers wait for a
 //! punch, never punches bytes a reader is reading, and never punches a
 //! block fetched again meanwhile:
@@ -580,10 +586,11 @@ impl ImageCache {
         let todo: Vec<u64> = blocks.collect();
         let mut out = BytesMut::zeroed(r.len as usize);
         let mut zero = Vec::new();
-        match inner.local_pass(r, &todo, &mut out, &mut zero) {
+        match inner.local_pass(r, &todo, &mut out, &mut zero, true) {
             Err(e) => Some(Err(e)),
             // Demoted meanwhile (CRC, eviction): the full path refetches.
-            Ok(pass) if !pass.need.is_empty() => None,
+            // Not in the page cache: the full path reads it off the workers.
+            Ok(pass) if !pass.need.is_empty() || !pass.blocked.is_empty() => None,
             Ok(pass) => {
                 Stats::add(&inner.stats.hits, pass.local);
                 merge_ranges(&mut zero);
@@ -616,7 +623,26 @@ impl ImageCache {
         // A block can fail its CRC or be evicted between planning and
         // reading; a few rounds settle that, more means real trouble.
         for _round in 0..4 {
-            let pass = inner.local_pass(r, &todo, &mut out, &mut zero)?;
+            let mut pass = inner.local_pass(r, &todo, &mut out, &mut zero, true)?;
+            if !pass.blocked.is_empty() {
+                // The disk reads go to the blocking pool, `out` with them.
+                let (inner2, blocked) = (inner.clone(), std::mem::take(&mut pass.blocked));
+                let mut buf = std::mem::take(&mut out);
+                let (buf, z, slow) = tokio::task::spawn_blocking(move || {
+                    let mut z = Vec::new();
+                    let slow = inner2.local_pass(r, &blocked, &mut buf, &mut z, false);
+                    (buf, z, slow)
+                })
+                .await
+                .map_err(|e| Error::with_source(ErrorKind::Io, "cache read task", e))?;
+                out = buf;
+                zero.extend(z);
+                let slow = slow?;
+                pass.local += slow.local;
+                pass.need.extend(slow.need);
+                // Ascending, so that planning coalesces adjacent blocks.
+                pass.need.sort_unstable();
+            }
             Stats::add(&inner.stats.hits, pass.local);
             let need = pass.need;
             if need.is_empty() {
@@ -831,6 +857,9 @@ struct Pass {
     /// Blocks that must come from the origin: missing, or demoted because
     /// they failed their CRC or were evicted.
     need: Vec<u64>,
+    /// Present blocks not read because their bytes are not in the page
+    /// cache (only with `nowait`): read them on the blocking pool.
+    blocked: Vec<u64>,
 }
 
 /// Blocks pinned for reading (see [`Inner::pin`]); unpinned on drop.
@@ -883,13 +912,16 @@ impl Inner {
 
     /// One pass over the blocks `todo` (ascending) of read `r`: serve the
     /// local ones into `out` (which holds `r`) and `zero`, and tell which
-    /// must come from the origin.
+    /// must come from the origin. With `nowait` it reads only from the page
+    /// cache (it may then run on an async worker) and reports the rest as
+    /// `blocked`; without, it blocks on disk reads (blocking pool only).
     fn local_pass(
         &self,
         r: ByteRange,
         todo: &[u64],
         out: &mut [u8],
         zero: &mut Vec<ByteRange>,
+        nowait: bool,
     ) -> Result<Pass> {
         let map = self.store.map();
         let mut pass = Pass::default();
@@ -916,13 +948,16 @@ impl Inner {
                     if e == b {
                         continue; // demoted meanwhile: look again
                     }
-                    let bad = self.read_local(r, b, e, out)?;
+                    i += (e - b) as usize;
+                    let Some(bad) = self.read_local(r, b, e, out, nowait)? else {
+                        pass.blocked.extend(b..e);
+                        continue;
+                    };
                     for k in b..e {
                         self.refs[k as usize].store(1, Ordering::Relaxed);
                     }
                     pass.local += e - b - bad.len() as u64;
                     pass.need.extend(bad);
-                    i += (e - b) as usize;
                 }
                 BlockState::Zero => {
                     let zr = ByteRange {
@@ -950,9 +985,24 @@ impl Inner {
 
     /// Read present blocks `[b0, b1)`'s part of `r` into `out`, verifying
     /// every page touched. Returns the blocks that failed verification
-    /// (already marked missing, so they will be refetched).
-    fn read_local(&self, r: ByteRange, b0: u64, b1: u64, out: &mut [u8]) -> Result<Vec<u64>> {
-        let bad = self.store.read_verified(r, b0, b1, out)?;
+    /// (already marked missing, so they will be refetched); `None` if
+    /// `nowait` and the bytes are not all in the page cache.
+    fn read_local(
+        &self,
+        r: ByteRange,
+        b0: u64,
+        b1: u64,
+        out: &mut [u8],
+        nowait: bool,
+    ) -> Result<Option<Vec<u64>>> {
+        let bad = if nowait {
+            match self.store.read_verified_now(r, b0, b1, out)? {
+                Some(bad) => bad,
+                None => return Ok(None),
+            }
+        } else {
+            self.store.read_verified(r, b0, b1, out)?
+        };
         for &b in &bad {
             if self
                 .store
@@ -969,7 +1019,7 @@ impl Inner {
                 );
             }
         }
-        Ok(bad)
+        Ok(Some(bad))
     }
 
     /// Copy block `b`'s part of `r` from a completed flight into `out`.
@@ -1449,5 +1499,39 @@ mod tests {
         let data = std::fs::File::open(cache.dir().join("data")).unwrap();
         std::os::unix::fs::FileExt::read_exact_at(&data, &mut page, 2 * BS).unwrap();
         assert!(page.iter().all(|&b| b == 0), "punched");
+    }
+
+    /// Bytes that are not in the page cache are not read inline (that
+    /// would block an async worker on the disk): the fast path declines,
+    /// the full path reads them on the blocking pool (locally, not from the
+    /// origin), and from then on they are served inline again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocks_not_in_the_page_cache_are_read_off_the_workers() {
+        use std::os::unix::io::AsRawFd;
+        let img = image(MIB);
+        let at = |o: u64, n: u64| &img[o as usize..(o + n) as usize];
+        let origin = MemOrigin::new(img.clone(), false);
+        let (_dir, cache) = open(origin.clone());
+        cache.read(range(0, MIB)).await.unwrap();
+        let fetched = origin.requests.load(Ordering::SeqCst);
+        assert!(cache.read_now(range(3 * BS, 4096)).is_some());
+        // Written back, then dropped from the page cache.
+        cache.sync().unwrap();
+        let data = std::fs::File::open(cache.dir().join("data")).unwrap();
+        // SAFETY: an advisory call on an open descriptor; no memory passed.
+        let rc = unsafe { libc::posix_fadvise(data.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        assert!(
+            cache.read_now(range(3 * BS, 4096)).is_none(),
+            "the inline path would have waited for the disk"
+        );
+        let r = cache.read(range(3 * BS - 100, 2 * BS)).await.unwrap();
+        assert!(r.data == at(3 * BS - 100, 2 * BS));
+        assert_eq!(origin.requests.load(Ordering::SeqCst), fetched);
+        let r = cache
+            .read_now(range(3 * BS, 4096))
+            .expect("in the page cache now");
+        assert!(r.unwrap().data == at(3 * BS, 4096));
+        assert_eq!(Stats::get(&cache.stats().crc_failures), 0);
     }
 }
