@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::block::BlockSize;
@@ -110,13 +110,63 @@ pub struct ExportInfo {
     pub overlay_bytes: u64,
 }
 
+/// An image in [`Daemon::images`].
+enum Slot {
+    Open(ImageCache),
+    /// One caller is probing the origin and opening the cache; the others
+    /// wait for its outcome here. A closed channel without an outcome: the
+    /// opener was cancelled, try again.
+    Opening(watch::Receiver<Option<Result<ImageCache>>>),
+}
+
+/// The opener's claim on an `Opening` slot: dropped before the outcome is
+/// sent (the opener's future was cancelled), it clears the slot, and the
+/// waiters, seeing the channel close, try again.
+struct Claim<'a> {
+    images: &'a std::sync::Mutex<HashMap<String, Slot>>,
+    image: &'a str,
+    tx: Option<watch::Sender<Option<Result<ImageCache>>>>,
+}
+
+impl Claim<'_> {
+    /// Publish the outcome: the slot becomes `Open` (or goes, on error),
+    /// then the waiters get it.
+    fn finish(mut self, res: &Result<ImageCache>) {
+        {
+            let mut images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+            match res {
+                Ok(c) => images.insert(self.image.to_string(), Slot::Open(c.clone())),
+                Err(_) => images.remove(self.image),
+            };
+        }
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Some(res.clone()));
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            let mut images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+            // Only the claim's owner turns an `Opening` slot into anything.
+            if matches!(images.get(self.image), Some(Slot::Opening(_))) {
+                images.remove(self.image);
+            }
+        }
+    }
+}
+
 /// The serving state shared by listeners and the control socket.
 pub struct Daemon {
     cache_dir: CacheDir,
     block_size: Option<BlockSize>,
     origin_options: OriginOptions,
     /// Open images by origin spec: every export of an image shares one cache.
-    images: Mutex<HashMap<String, ImageCache>>,
+    /// Held only to look up or change a slot, never across `.await`: the
+    /// origin probe of one image must not stall adds of others, the
+    /// evictor or the periodic sync.
+    images: std::sync::Mutex<HashMap<String, Slot>>,
     /// (locator, counters) of open images, readable without awaiting (metrics).
     image_stats: std::sync::RwLock<Vec<(String, Arc<Stats>)>>,
     pub exports: Arc<Exports>,
@@ -133,27 +183,74 @@ pub struct Daemon {
 
 impl Daemon {
     /// The shared cache of `image`, opening origin and cache on first use.
+    /// Concurrent first uses share one opening (one probe, one cache).
     pub async fn image(&self, image: &str) -> Result<ImageCache> {
-        let mut images = self.images.lock().await;
-        if let Some(c) = images.get(image) {
-            return Ok(c.clone());
+        enum Next {
+            Wait(watch::Receiver<Option<Result<ImageCache>>>),
+            Open(watch::Sender<Option<Result<ImageCache>>>),
         }
-        let cache = self.open_image(image).await?;
-        images.insert(image.to_string(), cache.clone());
-        drop(images);
-        self.start_image_work(&cache);
-        Ok(cache)
+        loop {
+            let next = {
+                let mut images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+                match images.get(image) {
+                    Some(Slot::Open(c)) => return Ok(c.clone()),
+                    Some(Slot::Opening(rx)) => Next::Wait(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        images.insert(image.to_string(), Slot::Opening(rx));
+                        Next::Open(tx)
+                    }
+                }
+            };
+            let tx = match next {
+                Next::Wait(mut rx) => match rx.wait_for(|v| v.is_some()).await {
+                    Ok(v) => match &*v {
+                        Some(res) => return res.clone(),
+                        None => continue,
+                    },
+                    // The opener was cancelled: take over or join anew.
+                    Err(_) => continue,
+                },
+                Next::Open(tx) => tx,
+            };
+            let claim = Claim {
+                images: &self.images,
+                image,
+                tx: Some(tx),
+            };
+            let res = self.open_image(image).await;
+            claim.finish(&res);
+            if let Ok(cache) = &res {
+                self.start_image_work(cache);
+            }
+            return res;
+        }
     }
 
-    /// Open an image's origin and cache (the caller holds `images`).
+    /// Every open image's cache (not those being opened).
+    fn open_caches(&self) -> Vec<ImageCache> {
+        self.images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|s| match s {
+                Slot::Open(c) => Some(c.clone()),
+                Slot::Opening(_) => None,
+            })
+            .collect()
+    }
+
+    /// Open an image's origin and cache (the caller holds its `Opening`
+    /// slot, not the `images` lock).
     async fn open_image(&self, image: &str) -> Result<ImageCache> {
         let stats = Arc::new(Stats::default());
         let origin = origin::open(image, &self.origin_options, stats.clone()).await?;
         tracing::info!(origin = %origin.identity(), "origin opened");
-        let cache_dir = &self.cache_dir;
-        let bs = self.block_size;
+        let (cache_dir, bs) = (self.cache_dir.clone(), self.block_size);
         // Opening the cache reads and maybe truncates files: blocking work.
-        let cache = tokio::task::block_in_place(|| cache_dir.open_image(origin, bs, stats))?;
+        let cache = tokio::task::spawn_blocking(move || cache_dir.open_image(origin, bs, stats))
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Io, "cache open task", e))??;
         self.image_stats
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -263,15 +360,7 @@ impl Daemon {
 
     /// Stop every boot profile recording and save the profiles.
     pub fn finish_profiles(&self) -> Result<()> {
-        let caches: Vec<ImageCache> = match self.images.try_lock() {
-            Ok(m) => m.values().cloned().collect(),
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorKind::Io,
-                    "an image is being opened; try again",
-                ))
-            }
-        };
+        let caches = self.open_caches();
         let mut r = Ok(());
         for c in caches {
             if let Err(e) = profile::finish_recording(&c) {
@@ -383,7 +472,7 @@ impl Daemon {
 
     /// Persist every cache and overlay.
     pub async fn sync_all(&self) -> Result<()> {
-        let caches: Vec<ImageCache> = self.images.lock().await.values().cloned().collect();
+        let caches = self.open_caches();
         let overlays: Vec<_> = self
             .exports
             .all()
@@ -445,7 +534,16 @@ impl Running {
 
     /// The shared cache of `image` if open.
     pub async fn cache(&self, image: &str) -> Option<ImageCache> {
-        self.daemon.images.lock().await.get(image).cloned()
+        match self
+            .daemon
+            .images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(image)
+        {
+            Some(Slot::Open(c)) => Some(c.clone()),
+            _ => None,
+        }
     }
 
     /// Stop accepting, answer in-flight requests, persist everything.
@@ -488,7 +586,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         cache_dir: CacheDir::new(&cfg.cache_dir)?,
         block_size: cfg.block_size,
         origin_options: cfg.origin_options.clone(),
-        images: Mutex::new(HashMap::new()),
+        images: Default::default(),
         image_stats: Default::default(),
         exports: Arc::new(Exports::new()),
     });
@@ -568,7 +666,7 @@ async fn evictor(d: Arc<Daemon>, limit: u64, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let caches: Vec<ImageCache> = d.images.lock().await.values().cloned().collect();
+        let caches = d.open_caches();
         let total: u64 = caches.iter().map(|c| c.present_bytes()).sum();
         if total <= high {
             continue;
@@ -579,7 +677,9 @@ async fn evictor(d: Arc<Daemon>, limit: u64, mut stop: watch::Receiver<bool>) {
             // Largest caches first: they hold the most cold blocks.
             let mut caches = caches;
             caches.sort_by_key(|c| std::cmp::Reverse(c.present_bytes()));
-            for c in caches {
+            // A cache whose file system cannot punch holes frees nothing
+            // (it said so once, in a warning naming its directory).
+            for c in caches.iter().filter(|c| c.can_evict()) {
                 if freed >= want {
                     break;
                 }
@@ -589,12 +689,20 @@ async fn evictor(d: Arc<Daemon>, limit: u64, mut stop: watch::Receiver<bool>) {
         })
         .await
         .unwrap_or(0);
-        tracing::info!(
-            limit,
-            cached = total,
-            freed,
-            "cache over its size limit: evicted least recently used blocks"
-        );
+        if freed > 0 {
+            tracing::info!(
+                limit,
+                cached = total,
+                freed,
+                "cache over its size limit: evicted least recently used blocks"
+            );
+        } else {
+            tracing::debug!(
+                limit,
+                cached = total,
+                "cache over its size limit: nothing could be evicted"
+            );
+        }
     }
 }
 

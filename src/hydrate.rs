@@ -13,15 +13,18 @@
 //!   scan skips what is already there. A status file (`hydrate.json` in the
 //!   image's cache directory: blocks done, total, rate, ETA) is rewritten
 //!   every second for `lazybd cache info`; metrics read the same numbers.
+//!   It is written on the blocking pool, one write at a time (a second
+//!   with the last one unfinished is skipped), and never fsynced: it is
+//!   informational, and a run after a power cut rewrites it at once.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::block::{BlockIndex, ByteRange};
 use crate::cache::{Background, ImageCache};
@@ -121,6 +124,7 @@ pub async fn run(
     let mut cursor = 0u64;
     let mut wrapped = false;
     let mut window = RateWindow::new();
+    let mut status = StatusWriter::new(cache.dir().join(STATUS_FILE));
     let mut last_status = Instant::now() - Duration::from_secs(10);
     let mut last_log = Instant::now();
     let mut failures = 0u32;
@@ -131,7 +135,7 @@ pub async fn run(
         // Progress: status file every second, a log line every 10 s.
         if last_status.elapsed() >= Duration::from_secs(1) {
             let p = progress(&cache, &mut window, false);
-            publish(&cache, &live, &p);
+            publish(&mut status, &live, &p);
             if last_log.elapsed() >= Duration::from_secs(10) {
                 log_progress(&image, &p, bs.bytes());
                 last_log = Instant::now();
@@ -215,7 +219,8 @@ pub async fn run(
     // Stopping: in-flight fetches finish (their blocks are worth keeping).
     while jobs.join_next().await.is_some() {}
     let p = progress(&cache, &mut window, true);
-    publish(&cache, &live, &p);
+    publish(&mut status, &live, &p);
+    status.finish().await;
     if p.complete {
         tracing::info!(%image, elapsed_s = started.elapsed().as_secs(), "hydration complete: the image is fully cached");
     } else {
@@ -271,15 +276,71 @@ fn progress(cache: &ImageCache, w: &mut RateWindow, stopped: bool) -> Progress {
     }
 }
 
-fn publish(cache: &ImageCache, live: &Live, p: &Progress) {
+fn publish(status: &mut StatusWriter, live: &Live, p: &Progress) {
     live.done_blocks.store(p.done_blocks, Ordering::Relaxed);
     live.total_blocks.store(p.total_blocks, Ordering::Relaxed);
     live.rate.store(p.rate, Ordering::Relaxed);
     if let Ok(json) = serde_json::to_vec(p) {
-        if let Err(e) = crate::util::write_atomic(&cache.dir().join(STATUS_FILE), &json) {
-            tracing::debug!(error = %e, "cannot write hydration status");
+        status.write(json);
+    }
+}
+
+/// Writes the status file off the async workers (a slow or stuck disk must
+/// not stall them), one write at a time.
+struct StatusWriter {
+    path: PathBuf,
+    /// The write under way, if any.
+    pending: Option<JoinHandle<()>>,
+    /// The newest status not yet written (a write was under way).
+    latest: Option<Vec<u8>>,
+}
+
+impl StatusWriter {
+    fn new(path: PathBuf) -> Self {
+        StatusWriter {
+            path,
+            pending: None,
+            latest: None,
         }
     }
+
+    /// Start writing `json`, unless a write is still under way: then it
+    /// waits for the next call (or [`StatusWriter::finish`]).
+    fn write(&mut self, json: Vec<u8>) {
+        if self.pending.as_ref().is_some_and(|h| !h.is_finished()) {
+            self.latest = Some(json);
+            return;
+        }
+        self.latest = None;
+        let path = self.path.clone();
+        self.pending = Some(tokio::task::spawn_blocking(move || {
+            if let Err(e) = write_status(&path, &json) {
+                tracing::debug!(error = %e, "cannot write hydration status");
+            }
+        }));
+    }
+
+    /// Wait for the write under way, then write the newest status left.
+    async fn finish(&mut self) {
+        if let Some(h) = self.pending.take() {
+            let _ = h.await;
+        }
+        if let Some(json) = self.latest.take() {
+            self.write(json);
+            if let Some(h) = self.pending.take() {
+                let _ = h.await;
+            }
+        }
+    }
+}
+
+/// Replace the status file: temp file, rename (readers see a whole file),
+/// no fsync (see the module doc).
+fn write_status(path: &Path, json: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, path)
 }
 
 fn log_progress(image: &str, p: &Progress, bs: u64) {
@@ -294,4 +355,80 @@ fn log_progress(image: &str, p: &Progress, bs: u64) {
         human_bytes(p.total_blocks * bs),
         human_bytes(p.rate),
         p.eta_secs.map(|s| format!("{s}s")).unwrap_or_else(|| "unknown".into()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::BlockSize;
+    use crate::cache::CacheDir;
+    use crate::stats::Stats;
+
+    /// A status write that never ends (the temp file is a FIFO nobody
+    /// reads) stalls neither the runtime nor hydration: the write happens
+    /// off the runtime's one thread.
+    #[test]
+    fn a_stuck_status_write_stalls_neither_the_runtime_nor_hydration() {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let img: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+        let path = dir.path().join("image.raw");
+        std::fs::write(&path, &img).unwrap();
+        let stats = Arc::new(Stats::default());
+        let origin = Arc::new(crate::origin::FileOrigin::open(&path, stats.clone()).unwrap());
+        let cache = CacheDir::new(dir.path().join("cache"))
+            .unwrap()
+            .open_image(origin, Some(BlockSize::new(64 << 10).unwrap()), stats)
+            .unwrap();
+        let fifo = cache.dir().join(format!("{STATUS_FILE}.tmp"));
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let live = Arc::new(Live::default());
+        let (l, c) = (live.clone(), cache.clone());
+        let runtime = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (stop_tx, stop) = watch::channel(false);
+                let run = tokio::spawn(run(c.clone(), None, l, stop));
+                while c.counts().0 + c.counts().1 < c.counts().2 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                done_tx.send(()).unwrap();
+                let _ = stop_tx.send(true);
+                run.await.unwrap().unwrap();
+            });
+        });
+        let hydrated = done.recv_timeout(Duration::from_secs(10));
+        // Let the stuck writer go: open the FIFO's other end and drain it.
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo);
+        if let Ok(mut r) = reader {
+            let end = Instant::now() + Duration::from_secs(2);
+            let mut buf = [0u8; 4096];
+            while Instant::now() < end {
+                match std::io::Read::read(&mut r, &mut buf) {
+                    Ok(0) if !fifo.exists() => break,
+                    _ => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }
+        assert!(
+            hydrated.is_ok(),
+            "hydration stalled behind a status write on the runtime's thread"
+        );
+        runtime.join().unwrap();
+        assert!(
+            live.done_blocks.load(Ordering::Relaxed) == live.total_blocks.load(Ordering::Relaxed)
+        );
+        let p = Progress::load(cache.dir()).expect("the final status is written");
+        assert!(p.complete);
+    }
 }

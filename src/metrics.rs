@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering::Relaxed;
 type Field = fn(&Stats) -> u64;
 
 /// (name, help, value) of each per-image counter.
-const IMAGE_COUNTERS: [(&str, &str, Field); 15] = [
+const IMAGE_COUNTERS: [(&str, &str, Field); 16] = [
     ("lazybd_read_requests", "NBD READ requests answered", |s| {
         Stats::get(&s.reads)
     }),
@@ -79,6 +79,11 @@ const IMAGE_COUNTERS: [(&str, &str, Field); 15] = [
         "lazybd_cache_evictions",
         "Blocks evicted to respect the cache size",
         |s| Stats::get(&s.evictions),
+    ),
+    (
+        "lazybd_cache_punch_failures",
+        "Evictions that failed to punch a hole (the cache size limit is not enforced)",
+        |s| Stats::get(&s.punch_failures),
     ),
     (
         "lazybd_readahead_bytes",

@@ -91,6 +91,9 @@ pub struct Stats {
     pub zero_blocks: AtomicU64,
     /// Blocks evicted to keep the cache under its size limit.
     pub evictions: AtomicU64,
+    /// Evictions that failed because the hole could not be punched (the
+    /// block stays cached; the size limit is not enforced).
+    pub punch_failures: AtomicU64,
     /// Slow origin requests that were sent a second time (hedged).
     pub origin_hedges: AtomicU64,
     /// Bytes brought in ahead of the guest by sequential readahead.
@@ -120,7 +123,7 @@ impl fmt::Display for Stats {
             f,
             "reads={} bytes_served={} hits={} misses={} origin_requests={} origin_bytes={} \
              origin_errors={} crc_failures={} store_failures={} zero_blocks={} evictions={} \
-             readahead_bytes={} profile_bytes={} hydrate_bytes={} origin_hedges={}",
+             punch_failures={} readahead_bytes={} profile_bytes={} hydrate_bytes={} origin_hedges={}",
             g(&self.reads),
             g(&self.bytes_served),
             g(&self.hits),
@@ -132,6 +135,7 @@ impl fmt::Display for Stats {
             g(&self.store_failures),
             g(&self.zero_blocks),
             g(&self.evictions),
+            g(&self.punch_failures),
             g(&self.readahead_bytes),
             g(&self.profile_bytes),
             g(&self.hydrate_bytes),

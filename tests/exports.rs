@@ -460,3 +460,174 @@ async fn bounded_cache_evicts_cold_blocks_and_stays_correct() {
     let rep = lazybd::cache::verify::verify_image(&d, false, |_, _| {}).unwrap();
     assert!(rep.damaged_blocks.is_empty());
 }
+
+/// One origin whose probe hangs must not stall the server: exports of
+/// other images are added, read and removed meanwhile, the periodic sync
+/// and the metrics' view of images go on, and adds of the stalled image
+/// share its one probe and end up on one cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_origin_probe_stalls_no_other_image() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::time::Instant;
+    let fast_img = image(2 * MIB, 101);
+    let slow_img = image(MIB, 102);
+    let fast = TestOrigin::start(fast_img.clone()).await;
+    let slow = TestOrigin::start(slow_img.clone()).await;
+    // The probe is the first ranged GET.
+    slow.faults.stall_ms.store(20_000, SeqCst);
+    slow.faults.stall_next.store(1, SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("control.sock");
+    let mut cfg = config(&fast.url, dir.path(), BS);
+    cfg.control = Some(sock.clone());
+    cfg.origin_options.request_timeout = Duration::from_secs(40);
+    let (srv, addr) = start(cfg).await;
+    let add = |name: &str, url: &str| {
+        let (sock, e) = (sock.clone(), export(name, url, false));
+        tokio::spawn(async move { control::call(&sock, &Request::Add { export: e }).await })
+    };
+    let slow1 = add("slow1", &slow.url);
+    while slow.requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let slow2 = add("slow2", &slow.url);
+    let quick = Duration::from_secs(5);
+    let timed = |what: String, t: Instant| {
+        assert!(t.elapsed() < quick, "{what} took {:?}", t.elapsed());
+    };
+    for i in 0..3 {
+        let name: &'static str = Box::leak(format!("fast{i}").into_boxed_str());
+        let t = Instant::now();
+        tokio::time::timeout(quick, add(name, &fast.url))
+            .await
+            .unwrap_or_else(|_| panic!("adding {name} waits for another image's probe"))
+            .unwrap()
+            .unwrap();
+        timed(format!("adding {name}"), t);
+        let t = Instant::now();
+        let mut c = tokio::time::timeout(
+            quick,
+            Client::connect(
+                &addr,
+                Opts {
+                    name,
+                    ..Opts::default()
+                },
+            ),
+        )
+        .await
+        .expect("connect");
+        let off = i as u64 * 512 * 1024;
+        let r = tokio::time::timeout(quick, c.read(off, 256 * 1024))
+            .await
+            .expect("read")
+            .unwrap();
+        assert!(r.data == fast_img[off as usize..off as usize + 256 * 1024]);
+        drop(c);
+        timed(format!("reading {name}"), t);
+        let t = Instant::now();
+        tokio::time::timeout(
+            quick,
+            control::call(
+                &sock,
+                &Request::Remove {
+                    name: name.into(),
+                    force: true,
+                    delete_overlay: false,
+                },
+            ),
+        )
+        .await
+        .expect("remove")
+        .unwrap();
+        timed(format!("removing {name}"), t);
+        let t = Instant::now();
+        tokio::time::timeout(quick, srv.daemon.sync_all())
+            .await
+            .expect("sync")
+            .unwrap();
+        timed("syncing".into(), t);
+        let t = Instant::now();
+        tokio::time::timeout(quick, srv.cache(&fast.url))
+            .await
+            .expect("cache lookup")
+            .unwrap();
+        timed("looking up a cache".into(), t);
+    }
+    assert!(!slow1.is_finished() && !slow2.is_finished());
+    // The stalled probe ends (the origin answers after 20 s); both adds
+    // succeed on one probe and one cache.
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(40), slow1)
+        .await
+        .expect("the stalled add ends")
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(quick, slow2)
+        .await
+        .expect("the joined add ends with it")
+        .unwrap()
+        .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(25));
+    assert_eq!(slow.requests(), 1, "one probe for two adds");
+    assert_eq!(srv.daemon.image_stats_now().len(), 2, "one cache per image");
+    for name in ["slow1", "slow2"] {
+        let mut c = Client::connect(
+            &addr,
+            Opts {
+                name,
+                ..Opts::default()
+            },
+        )
+        .await;
+        assert!(c.read(0, 65536).await.unwrap().data == slow_img[..65536]);
+    }
+    stop(srv).await;
+}
+
+/// An add whose probe is under way and is cancelled (its caller went
+/// away) hands the image over: an add waiting on it probes again and
+/// succeeds, and nothing is left half-open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_cancelled_during_its_probe_hands_over_to_the_next() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let img = image(MIB, 103);
+    let fast = TestOrigin::start(image(MIB, 104)).await;
+    let slow = TestOrigin::start(img.clone()).await;
+    slow.faults.stall_ms.store(20_000, SeqCst);
+    slow.faults.stall_next.store(1, SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&fast.url, dir.path(), BS);
+    cfg.origin_options.request_timeout = Duration::from_secs(40);
+    let (srv, addr) = start(cfg).await;
+    let add = |name: &str| {
+        let (d, e) = (srv.daemon.clone(), export(name, &slow.url, false));
+        tokio::spawn(async move { d.add_export(&e).await })
+    };
+    let first = add("a");
+    while slow.requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = add("b");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    first.abort();
+    assert!(first.await.unwrap_err().is_cancelled());
+    tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("the waiting add takes over")
+        .unwrap()
+        .unwrap();
+    assert_eq!(slow.requests(), 2, "the cancelled probe, then one more");
+    assert_eq!(srv.daemon.image_stats_now().len(), 2);
+    let mut c = Client::connect(
+        &addr,
+        Opts {
+            name: "b",
+            ..Opts::default()
+        },
+    )
+    .await;
+    assert!(c.read(0, 65536).await.unwrap().data == img[..65536]);
+    assert!(srv.daemon.list().iter().all(|e| e.name != "a"));
+    stop(srv).await;
+}

@@ -25,6 +25,7 @@ use crate::store::map::Geometry;
 use crate::store::BlockStore;
 use crate::util::fnv64;
 
+#[derive(Debug, Clone)]
 pub struct CacheDir {
     root: PathBuf,
 }

@@ -14,6 +14,32 @@
 //! * a fetched block is stored, then its CRCs, then it is marked present;
 //!   all-zero blocks are recorded as `zero` and not stored;
 //! * if storing fails (disk full), the bytes are still served, uncached.
+//!
+//! Disk I/O never runs on the async workers unless it cannot block: a read
+//! tries the page cache first (`RWF_NOWAIT`: the inline fast path and the
+//! first pass of the full path); blocks whose bytes would have to come from
+//! the disk are read on the blocking pool, where stores of fetched blocks
+//! run too.
+//!
+//! Eviction (see [`ImageCache::evict`]) never makes readers wait for a
+//! punch, never punches bytes a reader is reading, and never punches a
+//! block fetched again meanwhile:
+//!
+//! ```text
+//!            demote (CAS, inflight lock)        punched, marker removed
+//!  present ---------------------------> evicting ----------------------> missing
+//!     ^      + "evicting" marker in        |  readers: the state says      |
+//!     |        inflight for the block      |  missing, plan_fetch finds    |
+//!     |                                    |  the marker, they wait for it |
+//!     |      pins drain: readers that      |  and plan again; nobody can   |
+//!     |      saw it present finish first   |  claim a fetch of it          |
+//!     +------------------------------------------------------------------+
+//!                         fetched and published again
+//! ```
+//!
+//! Readers pin the blocks whose bytes they read (a per-block count) and
+//! check the state after pinning; the evictor demotes, then waits for the
+//! pins to drain. Fences on both sides make one of them see the other.
 
 pub mod dir;
 pub mod verify;
@@ -24,8 +50,8 @@ pub use crate::store::map;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{fence, AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{watch, Semaphore};
@@ -47,10 +73,13 @@ pub const DEFAULT_MAX_FETCH: u64 = 4 << 20;
 /// The outcome of one origin fetch: the run's bytes, shared by all joiners.
 type FetchResult = Option<Result<Bytes>>;
 
-/// One origin fetch in progress covering blocks `[first, first + count)`.
+/// One origin fetch in progress covering blocks `[first, first + count)`,
+/// or (`evicting`) the marker of blocks being evicted: it resolves, with no
+/// bytes, once they are punched and may be fetched again.
 struct Flight {
     first: u64,
     rx: watch::Receiver<FetchResult>,
+    evicting: bool,
 }
 
 struct Inner {
@@ -66,6 +95,11 @@ struct Inner {
     stats: Arc<Stats>,
     /// Log "cannot store" once, not per block.
     store_warned: AtomicBool,
+    /// Log "cannot punch" once, not per eviction.
+    punch_warned: AtomicBool,
+    /// The file system cannot punch holes: eviction frees nothing, so it
+    /// is not tried again (demoting blocks would only cost refetches).
+    punch_unsupported: AtomicBool,
     /// When storing last failed (ms since `opened`, 0: not failing). While
     /// stores fail (a full disk), background fetches would only fetch bytes
     /// to throw away, so they wait: see [`ImageCache::storing`].
@@ -73,11 +107,9 @@ struct Inner {
     opened: std::time::Instant,
     /// Holds the directory's exclusive flock for the cache's lifetime.
     _lock: File,
-    /// Readers hold it (shared) from checking a block's state to having
-    /// read its bytes; eviction holds it (exclusive) while it demotes and
-    /// punches blocks. So a block is never evicted under a reader. Never
-    /// held across `.await`.
-    evict_lock: RwLock<()>,
+    /// Readers of each block's bytes right now (see [`Inner::pin`]): the
+    /// evictor punches a block it demoted only once its count is zero.
+    pins: Vec<AtomicU16>,
     /// Clock reference bits, one per block, set when a read is served.
     refs: Vec<AtomicU8>,
     /// The clock hand (next block the evictor looks at).
@@ -186,7 +218,7 @@ impl ImageCache {
         let present = store.map().counts().0 * g.block_size.bytes();
         ImageCache {
             inner: Arc::new(Inner {
-                evict_lock: RwLock::new(()),
+                pins: (0..blocks).map(|_| AtomicU16::new(0)).collect(),
                 refs: (0..blocks).map(|_| AtomicU8::new(0)).collect(),
                 hand: AtomicU64::new(0),
                 present_bytes: AtomicU64::new(present),
@@ -198,6 +230,8 @@ impl ImageCache {
                 max_fetch: DEFAULT_MAX_FETCH.max(g.block_size.bytes()),
                 stats,
                 store_warned: AtomicBool::new(false),
+                punch_warned: AtomicBool::new(false),
+                punch_unsupported: AtomicBool::new(false),
                 store_failed_at: AtomicU64::new(0),
                 opened: std::time::Instant::now(),
                 _lock: lock,
@@ -339,7 +373,9 @@ impl ImageCache {
         let mut flights: Vec<Arc<Flight>> = Vec::new();
         for p in plans {
             if let Plan::Wait(f) = p {
-                if !flights.iter().any(|g| Arc::ptr_eq(g, &f)) {
+                // Blocks being evicted are not brought back: a later pass
+                // (hydration's next scan) finds them missing.
+                if !f.evicting && !flights.iter().any(|g| Arc::ptr_eq(g, &f)) {
                     flights.push(f);
                 }
             }
@@ -378,18 +414,40 @@ impl ImageCache {
     /// Evict up to `want` bytes of present blocks, least recently used first
     /// (a clock over the block map: a block read since the hand last passed
     /// gets a second chance). Zero blocks cost nothing and stay. Blocking
-    /// (punches holes); returns the bytes freed.
+    /// (waits for readers of its victims, punches holes), but holds nothing
+    /// readers wait on while it does; returns the bytes freed.
+    ///
+    /// A hole that cannot be punched leaves its block cached (its bytes and
+    /// CRCs are untouched, or caught by the CRCs if partly zeroed), is
+    /// counted in `punch_failures`, logged once, and ends this call; on a
+    /// file system without hole punching, eviction stops for good.
     pub fn evict(&self, want: u64) -> u64 {
+        self.evict_with(want, |store, r| store.try_punch(r))
+    }
+
+    /// Whether eviction can free space here (false once the file system
+    /// turned out unable to punch holes).
+    pub fn can_evict(&self) -> bool {
+        !self.inner.punch_unsupported.load(Ordering::Relaxed)
+    }
+
+    /// [`Self::evict`] with the punch given (tests slow it down or fail it).
+    fn evict_with(
+        &self,
+        want: u64,
+        mut punch: impl FnMut(&BlockStore, ByteRange) -> Result<()>,
+    ) -> u64 {
         const BATCH: usize = 64;
         let inner = &self.inner;
         let blocks = inner.store.map().blocks();
-        if blocks == 0 {
+        if blocks == 0 || !self.can_evict() {
             return 0;
         }
+        let mut failed = false;
         let mut freed = 0;
         let mut looked = 0u64;
         // Two turns of the clock: the first may only clear reference bits.
-        while freed < want && looked < 2 * blocks {
+        while freed < want && looked < 2 * blocks && !failed {
             let mut victims = Vec::with_capacity(BATCH);
             while victims.len() < BATCH && looked < 2 * blocks {
                 let b = inner.hand.fetch_add(1, Ordering::Relaxed) % blocks;
@@ -405,23 +463,106 @@ impl ImageCache {
                     break;
                 }
             }
-            let _evicting = inner.evict_lock.write().unwrap_or_else(|p| p.into_inner());
-            for b in victims {
-                if inner.store.map().transition(
-                    BlockIndex(b),
-                    BlockState::Present,
-                    BlockState::Missing,
-                ) {
-                    inner.store.punch(inner.store.block_range(b));
-                    inner
-                        .present_bytes
-                        .fetch_sub(inner.bs.bytes(), Ordering::Relaxed);
-                    Stats::add(&inner.stats.evictions, 1);
-                    freed += inner.bs.bytes();
+            if victims.is_empty() {
+                continue;
+            }
+            // Demote, and park an "evicting" marker in `inflight` for each
+            // victim: from here until the marker goes, readers of these
+            // blocks wait for it and nobody can fetch and publish one again
+            // (a punch landing after that would destroy fresh data).
+            let (tx, rx) = watch::channel(None);
+            let marker = Arc::new(Flight {
+                first: victims[0],
+                rx,
+                evicting: true,
+            });
+            let mut demoted = Vec::with_capacity(victims.len());
+            {
+                let mut inflight = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                for b in victims {
+                    // Still in `inflight`: its fetch is publishing it. Leave it.
+                    if !inflight.contains_key(&b)
+                        && inner.store.map().transition(
+                            BlockIndex(b),
+                            BlockState::Present,
+                            BlockState::Missing,
+                        )
+                    {
+                        inflight.insert(b, marker.clone());
+                        demoted.push(b);
+                    }
                 }
             }
+            // Pairs with the fence in `Inner::pin`: a reader either sees the
+            // demotion or has its pin seen here.
+            fence(Ordering::SeqCst);
+            // Reads that found these blocks present before the demotion
+            // finish first (they are short: one pread each).
+            for &b in &demoted {
+                wait_unpinned(&inner.pins[b as usize]);
+            }
+            for &b in &demoted {
+                let res = if failed {
+                    Ok(()) // not tried: restored below
+                } else {
+                    punch(&inner.store, inner.store.block_range(b))
+                };
+                if let Err(e) = &res {
+                    failed = true;
+                    self.punch_failed(e);
+                }
+                if failed {
+                    // Back to present: nothing wrote the block while its
+                    // marker was up, so its bytes and CRCs still agree (a
+                    // partial punch fails the CRC and is refetched).
+                    inner.store.map().transition(
+                        BlockIndex(b),
+                        BlockState::Missing,
+                        BlockState::Present,
+                    );
+                    continue;
+                }
+                inner
+                    .present_bytes
+                    .fetch_sub(inner.bs.bytes(), Ordering::Relaxed);
+                Stats::add(&inner.stats.evictions, 1);
+                freed += inner.bs.bytes();
+            }
+            {
+                let mut inflight = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                for b in &demoted {
+                    if inflight.get(b).is_some_and(|f| Arc::ptr_eq(f, &marker)) {
+                        inflight.remove(b);
+                    }
+                }
+            }
+            // Waiting readers plan again: the blocks are missing now.
+            let _ = tx.send(Some(Ok(Bytes::new())));
         }
         freed
+    }
+
+    /// Count and report a failed punch (once per cache).
+    fn punch_failed(&self, e: &Error) {
+        let inner = &self.inner;
+        Stats::add(&inner.stats.punch_failures, 1);
+        let unsupported = e.kind() == ErrorKind::Unsupported;
+        if unsupported {
+            inner.punch_unsupported.store(true, Ordering::Relaxed);
+        }
+        if !inner.punch_warned.swap(true, Ordering::Relaxed) {
+            let why = if unsupported {
+                "its file system cannot punch holes; eviction is off for this image"
+            } else {
+                "eviction will try again"
+            };
+            tracing::warn!(
+                error = %e,
+                "cannot punch holes in the cache data file in {}: --cache-size cannot be enforced \
+                 (the blocks stay cached; {why})",
+                inner.dir.display()
+            );
+        }
     }
 
     /// Persist metadata and data (shutdown, FLUSH).
@@ -435,7 +576,6 @@ impl ImageCache {
         let inner = &self.inner;
         self.observe(r);
         let blocks = inner.bs.covering(r);
-        let _reading = inner.evict_lock.read().unwrap_or_else(|p| p.into_inner());
         let map = inner.store.map();
         if blocks
             .clone()
@@ -443,45 +583,23 @@ impl ImageCache {
         {
             return None;
         }
+        let todo: Vec<u64> = blocks.collect();
         let mut out = BytesMut::zeroed(r.len as usize);
         let mut zero = Vec::new();
-        let mut b = blocks.start;
-        while b < blocks.end {
-            let st = map.state(BlockIndex(b));
-            let mut e = b + 1;
-            while e < blocks.end && map.state(BlockIndex(e)) == st {
-                e += 1;
+        match inner.local_pass(r, &todo, &mut out, &mut zero, true) {
+            Err(e) => Some(Err(e)),
+            // Demoted meanwhile (CRC, eviction): the full path refetches.
+            // Not in the page cache: the full path reads it off the workers.
+            Ok(pass) if !pass.need.is_empty() || !pass.blocked.is_empty() => None,
+            Ok(pass) => {
+                Stats::add(&inner.stats.hits, pass.local);
+                merge_ranges(&mut zero);
+                Some(Ok(ReadData {
+                    data: out.freeze(),
+                    zero,
+                }))
             }
-            match st {
-                BlockState::Present => match inner.read_local(r, b, e, &mut out) {
-                    Ok(bad) if bad.is_empty() => {
-                        for k in b..e {
-                            inner.refs[k as usize].store(1, Ordering::Relaxed);
-                        }
-                    }
-                    Ok(_) => return None, // demoted; the full path refetches
-                    Err(err) => return Some(Err(err)),
-                },
-                BlockState::Zero => {
-                    let zr = ByteRange {
-                        offset: b * inner.bs.bytes(),
-                        len: (e - b) * inner.bs.bytes(),
-                    };
-                    if let Some(z) = zr.intersect(&r) {
-                        zero.push(z);
-                    }
-                }
-                // Evicted between the check and here cannot happen (we hold
-                // the eviction lock); a concurrent CRC demotion can.
-                BlockState::Missing => return None,
-            }
-            b = e;
         }
-        Stats::add(&inner.stats.hits, blocks.end - blocks.start);
-        Some(Ok(ReadData {
-            data: out.freeze(),
-            zero,
-        }))
     }
 
     async fn read_impl(&self, r: ByteRange) -> Result<ReadData> {
@@ -505,59 +623,28 @@ impl ImageCache {
         // A block can fail its CRC or be evicted between planning and
         // reading; a few rounds settle that, more means real trouble.
         for _round in 0..4 {
-            let mut local_ok = 0u64;
-            let mut need = Vec::new();
-            let mut i = 0;
-            while i < todo.len() {
-                let b = todo[i];
-                let _reading = inner.evict_lock.read().unwrap_or_else(|p| p.into_inner());
-                match inner.store.map().state(BlockIndex(b)) {
-                    BlockState::Present => {
-                        // Extend over consecutive present blocks: one pread.
-                        let mut j = i + 1;
-                        while j < todo.len()
-                            && todo[j] == todo[j - 1] + 1
-                            && inner.store.map().state(BlockIndex(todo[j])) == BlockState::Present
-                        {
-                            j += 1;
-                        }
-                        let bad = inner.read_local(r, b, todo[j - 1] + 1, &mut out)?;
-                        for k in &todo[i..j] {
-                            inner.refs[*k as usize].store(1, Ordering::Relaxed);
-                        }
-                        local_ok += (j - i) as u64 - bad.len() as u64;
-                        need.extend(bad);
-                        i = j;
-                    }
-                    BlockState::Zero => {
-                        let mut j = i + 1;
-                        while j < todo.len()
-                            && todo[j] == todo[j - 1] + 1
-                            && inner.store.map().state(BlockIndex(todo[j])) == BlockState::Zero
-                        {
-                            j += 1;
-                        }
-                        let zr = ByteRange {
-                            offset: b * inner.bs.bytes(),
-                            len: (todo[j - 1] + 1 - b) * inner.bs.bytes(),
-                        };
-                        if let Some(z) = zr.intersect(&r) {
-                            // `out` starts zeroed; a previous round may have
-                            // written here only if the block was then present.
-                            let s = (z.offset - r.offset) as usize;
-                            out[s..s + z.len as usize].fill(0);
-                            zero.push(z);
-                        }
-                        local_ok += (j - i) as u64;
-                        i = j;
-                    }
-                    BlockState::Missing => {
-                        need.push(b);
-                        i += 1;
-                    }
-                }
+            let mut pass = inner.local_pass(r, &todo, &mut out, &mut zero, true)?;
+            if !pass.blocked.is_empty() {
+                // The disk reads go to the blocking pool, `out` with them.
+                let (inner2, blocked) = (inner.clone(), std::mem::take(&mut pass.blocked));
+                let mut buf = std::mem::take(&mut out);
+                let (buf, z, slow) = tokio::task::spawn_blocking(move || {
+                    let mut z = Vec::new();
+                    let slow = inner2.local_pass(r, &blocked, &mut buf, &mut z, false);
+                    (buf, z, slow)
+                })
+                .await
+                .map_err(|e| Error::with_source(ErrorKind::Io, "cache read task", e))?;
+                out = buf;
+                zero.extend(z);
+                let slow = slow?;
+                pass.local += slow.local;
+                pass.need.extend(slow.need);
+                // Ascending, so that planning coalesces adjacent blocks.
+                pass.need.sort_unstable();
             }
-            Stats::add(&inner.stats.hits, local_ok);
+            Stats::add(&inner.stats.hits, pass.local);
+            let need = pass.need;
             if need.is_empty() {
                 merge_ranges(&mut zero);
                 return Ok(ReadData {
@@ -573,7 +660,12 @@ impl ImageCache {
                     Plan::Done => todo.push(*b),
                     Plan::Wait(f) => {
                         let bytes = wait(&f).await?;
-                        inner.copy_from_flight(r, *b, &f, &bytes, &mut out);
+                        if f.evicting {
+                            // Punched now: the next round fetches it.
+                            todo.push(*b);
+                        } else {
+                            inner.copy_from_flight(r, *b, &f, &bytes, &mut out);
+                        }
                     }
                 }
             }
@@ -608,16 +700,25 @@ impl ImageCache {
         let Some(Plan::Wait(f)) = plans.first() else {
             return Ok(None);
         };
-        if !plans
-            .iter()
-            .all(|p| matches!(p, Plan::Wait(g) if Arc::ptr_eq(f, g)))
+        if f.evicting
+            || !plans
+                .iter()
+                .all(|p| matches!(p, Plan::Wait(g) if Arc::ptr_eq(f, g)))
         {
             return Ok(None);
         }
         Stats::add(&inner.stats.misses, need.len() as u64);
         let bytes = wait(f).await?;
         let start = (r.offset - f.first * inner.bs.bytes()) as usize;
-        Ok(Some(bytes.slice(start..start + r.len as usize)))
+        let part = start..start + r.len as usize;
+        // A slice keeps the whole fetch buffer (up to `max_fetch`, e.g. a
+        // readahead this read joined) alive for as long as the reply waits
+        // to be sent, while the reply budget counts only `r.len`. Below a
+        // quarter of the buffer the copy is cheap next to what it frees.
+        if (r.len as usize) < bytes.len() / 4 {
+            return Ok(Some(Bytes::copy_from_slice(&bytes[part])));
+        }
+        Ok(Some(bytes.slice(part)))
     }
 
     /// For each needed block: join its flight, start a new one (coalescing
@@ -670,7 +771,11 @@ impl ImageCache {
     /// finds a block either in flight or in its final state.
     fn start_fetch(&self, first: u64, count: u64) -> Arc<Flight> {
         let (tx, rx) = watch::channel(None);
-        let flight = Arc::new(Flight { first, rx });
+        let flight = Arc::new(Flight {
+            first,
+            rx,
+            evicting: false,
+        });
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let start = inner.bs.range_of(BlockIndex(first), inner.size).offset;
@@ -744,18 +849,169 @@ impl ImageCache {
     }
 }
 
+/// What one [`Inner::local_pass`] found.
+#[derive(Default)]
+struct Pass {
+    /// Blocks served locally (present and verified, or zero).
+    local: u64,
+    /// Blocks that must come from the origin: missing, or demoted because
+    /// they failed their CRC or were evicted.
+    need: Vec<u64>,
+    /// Present blocks not read because their bytes are not in the page
+    /// cache (only with `nowait`): read them on the blocking pool.
+    blocked: Vec<u64>,
+}
+
+/// Blocks pinned for reading (see [`Inner::pin`]); unpinned on drop.
+struct Pinned<'a> {
+    pins: &'a [AtomicU16],
+    blocks: std::ops::Range<u64>,
+}
+
+impl Drop for Pinned<'_> {
+    fn drop(&mut self) {
+        for b in self.blocks.clone() {
+            // Release: the read is done before the evictor sees zero.
+            self.pins[b as usize].fetch_sub(1, Ordering::Release);
+        }
+    }
+}
+
+/// Wait until no reader has `pin`'s block pinned. Pins are held for one
+/// pread, so this spins briefly, then yields, then sleeps.
+fn wait_unpinned(pin: &AtomicU16) {
+    let mut tries = 0u32;
+    while pin.load(Ordering::Acquire) != 0 {
+        tries += 1;
+        if tries < 100 {
+            std::hint::spin_loop();
+        } else if tries < 200 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+    }
+}
+
 impl Inner {
+    /// Pin `blocks` before reading their bytes; the caller MUST check their
+    /// states after this returns and read only blocks still present. While
+    /// pinned, a block the evictor demotes is not punched.
+    fn pin(&self, blocks: std::ops::Range<u64>) -> Pinned<'_> {
+        for b in blocks.clone() {
+            self.pins[b as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        // Pairs with the fence in `evict_with` (store-load on both sides:
+        // pin then load state here, demote then load pins there).
+        fence(Ordering::SeqCst);
+        Pinned {
+            pins: &self.pins,
+            blocks,
+        }
+    }
+
+    /// One pass over the blocks `todo` (ascending) of read `r`: serve the
+    /// local ones into `out` (which holds `r`) and `zero`, and tell which
+    /// must come from the origin. With `nowait` it reads only from the page
+    /// cache (it may then run on an async worker) and reports the rest as
+    /// `blocked`; without, it blocks on disk reads (blocking pool only).
+    fn local_pass(
+        &self,
+        r: ByteRange,
+        todo: &[u64],
+        out: &mut [u8],
+        zero: &mut Vec<ByteRange>,
+        nowait: bool,
+    ) -> Result<Pass> {
+        let map = self.store.map();
+        let mut pass = Pass::default();
+        let mut i = 0;
+        while i < todo.len() {
+            let b = todo[i];
+            // A run of consecutive blocks in one state: one pread.
+            let st = map.state(BlockIndex(b));
+            let mut j = i + 1;
+            while j < todo.len()
+                && todo[j] == todo[j - 1] + 1
+                && map.state(BlockIndex(todo[j])) == st
+            {
+                j += 1;
+            }
+            let end = todo[j - 1] + 1;
+            match st {
+                BlockState::Present => {
+                    let _pinned = self.pin(b..end);
+                    // Looked at unpinned: read what is still present now.
+                    let e = (b..end)
+                        .find(|&k| map.state(BlockIndex(k)) != BlockState::Present)
+                        .unwrap_or(end);
+                    if e == b {
+                        continue; // demoted meanwhile: look again
+                    }
+                    i += (e - b) as usize;
+                    let Some(bad) = self.read_local(r, b, e, out, nowait)? else {
+                        pass.blocked.extend(b..e);
+                        continue;
+                    };
+                    for k in b..e {
+                        self.refs[k as usize].store(1, Ordering::Relaxed);
+                    }
+                    pass.local += e - b - bad.len() as u64;
+                    pass.need.extend(bad);
+                }
+                BlockState::Zero => {
+                    let zr = ByteRange {
+                        offset: b * self.bs.bytes(),
+                        len: (end - b) * self.bs.bytes(),
+                    };
+                    if let Some(z) = zr.intersect(&r) {
+                        // `out` may hold bytes of a round that found the
+                        // block present before it was refetched as zero.
+                        let s = (z.offset - r.offset) as usize;
+                        out[s..s + z.len as usize].fill(0);
+                        zero.push(z);
+                    }
+                    pass.local += (j - i) as u64;
+                    i = j;
+                }
+                BlockState::Missing => {
+                    pass.need.extend_from_slice(&todo[i..j]);
+                    i = j;
+                }
+            }
+        }
+        Ok(pass)
+    }
+
     /// Read present blocks `[b0, b1)`'s part of `r` into `out`, verifying
     /// every page touched. Returns the blocks that failed verification
-    /// (already marked missing, so they will be refetched).
-    fn read_local(&self, r: ByteRange, b0: u64, b1: u64, out: &mut [u8]) -> Result<Vec<u64>> {
-        let bad = self.store.read_verified(r, b0, b1, out)?;
+    /// (already marked missing, so they will be refetched); `None` if
+    /// `nowait` and the bytes are not all in the page cache.
+    fn read_local(
+        &self,
+        r: ByteRange,
+        b0: u64,
+        b1: u64,
+        out: &mut [u8],
+        nowait: bool,
+    ) -> Result<Option<Vec<u64>>> {
+        let bad = if nowait {
+            match self.store.read_verified_now(r, b0, b1, out)? {
+                Some(bad) => bad,
+                None => return Ok(None),
+            }
+        } else {
+            self.store.read_verified(r, b0, b1, out)?
+        };
         for &b in &bad {
             if self
                 .store
                 .map()
                 .transition(BlockIndex(b), BlockState::Present, BlockState::Missing)
             {
+                // Its bytes no longer count: the refetch adds them again.
+                self.present_bytes
+                    .fetch_sub(self.bs.bytes(), Ordering::Relaxed);
                 Stats::add(&self.stats.crc_failures, 1);
                 tracing::warn!(
                     block = b,
@@ -763,7 +1019,7 @@ impl Inner {
                 );
             }
         }
-        Ok(bad)
+        Ok(Some(bad))
     }
 
     /// Copy block `b`'s part of `r` from a completed flight into `out`.
@@ -844,5 +1100,438 @@ impl BlockDevice for ImageCache {
         // A read-only cache has nothing a client wrote; FLUSH is a no-op
         // (cache durability is not a client promise).
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    const BS: u64 = 64 << 10;
+    const MIB: u64 = 1 << 20;
+
+    /// An in-memory origin. Every answer is a fresh allocation whose
+    /// address is recorded (so tests can tell what a reply points into);
+    /// with `gate` closed, reads wait until permits are added.
+    struct MemOrigin {
+        data: Vec<u8>,
+        identity: crate::origin::OriginIdentity,
+        gate: Option<Semaphore>,
+        requests: AtomicU64,
+        /// (address, length) of every buffer handed out.
+        buffers: Mutex<Vec<(usize, usize)>>,
+    }
+
+    impl MemOrigin {
+        fn new(data: Vec<u8>, gated: bool) -> Arc<MemOrigin> {
+            Arc::new(MemOrigin {
+                identity: crate::origin::OriginIdentity {
+                    locator: "mem://image".into(),
+                    size: data.len() as u64,
+                    validator: Some("v1".into()),
+                },
+                data,
+                gate: gated.then(|| Semaphore::new(0)),
+                requests: AtomicU64::new(0),
+                buffers: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn open(&self) {
+            if let Some(g) = &self.gate {
+                g.add_permits(Semaphore::MAX_PERMITS / 2);
+            }
+        }
+
+        /// Whether `p` points into a buffer this origin handed out.
+        fn owns(&self, p: *const u8) -> bool {
+            let p = p as usize;
+            self.buffers
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|&(a, n)| p >= a && p < a + n)
+        }
+    }
+
+    impl Origin for MemOrigin {
+        fn identity(&self) -> &crate::origin::OriginIdentity {
+            &self.identity
+        }
+
+        fn read_range(&self, r: ByteRange) -> BoxFuture<'_, Result<Bytes>> {
+            Box::pin(async move {
+                if let Some(g) = &self.gate {
+                    let _p = g.acquire().await.unwrap();
+                }
+                self.requests.fetch_add(1, Ordering::SeqCst);
+                let v = self.data[r.offset as usize..r.end() as usize].to_vec();
+                self.buffers
+                    .lock()
+                    .unwrap()
+                    .push((v.as_ptr() as usize, v.len()));
+                Ok(Bytes::from(v))
+            })
+        }
+    }
+
+    /// Pseudo-random bytes without a zero block.
+    fn image(len: u64) -> Vec<u8> {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x as u8) | 1
+            })
+            .collect()
+    }
+
+    fn open(origin: Arc<MemOrigin>) -> (tempfile::TempDir, ImageCache) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path())
+            .unwrap()
+            .open_image(
+                origin,
+                Some(BlockSize::new(BS).unwrap()),
+                Arc::new(Stats::default()),
+            )
+            .unwrap();
+        (dir, cache)
+    }
+
+    fn range(offset: u64, len: u64) -> ByteRange {
+        ByteRange { offset, len }
+    }
+
+    /// Overwrite a few bytes of the cache's data file.
+    fn damage(cache: &ImageCache, at: u64) {
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(cache.dir().join("data"))
+            .unwrap()
+            .write_all_at(b"garbage!", at)
+            .unwrap();
+    }
+
+    /// `present_bytes` is what the map holds as present, in whole blocks.
+    fn accounted(cache: &ImageCache) -> bool {
+        cache.present_bytes() == cache.counts().0 * BS
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_block_failing_its_crc_leaves_present_bytes() {
+        let img = image(MIB);
+        let origin = MemOrigin::new(img.clone(), false);
+        let (_dir, cache) = open(origin.clone());
+        assert!(cache.read(range(0, MIB)).await.unwrap().data == img);
+        assert_eq!(cache.present_bytes(), MIB);
+        damage(&cache, 3 * BS + 5000);
+        // The inline path finds the damage, demotes the block and gives up.
+        assert!(cache.read_now(range(3 * BS, 8192)).is_none());
+        assert_eq!(cache.counts().0, 15);
+        assert!(accounted(&cache), "{} bytes", cache.present_bytes());
+        // The full path refetches it.
+        let r = cache.read(range(3 * BS, 8192)).await.unwrap();
+        assert!(r.data == img[3 * BS as usize..3 * BS as usize + 8192]);
+        assert_eq!(cache.present_bytes(), MIB);
+        // Same through the full path alone.
+        damage(&cache, 7 * BS + 100);
+        let r = cache.read(range(7 * BS, 4096)).await.unwrap();
+        assert!(r.data == img[7 * BS as usize..7 * BS as usize + 4096]);
+        assert!(accounted(&cache), "{} bytes", cache.present_bytes());
+        assert_eq!(cache.present_bytes(), MIB);
+        assert_eq!(Stats::get(&cache.stats().crc_failures), 2);
+    }
+
+    /// A small read that joins a large fetch (readahead's 4 MiB) gets its
+    /// own copy: a reply slice would keep the whole fetch buffer alive
+    /// while the reply budget counts only the slice. A large read keeps the
+    /// zero-copy slice.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_small_read_joining_a_large_fetch_does_not_pin_its_buffer() {
+        let img = image(8 * MIB);
+        let origin = MemOrigin::new(img.clone(), true);
+        let (_dir, cache) = open(origin.clone());
+        let fetch = cache
+            .start_background(range(0, 4 * MIB), Background::Readahead)
+            .unwrap();
+        assert_eq!(fetch.claimed_blocks(), 64);
+        let spawn_read = |r: ByteRange| {
+            let c = cache.clone();
+            tokio::spawn(async move { c.read(r).await })
+        };
+        let small = spawn_read(range(8192, 4096));
+        let large = spawn_read(range(MIB, 2 * MIB));
+        // Both reads are planned (joined the fetch) before it answers.
+        while cache.guest_waiting() < 2 {
+            tokio::task::yield_now().await;
+        }
+        origin.open();
+        let small = small.await.unwrap().unwrap().data;
+        let large = large.await.unwrap().unwrap().data;
+        fetch.finish().await.unwrap();
+        assert_eq!(origin.requests.load(Ordering::SeqCst), 1);
+        assert!(small == img[8192..12288]);
+        assert!(large == img[MIB as usize..3 * MIB as usize]);
+        assert!(
+            !origin.owns(small.as_ptr()),
+            "a 4 KiB reply points into the 4 MiB fetch buffer"
+        );
+        assert!(origin.owns(large.as_ptr()), "a 2 MiB reply is a slice");
+        // What the reply holds is what the budget counts.
+        let own = small.try_into_mut().expect("the reply owns its bytes");
+        assert_eq!(own.capacity(), 4096);
+    }
+
+    /// Clear every reference bit and put the clock hand on block `b`: the
+    /// next eviction takes `b` first.
+    fn aim(cache: &ImageCache, b: u64) {
+        for r in &cache.inner.refs {
+            r.store(0, Ordering::Relaxed);
+        }
+        cache.inner.hand.store(b, Ordering::Relaxed);
+    }
+
+    /// Evict one block (the one `aim`ed at) on a thread of its own, with a
+    /// punch that waits to be let go. Returns (the range being punched, as
+    /// soon as the punch is reached; the go signal; the evictor).
+    fn held_eviction(
+        cache: &ImageCache,
+    ) -> (
+        std::sync::mpsc::Receiver<ByteRange>,
+        std::sync::mpsc::Sender<()>,
+        std::thread::JoinHandle<u64>,
+    ) {
+        let (at_tx, at) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let c = cache.clone();
+        let evictor = std::thread::spawn(move || {
+            c.evict_with(BS, |store, r| {
+                at_tx.send(r).unwrap();
+                go_rx.recv().unwrap();
+                store.try_punch(r)
+            })
+        });
+        (at, go, evictor)
+    }
+
+    /// The evictor punches without holding anything readers wait on: while
+    /// a punch is held up, other blocks are read as usual. A read of the
+    /// block being evicted waits for the punch and only then fetches it
+    /// again: a fetch published before the punch landed would be destroyed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_never_wait_for_a_punch_nor_lose_a_refetch_to_it() {
+        let img = image(MIB);
+        let at = |o: u64, n: u64| &img[o as usize..(o + n) as usize];
+        let origin = MemOrigin::new(img.clone(), false);
+        let (_dir, cache) = open(origin.clone());
+        cache.read(range(0, MIB)).await.unwrap();
+        let fetched = origin.requests.load(Ordering::SeqCst);
+        aim(&cache, 5);
+        let (punching, go, evictor) = held_eviction(&cache);
+        let r = tokio::task::spawn_blocking(move || punching.recv().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r, range(5 * BS, BS));
+        let quick = std::time::Duration::from_secs(2);
+        let other = cache
+            .read_now(range(7 * BS, 4096))
+            .expect("inline")
+            .unwrap();
+        assert!(other.data == at(7 * BS, 4096));
+        let other = tokio::time::timeout(quick, cache.read(range(8 * BS, 2 * BS)))
+            .await
+            .expect("a read of other blocks waits for nothing")
+            .unwrap();
+        assert!(other.data == at(8 * BS, 2 * BS));
+        assert!(cache.read_now(range(5 * BS, 4096)).is_none());
+        let c = cache.clone();
+        let evicted = tokio::spawn(async move { c.read(range(4 * BS + 100, 2 * BS)).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!evicted.is_finished(), "the read waits for the punch");
+        assert_eq!(
+            origin.requests.load(Ordering::SeqCst),
+            fetched,
+            "no fetch of the block before its punch"
+        );
+        go.send(()).unwrap();
+        let evicted = tokio::time::timeout(quick, evicted)
+            .await
+            .expect("the read goes on after the punch")
+            .unwrap()
+            .unwrap();
+        assert_eq!(evictor.join().unwrap(), BS);
+        assert!(evicted.data == at(4 * BS + 100, 2 * BS));
+        assert_eq!(origin.requests.load(Ordering::SeqCst), fetched + 1);
+        // Fetched after the punch, so intact.
+        let again = cache.read_now(range(5 * BS, BS)).expect("present").unwrap();
+        assert!(again.data == at(5 * BS, BS));
+        assert_eq!(cache.present_bytes(), MIB);
+        assert!(accounted(&cache));
+        assert_eq!(Stats::get(&cache.stats().evictions), 1);
+        assert_eq!(Stats::get(&cache.stats().crc_failures), 0);
+    }
+
+    /// A block demoted while a reader has it pinned (between checking its
+    /// state and reading its bytes) is punched only after that read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_block_is_punched_only_after_its_readers() {
+        let img = image(MIB);
+        let (_dir, cache) = open(MemOrigin::new(img.clone(), false));
+        cache.read(range(0, MIB)).await.unwrap();
+        aim(&cache, 5);
+        let reading = cache.inner.pin(5..6);
+        let (punching, go, evictor) = held_eviction(&cache);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(cache.is_missing(5), "demoted at once");
+        assert!(
+            punching.try_recv().is_err(),
+            "but not punched under a reader"
+        );
+        drop(reading);
+        let r = punching
+            .recv_timeout(std::time::Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(r, range(5 * BS, BS));
+        go.send(()).unwrap();
+        assert_eq!(evictor.join().unwrap(), BS);
+    }
+
+    /// Readers and an evictor racing over a small cache: every read is
+    /// right, and no block is ever punched under a reader or after a
+    /// refetch (either would show as a CRC failure).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_racing_the_evictor_are_right_and_never_see_a_punch() {
+        let img = Arc::new(image(2 * MIB));
+        let (_dir, cache) = open(MemOrigin::new(img.to_vec(), false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let c = cache.clone();
+        let s = stop.clone();
+        let evictor = std::thread::spawn(move || {
+            let mut freed = 0;
+            while !s.load(Ordering::Relaxed) {
+                freed += c.evict(4 * BS);
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            freed
+        });
+        let mut readers = Vec::new();
+        for seed in 1..=4u64 {
+            let (c, img) = (cache.clone(), img.clone());
+            readers.push(tokio::spawn(async move {
+                let mut x = seed * 0x9E37_79B9;
+                for _ in 0..2000 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let len = 1 + x % (3 * BS);
+                    let off = (x >> 20) % (2 * MIB - len);
+                    let r = range(off, len);
+                    let got = match c.read_now(r) {
+                        Some(d) => d.unwrap(),
+                        None => c.read(r).await.unwrap(),
+                    };
+                    assert!(got.data == img[off as usize..(off + len) as usize], "{r}");
+                }
+            }));
+        }
+        for r in readers {
+            r.await.unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(evictor.join().unwrap() > 0);
+        assert_eq!(Stats::get(&cache.stats().crc_failures), 0);
+        assert!(accounted(&cache));
+    }
+
+    /// A hole that cannot be punched: the block stays cached and correct,
+    /// the failure is counted, and a file system without hole punching
+    /// stops eviction (an I/O error is tried again next time).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_punch_keeps_the_block_and_is_counted() {
+        let img = image(MIB);
+        let origin = MemOrigin::new(img.clone(), false);
+        let (_dir, cache) = open(origin.clone());
+        cache.read(range(0, MIB)).await.unwrap();
+        let fetched = origin.requests.load(Ordering::SeqCst);
+        let tries = AtomicU64::new(0);
+        let failing = |kind: ErrorKind| {
+            let tries = &tries;
+            move |_: &BlockStore, _: ByteRange| {
+                tries.fetch_add(1, Ordering::SeqCst);
+                Err(Error::new(kind, "injected"))
+            }
+        };
+        aim(&cache, 5);
+        assert_eq!(cache.evict_with(4 * BS, failing(ErrorKind::Io)), 0);
+        assert_eq!(tries.load(Ordering::SeqCst), 1, "the first failure ends it");
+        assert_eq!(cache.counts().0, 16, "every victim is present again");
+        assert!(cache.can_evict());
+        aim(&cache, 5);
+        assert_eq!(cache.evict_with(BS, failing(ErrorKind::Unsupported)), 0);
+        assert_eq!(tries.load(Ordering::SeqCst), 2);
+        assert!(!cache.can_evict());
+        assert_eq!(cache.evict(BS), 0, "no more tries");
+        assert_eq!(cache.counts().0, 16);
+        assert_eq!(cache.present_bytes(), MIB);
+        assert_eq!(Stats::get(&cache.stats().punch_failures), 2);
+        assert_eq!(Stats::get(&cache.stats().evictions), 0);
+        let r = cache
+            .read_now(range(4 * BS, 4 * BS))
+            .expect("still cached")
+            .unwrap();
+        assert!(r.data == img[4 * BS as usize..8 * BS as usize]);
+        assert_eq!(origin.requests.load(Ordering::SeqCst), fetched);
+    }
+
+    /// The store reports what fallocate said (here it can punch).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_punch_reports_its_outcome() {
+        let (_dir, cache) = open(MemOrigin::new(image(MIB), false));
+        cache.read(range(0, MIB)).await.unwrap();
+        let store = &cache.inner.store;
+        store.try_punch(range(2 * BS, BS)).unwrap();
+        let mut page = vec![1u8; 4096];
+        let data = std::fs::File::open(cache.dir().join("data")).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&data, &mut page, 2 * BS).unwrap();
+        assert!(page.iter().all(|&b| b == 0), "punched");
+    }
+
+    /// Bytes that are not in the page cache are not read inline (that
+    /// would block an async worker on the disk): the fast path declines,
+    /// the full path reads them on the blocking pool (locally, not from the
+    /// origin), and from then on they are served inline again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocks_not_in_the_page_cache_are_read_off_the_workers() {
+        use std::os::unix::io::AsRawFd;
+        let img = image(MIB);
+        let at = |o: u64, n: u64| &img[o as usize..(o + n) as usize];
+        let origin = MemOrigin::new(img.clone(), false);
+        let (_dir, cache) = open(origin.clone());
+        cache.read(range(0, MIB)).await.unwrap();
+        let fetched = origin.requests.load(Ordering::SeqCst);
+        assert!(cache.read_now(range(3 * BS, 4096)).is_some());
+        // Written back, then dropped from the page cache.
+        cache.sync().unwrap();
+        let data = std::fs::File::open(cache.dir().join("data")).unwrap();
+        // SAFETY: an advisory call on an open descriptor; no memory passed.
+        let rc = unsafe { libc::posix_fadvise(data.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+        assert!(
+            cache.read_now(range(3 * BS, 4096)).is_none(),
+            "the inline path would have waited for the disk"
+        );
+        let r = cache.read(range(3 * BS - 100, 2 * BS)).await.unwrap();
+        assert!(r.data == at(3 * BS - 100, 2 * BS));
+        assert_eq!(origin.requests.load(Ordering::SeqCst), fetched);
+        let r = cache
+            .read_now(range(3 * BS, 4096))
+            .expect("in the page cache now");
+        assert!(r.unwrap().data == at(3 * BS, 4096));
+        assert_eq!(Stats::get(&cache.stats().crc_failures), 0);
     }
 }

@@ -132,13 +132,40 @@ impl BlockStore {
         b1: u64,
         out: &mut [u8],
     ) -> Result<Vec<u64>> {
+        Ok(self
+            .read_verified_with(r, b0, b1, out, false)?
+            .unwrap_or_default())
+    }
+
+    /// [`BlockStore::read_verified`] from the page cache only, for callers
+    /// that must not block: `Ok(None)` when the bytes would have to come
+    /// from the disk (or the file system cannot tell), and `out` is then
+    /// partly written.
+    pub fn read_verified_now(
+        &self,
+        r: ByteRange,
+        b0: u64,
+        b1: u64,
+        out: &mut [u8],
+    ) -> Result<Option<Vec<u64>>> {
+        self.read_verified_with(r, b0, b1, out, true)
+    }
+
+    fn read_verified_with(
+        &self,
+        r: ByteRange,
+        b0: u64,
+        b1: u64,
+        out: &mut [u8],
+        nowait: bool,
+    ) -> Result<Option<Vec<u64>>> {
         let bs = self.bs.bytes();
         let run = ByteRange {
             offset: b0 * bs,
             len: (b1 * bs).min(self.size) - b0 * bs,
         };
         let Some(want) = run.intersect(&r) else {
-            return Ok(Vec::new());
+            return Ok(Some(Vec::new()));
         };
         // Expand to whole checksum pages (the last page may be short).
         let ps = want.offset / PAGE * PAGE;
@@ -152,17 +179,67 @@ impl BlockStore {
         let read_err = |e| Error::io(format!("reading store data at {ps}"), e);
         if ps == want.offset && pe == want.end() {
             // Page-aligned: read straight into the caller's buffer.
-            self.data.read_exact_at(dst, ps).map_err(read_err)?;
-            Ok(self.verify_pages(ps, dst))
+            if !self.read_at(dst, ps, nowait).map_err(read_err)? {
+                return Ok(None);
+            }
+            Ok(Some(self.verify_pages(ps, dst)))
         } else {
             let mut scratch = vec![0u8; (pe - ps) as usize];
-            self.data
-                .read_exact_at(&mut scratch, ps)
-                .map_err(read_err)?;
+            if !self.read_at(&mut scratch, ps, nowait).map_err(read_err)? {
+                return Ok(None);
+            }
             let s = (want.offset - ps) as usize;
             dst.copy_from_slice(&scratch[s..s + want.len as usize]);
-            Ok(self.verify_pages(ps, &scratch))
+            Ok(Some(self.verify_pages(ps, &scratch)))
         }
+    }
+
+    /// Fill `buf` from the data file at `off`. With `nowait` only from the
+    /// page cache (`preadv2(RWF_NOWAIT)`): `Ok(false)` as soon as the rest
+    /// would have to wait for the disk, or when the file system cannot
+    /// read without waiting.
+    fn read_at(&self, buf: &mut [u8], off: u64, nowait: bool) -> std::io::Result<bool> {
+        if !nowait {
+            self.data.read_exact_at(buf, off)?;
+            return Ok(true);
+        }
+        use std::os::unix::io::AsRawFd;
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            // SAFETY: one iovec over `rest`, writable and alive for the
+            // call; the descriptor is owned and open.
+            let n = unsafe {
+                libc::preadv2(
+                    self.data.as_raw_fd(),
+                    &iov,
+                    1,
+                    (off + done as u64) as libc::off_t,
+                    libc::RWF_NOWAIT,
+                )
+            };
+            if n > 0 {
+                // A short read: the rest is not cached; the next call says so.
+                done += n as usize;
+                continue;
+            }
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                    return Ok(false)
+                }
+                _ => return Err(e),
+            }
+        }
+        Ok(true)
     }
 
     /// Check the pages of `buf` (starting at page-aligned image offset
@@ -256,18 +333,38 @@ impl BlockStore {
 
     /// Drop the bytes of blocks that no longer need storage (zeroed or
     /// given back to the base); frees disk space where the filesystem can.
+    /// For callers to whom a failure only means no space is freed; see
+    /// [`BlockStore::try_punch`].
     pub fn punch(&self, r: ByteRange) {
+        let _ = self.try_punch(r);
+    }
+
+    /// [`BlockStore::punch`], telling whether it worked: `Unsupported` when
+    /// the file system cannot punch holes, another kind for I/O errors.
+    /// On failure the bytes may still be there (all of them for
+    /// `Unsupported`) or be partly zeroed: the caller decides what the
+    /// blocks are (their CRCs catch the latter).
+    pub fn try_punch(&self, r: ByteRange) -> Result<()> {
         use std::os::unix::io::AsRawFd;
         // SAFETY: fallocate on an owned, open descriptor with in-range
-        // offsets; no memory is passed. Failure only means no space is freed.
-        unsafe {
+        // offsets; no memory is passed.
+        let rc = unsafe {
             libc::fallocate(
                 self.data.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 r.offset as libc::off_t,
                 r.len as libc::off_t,
-            );
+            )
+        };
+        if rc == 0 {
+            return Ok(());
         }
+        let e = std::io::Error::last_os_error();
+        let what = format!("punching a hole at {r} of the store data file");
+        Err(match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => Error::with_source(ErrorKind::Unsupported, what, e),
+            _ => Error::io(what, e),
+        })
     }
 }
 
