@@ -4,12 +4,17 @@
 //! swap in `sim::SimDir`, which records every write and sync and can lose
 //! power (drop or tear unsynced writes) or fail a write, so crash safety
 //! is proven against the same code that runs in production.
+//!
+//! Every call may block on the disk except [`DiskFile::read_at_nowait`],
+//! the one the async workers may make: the overlay runs all the others on
+//! the blocking pool.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// One file. Offsets are absolute; a write past the end extends the file
@@ -17,6 +22,12 @@ use std::sync::{Arc, Mutex};
 pub trait DiskFile: Send + Sync {
     /// Read up to `buf.len()` bytes at `off`; fewer only at end of file.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    /// [`DiskFile::read_at`] without waiting for the disk: only what is in
+    /// memory (the page cache), `Ok(None)` when the read would have to
+    /// wait or the file system cannot read without waiting. A prefix may
+    /// be returned when only that much is cached. Never blocks, so async
+    /// workers may call it.
+    fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> io::Result<Option<usize>>;
     /// Write all of `buf` at `off`. On error any prefix may have landed.
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
     /// Make every write so far durable (fdatasync).
@@ -29,6 +40,7 @@ pub trait DiskFile: Send + Sync {
     fn punch(&self, off: u64, len: u64) -> io::Result<()>;
     /// Reserve disk space for `[off, off + len)` without changing the
     /// file's length, so later writes there cannot fail with ENOSPC.
+    /// EOPNOTSUPP when the file system cannot.
     fn allocate(&self, off: u64, len: u64) -> io::Result<()>;
 }
 
@@ -42,6 +54,8 @@ pub trait Dir: Send + Sync {
     fn exists(&self, name: &str) -> bool;
     /// Make renames, creations and removals durable (fsync of the directory).
     fn sync(&self) -> io::Result<()>;
+    /// Bytes free for this process on the directory's file system.
+    fn free_space(&self) -> io::Result<u64>;
     /// For messages.
     fn path_of(&self, name: &str) -> PathBuf;
 }
@@ -61,6 +75,23 @@ pub fn read_full(f: &dyn DiskFile, buf: &mut [u8], off: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// [`read_full`] without waiting: `Ok(false)` as soon as the rest would
+/// have to come from the disk (`buf` is then partly written).
+pub fn read_full_nowait(f: &dyn DiskFile, buf: &mut [u8], off: u64) -> io::Result<bool> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at_nowait(&mut buf[done..], off + done as u64)? {
+            None => return Ok(false),
+            Some(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Some(n) => done += n,
+        }
+    }
+    Ok(true)
+}
+
 /// The real thing: a directory on disk.
 pub struct OsDir {
     root: PathBuf,
@@ -74,25 +105,67 @@ impl OsDir {
     }
 }
 
-struct OsFile(File);
+struct OsFile {
+    file: File,
+    /// Set once `preadv2(RWF_NOWAIT)` said the file system cannot do it
+    /// (EOPNOTSUPP) or the kernel is too old for preadv2 (ENOSYS): later
+    /// no-wait reads decline without a system call.
+    no_nowait: AtomicBool,
+}
 
 impl DiskFile for OsFile {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         loop {
-            match self.0.read_at(buf, off) {
+            match self.file.read_at(buf, off) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => return r,
             }
         }
     }
+    fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> io::Result<Option<usize>> {
+        use std::os::unix::io::AsRawFd;
+        if self.no_nowait.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        loop {
+            let iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: one iovec over `buf`, writable and alive for the
+            // call; the descriptor is owned and open.
+            let n = unsafe {
+                libc::preadv2(
+                    self.file.as_raw_fd(),
+                    &iov,
+                    1,
+                    off as libc::off_t,
+                    libc::RWF_NOWAIT,
+                )
+            };
+            if n >= 0 {
+                return Ok(Some(n as usize));
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EAGAIN) => return Ok(None),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                    self.no_nowait.store(true, Ordering::Relaxed);
+                    return Ok(None);
+                }
+                _ => return Err(e),
+            }
+        }
+    }
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        self.0.write_all_at(buf, off)
+        self.file.write_all_at(buf, off)
     }
     fn sync(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
         self.fallocate(
@@ -102,11 +175,7 @@ impl DiskFile for OsFile {
         )
     }
     fn allocate(&self, off: u64, len: u64) -> io::Result<()> {
-        match self.fallocate(libc::FALLOC_FL_KEEP_SIZE, off, len) {
-            // Without fallocate there is nothing to reserve with.
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
-            r => r,
-        }
+        self.fallocate(libc::FALLOC_FL_KEEP_SIZE, off, len)
     }
 }
 
@@ -116,7 +185,7 @@ impl OsFile {
         // SAFETY: fallocate on an owned, open descriptor; no memory is passed.
         let rc = unsafe {
             libc::fallocate(
-                self.0.as_raw_fd(),
+                self.file.as_raw_fd(),
                 mode,
                 off as libc::off_t,
                 len as libc::off_t,
@@ -139,7 +208,10 @@ impl Dir for OsDir {
             .truncate(false)
             .open(self.root.join(name))
         {
-            Ok(f) => Ok(Some(Arc::new(OsFile(f)))),
+            Ok(file) => Ok(Some(Arc::new(OsFile {
+                file,
+                no_nowait: AtomicBool::new(false),
+            }))),
             Err(e) if e.kind() == io::ErrorKind::NotFound && !create => Ok(None),
             Err(e) => Err(e),
         }
@@ -158,6 +230,18 @@ impl Dir for OsDir {
     }
     fn sync(&self) -> io::Result<()> {
         File::open(&self.root)?.sync_all()
+    }
+    fn free_space(&self) -> io::Result<u64> {
+        use std::os::unix::io::AsRawFd;
+        let dir = File::open(&self.root)?;
+        // SAFETY: all-zero bytes are a valid `statvfs` (integers only).
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: fstatvfs on an owned, open descriptor writes only into
+        // `st`, which lives across the call.
+        if unsafe { libc::fstatvfs(dir.as_raw_fd(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.f_bavail as u64 * st.f_frsize as u64)
     }
     fn path_of(&self, name: &str) -> PathBuf {
         self.root.join(name)
@@ -197,6 +281,8 @@ pub mod sim {
         fail_sync_in: Option<u64>,
         writes: u64,
         syncs: u64,
+        /// What `free_space` says (`None`: plenty).
+        free: Option<u64>,
     }
 
     /// A simulated directory; clone it to share the same disk.
@@ -227,6 +313,11 @@ pub mod sim {
         /// after writing a prefix of its buffer (half of it).
         pub fn fail_write(&self, n: u64, errno: i32) {
             self.st.lock().unwrap().fail_write_in = Some((n, errno));
+        }
+
+        /// What `free_space` reports from now on.
+        pub fn set_free_space(&self, bytes: u64) {
+            self.st.lock().unwrap().free = Some(bytes);
         }
 
         /// The `n`-th sync from now fails with EIO.
@@ -318,6 +409,10 @@ pub mod sim {
             let n = buf.len().min(cur.len() - off);
             buf[..n].copy_from_slice(&cur[off..off + n]);
             Ok(n)
+        }
+        fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> io::Result<Option<usize>> {
+            // All of it is in memory.
+            self.read_at(buf, off).map(Some)
         }
         fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
             let mut s = self.st.lock().unwrap();
@@ -420,6 +515,9 @@ pub mod sim {
             let mut s = self.st.lock().unwrap();
             s.durable_names = s.names.clone();
             Ok(())
+        }
+        fn free_space(&self) -> io::Result<u64> {
+            Ok(self.st.lock().unwrap().free.unwrap_or(u64::MAX))
         }
         fn path_of(&self, name: &str) -> PathBuf {
             PathBuf::from("sim").join(name)

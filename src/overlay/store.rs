@@ -30,6 +30,16 @@
 //! * **A failed sync poisons the store**: Linux may have dropped the pages
 //!   it failed to write and marked them clean, so no later sync can vouch
 //!   for them; writes fail until the overlay is opened again.
+//! * **Writes accepted without waiting** ([`PageStore::write_now`],
+//!   [`PageStore::zero_now`], for the async workers) take their slots,
+//!   journal offsets and map entries at once, like any write, but their
+//!   bytes stay in memory (reads are served from there) until a drain on
+//!   the blocking pool puts them on file: pages, then records, in journal
+//!   order. A flush drains first, so the rule above holds for them too; a
+//!   kill loses what was not drained, which the contract allows (nothing
+//!   acknowledged since the last flush is promised). They only use slots
+//!   and journal space already reserved, so a full disk still fails the
+//!   write itself with ENOSPC, never a drain.
 //!
 //! Rejected: rewriting pages in place with two CRC slots (the previous
 //! format). A torn or lost rewrite of a page left it matching neither CRC,
@@ -37,13 +47,16 @@
 //! EIO forever on a page of a VM's disk. Also rejected: a write-ahead log
 //! with checkpoints (every byte written twice).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use crate::block::PAGE;
 use crate::error::{Error, ErrorKind, Result};
 
-use super::disk::{read_full, Dir, DiskFile};
+use super::disk::{read_full, read_full_nowait, Dir, DiskFile};
 use super::format::{
     Header, HeaderError, Record, JOURNAL_MAGIC, PAGES_MAGIC, RECORD, RECORDS_START,
 };
@@ -184,10 +197,51 @@ struct State {
     reserved_end: u64,
     /// Journal bytes below this have disk space reserved.
     journal_reserved: u64,
+    /// The file system cannot reserve space: a write may still meet
+    /// ENOSPC when it reaches the file, so none is accepted without
+    /// waiting (it must be able to fail).
+    no_reserve: bool,
+    /// Writes accepted without waiting, not yet on file; in journal order.
+    queue: VecDeque<Job>,
+    /// Slot -> page bytes of the queued writes: reads find them here
+    /// until a drain has written them.
+    staged: HashMap<u64, Bytes>,
+    staged_bytes: usize,
+    /// A background drain is claimed (see [`PageStore::claim_drain`]).
+    draining: bool,
+}
+
+/// A write accepted without waiting, for a drain to put on file.
+struct Job {
+    /// Runs of pages in consecutive slots: (first slot, their bytes).
+    data: Vec<(u64, Bytes)>,
+    /// Journal offset of its records, and their bytes.
+    pos: u64,
+    recs: Vec<u8>,
 }
 
 /// Journal bytes reserved at a time.
 const GROW_JOURNAL: u64 = 1 << 20;
+
+/// Most bytes of accepted writes held in memory: beyond, writers wait for
+/// the disk (the blocking path), which is the back-pressure when the disk
+/// is slower than the guest.
+const STAGE_LIMIT: usize = 16 << 20;
+
+/// Slots (4 MiB) reserved ahead of need by drains and blocking writes,
+/// outside the state lock, so that writes accepted without waiting find
+/// their slots reserved: exact reservation is one fallocate per write of
+/// new pages, and once the rewrite reserve is used up (no flush) one per
+/// write.
+const HEADROOM: u64 = 1024;
+
+/// Free bytes the file system must have before space is reserved ahead:
+/// near a full disk, space is reserved exactly, write by write, so that a
+/// new page meets ENOSPC as soon as the disk is full.
+const HEADROOM_MIN_FREE: u64 = 1 << 30;
+
+/// Largest write a drain makes of adjacent queued pages.
+const DRAIN_WRITE: usize = 1 << 20;
 
 impl State {
     /// Slots kept for rewrites of pages the overlay already holds: a write
@@ -200,8 +254,10 @@ impl State {
     }
 
     /// Slots for pages of one write: `rewrite[i]` when page i already has
-    /// one. `None`: no disk space (ENOSPC); nothing was taken.
-    fn alloc(&mut self, pages: &dyn DiskFile, rewrite: &[bool]) -> Option<Vec<u64>> {
+    /// one. `None`: no disk space (ENOSPC); nothing was taken. Without
+    /// `pages` nothing is reserved (that may wait for the disk): `None`
+    /// as well when space would have to be reserved.
+    fn alloc(&mut self, pages: Option<&dyn DiskFile>, rewrite: &[bool]) -> Option<Vec<u64>> {
         let mut out = Vec::with_capacity(rewrite.len());
         let first_tail = self.next_slot;
         for _ in rewrite {
@@ -243,13 +299,19 @@ impl State {
     /// Reserve space for every slot below `end`: exactly, so that a new
     /// page gets ENOSPC as soon as the disk is full (one fallocate per
     /// write that adds pages; rewrites within the reserve need none).
-    fn reserve_to(&mut self, pages: &dyn DiskFile, end: u64) -> bool {
+    fn reserve_to(&mut self, pages: Option<&dyn DiskFile>, end: u64) -> bool {
+        let Some(pages) = pages else {
+            return false;
+        };
         let from = self.reserved_end;
-        if pages.allocate(from * PAGE, (end - from) * PAGE).is_ok() {
-            self.reserved_end = end;
-            return true;
+        match pages.allocate(from * PAGE, (end - from) * PAGE) {
+            Ok(()) => {}
+            // Without fallocate there is nothing to reserve with.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.no_reserve = true,
+            Err(_) => return false,
         }
-        false
+        self.reserved_end = end;
+        true
     }
 
     /// Reserve journal space ahead of appends (best effort: an append into
@@ -287,6 +349,13 @@ pub struct PageStore {
     flushing: Mutex<()>,
     /// Set when a sync failed: what to tell writers.
     poisoned: Mutex<Option<String>>,
+    /// Held by whoever puts queued writes on file (a drain, a flush, a
+    /// compaction): one at a time, so records land in journal order.
+    /// Taken before `state`, after `flushing`.
+    drain_lock: Mutex<()>,
+    /// The overlay is closing: a background drain that starts late has
+    /// nothing to do and reserves nothing.
+    closed: AtomicBool,
 }
 
 fn io_err(dir: &dyn Dir, name: &str, what: &str, e: std::io::Error) -> Error {
@@ -393,9 +462,16 @@ impl PageStore {
                 records: 0,
                 reserved_end: 0,
                 journal_reserved: 0,
+                no_reserve: false,
+                queue: VecDeque::new(),
+                staged: HashMap::new(),
+                staged_bytes: 0,
+                draining: false,
             }),
             flushing: Mutex::new(()),
             poisoned: Mutex::new(None),
+            drain_lock: Mutex::new(()),
+            closed: AtomicBool::new(false),
         };
         store.replay(&mut report)?;
         // Make what replay rebuilt durable before anything reuses a slot
@@ -411,6 +487,8 @@ impl PageStore {
             store.compact()?;
             report.compacted = true;
         }
+        // So that the first writes can be accepted without waiting.
+        store.top_up();
         Ok((store, report))
     }
 
@@ -527,20 +605,70 @@ impl PageStore {
 
     /// Read the data pages starting at page `first` from `slots` into
     /// `out` (which holds exactly those pages' bytes). Returns the pages
-    /// that failed their CRC (their bytes in `out` are garbage).
+    /// that failed their CRC (their bytes in `out` are garbage). Blocks on
+    /// the disk: not for the async workers (see [`PageStore::read_slots_now`]).
     pub fn read_slots(&self, first: u64, slots: &[(u64, u32)], out: &mut [u8]) -> Result<Vec<u64>> {
+        Ok(self
+            .read_slots_with(first, slots, out, false)?
+            .unwrap_or_default())
+    }
+
+    /// [`PageStore::read_slots`] from the page cache only, for the async
+    /// workers: `Ok(None)` when some page would have to come from the disk
+    /// (or the file system cannot tell), and `out` is then partly written.
+    pub fn read_slots_now(
+        &self,
+        first: u64,
+        slots: &[(u64, u32)],
+        out: &mut [u8],
+    ) -> Result<Option<Vec<u64>>> {
+        self.read_slots_with(first, slots, out, true)
+    }
+
+    fn read_slots_with(
+        &self,
+        first: u64,
+        slots: &[(u64, u32)],
+        out: &mut [u8],
+        nowait: bool,
+    ) -> Result<Option<Vec<u64>>> {
+        // Pages of writes not drained yet are read from memory. A slot not
+        // staged now is on file: a drain writes before it unstages.
+        let staged: Vec<Option<Bytes>> = {
+            let st = self.state.lock().expect("state lock");
+            if st.staged.is_empty() {
+                Vec::new()
+            } else {
+                slots.iter().map(|s| st.staged.get(&s.0).cloned()).collect()
+            }
+        };
+        let staged_at = |k: usize| staged.get(k).and_then(|b| b.as_ref());
         let mut bad = Vec::new();
         let mut i = 0;
         let mut at = 0usize;
         while i < slots.len() {
-            // A run of consecutive slots is one read.
+            // A run of consecutive slots on file is one read.
             let mut j = i + 1;
-            while j < slots.len() && slots[j].0 == slots[j - 1].0 + 1 {
-                j += 1;
+            if staged_at(i).is_none() {
+                while j < slots.len() && slots[j].0 == slots[j - 1].0 + 1 && staged_at(j).is_none()
+                {
+                    j += 1;
+                }
             }
             let bytes: usize = (i..j).map(|k| self.page_len(first + k as u64)).sum();
-            read_full(&*self.pages, &mut out[at..at + bytes], slots[i].0 * PAGE)
-                .map_err(|e| io_err(&*self.dir, PAGES, "reading", e))?;
+            let buf = &mut out[at..at + bytes];
+            let off = slots[i].0 * PAGE;
+            let read = if let Some(b) = staged_at(i) {
+                buf.copy_from_slice(&b[..bytes]);
+                Ok(true)
+            } else if nowait {
+                read_full_nowait(&*self.pages, buf, off)
+            } else {
+                read_full(&*self.pages, buf, off).map(|()| true)
+            };
+            if !read.map_err(|e| io_err(&*self.dir, PAGES, "reading", e))? {
+                return Ok(None);
+            }
             let mut o = at;
             for (k, &(_, crc)) in slots.iter().enumerate().take(j).skip(i) {
                 let n = self.page_len(first + k as u64);
@@ -552,7 +680,11 @@ impl PageStore {
             at += bytes;
             i = j;
         }
-        Ok(bad)
+        Ok(Some(bad))
+    }
+
+    fn poisoned(&self) -> bool {
+        self.poisoned.lock().expect("poison lock").is_some()
     }
 
     fn check_poison(&self) -> Result<()> {
@@ -600,61 +732,50 @@ impl PageStore {
         })
     }
 
+    /// Slots for a write of whole pages at page `first` whose pages are
+    /// `crcs` (see [`page_crcs`]): `plan[i]` is page i's slot, `None` for a
+    /// page recorded as zero. `pages`: as for [`State::alloc`] (`None`:
+    /// reserve nothing, fail instead).
+    fn plan(
+        &self,
+        st: &mut State,
+        first: u64,
+        crcs: &[Option<u32>],
+        pages: Option<&dyn DiskFile>,
+    ) -> Option<Vec<Option<u64>>> {
+        debug_assert!(first + crcs.len() as u64 <= self.npages);
+        let rewrite: Vec<bool> = (first..)
+            .zip(crcs)
+            .filter(|(_, c)| c.is_some())
+            .map(|(p, _)| matches!(st.map.runs(p, p + 1)[0].2, Some(Kind::Data { .. })))
+            .collect();
+        let mut slots = st.alloc(pages, &rewrite)?.into_iter();
+        Some(crcs.iter().map(|c| c.and_then(|_| slots.next())).collect())
+    }
+
     /// Write whole pages starting at page `first` (`data` may end short
     /// only at the image end). All-zero pages become zero records unless
     /// `keep_zeros`. The caller serialises writers of the same pages.
+    /// Waits for the disk: for the blocking pool.
     pub fn write(&self, first: u64, data: &[u8], keep_zeros: bool) -> Result<()> {
         self.check_poison()?;
-        let n = (data.len() as u64).div_ceil(PAGE);
-        debug_assert!(first + n <= self.npages);
-        let chunk = |i: u64| {
-            let s = (i * PAGE) as usize;
-            &data[s..(s + PAGE as usize).min(data.len())]
-        };
-        // Plan: a fresh slot for every non-zero page.
-        let mut plan: Vec<Option<u64>> = Vec::with_capacity(n as usize);
-        {
+        let crcs = page_crcs(data, keep_zeros);
+        let plan = {
             let mut st = self.state.lock().expect("state lock");
-            let mut rewrite = Vec::with_capacity(n as usize);
-            for i in 0..n {
-                if !keep_zeros && crate::store::is_zero(chunk(i)) {
-                    continue;
-                }
-                rewrite.push(matches!(
-                    st.map.runs(first + i, first + i + 1)[0].2,
-                    Some(Kind::Data { .. })
-                ));
-            }
-            let Some(slots) = st.alloc(&*self.pages, &rewrite) else {
-                return Err(Error::new(
-                    ErrorKind::NoSpace,
-                    format!(
-                        "no space left for overlay pages in {} (No space left on device)",
-                        self.dir.path_of(PAGES).display()
-                    ),
-                ));
-            };
-            let mut slots = slots.into_iter();
-            for i in 0..n {
-                if !keep_zeros && crate::store::is_zero(chunk(i)) {
-                    plan.push(None);
-                } else {
-                    plan.push(slots.next());
-                }
-            }
-        }
+            self.plan(&mut st, first, &crcs, Some(&*self.pages))
+        };
+        let Some(plan) = plan else {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "no space left for overlay pages in {} (No space left on device)",
+                    self.dir.path_of(PAGES).display()
+                ),
+            ));
+        };
         // Data first: runs of consecutive pages in consecutive slots are
         // one write.
-        let mut i = 0;
-        while i < n as usize {
-            let Some(s0) = plan[i] else {
-                i += 1;
-                continue;
-            };
-            let mut j = i + 1;
-            while j < n as usize && plan[j] == Some(s0 + (j - i) as u64) {
-                j += 1;
-            }
+        for (i, j, s0) in slot_runs(&plan) {
             let bytes = &data[i * PAGE as usize..(j * PAGE as usize).min(data.len())];
             if let Err(e) = self.pages.write_at(bytes, s0 * PAGE) {
                 // No record points at these slots: they are free again.
@@ -662,53 +783,87 @@ impl PageStore {
                 st.free.extend(plan.iter().flatten());
                 return Err(io_err(&*self.dir, PAGES, "writing", e));
             }
-            i = j;
         }
         // Then the records, and the map.
-        let mut recs = Vec::with_capacity(n as usize);
-        let mut zero_from: Option<u64> = None;
-        for (i, slot) in plan.iter().enumerate() {
-            let p = first + i as u64;
-            match slot {
-                None => {
-                    zero_from.get_or_insert(p);
-                }
-                Some(slot) => {
-                    if let Some(z) = zero_from.take() {
-                        recs.push(Record::Zero {
-                            page: z,
-                            count: p - z,
-                        });
-                    }
-                    recs.push(Record::Data {
-                        page: p,
-                        slot: *slot,
-                        crc: crc32fast::hash(chunk(i as u64)),
-                    });
-                }
-            }
-        }
-        if let Some(z) = zero_from {
-            recs.push(Record::Zero {
-                page: z,
-                count: first + n - z,
-            });
-        }
-        let mut st = self.state.lock().expect("state lock");
-        let pos = self.append_or_poison(&mut st, &recs)?;
-        for r in recs {
-            let freed = match r {
-                Record::Data { page, slot, crc } => {
-                    st.map.set(page, 1, Some(Kind::Data { slot, crc }))
-                }
-                Record::Zero { page, count } => st.map.set(page, count, Some(Kind::Zero)),
-                Record::Flush { .. } => unreachable!(),
-            };
-            for s in freed {
-                st.pending_free.push((pos, s, false));
-            }
-        }
+        let recs = records(first, &plan, &crcs);
+        self.append_records(&recs, false)?;
+        self.top_up();
         Ok(())
+    }
+
+    /// Append records that change the map and apply them (`punch`: the
+    /// slots they replace are given back to the disk when reusable). The
+    /// records go through the queue, written by a drain here, so that no
+    /// journal write happens under the state lock the async workers take;
+    /// without reserved journal room they are written under it, growing
+    /// the journal (see [`PageStore::append`]). On return they are on file.
+    fn append_records(&self, recs: &[Record], punch: bool) -> Result<()> {
+        let mut st = self.state.lock().expect("state lock");
+        let pos = if !st.no_reserve && journal_room(&st, recs.len()) {
+            let pos = take_journal(&mut st, recs);
+            let job = Job {
+                data: Vec::new(),
+                pos,
+                recs: encode(recs, st.generation),
+            };
+            st.queue.push_back(job);
+            pos
+        } else {
+            self.append_or_poison(&mut st, recs)?
+        };
+        apply(&mut st, recs, pos, punch);
+        drop(st);
+        self.drain(false);
+        self.check_poison()
+    }
+
+    /// [`PageStore::write`] without waiting for the disk, for the async
+    /// workers: the write is accepted (slots, records and map taken now;
+    /// its bytes kept in memory and read from there) and queued for a
+    /// drain; the caller then gives [`PageStore::claim_drain`] its turn.
+    /// `None` when it would have to wait: space to reserve, the memory
+    /// for accepted writes full, or no way to reserve space at all.
+    pub fn write_now(&self, first: u64, data: &[u8], keep_zeros: bool) -> Option<Result<()>> {
+        if let Err(e) = self.check_poison() {
+            return Some(Err(e));
+        }
+        if data.len() > STAGE_LIMIT {
+            return None;
+        }
+        // Copied and checksummed before the state lock is taken: readers
+        // on the async workers take it too.
+        let bytes = Bytes::copy_from_slice(data);
+        let crcs = page_crcs(data, keep_zeros);
+        let mut st = self.state.lock().expect("state lock");
+        // At most one record per page: checked before any slot is taken,
+        // so that declining leaves nothing to give back.
+        if st.no_reserve
+            || st.staged_bytes + data.len() > STAGE_LIMIT
+            || !journal_room(&st, crcs.len())
+        {
+            return None;
+        }
+        let plan = self.plan(&mut st, first, &crcs, None)?;
+        let recs = records(first, &plan, &crcs);
+        let pos = take_journal(&mut st, &recs);
+        let mut job = Job {
+            data: Vec::new(),
+            pos,
+            recs: encode(&recs, st.generation),
+        };
+        apply(&mut st, &recs, pos, false);
+        for (i, j, s0) in slot_runs(&plan) {
+            let run = bytes.slice(i * PAGE as usize..(j * PAGE as usize).min(data.len()));
+            for k in i..j {
+                let page = bytes
+                    .slice(k * PAGE as usize..(k * PAGE as usize + PAGE as usize).min(data.len()));
+                st.staged_bytes += page.len();
+                st.staged.insert(s0 + (k - i) as u64, page);
+            }
+            job.data.push((s0, run));
+        }
+        st.queue.push_back(job);
+        Some(Ok(()))
     }
 
     /// Pages `[first, first + count)` read as zeroes from now on; their
@@ -718,12 +873,212 @@ impl PageStore {
         if count == 0 {
             return Ok(());
         }
+        self.append_records(&[Record::Zero { page: first, count }], true)
+    }
+
+    /// [`PageStore::zero`] without waiting for the disk (see
+    /// [`PageStore::write_now`]): `None` when the journal has no reserved
+    /// room for its record.
+    pub fn zero_now(&self, first: u64, count: u64) -> Option<Result<()>> {
+        if let Err(e) = self.check_poison() {
+            return Some(Err(e));
+        }
+        if count == 0 {
+            return Some(Ok(()));
+        }
         let mut st = self.state.lock().expect("state lock");
-        let pos = self.append_or_poison(&mut st, &[Record::Zero { page: first, count }])?;
-        for s in st.map.set(first, count, Some(Kind::Zero)) {
-            st.pending_free.push((pos, s, true));
+        if st.no_reserve || !journal_room(&st, 1) {
+            return None;
+        }
+        let recs = [Record::Zero { page: first, count }];
+        let pos = take_journal(&mut st, &recs);
+        let job = Job {
+            data: Vec::new(),
+            pos,
+            recs: encode(&recs, st.generation),
+        };
+        apply(&mut st, &recs, pos, true);
+        st.queue.push_back(job);
+        Some(Ok(()))
+    }
+
+    /// Claim the background drain: true when accepted writes are queued
+    /// and no drain is claimed. The caller MUST then run
+    /// [`PageStore::drain`] with `background` (on the blocking pool).
+    pub fn claim_drain(&self) -> bool {
+        let mut st = self.state.lock().expect("state lock");
+        if st.draining || st.queue.is_empty() {
+            return false;
+        }
+        st.draining = true;
+        true
+    }
+
+    /// Put the queued writes on file, oldest first, in batches: each
+    /// batch's pages, then its records. Waits for the disk. `background`:
+    /// run by the claimer of [`PageStore::claim_drain`], which gives the
+    /// claim back when it finds the queue empty. A failed write poisons
+    /// the store (the writes were acknowledged) and drops the queue; their
+    /// bytes stay staged, so reads still see them until the overlay is
+    /// opened again and replay decides.
+    pub fn drain(&self, background: bool) {
+        let _d = self.drain_lock.lock().expect("drain lock");
+        loop {
+            let (jobs, journal) = {
+                let mut st = self.state.lock().expect("state lock");
+                if st.queue.is_empty() || self.poisoned() {
+                    st.queue.clear();
+                    if background {
+                        st.draining = false;
+                    }
+                    break;
+                }
+                (std::mem::take(&mut st.queue), st.journal.clone())
+            };
+            let written = self
+                .put_pages(&jobs)
+                .and_then(|()| self.put_records(&jobs, &*journal));
+            if let Err((name, e)) = written {
+                self.poison(&format!("writing {name}"), &e);
+                continue;
+            }
+            let mut st = self.state.lock().expect("state lock");
+            unstage(&mut st, &jobs);
+        }
+        drop(_d);
+        self.top_up();
+    }
+
+    /// Write the pages of `jobs`: adjacent slots (of any jobs) in one write.
+    fn put_pages(
+        &self,
+        jobs: &VecDeque<Job>,
+    ) -> std::result::Result<(), (&'static str, std::io::Error)> {
+        let mut runs: Vec<(u64, &Bytes)> = jobs
+            .iter()
+            .flat_map(|j| j.data.iter().map(|(s, b)| (*s, b)))
+            .collect();
+        runs.sort_unstable_by_key(|r| r.0);
+        let mut i = 0;
+        while i < runs.len() {
+            let off = runs[i].0 * PAGE;
+            let mut end = off + runs[i].1.len() as u64;
+            let mut j = i + 1;
+            while j < runs.len()
+                && runs[j].0 * PAGE == end
+                && (end - off) as usize + runs[j].1.len() <= DRAIN_WRITE
+            {
+                end += runs[j].1.len() as u64;
+                j += 1;
+            }
+            let res = if j == i + 1 {
+                self.pages.write_at(runs[i].1, off)
+            } else {
+                let buf: Vec<u8> = runs[i..j]
+                    .iter()
+                    .flat_map(|r| r.1.iter().copied())
+                    .collect();
+                self.pages.write_at(&buf, off)
+            };
+            res.map_err(|e| (PAGES, e))?;
+            i = j;
         }
         Ok(())
+    }
+
+    /// Write the records of `jobs` (in journal order): adjacent ones in
+    /// one write.
+    fn put_records(
+        &self,
+        jobs: &VecDeque<Job>,
+        journal: &dyn DiskFile,
+    ) -> std::result::Result<(), (&'static str, std::io::Error)> {
+        let mut i = 0;
+        let jobs: Vec<&Job> = jobs.iter().collect();
+        while i < jobs.len() {
+            let pos = jobs[i].pos;
+            let mut end = pos + jobs[i].recs.len() as u64;
+            let mut j = i + 1;
+            while j < jobs.len() && jobs[j].pos == end {
+                end += jobs[j].recs.len() as u64;
+                j += 1;
+            }
+            let res = if j == i + 1 {
+                journal.write_at(&jobs[i].recs, pos)
+            } else {
+                let buf: Vec<u8> = jobs[i..j]
+                    .iter()
+                    .flat_map(|r| r.recs.iter().copied())
+                    .collect();
+                journal.write_at(&buf, pos)
+            };
+            res.map_err(|e| (JOURNAL, e))?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Reserve slots and journal space ahead of need, outside the state
+    /// lock (fallocate may wait for the disk; readers and inline writers
+    /// take that lock): HEADROOM slots past the rewrite reserve and
+    /// GROW_JOURNAL journal bytes, when the file system has room to spare.
+    fn top_up(&self) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let (slots, bytes, journal) = {
+            let st = self.state.lock().expect("state lock");
+            if st.no_reserve {
+                return;
+            }
+            let want = st.next_slot + st.rewrite_reserve() + HEADROOM;
+            let slots = (st.reserved_end + HEADROOM / 2 < want).then_some((st.reserved_end, want));
+            let from = st.journal_reserved.max(st.log_end);
+            let bytes = (st.journal_reserved < st.log_end + GROW_JOURNAL / 2)
+                .then_some((from, from + GROW_JOURNAL));
+            (slots, bytes, st.journal.clone())
+        };
+        if slots.is_none() && bytes.is_none() {
+            return;
+        }
+        if !self.dir.free_space().is_ok_and(|f| f >= HEADROOM_MIN_FREE) {
+            return;
+        }
+        if let Some((from, to)) = slots {
+            let r = self.pages.allocate(from * PAGE, (to - from) * PAGE);
+            let mut st = self.state.lock().expect("state lock");
+            match r {
+                // Slots below `from` were reserved already; whatever was
+                // reserved meanwhile lies below `to` or beyond it.
+                Ok(()) => st.reserved_end = st.reserved_end.max(to),
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => st.no_reserve = true,
+                Err(_) => {}
+            }
+        }
+        if let Some((from, to)) = bytes {
+            if journal.allocate(from, to - from).is_ok() {
+                let mut st = self.state.lock().expect("state lock");
+                // Not if a compaction replaced the journal meanwhile.
+                if Arc::ptr_eq(&st.journal, &journal) {
+                    st.journal_reserved = st.journal_reserved.max(to);
+                }
+            }
+        }
+    }
+
+    /// Put every queued write on file and stop background drains from
+    /// doing anything more: the overlay is going away, its directory lock
+    /// with it, and another may open the files next.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.drain(false);
+    }
+
+    /// Forget the queued writes, as a killed process would (tests).
+    #[cfg(test)]
+    pub fn abandon(&self) {
+        let mut st = self.state.lock().expect("state lock");
+        st.queue.clear();
     }
 
     /// Make every write that completed before this call durable.
@@ -734,14 +1089,33 @@ impl PageStore {
             let st = self.state.lock().expect("state lock");
             (st.log_end, st.journal.clone())
         };
+        // Every record before `x` must be on file, its page too, before
+        // the syncs below vouch for them.
+        self.drain(false);
+        self.check_poison()?;
         if let Err(e) = self.pages.sync() {
             self.poison("syncing pages", &e);
             return Err(io_err(&*self.dir, PAGES, "syncing", e));
         }
         {
+            let marker = [Record::Flush { covered: x }];
             let mut st = self.state.lock().expect("state lock");
-            self.append(&mut st, &[Record::Flush { covered: x }])?;
+            if !st.no_reserve && journal_room(&st, 1) {
+                let pos = take_journal(&mut st, &marker);
+                let job = Job {
+                    data: Vec::new(),
+                    pos,
+                    recs: encode(&marker, st.generation),
+                };
+                st.queue.push_back(job);
+            } else {
+                self.append(&mut st, &marker)?;
+            }
         }
+        // The marker, and whatever was accepted meanwhile, goes on file
+        // outside the state lock.
+        self.drain(false);
+        self.check_poison()?;
         if let Err(e) = journal.sync() {
             self.poison("syncing the journal", &e);
             return Err(io_err(&*self.dir, JOURNAL, "syncing", e));
@@ -798,8 +1172,18 @@ impl PageStore {
     fn compact(&self) -> Result<()> {
         self.check_poison()?;
         let _f = self.flushing.lock().expect("flush lock");
+        let _d = self.drain_lock.lock().expect("drain lock");
         let d = &*self.dir;
         let mut st = self.state.lock().expect("state lock");
+        // The new journal describes the map, accepted writes included:
+        // their pages must be on file before the sync below (their records
+        // are not needed).
+        let jobs = std::mem::take(&mut st.queue);
+        if let Err((name, e)) = self.put_pages(&jobs) {
+            self.poison(&format!("writing {name}"), &e);
+            return Err(io_err(d, name, "writing", e));
+        }
+        unstage(&mut st, &jobs);
         // Writes since the last flush have no synced data yet.
         if let Err(e) = self.pages.sync() {
             self.poison("syncing pages", &e);
@@ -862,6 +1246,8 @@ impl PageStore {
         st.journal = new;
         st.generation = generation;
         st.log_end = buf.len() as u64;
+        // Nothing of the new journal is reserved yet.
+        st.journal_reserved = st.log_end;
         st.records = records;
         // Nothing durable points at replaced slots any more.
         let mut punch = Vec::new();
@@ -897,6 +1283,140 @@ impl PageStore {
             self.zero(p, 1)?;
         }
         self.flush()
+    }
+}
+
+impl Drop for PageStore {
+    /// Accepted writes go on file (a clean close loses nothing).
+    fn drop(&mut self) {
+        self.drain(false);
+    }
+}
+
+/// The bytes of page `i` of a write's `data` (the last may be short).
+fn page_of(data: &[u8], i: u64) -> &[u8] {
+    let s = (i * PAGE) as usize;
+    &data[s..(s + PAGE as usize).min(data.len())]
+}
+
+/// Runs `(i, j, s0)` of a write's pages `i..j` planned in consecutive
+/// slots from `s0` (pages recorded as zero have none).
+fn slot_runs(plan: &[Option<u64>]) -> Vec<(usize, usize, u64)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < plan.len() {
+        let Some(s0) = plan[i] else {
+            i += 1;
+            continue;
+        };
+        let mut j = i + 1;
+        while j < plan.len() && plan[j] == Some(s0 + (j - i) as u64) {
+            j += 1;
+        }
+        out.push((i, j, s0));
+        i = j;
+    }
+    out
+}
+
+/// Per page of a write's `data`: its CRC, or `None` for a page recorded
+/// as zero (all zero, and not `keep_zeros`).
+fn page_crcs(data: &[u8], keep_zeros: bool) -> Vec<Option<u32>> {
+    (0..(data.len() as u64).div_ceil(PAGE))
+        .map(|i| {
+            let page = page_of(data, i);
+            (keep_zeros || !crate::store::is_zero(page)).then(|| crc32fast::hash(page))
+        })
+        .collect()
+}
+
+/// The records of a write at page `first` of pages `crcs`, planned as
+/// `plan`.
+fn records(first: u64, plan: &[Option<u64>], crcs: &[Option<u32>]) -> Vec<Record> {
+    let n = plan.len() as u64;
+    let mut recs = Vec::with_capacity(plan.len());
+    let mut zero_from: Option<u64> = None;
+    for (i, slot) in plan.iter().enumerate() {
+        let p = first + i as u64;
+        match slot {
+            None => {
+                zero_from.get_or_insert(p);
+            }
+            Some(slot) => {
+                if let Some(z) = zero_from.take() {
+                    recs.push(Record::Zero {
+                        page: z,
+                        count: p - z,
+                    });
+                }
+                recs.push(Record::Data {
+                    page: p,
+                    slot: *slot,
+                    crc: crcs[i].expect("a page with a slot has a CRC"),
+                });
+            }
+        }
+    }
+    if let Some(z) = zero_from {
+        recs.push(Record::Zero {
+            page: z,
+            count: first + n - z,
+        });
+    }
+    recs
+}
+
+fn encode(recs: &[Record], generation: u64) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(recs.len() * RECORD);
+    for r in recs {
+        buf.extend_from_slice(&r.encode(generation));
+    }
+    buf
+}
+
+/// Put a write's records (at journal offset `pos`) into the map; the
+/// slots they replace are reusable after a flush covering `pos` (and
+/// `punch`ed then).
+fn apply(st: &mut State, recs: &[Record], pos: u64, punch: bool) {
+    for r in recs {
+        let freed = match *r {
+            Record::Data { page, slot, crc } => st.map.set(page, 1, Some(Kind::Data { slot, crc })),
+            Record::Zero { page, count } => st.map.set(page, count, Some(Kind::Zero)),
+            Record::Flush { .. } => unreachable!("writes have no flush records"),
+        };
+        for s in freed {
+            st.pending_free.push((pos, s, punch));
+        }
+    }
+}
+
+/// Is there reserved journal room for `n` more records? A write accepted
+/// without waiting must not meet ENOSPC when it is drained.
+fn journal_room(st: &State, n: usize) -> bool {
+    st.log_end + (n * RECORD) as u64 <= st.journal_reserved
+}
+
+/// Room at the journal end for `recs` (checked with [`journal_room`]):
+/// their offset.
+fn take_journal(st: &mut State, recs: &[Record]) -> u64 {
+    let len = (recs.len() * RECORD) as u64;
+    debug_assert!(st.log_end + len <= st.journal_reserved);
+    let pos = st.log_end;
+    st.log_end += len;
+    st.records += recs.len() as u64;
+    pos
+}
+
+/// The pages of `jobs` are on file: reads go there from now on.
+fn unstage(st: &mut State, jobs: &VecDeque<Job>) {
+    for job in jobs {
+        for (s0, run) in &job.data {
+            for k in 0..(run.len() as u64).div_ceil(PAGE) {
+                if let Some(b) = st.staged.remove(&(s0 + k)) {
+                    st.staged_bytes -= b.len();
+                }
+            }
+        }
     }
 }
 

@@ -1,0 +1,327 @@
+//! The overlay keeps its disk I/O off the async workers. Each test runs on
+//! a current-thread runtime, so the one worker is the test's own thread,
+//! and watches every blocking call the store makes through a [`Spy`]
+//! directory: none may come from that thread.
+
+use std::sync::Mutex as StdMutex;
+use std::thread::{self, ThreadId};
+
+use super::disk::{Dir, DiskFile, OsDir};
+use super::*;
+
+/// Blocking calls made through the directory, by thread.
+#[derive(Default)]
+struct Log(StdMutex<Vec<(ThreadId, &'static str)>>);
+
+impl Log {
+    fn note(&self, what: &'static str) {
+        self.0.lock().unwrap().push((thread::current().id(), what));
+    }
+    /// The blocking calls made on `t`.
+    fn on(&self, t: ThreadId) -> Vec<&'static str> {
+        let l = self.0.lock().unwrap();
+        l.iter()
+            .filter(|(id, _)| *id == t)
+            .map(|(_, w)| *w)
+            .collect()
+    }
+    fn count(&self, what: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, w)| *w == what)
+            .count()
+    }
+}
+
+/// The OS directory, noting every call that may wait for the disk.
+struct Spy {
+    os: OsDir,
+    log: Arc<Log>,
+}
+
+struct SpyFile {
+    f: Arc<dyn DiskFile>,
+    log: Arc<Log>,
+}
+
+impl DiskFile for SpyFile {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+        self.log.note("read");
+        self.f.read_at(buf, off)
+    }
+    fn read_at_nowait(&self, buf: &mut [u8], off: u64) -> std::io::Result<Option<usize>> {
+        // Never waits: allowed anywhere, not noted.
+        self.f.read_at_nowait(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.log.note("write");
+        self.f.write_at(buf, off)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.log.note("sync");
+        self.f.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.f.len()
+    }
+    fn punch(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.log.note("punch");
+        self.f.punch(off, len)
+    }
+    fn allocate(&self, off: u64, len: u64) -> std::io::Result<()> {
+        self.log.note("allocate");
+        self.f.allocate(off, len)
+    }
+}
+
+impl Dir for Spy {
+    fn open(&self, name: &str, create: bool) -> std::io::Result<Option<Arc<dyn DiskFile>>> {
+        Ok(self.os.open(name, create)?.map(|f| {
+            Arc::new(SpyFile {
+                f,
+                log: self.log.clone(),
+            }) as Arc<dyn DiskFile>
+        }))
+    }
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        self.os.rename(from, to)
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        self.os.remove(name)
+    }
+    fn exists(&self, name: &str) -> bool {
+        self.os.exists(name)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.os.sync()
+    }
+    fn free_space(&self) -> std::io::Result<u64> {
+        self.os.free_space()
+    }
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.os.path_of(name)
+    }
+}
+
+/// A base that is all 0x5a and always local.
+struct Base(u64);
+
+impl BlockDevice for Base {
+    fn size(&self) -> u64 {
+        self.0
+    }
+    fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
+        let rd = self.read_now(r).expect("always local");
+        Box::pin(async move { rd })
+    }
+    fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            len: r.len,
+            zero: false,
+        }])
+    }
+    fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
+        Some(Ok(ReadData {
+            data: Bytes::from(vec![0x5a; r.len as usize]),
+            zero: Vec::new(),
+        }))
+    }
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+const SIZE: u64 = 1 << 20;
+
+fn open(dir: &Path) -> (Overlay, Arc<Log>) {
+    let log = Arc::new(Log::default());
+    let spy = Spy {
+        os: OsDir::new(dir),
+        log: log.clone(),
+    };
+    let ov = Overlay::open_on(dir, Arc::new(spy), Arc::new(Base(SIZE)), "base").unwrap();
+    // Opening is a blocking call (replay, syncs): what follows is watched.
+    log.0.lock().unwrap().clear();
+    (ov, log)
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 251) as u8))
+        .collect()
+}
+
+fn range(offset: u64, len: u64) -> ByteRange {
+    ByteRange { offset, len }
+}
+
+/// Drop the (clean) pages of `file` from the page cache. Waits until
+/// they are gone: right after a sync, writeback still holds some of them
+/// for a few milliseconds and POSIX_FADV_DONTNEED skips those. Checked
+/// with mincore, which, unlike a probing read, cannot bring them back.
+fn evict_from_page_cache(file: &File) {
+    use std::os::unix::io::AsRawFd;
+    let len = file.metadata().unwrap().len() as usize;
+    for _ in 0..2000 {
+        // SAFETY: an advisory call on an open descriptor; no memory passed.
+        let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0, "posix_fadvise");
+        if !any_page_resident(file, len) {
+            return;
+        }
+        thread::sleep(std::time::Duration::from_millis(1));
+    }
+    panic!("the pages of a synced file stay in the page cache");
+}
+
+fn any_page_resident(file: &File, len: usize) -> bool {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: sysconf has no memory arguments.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    // SAFETY: a new read-only shared mapping of an open file, never
+    // dereferenced, unmapped below.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED, "mmap");
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: the mapping above is `len` bytes; `vec` has one byte per page
+    // of it.
+    let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    // SAFETY: unmaps the mapping made above, which nothing refers to.
+    unsafe { libc::munmap(addr, len) };
+    assert_eq!(rc, 0, "mincore");
+    vec.iter().any(|v| v & 1 != 0)
+}
+
+/// Pages that are not in the page cache are not read inline (that would
+/// block the worker on the disk): `read_now` declines, `read` reads them
+/// on the blocking pool, and from then on they are served inline again.
+/// Evicted pages can come back at any moment (here, a few runs in a
+/// hundred, right after a confirmed eviction: a no-wait read that misses
+/// may start readahead), so eviction and probe are retried.
+#[tokio::test]
+async fn pages_not_in_the_page_cache_are_read_off_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ov, log) = open(dir.path());
+    let worker = thread::current().id();
+    let data = pattern(64 << 10, 1);
+    ov.write(0, Bytes::from(data.clone()), false).await.unwrap();
+    // On file and synced, so that the pages can be dropped.
+    ov.flush().await.unwrap();
+    assert!(
+        ov.read_now(range(8192, 4096)).is_some(),
+        "cached after writing"
+    );
+    let pages = File::open(dir.path().join(store::PAGES)).unwrap();
+    let evict = || evict_from_page_cache(&pages);
+    assert!(
+        (0..100).any(|_| {
+            evict();
+            ov.read_now(range(8192, 4096)).is_none()
+        }),
+        "the inline path would have waited for the disk"
+    );
+    // Unaligned, over data pages and the base beyond them.
+    let mut want = data[8092..].to_vec();
+    want.resize(64 << 10, 0x5a);
+    let mut waited = false;
+    for _ in 0..100 {
+        evict();
+        let reads = log.count("read");
+        let r = ov.read(range(8192 - 100, 64 << 10)).await.unwrap();
+        assert!(r.data == want);
+        if log.count("read") > reads {
+            waited = true; // read from the file, waiting
+            break;
+        }
+    }
+    assert!(waited, "never read from the disk");
+    let r = ov
+        .read_now(range(8192, 4096))
+        .expect("in the page cache now")
+        .unwrap();
+    assert!(r.data == data[8192..12288]);
+    assert_eq!(
+        log.on(worker),
+        Vec::<&str>::new(),
+        "blocking calls on the worker"
+    );
+}
+
+/// `write_now` accepts a write without any blocking call (nothing is
+/// written, synced or reserved on the worker): the bytes are read back at
+/// once from memory, a drain on the blocking pool puts them on file, and
+/// they survive a flush and a reopen. The blocking path (`write`, TRIM,
+/// WRITE_ZEROES, FUA) runs its disk I/O off the worker too.
+#[tokio::test]
+async fn writes_make_no_blocking_call_on_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ov, log) = open(dir.path());
+    let worker = thread::current().id();
+    let a = pattern(4096, 2);
+    let b = pattern(3000, 3);
+    // Aligned, and partial (the edge page comes from the base, local).
+    ov.write_now(4096, &a, false)
+        .expect("accepted without waiting")
+        .unwrap();
+    ov.write_now(3 * 4096 + 500, &b, false)
+        .expect("accepted without waiting")
+        .unwrap();
+    assert!(ov.write_now(0, &a, true).is_none(), "FUA waits for a sync");
+    assert_eq!(
+        log.on(worker),
+        Vec::<&str>::new(),
+        "blocking calls on the worker"
+    );
+    let r = ov.read_now(range(4096, 4096)).unwrap().unwrap();
+    assert!(r.data == a);
+    let mut page = vec![0x5a; 4096];
+    page[500..3500].copy_from_slice(&b);
+    let r = ov.read(range(3 * 4096, 4096)).await.unwrap();
+    assert!(r.data == page);
+    ov.write(8 * 4096 + 1, Bytes::from(a.clone()), true)
+        .await
+        .unwrap();
+    ov.trim(range(4096, 4096), false).await.unwrap();
+    ov.write_zeroes(range(100, 20_000), ZeroFlags::default())
+        .await
+        .unwrap();
+    ov.write_zeroes(
+        range(20 * 4096, 8192),
+        ZeroFlags {
+            no_hole: true,
+            ..ZeroFlags::default()
+        },
+    )
+    .await
+    .unwrap();
+    ov.flush().await.unwrap();
+    assert!(log.count("write") > 0 && log.count("sync") > 0);
+    assert_eq!(
+        log.on(worker),
+        Vec::<&str>::new(),
+        "blocking calls on the worker"
+    );
+    // What was written reads back after a reopen.
+    let mut model = vec![0x5a; SIZE as usize];
+    model[4096..8192].copy_from_slice(&a);
+    model[3 * 4096 + 500..3 * 4096 + 3500].copy_from_slice(&b);
+    model[8 * 4096 + 1..9 * 4096 + 1].copy_from_slice(&a);
+    model[4096..8192].fill(0);
+    model[100..20_100].fill(0);
+    model[20 * 4096..22 * 4096].fill(0);
+    drop(ov);
+    let (ov, _) = open(dir.path());
+    let r = ov.read(range(0, SIZE)).await.unwrap();
+    assert!(r.data == model);
+}
