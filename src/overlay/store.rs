@@ -184,10 +184,13 @@ struct State {
     reserved_end: u64,
     /// Journal bytes below this have disk space reserved.
     journal_reserved: u64,
+    /// The journal's end right after the last completed flush (nothing
+    /// written since when it is still the end).
+    flushed_end: u64,
 }
 
 /// Journal bytes reserved at a time.
-const GROW_JOURNAL: u64 = 1 << 20;
+const GROW_JOURNAL: u64 = 256 << 10;
 
 impl State {
     /// Slots kept for rewrites of pages the overlay already holds: a write
@@ -393,6 +396,7 @@ impl PageStore {
                 records: 0,
                 reserved_end: 0,
                 journal_reserved: 0,
+                flushed_end: 0,
             }),
             flushing: Mutex::new(()),
             poisoned: Mutex::new(None),
@@ -459,6 +463,8 @@ impl PageStore {
             st.records += 1;
         }
         st.log_end = RECORDS_START + buf.len().div_ceil(RECORD) as u64 * RECORD as u64;
+        // Open syncs what replay found (see `open`): that is a flush.
+        st.flushed_end = st.log_end;
         let mut used = BTreeSet::new();
         for e in st.map.ext.values() {
             if let Kind::Data { slot, .. } = e.kind {
@@ -732,22 +738,31 @@ impl PageStore {
         let _f = self.flushing.lock().expect("flush lock");
         let (x, journal) = {
             let st = self.state.lock().expect("state lock");
+            if st.log_end == st.flushed_end && st.pending_free.is_empty() {
+                // Nothing was written since the last flush: nothing to make
+                // durable, and no marker to add (an idle overlay's journal
+                // does not grow).
+                return Ok(());
+            }
             (st.log_end, st.journal.clone())
         };
         if let Err(e) = self.pages.sync() {
             self.poison("syncing pages", &e);
             return Err(io_err(&*self.dir, PAGES, "syncing", e));
         }
-        {
+        let marker_end = {
             let mut st = self.state.lock().expect("state lock");
-            self.append(&mut st, &[Record::Flush { covered: x }])?;
-        }
+            self.append(&mut st, &[Record::Flush { covered: x }])? + RECORD as u64
+        };
         if let Err(e) = journal.sync() {
             self.poison("syncing the journal", &e);
             return Err(io_err(&*self.dir, JOURNAL, "syncing", e));
         }
         let punch = {
             let mut st = self.state.lock().expect("state lock");
+            if st.log_end == marker_end {
+                st.flushed_end = marker_end;
+            }
             let mut punch = Vec::new();
             let mut keep = Vec::new();
             for (pos, slot, p) in std::mem::take(&mut st.pending_free) {
@@ -862,6 +877,7 @@ impl PageStore {
         st.journal = new;
         st.generation = generation;
         st.log_end = buf.len() as u64;
+        st.flushed_end = st.log_end;
         st.records = records;
         // Nothing durable points at replaced slots any more.
         let mut punch = Vec::new();
