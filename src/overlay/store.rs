@@ -472,7 +472,21 @@ impl PageStore {
             }
         }
         let next = used.last().map_or(1, |s| s + 1);
-        st.free = (1..next).filter(|s| !used.contains(s)).collect();
+        // Gaps between used slots are free, but only those inside the
+        // pages file: a gap past its end would be a huge set for nothing
+        // (those slots are as good as new ones).
+        let in_file = self
+            .pages
+            .len()
+            .map_err(|e| io_err(d, PAGES, "reading", e))?
+            .div_ceil(PAGE);
+        let mut free = BTreeSet::new();
+        let mut prev = 0;
+        for &u in &used {
+            free.extend(prev + 1..u.min(in_file).max(prev + 1));
+            prev = u;
+        }
+        st.free = free;
         st.next_slot = next;
         // Slots below the end have their space; the reserve beyond is
         // taken again by the first write that needs it.
