@@ -46,9 +46,15 @@ use crate::stats::Stats;
 /// Requests one connection may have in flight.
 pub const MAX_IN_FLIGHT: usize = 128;
 /// Read payload bytes one connection may have in flight (buffers pinned
-/// until the client takes the reply). Without it, 128 reads of 32 MiB from
-/// a client that never reads its socket would pin 4 GiB.
+/// until the client takes the reply). Without it, 128 reads of 64 MiB from
+/// a client that never reads its socket would pin 8 GiB.
 pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+// A request is taken only when its payload fits what its connection holds
+// (`Conn::room`) and, for a READ, the server-wide budget (never below this
+// cap, see `Budget::new`). So that the largest request is taken at all,
+// once everything before it is answered, both must hold it alone; a request
+// larger than them would wait for ever, and its connection with it.
+const _: () = assert!(wire::MAX_PAYLOAD as usize <= MAX_IN_FLIGHT_BYTES);
 /// Granularity of the byte budget.
 const BUDGET_UNIT: u32 = 4096;
 /// Most extents returned by one BLOCK_STATUS (the spec allows fewer than
