@@ -71,7 +71,7 @@ section=$T/section.md
 {
   echo "## Attach of a 1 TiB template (bench/attach.sh)"
   echo
-  echo "Run $(date -u '+%F %H:%M') UTC, $(nproc) cores, load before $load, kernel $(uname -r); git $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet || echo '+dirty')."
+  echo "Run $(date -u '+%F %H:%M') UTC, $(nproc) cores, load before $load, kernel $(uname -r); git $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- . ':!bench/RESULTS.md' ':!RELIABILITY.md' || echo '+dirty')."
   echo "\`ROUNDS=$ROUNDS bench/attach.sh\`: time from exec of \`lazybd serve\` to the first byte read over NBD (a client"
   echo "retrying every 1 ms), 1 TiB sparse local template; cold = cache (and overlay) directory deleted first. Medians of"
   echo "$ROUNDS rounds, read-only and writable alternating."

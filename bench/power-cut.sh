@@ -39,7 +39,7 @@ section=$(mktemp)
 {
   echo "## Power-loss simulation (bench/power-cut.sh)"
   echo
-  echo "Run $(date -u '+%F %H:%M') UTC, ${secs} s, $(nproc) cores, load before $load; git $(git rev-parse --short HEAD)$(git diff --quiet || echo '+dirty')."
+  echo "Run $(date -u '+%F %H:%M') UTC, ${secs} s, $(nproc) cores, load before $load; git $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/RESULTS.md' ':!RELIABILITY.md' || echo '+dirty')."
   echo "\`RUNS=$RUNS SEED=$SEED bench/power-cut.sh\`."
   echo
   echo "The overlay's page store over the simulated disk (src/overlay/disk.rs): each run is 150 random steps of"

@@ -54,6 +54,8 @@ pub struct Overlay {
     base: Arc<dyn BlockDevice>,
     /// Shared with blocking sync tasks.
     store: Arc<PageStore>,
+    /// Set while a flush the overlay started on its own is running.
+    self_flushing: Arc<std::sync::atomic::AtomicBool>,
     stripes: Vec<Mutex<()>>,
     dir: PathBuf,
     size: u64,
@@ -169,6 +171,7 @@ impl Overlay {
         Ok(Overlay {
             base,
             store: Arc::new(store),
+            self_flushing: Default::default(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             dir: dir.to_path_buf(),
             size,
@@ -418,7 +421,11 @@ impl Overlay {
                 self.whole_pages(offset, data, &mut |p| self.page_now(p, &mut base))
             };
             match whole {
-                Some(Ok(buf)) => return self.store.write(p0, &buf, keep_zeros),
+                Some(Ok(buf)) => {
+                    self.store.write(p0, &buf, keep_zeros)?;
+                    self.maybe_self_flush();
+                    return Ok(());
+                }
                 Some(Err(e)) => return Err(e),
                 None => {
                     for q in need {
@@ -479,6 +486,27 @@ impl Overlay {
             }
         }
         Ok(())
+    }
+
+    /// After a write: a guest that rewrites without flushing makes the
+    /// store hold replaced slots; past a bound, flush in the background
+    /// (a flush only makes more durable, so an extra one is always safe).
+    fn maybe_self_flush(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.store.wants_flush() || self.self_flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (store, flag) = (self.store.clone(), self.self_flushing.clone());
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            flag.store(false, Ordering::Release);
+            return;
+        };
+        rt.spawn_blocking(move || {
+            if let Err(e) = store.flush() {
+                tracing::warn!(error = %e, "overlay flush (after many rewrites) failed");
+            }
+            flag.store(false, Ordering::Release);
+        });
     }
 
     /// Sync from a blocking context (shutdown).
@@ -590,7 +618,11 @@ impl Writable for Overlay {
         let _g = self.try_lock_pages(p0, p1)?;
         let mut base = |q: ByteRange| self.base.read_now(q);
         match self.whole_pages(offset, data, &mut |p| self.page_now(p, &mut base))? {
-            Ok(buf) => Some(self.store.write(p0, &buf, false)),
+            Ok(buf) => {
+                let r = self.store.write(p0, &buf, false);
+                self.maybe_self_flush();
+                Some(r)
+            }
             Err(e) => Some(Err(e)),
         }
     }

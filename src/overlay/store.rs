@@ -189,6 +189,8 @@ struct State {
     flushed_end: u64,
 }
 
+/// Replaced slots held before the overlay flushes on its own (32 MiB).
+const FLUSH_AFTER: usize = 8192;
 /// Journal bytes reserved at a time.
 const GROW_JOURNAL: u64 = 256 << 10;
 
@@ -404,13 +406,16 @@ impl PageStore {
         store.replay(&mut report)?;
         // Make what replay rebuilt durable before anything reuses a slot
         // it no longer references (a kill -9 leaves it in the page cache).
-        store
-            .pages
-            .sync()
-            .map_err(|e| io_err(d, PAGES, "syncing", e))?;
-        journal
-            .sync()
-            .map_err(|e| io_err(d, JOURNAL, "syncing", e))?;
+        // A store just created is durable already (`create` synced it).
+        if !report.created {
+            store
+                .pages
+                .sync()
+                .map_err(|e| io_err(d, PAGES, "syncing", e))?;
+            journal
+                .sync()
+                .map_err(|e| io_err(d, JOURNAL, "syncing", e))?;
+        }
         if report.tail > 0 || store.bloated() {
             store.compact()?;
             report.compacted = true;
@@ -506,6 +511,14 @@ impl PageStore {
 
     pub fn image_size(&self) -> u64 {
         self.image_size
+    }
+
+    /// Has so much been rewritten since the last flush that one is due?
+    /// Replaced slots are held until a flush (see the module docs), so a
+    /// guest that never flushes would grow `pages` and the list of held
+    /// slots without bound; the overlay flushes on its own past this.
+    pub fn wants_flush(&self) -> bool {
+        self.state.lock().expect("state lock").pending_free.len() >= FLUSH_AFTER
     }
 
     /// Pages of guest data held (for listings and metrics: a counter).
