@@ -494,14 +494,7 @@ async fn objects_told_apart_by_the_query_never_share_a_cache() {
     cfg.exports.push(second);
     let (srv, addr) = start(cfg).await;
     for (name, want) in [("disk", &one), ("other", &two)] {
-        let mut c = Client::connect(
-            &addr,
-            Opts {
-                name,
-                ..Opts::default()
-            },
-        )
-        .await;
+        let mut c = Client::to_export(&addr, name).await;
         assert!(
             c.read(0, 2 * MIB as u32).await.unwrap().data == *want,
             "export {name}"

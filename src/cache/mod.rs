@@ -1059,17 +1059,10 @@ async fn wait(f: &Flight) -> Result<Bytes> {
     }
 }
 
-/// Sort and merge adjacent zero ranges.
+/// Sort and merge adjacent zero ranges (the merge is `block::merge_adjacent`).
 fn merge_ranges(v: &mut Vec<ByteRange>) {
     v.sort_by_key(|r| r.offset);
-    let mut merged: Vec<ByteRange> = Vec::with_capacity(v.len());
-    for r in v.drain(..) {
-        match merged.last_mut() {
-            Some(m) if m.end() == r.offset => m.len += r.len,
-            _ => merged.push(r),
-        }
-    }
-    *v = merged;
+    *v = crate::block::merge_adjacent(std::mem::take(v));
 }
 
 impl BlockDevice for ImageCache {

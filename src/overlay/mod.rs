@@ -215,11 +215,17 @@ impl Overlay {
             .collect()
     }
 
-    fn page_range(&self, p: u64) -> ByteRange {
+    /// The bytes of pages `[first, first + count)` (the last page of the
+    /// image may be short).
+    fn run_bytes(&self, first: u64, count: u64) -> ByteRange {
         ByteRange {
-            offset: p * PAGE,
-            len: PAGE.min(self.size - p * PAGE),
+            offset: first * PAGE,
+            len: ((first + count) * PAGE).min(self.size) - first * PAGE,
         }
+    }
+
+    fn page_range(&self, p: u64) -> ByteRange {
+        self.run_bytes(p, 1)
     }
 
     async fn read_impl(&self, r: ByteRange) -> Result<ReadData> {
@@ -274,10 +280,7 @@ impl Overlay {
         let mut zero: Vec<ByteRange> = Vec::new();
         let mut need: Vec<ByteRange> = Vec::new();
         for (first, count, piece) in self.store.lookup(p0, p1) {
-            let run = ByteRange {
-                offset: first * PAGE,
-                len: ((first + count) * PAGE).min(self.size) - first * PAGE,
-            };
+            let run = self.run_bytes(first, count);
             let part = run.intersect(&r).expect("run of covering pages meets r");
             let dst = (part.offset - r.offset) as usize;
             match piece {
@@ -550,10 +553,7 @@ impl BlockDevice for Overlay {
         };
         let (p0, p1) = pages_of(r);
         for (first, count, piece) in self.store.lookup(p0, p1) {
-            let run = ByteRange {
-                offset: first * PAGE,
-                len: ((first + count) * PAGE).min(self.size) - first * PAGE,
-            };
+            let run = self.run_bytes(first, count);
             let part = run.intersect(&r).expect("run of covering pages meets r");
             match piece {
                 Piece::Zero => push(Extent {
@@ -589,10 +589,7 @@ impl BlockDevice for Overlay {
         let (p0, p1) = pages_of(r);
         for (first, count, piece) in self.store.lookup(p0, p1) {
             if piece == Piece::Base {
-                let run = ByteRange {
-                    offset: first * PAGE,
-                    len: ((first + count) * PAGE).min(self.size) - first * PAGE,
-                };
+                let run = self.run_bytes(first, count);
                 if let Some(part) = run.intersect(&r) {
                     self.base.prefetch(part);
                 }

@@ -149,6 +149,14 @@ impl PageMap {
         out
     }
 
+    /// Does page `p` have a data slot?
+    fn holds_data(&self, p: u64) -> bool {
+        matches!(
+            self.ext.range(..=p).next_back(),
+            Some((&k, e)) if k + e.len > p && matches!(e.kind, Kind::Data { .. })
+        )
+    }
+
     fn any_in(&self, first: u64, end: u64) -> bool {
         if let Some((&k, e)) = self.ext.range(..=first).next_back() {
             if k + e.len > first {
@@ -292,6 +300,9 @@ pub struct PageStore {
     flushing: Mutex<()>,
     /// Set when a sync failed: what to tell writers.
     poisoned: Mutex<Option<String>>,
+    /// Replaced slots held have reached `FLUSH_AFTER` (set by writes,
+    /// cleared by a flush): read by every write without the state lock.
+    flush_due: std::sync::atomic::AtomicBool,
 }
 
 fn io_err(dir: &dyn Dir, name: &str, what: &str, e: std::io::Error) -> Error {
@@ -402,6 +413,7 @@ impl PageStore {
             }),
             flushing: Mutex::new(()),
             poisoned: Mutex::new(None),
+            flush_due: Default::default(),
         };
         store.replay(&mut report)?;
         // Make what replay rebuilt durable before anything reuses a slot
@@ -518,7 +530,7 @@ impl PageStore {
     /// guest that never flushes would grow `pages` and the list of held
     /// slots without bound; the overlay flushes on its own past this.
     pub fn wants_flush(&self) -> bool {
-        self.state.lock().expect("state lock").pending_free.len() >= FLUSH_AFTER
+        self.flush_due.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Pages of guest data held (for listings and metrics: a counter).
@@ -644,20 +656,17 @@ impl PageStore {
             let s = (i * PAGE) as usize;
             &data[s..(s + PAGE as usize).min(data.len())]
         };
-        // Plan: a fresh slot for every non-zero page.
-        let mut plan: Vec<Option<u64>> = Vec::with_capacity(n as usize);
-        {
+        // Plan: a fresh slot for every non-zero page (zero pages are found
+        // before the lock is taken, and once).
+        let zero: Vec<bool> = (0..n)
+            .map(|i| !keep_zeros && crate::store::is_zero(chunk(i)))
+            .collect();
+        let plan: Vec<Option<u64>> = {
             let mut st = self.state.lock().expect("state lock");
-            let mut rewrite = Vec::with_capacity(n as usize);
-            for i in 0..n {
-                if !keep_zeros && crate::store::is_zero(chunk(i)) {
-                    continue;
-                }
-                rewrite.push(matches!(
-                    st.map.runs(first + i, first + i + 1)[0].2,
-                    Some(Kind::Data { .. })
-                ));
-            }
+            let rewrite: Vec<bool> = (0..n)
+                .filter(|&i| !zero[i as usize])
+                .map(|i| st.map.holds_data(first + i))
+                .collect();
             let Some(slots) = st.alloc(&*self.pages, &rewrite) else {
                 return Err(Error::new(
                     ErrorKind::NoSpace,
@@ -668,14 +677,10 @@ impl PageStore {
                 ));
             };
             let mut slots = slots.into_iter();
-            for i in 0..n {
-                if !keep_zeros && crate::store::is_zero(chunk(i)) {
-                    plan.push(None);
-                } else {
-                    plan.push(slots.next());
-                }
-            }
-        }
+            zero.iter()
+                .map(|&z| if z { None } else { slots.next() })
+                .collect()
+        };
         // Data first: runs of consecutive pages in consecutive slots are
         // one write.
         let mut i = 0;
@@ -741,7 +746,16 @@ impl PageStore {
                 st.pending_free.push((pos, s, false));
             }
         }
+        self.note_held(&st);
         Ok(())
+    }
+
+    /// Keep `flush_due` in step with the replaced slots held.
+    fn note_held(&self, st: &State) {
+        self.flush_due.store(
+            st.pending_free.len() >= FLUSH_AFTER,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Pages `[first, first + count)` read as zeroes from now on; their
@@ -756,6 +770,7 @@ impl PageStore {
         for s in st.map.set(first, count, Some(Kind::Zero)) {
             st.pending_free.push((pos, s, true));
         }
+        self.note_held(&st);
         Ok(())
     }
 
@@ -803,6 +818,7 @@ impl PageStore {
                 }
             }
             st.pending_free = keep;
+            self.note_held(&st);
             punch
         };
         self.punch(punch);
@@ -914,6 +930,7 @@ impl PageStore {
                 punch.push(slot);
             }
         }
+        self.note_held(&st);
         drop(st);
         self.punch(punch);
         Ok(())

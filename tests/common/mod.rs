@@ -459,6 +459,18 @@ impl Client {
     pub async fn connect(addr: &str, o: Opts) -> Client {
         Client::go(greet(addr).await, o).await
     }
+
+    /// A client of the export `name`, with the default options.
+    pub async fn to_export(addr: &str, name: &'static str) -> Client {
+        Client::connect(
+            addr,
+            Opts {
+                name,
+                ..Opts::default()
+            },
+        )
+        .await
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
