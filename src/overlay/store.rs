@@ -344,7 +344,7 @@ impl PageStore {
             && d.open(PAGES, false)
                 .ok()
                 .flatten()
-                .and_then(|f| f.len().ok())
+                .and_then(|f| f.file_len().ok())
                 .is_some_and(|l| l <= PAGE);
         if (!has_j && !has_p) || unborn {
             create(d, image_size, identity)?;
@@ -440,7 +440,7 @@ impl PageStore {
         let mut st = self.state.lock().expect("state lock");
         let len = st
             .journal
-            .len()
+            .file_len()
             .map_err(|e| io_err(d, JOURNAL, "reading", e))?;
         let mut buf = vec![0u8; len.saturating_sub(RECORDS_START) as usize];
         read_full(&*st.journal, &mut buf, RECORDS_START)
@@ -494,7 +494,7 @@ impl PageStore {
         // (those slots are as good as new ones).
         let in_file = self
             .pages
-            .len()
+            .file_len()
             .map_err(|e| io_err(d, PAGES, "reading", e))?
             .div_ceil(PAGE);
         let mut free = BTreeSet::new();
