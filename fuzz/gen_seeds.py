@@ -9,6 +9,7 @@ of a handshake / map_header input is the target's mode byte (see the targets).
 
 import os
 import struct
+import zlib
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
 
@@ -47,12 +48,16 @@ def client(flags: int, *options: bytes) -> bytes:
     return struct.pack(">I", flags) + b"".join(options)
 
 
-def map_header(block_size: int, image_size: int, identity: int, version=1, slots=1) -> bytes:
-    """The 44-byte header of src/store/map.rs (little endian)."""
+def map_header(block_size: int, image_size: int, identity: int, version=2, slots=1) -> bytes:
+    """The header of src/store/map.rs (little endian): 44 bytes, and from
+    version 2 a crc32 of them."""
     blocks = -(-image_size // block_size)
-    return b"LAZYBDM1" + struct.pack(
+    h = b"LAZYBDM1" + struct.pack(
         "<IIQQQI", version, block_size, image_size, identity, blocks, slots
     )
+    if version >= 2:
+        h += struct.pack("<I", zlib.crc32(h))
+    return h
 
 
 def map_file_len(block_size: int, image_size: int, slots=1) -> int:
@@ -143,11 +148,47 @@ def map_header_seeds() -> None:
     body[8192:8196] = struct.pack("<I", 0xC71C0011)  # some CRC
     write(t, "4k-full-file", b"\x00" + bytes(body))
     write(t, "overlay-2-slots-padded", b"\x01" + map_header(64 << 10, 3 << 20, 9, slots=2))
-    write(t, "bad-version", b"\x01" + map_header(4096, 4096, 7, version=2))
+    write(t, "version-1-overlay-padded", b"\x01" + map_header(4096, 1 << 20, 9, version=1, slots=2))
+    write(t, "bad-version", b"\x01" + map_header(4096, 4096, 7, version=3))
     write(t, "huge-image-padded", b"\x01" + map_header(16 << 20, (1 << 64) - 1, 3))
+
+
+def overlay_header(magic: bytes, generation: int, image_size: int, identity: int) -> bytes:
+    """A 4 KiB header page of src/overlay/format.rs."""
+    h = bytearray(4096)
+    h[:60] = magic + struct.pack("<IIQQII", 2, 64, generation, image_size, 4096, 0) + struct.pack(
+        "<Q", identity) + bytes(12)
+    h[60:64] = struct.pack("<I", zlib.crc32(bytes(h[:60])))
+    return bytes(h)
+
+
+def overlay_record(kind: int, generation: int, page: int, arg: int, crc: int = 0) -> bytes:
+    r = struct.pack("<B3xIQQI", kind, generation & 0xFFFFFFFF, page, arg, crc)
+    return r + struct.pack("<I", zlib.crc32(r))
+
+
+def overlay_journal_seeds() -> None:
+    """Inputs of fuzz_targets/overlay_journal.rs: mode byte, cut byte (where
+    the rest splits into journal and pages), then the bytes. Mode bit 1/2:
+    prepend a valid journal/pages header; bit 4: records from the journal
+    bytes; bit 8: leave an empty file out."""
+    t = "overlay_journal"
+    image, ident = 64 * 4096 - 100, 7
+    page = bytes(range(256)) * 16
+    recs = (overlay_record(1, 1, 0, 1, zlib.crc32(page)) + overlay_record(2, 1, 5, 3)
+            + overlay_record(3, 1, 0, 4096 + 64) + overlay_record(1, 1, 9, 2, 12345))
+    # Headers supplied by the target (mode 3): records, then one page.
+    write(t, "records-and-a-page", b"\x03" + bytes([128]) + recs + page)
+    write(t, "valid-records-mode", b"\x07" + bytes([200]) + bytes(range(170)) + page)
+    # Whole files in the input (mode 0): a journal with its own header.
+    j = overlay_header(b"LAZYBDOJ", 1, image, ident) + recs
+    write(t, "own-headers", b"\x02" + bytes([255]) + j)
+    write(t, "empty", b"\x00\x00")
+    write(t, "journal-missing", b"\x0a\x00" + page)
 
 
 if __name__ == "__main__":
     wire_decode()
     handshake()
     map_header_seeds()
+    overlay_journal_seeds()

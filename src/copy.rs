@@ -41,7 +41,8 @@ pub struct CopySpec {
     pub dest: String,
     /// Chunks in flight.
     pub jobs: usize,
-    /// Bytes per chunk (at most 32 MiB, the NBD payload limit).
+    /// Bytes per chunk (at most 32 MiB, the NBD spec's default maximum
+    /// payload: what every server serves).
     pub chunk: u64,
     /// Expected SHA-256 of the whole image.
     pub sha256: Option<[u8; 32]>,
@@ -399,7 +400,8 @@ async fn chunk(src: Arc<Source>, dst: Arc<Dest>, r: ByteRange, verify: bool) -> 
 
 async fn run(spec: CopySpec, progress: Arc<CopyProgress>) -> Result<CopyReport> {
     let started = Instant::now();
-    if spec.chunk == 0 || spec.chunk > crate::nbd::wire::MAX_PAYLOAD as u64 {
+    // Any NBD server serves the spec's default maximum (lazybd serves more).
+    if spec.chunk == 0 || spec.chunk > crate::nbd::wire::DEFAULT_MAX_PAYLOAD as u64 {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             "chunk size must be 1 byte .. 32 MiB",

@@ -7,14 +7,18 @@
 //! Module map (read path: `nbd::transmission -> export -> [overlay ->] cache -> origin`):
 //! - [`block`]   units: byte ranges, block sizes and indices, the range split
 //! - [`error`]   the one error type (kind + context + source) and its NBD errno
-//! - [`nbd`]     the NBD protocol: `wire` (pure codec), `handshake`, `transmission`
+//! - [`nbd`]     the NBD protocol: `wire` (pure codec), `handshake`, `transmission`,
+//!   `client` (the in-house client of `lazybd copy`)
 //! - [`server`]  TCP/Unix listeners, connection limits, graceful shutdown
 //! - [`tls`]     NBD over TLS: modes (off/on/require), certificates, acceptor
 //! - [`export`]  the NBD-facing device trait, exports registry, `stack` (composition)
 //! - [`cache`]   the verified cache of an origin: single-flight fetches, `dir`, `verify`
-//! - [`store`]   block store shared by cache and overlays: data file + `map` (state + CRCs)
-//! - [`overlay`] copy-on-write layer of a writable export; writes never reach the base
-//! - [`readahead`] per-export adaptive sequential readahead into the cache
+//! - [`store`]   the cache's block store: data file + sparse `map` (state + CRCs)
+//! - [`overlay`] copy-on-write layer of a writable export; writes never reach the base:
+//!   `store` (pages + journal, crash contract), `format` (v2, fuzzed), `disk` (the I/O
+//!   interface, with a simulated disk for power-loss tests), `migrate` (v1 -> v2)
+//! - [`readahead`] per-export adaptive sequential readahead into the cache (before the
+//!   cache in the read path: `nbd::transmission -> export -> [overlay ->] readahead -> cache`)
 //! - [`profile`] boot profiles: record the first reads, replay them on a cold start
 //! - [`hydrate`] background fetch of a whole image, rate-limited, yielding to guests
 //! - [`copy`]    `lazybd copy`: a whole image from HTTP/file/NBD to a file or NBD

@@ -26,6 +26,10 @@
 //!            varint: length in pages)              pages = 4 KiB
 //!   crc32 u32le of everything before
 //! ```
+//!
+//! The magic's last byte is the format version ('1'); a profile of a newer
+//! version is ignored with a warning that says so (a profile can always be
+//! recorded again: it is never client data).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -102,6 +106,13 @@ impl Profile {
 
     pub fn decode(b: &[u8]) -> Result<Profile> {
         let bad = |why: &str| Error::new(ErrorKind::Corrupt, format!("boot profile: {why}"));
+        // The magic's last byte is the format version.
+        if b.len() >= 8 && b[..7] == MAGIC[..7] && b[7] > MAGIC[7] {
+            return Err(bad(&format!(
+                "format version {}, written by a newer lazybd (this one reads version 1)",
+                b[7] as char
+            )));
+        }
         if b.len() < 24 || &b[..8] != MAGIC {
             return Err(bad("not a lazybd profile (bad magic)"));
         }
@@ -402,6 +413,14 @@ mod tests {
             assert!(Profile::decode(&d).is_err(), "flipped byte {i} accepted");
         }
         assert!(Profile::decode(&b[..b.len() - 1]).is_err());
+        // A newer format says so (and is only ignored: never client data).
+        let mut newer = b.clone();
+        newer[7] = b'2';
+        let e = Profile::decode(&newer).unwrap_err().to_string();
+        assert!(
+            e.contains("format version 2, written by a newer lazybd"),
+            "{e}"
+        );
     }
 
     #[test]

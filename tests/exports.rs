@@ -49,14 +49,7 @@ async fn eight_exports_share_one_cache() {
         let (addr, img) = (addr.clone(), img.clone());
         tasks.push(tokio::spawn(async move {
             let name: &'static str = Box::leak(format!("vm{i}").into_boxed_str());
-            let mut c = Client::connect(
-                &addr,
-                Opts {
-                    name,
-                    ..Opts::default()
-                },
-            )
-            .await;
+            let mut c = Client::to_export(&addr, name).await;
             let r = c.read(0, 4 * MIB as u32).await.unwrap();
             assert!(r.data == img, "export vm{i}");
         }));
@@ -91,22 +84,8 @@ async fn writable_exports_are_isolated_and_durable() {
         export("ro", &o.url, false),
     ];
     let (srv, addr) = start(cfg.clone()).await;
-    let mut a = Client::connect(
-        &addr,
-        Opts {
-            name: "a",
-            ..Opts::default()
-        },
-    )
-    .await;
-    let mut b = Client::connect(
-        &addr,
-        Opts {
-            name: "b",
-            ..Opts::default()
-        },
-    )
-    .await;
+    let mut a = Client::to_export(&addr, "a").await;
+    let mut b = Client::to_export(&addr, "b").await;
     assert_eq!(write(&mut a, 0, 1000, &[0xAA; 5000]).await, 0);
     assert_eq!(write(&mut b, cmdflag::FUA, 70000, &[0xBB; 100]).await, 0);
     // Past the end: ENOSPC, as the spec asks.
@@ -148,14 +127,7 @@ async fn writable_exports_are_isolated_and_durable() {
     want_b[70000..70100].fill(0xBB);
     assert!(a.read(0, 2 * MIB as u32).await.unwrap().data == want_a);
     assert!(b.read(0, 2 * MIB as u32).await.unwrap().data == want_b);
-    let mut ro = Client::connect(
-        &addr,
-        Opts {
-            name: "ro",
-            ..Opts::default()
-        },
-    )
-    .await;
+    let mut ro = Client::to_export(&addr, "ro").await;
     assert!(
         ro.read(0, 2 * MIB as u32).await.unwrap().data == img,
         "the template never changes"
@@ -165,22 +137,8 @@ async fn writable_exports_are_isolated_and_durable() {
     stop(srv).await;
     // After a restart every flushed write reads back.
     let (srv, addr) = start(cfg).await;
-    let mut a = Client::connect(
-        &addr,
-        Opts {
-            name: "a",
-            ..Opts::default()
-        },
-    )
-    .await;
-    let mut b = Client::connect(
-        &addr,
-        Opts {
-            name: "b",
-            ..Opts::default()
-        },
-    )
-    .await;
+    let mut a = Client::to_export(&addr, "a").await;
+    let mut b = Client::to_export(&addr, "b").await;
     assert!(a.read(0, 2 * MIB as u32).await.unwrap().data == want_a);
     assert!(b.read(0, 2 * MIB as u32).await.unwrap().data == want_b);
     drop((a, b));
@@ -231,14 +189,7 @@ async fn control_socket_adds_lists_and_removes_exports() {
         .is_err(),
         "bad name"
     );
-    let mut c = Client::connect(
-        &addr,
-        Opts {
-            name: "vm1",
-            ..Opts::default()
-        },
-    )
-    .await;
+    let mut c = Client::to_export(&addr, "vm1").await;
     assert_eq!(write(&mut c, 0, 0, &[7u8; 4096]).await, 0);
     // Reading "disk" is undisturbed while exports come and go.
     let mut d = Client::connect(&addr, Opts::default()).await;
@@ -290,14 +241,7 @@ async fn control_socket_adds_lists_and_removes_exports() {
     )
     .await
     .unwrap();
-    let mut c = Client::connect(
-        &addr,
-        Opts {
-            name: "vm1",
-            ..Opts::default()
-        },
-    )
-    .await;
+    let mut c = Client::to_export(&addr, "vm1").await;
     assert!(c.read(0, 4096).await.unwrap().data == [7u8; 4096]);
     drop(c);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -320,14 +264,7 @@ async fn control_socket_adds_lists_and_removes_exports() {
     )
     .await
     .unwrap();
-    let mut c = Client::connect(
-        &addr,
-        Opts {
-            name: "vm1",
-            ..Opts::default()
-        },
-    )
-    .await;
+    let mut c = Client::to_export(&addr, "vm1").await;
     assert!(
         c.read(0, 4096).await.unwrap().data == img[..4096],
         "a deleted overlay starts fresh"
@@ -353,14 +290,7 @@ async fn metrics_endpoint_reports_counters() {
     let (srv, addr) = start(cfg).await;
     let mut c = Client::connect(&addr, Opts::default()).await;
     assert!(c.read(0, MIB as u32).await.unwrap().data == img);
-    let mut w = Client::connect(
-        &addr,
-        Opts {
-            name: "vm",
-            ..Opts::default()
-        },
-    )
-    .await;
+    let mut w = Client::to_export(&addr, "vm").await;
     assert_eq!(write(&mut w, 0, 0, &[1u8; 65536]).await, 0);
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -405,14 +335,7 @@ async fn bounded_cache_evicts_cold_blocks_and_stays_correct() {
     cfg.cache_size = Some(limit);
     cfg.exports.push(export("vm", &o.url, true));
     let (srv, addr) = start(cfg).await;
-    let mut w = Client::connect(
-        &addr,
-        Opts {
-            name: "vm",
-            ..Opts::default()
-        },
-    )
-    .await;
+    let mut w = Client::to_export(&addr, "vm").await;
     assert_eq!(write(&mut w, 0, 0, &[9u8; 65536]).await, 0);
     let mut c = Client::connect(&addr, Opts::default()).await;
     // Sweep the whole image three times (4x the limit each), with one
@@ -572,14 +495,7 @@ async fn a_stalled_origin_probe_stalls_no_other_image() {
     assert_eq!(slow.requests(), 1, "one probe for two adds");
     assert_eq!(srv.daemon.image_stats_now().len(), 2, "one cache per image");
     for name in ["slow1", "slow2"] {
-        let mut c = Client::connect(
-            &addr,
-            Opts {
-                name,
-                ..Opts::default()
-            },
-        )
-        .await;
+        let mut c = Client::to_export(&addr, name).await;
         assert!(c.read(0, 65536).await.unwrap().data == slow_img[..65536]);
     }
     stop(srv).await;
@@ -619,14 +535,7 @@ async fn an_add_cancelled_during_its_probe_hands_over_to_the_next() {
         .unwrap();
     assert_eq!(slow.requests(), 2, "the cancelled probe, then one more");
     assert_eq!(srv.daemon.image_stats_now().len(), 2);
-    let mut c = Client::connect(
-        &addr,
-        Opts {
-            name: "b",
-            ..Opts::default()
-        },
-    )
-    .await;
+    let mut c = Client::to_export(&addr, "b").await;
     assert!(c.read(0, 65536).await.unwrap().data == img[..65536]);
     assert!(srv.daemon.list().iter().all(|e| e.name != "a"));
     stop(srv).await;

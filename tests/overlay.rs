@@ -184,3 +184,65 @@ async fn overlay_refuses_another_base() {
     let r = ov.read(ByteRange { offset: 8, len: 9 }).await.unwrap();
     assert_eq!(&r.data[..], b"\x01\x01hello\x01\x01");
 }
+
+/// A partial write over a page that fails its CRC is refused: merging new
+/// bytes into damaged ones and storing a fresh CRC over the mix would make
+/// the damage look valid. Every other page is untouched and reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_write_over_a_damaged_page_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let base: Arc<dyn BlockDevice> = Arc::new(MemBase(vec![1u8; 64 * 4096]));
+    let ov = Overlay::open(dir.path(), base.clone(), "image").unwrap();
+    ov.write(0, Bytes::from(vec![0x11u8; 4096]), false)
+        .await
+        .unwrap();
+    ov.write(4096, Bytes::from(vec![0x22u8; 4096]), true)
+        .await
+        .unwrap();
+    drop(ov);
+    // Slot 1 holds page 0 (slot 0 is the header): damage one byte of it.
+    use std::os::unix::fs::FileExt;
+    let pages = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.path().join("pages"))
+        .unwrap();
+    pages.write_all_at(&[0xee], 4096 + 300).unwrap();
+    drop(pages);
+    let ov = Overlay::open(dir.path(), base, "image").unwrap();
+    let e = ov
+        .write(100, Bytes::from_static(b"new bytes"), false)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("fails its checksum"), "{e}");
+    assert!(ov
+        .write_now(100, b"new bytes", false)
+        .is_none_or(|r| r.is_err()));
+    // Still damaged (not papered over), and the neighbour is intact.
+    assert!(ov
+        .read(ByteRange {
+            offset: 0,
+            len: 4096
+        })
+        .await
+        .is_err());
+    let r = ov
+        .read(ByteRange {
+            offset: 4096,
+            len: 4096,
+        })
+        .await
+        .unwrap();
+    assert_eq!(&r.data[..], &[0x22u8; 4096][..]);
+    // A whole-page write replaces the damaged page (nothing to merge).
+    ov.write(0, Bytes::from(vec![0x33u8; 4096]), true)
+        .await
+        .unwrap();
+    let r = ov
+        .read(ByteRange {
+            offset: 0,
+            len: 4096,
+        })
+        .await
+        .unwrap();
+    assert_eq!(&r.data[..], &[0x33u8; 4096][..]);
+}

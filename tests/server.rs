@@ -207,7 +207,7 @@ async fn protocol_errors_are_answered_and_connection_survives() {
             (cmd::READ, 0, size, 1, errno::EINVAL),       // past the end
             (cmd::READ, 0, size - 10, 11, errno::EINVAL), // straddles the end
             (cmd::READ, 0, u64::MAX - 5, 10, errno::EINVAL), // overflow
-            (cmd::READ, 0, 0, 64 << 20, errno::EINVAL),   // > 32 MiB payload
+            (cmd::READ, 0, 0, (64 << 20) + 1, errno::EINVAL), // > 64 MiB payload
             (cmd::READ, 0x40, 0, 512, errno::EINVAL),     // unknown flag
             (cmd::READ, cmdflag::REQ_ONE, 0, 512, errno::EINVAL), // flag of another command
             (99, 0, 0, 0, errno::EINVAL),                 // unknown command
@@ -350,7 +350,7 @@ async fn option_haggling_follows_the_spec() {
             let min = u32::from_be_bytes(d[2..6].try_into().unwrap());
             let pref = u32::from_be_bytes(d[6..10].try_into().unwrap());
             let max = u32::from_be_bytes(d[10..14].try_into().unwrap());
-            assert_eq!((min, pref, max), (1, BS as u32, 32 << 20));
+            assert_eq!((min, pref, max), (1, BS as u32, 64 << 20));
         }
         kinds.push(k);
     }
@@ -494,14 +494,7 @@ async fn objects_told_apart_by_the_query_never_share_a_cache() {
     cfg.exports.push(second);
     let (srv, addr) = start(cfg).await;
     for (name, want) in [("disk", &one), ("other", &two)] {
-        let mut c = Client::connect(
-            &addr,
-            Opts {
-                name,
-                ..Opts::default()
-            },
-        )
-        .await;
+        let mut c = Client::to_export(&addr, name).await;
         assert!(
             c.read(0, 2 * MIB as u32).await.unwrap().data == *want,
             "export {name}"

@@ -684,3 +684,42 @@ async fn pipelined_large_reads_over_tls_arrive_whole() {
     }
     env.stop().await;
 }
+
+/// The exact interleaving behind a stall of the test above (about one run
+/// in five): the client's task has spent its cooperative budget when it
+/// sends, so each socket write returns `Pending` and the TLS layer keeps the
+/// encrypted request (its write still reports the bytes as taken). A
+/// client that then only reads never sends them; the test client flushes
+/// what it sends, and the requests are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_with_the_task_budget_spent_are_answered() {
+    let env = Env::start(TlsMode::Require, false).await;
+    let t = env.starttls(&default_connector(&env.pki())).await;
+    let mut c = within(Client::go(t, Opts::default())).await;
+    let img = env.img.clone();
+    // A task of its own, on a worker thread, where every poll starts with
+    // tokio's full budget (the loop below checks that it spends it).
+    let client = tokio::spawn(async move {
+        // Spend the budget without yielding: until this task yields, every
+        // socket operation returns Pending.
+        let mut units = 0;
+        while tokio::task::coop::has_budget_remaining() {
+            assert!(units < 1000, "the task has a budget to spend");
+            tokio::task::consume_budget().await;
+            units += 1;
+        }
+        let mut want = std::collections::HashMap::new();
+        for off in [0u64, 8192, 3 * MIB as u64] {
+            want.insert(c.send(cmd::READ, 0, off, 4096).await, off);
+        }
+        for _ in 0..want.len() {
+            let (cookie, r) = within(c.recv(Some(4096))).await.unwrap();
+            assert_eq!(r.error, 0);
+            let off = want.remove(&cookie).expect("a cookie we sent, once");
+            let o = off as usize;
+            assert!(assembled(&r, off, 4096) == img[o..o + 4096]);
+        }
+    });
+    client.await.unwrap();
+    env.stop().await;
+}

@@ -451,7 +451,8 @@ impl NbdClient {
             .await
             .map_err(|e| self.io(e))?;
         let h = ChunkHeader::decode(&h).map_err(|e| proto(&self.what, e))?;
-        if h.len > wire::MAX_PAYLOAD + 64 {
+        // We never ask for more than the spec's default maximum.
+        if h.len > wire::DEFAULT_MAX_PAYLOAD + 64 {
             return Err(proto(&self.what, "chunk too long"));
         }
         Ok(h)

@@ -150,7 +150,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Haggle<'_, S> {
             }
         }
         // Any alignment works (min 1); the cache block is the efficient unit;
-        // the payload limit is the spec's 32 MiB.
+        // the maximum is the payload we serve (spec: the maximum payload is
+        // "the maximum payload length that the server is willing to handle
+        // in one request"): 64 MiB, above the spec's default of 32 MiB.
         let bs = wire::info_block_size(1, export.preferred_block, wire::MAX_PAYLOAD);
         self.reply(option, rep::INFO, &bs).await?;
         self.reply(option, rep::ACK, &[]).await?;

@@ -46,9 +46,15 @@ use crate::stats::Stats;
 /// Requests one connection may have in flight.
 pub const MAX_IN_FLIGHT: usize = 128;
 /// Read payload bytes one connection may have in flight (buffers pinned
-/// until the client takes the reply). Without it, 128 reads of 32 MiB from
-/// a client that never reads its socket would pin 4 GiB.
+/// until the client takes the reply). Without it, 128 reads of 64 MiB from
+/// a client that never reads its socket would pin 8 GiB.
 pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+// A request is taken only when its payload fits what its connection holds
+// (`Conn::room`) and, for a READ, the server-wide budget (never below this
+// cap, see `Budget::new`). So that the largest request is taken at all,
+// once everything before it is answered, both must hold it alone; a request
+// larger than them would wait for ever, and its connection with it.
+const _: () = assert!(wire::MAX_PAYLOAD as usize <= MAX_IN_FLIGHT_BYTES);
 /// Granularity of the byte budget.
 const BUDGET_UNIT: u32 = 4096;
 /// Most extents returned by one BLOCK_STATUS (the spec allows fewer than
@@ -1024,6 +1030,107 @@ mod tests {
         }
         assert!(done);
         out
+    }
+
+    /// An image in memory; reads are answered inline (`read_now`).
+    struct Mem(Bytes);
+
+    impl Mem {
+        fn slice(&self, r: ByteRange) -> ReadData {
+            ReadData {
+                data: self.0.slice(r.offset as usize..r.end() as usize),
+                zero: Vec::new(),
+            }
+        }
+    }
+
+    impl crate::export::BlockDevice for Mem {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read(&self, r: ByteRange) -> crate::origin::BoxFuture<'_, Result<ReadData>> {
+            let d = self.slice(r);
+            Box::pin(async move { Ok(d) })
+        }
+        fn extents(&self, r: ByteRange) -> Result<Vec<crate::export::Extent>> {
+            Ok(vec![crate::export::Extent {
+                len: r.len,
+                zero: false,
+            }])
+        }
+        fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
+            Some(Ok(self.slice(r)))
+        }
+        fn flush(&self) -> crate::origin::BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// A stream that keeps what is written until it is flushed, as a TLS
+    /// stream keeps records whose socket write returned `Pending` while
+    /// reporting the bytes as taken: every reply still reaches the client,
+    /// because the loop flushes before it waits. (Without the flush, only
+    /// a later write would push them out; a client waiting for its last
+    /// reply sends none.)
+    #[tokio::test]
+    async fn replies_reach_a_stream_that_holds_writes_until_flushed() {
+        let img: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
+        let export = Arc::new(Export {
+            name: "disk".into(),
+            description: String::new(),
+            image: "memory".into(),
+            device: Arc::new(Mem(Bytes::from(img.clone()))),
+            writable: None,
+            overlay: None,
+            multi_conn: true,
+            preferred_block: 4096,
+            stats: Arc::new(Stats::default()),
+            clients: Default::default(),
+            closing: watch::channel(false).0,
+        });
+        let neg = Negotiated {
+            export,
+            structured: false,
+            base_allocation: false,
+        };
+        let (mut client, server) = tokio::io::duplex(4 << 20);
+        // Holds up to 2 MiB: every reply below fits and waits for a flush.
+        let server = tokio::io::BufWriter::with_capacity(2 << 20, server);
+        let (_stop, shutdown) = watch::channel(false);
+        let budget = Budget::new(0, Duration::from_secs(5));
+        let task = tokio::spawn(serve(server, neg, shutdown, budget));
+        let within = Duration::from_secs(5);
+        for (cookie, off, len) in [(1u64, 0u64, 100u32), (2, 4096, 65536), (3, 1000, 300_000)] {
+            let req = Request {
+                flags: 0,
+                typ: cmd::READ,
+                cookie,
+                offset: off,
+                len,
+            };
+            client.write_all(&req.encode()).await.unwrap();
+            let mut head = [0u8; 16];
+            tokio::time::timeout(within, client.read_exact(&mut head))
+                .await
+                .expect("the reply was left in the stream's buffer")
+                .unwrap();
+            assert_eq!(head[..16], wire::simple_reply(cookie, 0));
+            let mut data = vec![0u8; len as usize];
+            client.read_exact(&mut data).await.unwrap();
+            assert!(data[..] == img[off as usize..(off + len as u64) as usize]);
+        }
+        let disc = Request {
+            flags: 0,
+            typ: cmd::DISC,
+            cookie: 9,
+            offset: 0,
+            len: 0,
+        };
+        client.write_all(&disc.encode()).await.unwrap();
+        let r = tokio::time::timeout(within, task)
+            .await
+            .expect("serve ends");
+        assert!(r.unwrap().is_ok());
     }
 
     #[test]

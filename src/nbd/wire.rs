@@ -14,10 +14,16 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
-/// The largest READ/WRITE payload lazybd accepts: the spec's 32 MiB, which
-/// every client honours when the server advertises it as the maximum block
-/// size. Larger requests are answered with an error, never buffered.
-pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// The largest READ/WRITE payload lazybd serves, and the maximum payload it
+/// advertises in `NBD_INFO_BLOCK_SIZE`: 64 MiB, what nbdkit serves (and
+/// libnbd sends at most), so a client that ignores the spec's default of
+/// 32 MiB is served as it is there. Larger requests are answered with an
+/// error, never buffered. Each connection's payload budget holds one such
+/// request (`transmission::MAX_IN_FLIGHT_BYTES`).
+pub const MAX_PAYLOAD: u32 = 64 << 20;
+/// The spec's default maximum payload (32 MiB): what every server serves
+/// without advertising anything, so the most lazybd's own client asks for.
+pub const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
 /// Longest string (export name, context query) the spec allows.
 pub const MAX_STRING: usize = 4096;
 /// Longest option payload we read during the handshake; longer options are

@@ -32,10 +32,8 @@ pub trait DiskFile: Send + Sync {
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
     /// Make every write so far durable (fdatasync).
     fn sync(&self) -> io::Result<()>;
-    fn len(&self) -> io::Result<u64>;
-    fn is_empty(&self) -> io::Result<bool> {
-        Ok(self.len()? == 0)
-    }
+    /// The file's length in bytes.
+    fn file_len(&self) -> io::Result<u64>;
     /// Give back the space of `[off, off + len)`; it reads as zeroes after.
     fn punch(&self, off: u64, len: u64) -> io::Result<()>;
     /// Reserve disk space for `[off, off + len)` without changing the
@@ -164,7 +162,7 @@ impl DiskFile for OsFile {
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
-    fn len(&self) -> io::Result<u64> {
+    fn file_len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
     fn punch(&self, off: u64, len: u64) -> io::Result<()> {
@@ -457,7 +455,7 @@ pub mod sim {
             f.pending.clear();
             Ok(())
         }
-        fn len(&self) -> io::Result<u64> {
+        fn file_len(&self) -> io::Result<u64> {
             Ok(self.st.lock().unwrap().files[self.id].current.len() as u64)
         }
         fn punch(&self, off: u64, len: u64) -> io::Result<()> {

@@ -38,6 +38,9 @@ pub const HEADER_LEN: usize = 64;
 /// Records start after the header page.
 pub const RECORDS_START: u64 = PAGE;
 pub const RECORD: usize = 32;
+/// Slots are below this (4 PiB of pages): a record naming a larger one is
+/// not a record any writer produced.
+pub const MAX_SLOT: u64 = 1 << 40;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -190,7 +193,7 @@ impl Record {
         let arg = u64_at(b, 16);
         let crc = u32_at(b, 24);
         match b[0] {
-            1 if page < pages && arg >= 1 => Some(Record::Data {
+            1 if page < pages && (1..MAX_SLOT).contains(&arg) => Some(Record::Data {
                 page,
                 slot: arg,
                 crc,

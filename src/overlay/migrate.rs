@@ -19,7 +19,7 @@ use crate::block::{BlockIndex, PAGE};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::map::{BlockMap, BlockState};
 
-use super::disk::OsDir;
+use super::disk::{Dir, OsDir};
 use super::store::{PageStore, JOURNAL, PAGES};
 
 const TMP: &str = "v2.tmp";
@@ -123,11 +123,7 @@ pub fn migrate(dir: &Path, image_size: u64, identity: u64, keep_going: bool) -> 
     }
     store.flush()?;
     drop(store);
-    let sync_dir = |d: &Path| {
-        std::fs::File::open(d)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io("syncing", d, e))
-    };
+    let sync_dir = |d: &Path| OsDir::new(d).sync().map_err(|e| io("syncing", d, e));
     std::fs::rename(tmp.join(PAGES), dir.join(PAGES)).map_err(|e| io("moving", &tmp, e))?;
     sync_dir(dir)?;
     std::fs::rename(tmp.join(JOURNAL), dir.join(JOURNAL)).map_err(|e| io("moving", &tmp, e))?;

@@ -73,6 +73,8 @@ pub struct Overlay {
     base: Arc<dyn BlockDevice>,
     /// Shared with the blocking tasks that do its disk I/O.
     store: Arc<PageStore>,
+    /// Set while a flush the overlay started on its own is running.
+    self_flushing: Arc<std::sync::atomic::AtomicBool>,
     /// In `Arc`s so that a writer's guards go to the blocking pool with
     /// its store write and are released when that write is done, even if
     /// the request's future is dropped while it waits for it.
@@ -202,6 +204,7 @@ impl Overlay {
         Ok(Overlay {
             base,
             store: Arc::new(store),
+            self_flushing: Default::default(),
             stripes: (0..STRIPES).map(|_| Arc::new(Mutex::new(()))).collect(),
             dir: dir.to_path_buf(),
             size,
@@ -265,15 +268,22 @@ impl Overlay {
         let res = self.store.write_now(p0, buf, keep_zeros)?;
         if res.is_ok() {
             self.kick();
+            self.maybe_self_flush();
         }
         Some(res)
     }
 
-    fn page_range(&self, p: u64) -> ByteRange {
+    /// The bytes of pages `[first, first + count)` (the last page of the
+    /// image may be short).
+    fn run_bytes(&self, first: u64, count: u64) -> ByteRange {
         ByteRange {
-            offset: p * PAGE,
-            len: PAGE.min(self.size - p * PAGE),
+            offset: first * PAGE,
+            len: ((first + count) * PAGE).min(self.size) - first * PAGE,
         }
+    }
+
+    fn page_range(&self, p: u64) -> ByteRange {
+        self.run_bytes(p, 1)
     }
 
     async fn read_impl(&self, r: ByteRange) -> Result<ReadData> {
@@ -354,10 +364,7 @@ impl Overlay {
         let mut zero: Vec<ByteRange> = Vec::new();
         let mut need = Need::default();
         for (first, count, piece) in self.store.lookup(p0, p1) {
-            let run = ByteRange {
-                offset: first * PAGE,
-                len: ((first + count) * PAGE).min(self.size) - first * PAGE,
-            };
+            let run = self.run_bytes(first, count);
             let part = run.intersect(&r).expect("run of covering pages meets r");
             let dst = (part.offset - r.offset) as usize;
             let src = (part.offset - run.offset) as usize;
@@ -536,11 +543,12 @@ impl Overlay {
                         std::borrow::Cow::Owned(v) => Bytes::from(v),
                     };
                     let store = self.store.clone();
-                    return self
-                        .blocking(stripes, "overlay write task", move || {
-                            store.write(p0, &buf, keep_zeros)
-                        })
-                        .await;
+                    self.blocking(stripes, "overlay write task", move || {
+                        store.write(p0, &buf, keep_zeros)
+                    })
+                    .await?;
+                    self.maybe_self_flush();
+                    return Ok(());
                 }
                 Some(Err(e)) => return Err(e),
                 None => self.fetch(need, &mut fetched).await?,
@@ -630,6 +638,27 @@ impl Overlay {
         Ok(())
     }
 
+    /// After a write: a guest that rewrites without flushing makes the
+    /// store hold replaced slots; past a bound, flush in the background
+    /// (a flush only makes more durable, so an extra one is always safe).
+    fn maybe_self_flush(&self) {
+        use std::sync::atomic::Ordering;
+        if !self.store.wants_flush() || self.self_flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (store, flag) = (self.store.clone(), self.self_flushing.clone());
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            flag.store(false, Ordering::Release);
+            return;
+        };
+        rt.spawn_blocking(move || {
+            if let Err(e) = store.flush() {
+                tracing::warn!(error = %e, "overlay flush (after many rewrites) failed");
+            }
+            flag.store(false, Ordering::Release);
+        });
+    }
+
     /// Sync from a blocking context (shutdown).
     pub fn sync_blocking(&self) -> Result<()> {
         self.store.flush()
@@ -716,10 +745,7 @@ impl BlockDevice for Overlay {
         };
         let (p0, p1) = pages_of(r);
         for (first, count, piece) in self.store.lookup(p0, p1) {
-            let run = ByteRange {
-                offset: first * PAGE,
-                len: ((first + count) * PAGE).min(self.size) - first * PAGE,
-            };
+            let run = self.run_bytes(first, count);
             let part = run.intersect(&r).expect("run of covering pages meets r");
             match piece {
                 Piece::Zero => push(Extent {
@@ -755,10 +781,7 @@ impl BlockDevice for Overlay {
         let (p0, p1) = pages_of(r);
         for (first, count, piece) in self.store.lookup(p0, p1) {
             if piece == Piece::Base {
-                let run = ByteRange {
-                    offset: first * PAGE,
-                    len: ((first + count) * PAGE).min(self.size) - first * PAGE,
-                };
+                let run = self.run_bytes(first, count);
                 if let Some(part) = run.intersect(&r) {
                     self.base.prefetch(part);
                 }

@@ -162,6 +162,14 @@ impl PageMap {
         out
     }
 
+    /// Does page `p` have a data slot?
+    fn holds_data(&self, p: u64) -> bool {
+        matches!(
+            self.ext.range(..=p).next_back(),
+            Some((&k, e)) if k + e.len > p && matches!(e.kind, Kind::Data { .. })
+        )
+    }
+
     fn any_in(&self, first: u64, end: u64) -> bool {
         if let Some((&k, e)) = self.ext.range(..=first).next_back() {
             if k + e.len > first {
@@ -197,6 +205,9 @@ struct State {
     reserved_end: u64,
     /// Journal bytes below this have disk space reserved.
     journal_reserved: u64,
+    /// The journal's end right after the last completed flush (nothing
+    /// written since when it is still the end).
+    flushed_end: u64,
     /// The file system cannot reserve space: a write may still meet
     /// ENOSPC when it reaches the file, so none is accepted without
     /// waiting (it must be able to fail).
@@ -220,8 +231,10 @@ struct Job {
     recs: Vec<u8>,
 }
 
+/// Replaced slots held before the overlay flushes on its own (32 MiB).
+const FLUSH_AFTER: usize = 8192;
 /// Journal bytes reserved at a time.
-const GROW_JOURNAL: u64 = 1 << 20;
+const GROW_JOURNAL: u64 = 256 << 10;
 
 /// Most bytes of accepted writes held in memory: beyond, writers wait for
 /// the disk (the blocking path), which is the back-pressure when the disk
@@ -356,6 +369,9 @@ pub struct PageStore {
     /// The overlay is closing: a background drain that starts late has
     /// nothing to do and reserves nothing.
     closed: AtomicBool,
+    /// Replaced slots held have reached `FLUSH_AFTER` (set by writes,
+    /// cleared by a flush): read by every write without the state lock.
+    flush_due: std::sync::atomic::AtomicBool,
 }
 
 fn io_err(dir: &dyn Dir, name: &str, what: &str, e: std::io::Error) -> Error {
@@ -397,7 +413,7 @@ impl PageStore {
             && d.open(PAGES, false)
                 .ok()
                 .flatten()
-                .and_then(|f| f.len().ok())
+                .and_then(|f| f.file_len().ok())
                 .is_some_and(|l| l <= PAGE);
         if (!has_j && !has_p) || unborn {
             create(d, image_size, identity)?;
@@ -467,22 +483,27 @@ impl PageStore {
                 staged: HashMap::new(),
                 staged_bytes: 0,
                 draining: false,
+                flushed_end: 0,
             }),
             flushing: Mutex::new(()),
             poisoned: Mutex::new(None),
             drain_lock: Mutex::new(()),
             closed: AtomicBool::new(false),
+            flush_due: Default::default(),
         };
         store.replay(&mut report)?;
         // Make what replay rebuilt durable before anything reuses a slot
         // it no longer references (a kill -9 leaves it in the page cache).
-        store
-            .pages
-            .sync()
-            .map_err(|e| io_err(d, PAGES, "syncing", e))?;
-        journal
-            .sync()
-            .map_err(|e| io_err(d, JOURNAL, "syncing", e))?;
+        // A store just created is durable already (`create` synced it).
+        if !report.created {
+            store
+                .pages
+                .sync()
+                .map_err(|e| io_err(d, PAGES, "syncing", e))?;
+            journal
+                .sync()
+                .map_err(|e| io_err(d, JOURNAL, "syncing", e))?;
+        }
         if report.tail > 0 || store.bloated() {
             store.compact()?;
             report.compacted = true;
@@ -497,7 +518,7 @@ impl PageStore {
         let mut st = self.state.lock().expect("state lock");
         let len = st
             .journal
-            .len()
+            .file_len()
             .map_err(|e| io_err(d, JOURNAL, "reading", e))?;
         let mut buf = vec![0u8; len.saturating_sub(RECORDS_START) as usize];
         read_full(&*st.journal, &mut buf, RECORDS_START)
@@ -537,6 +558,8 @@ impl PageStore {
             st.records += 1;
         }
         st.log_end = RECORDS_START + buf.len().div_ceil(RECORD) as u64 * RECORD as u64;
+        // Open syncs what replay found (see `open`): that is a flush.
+        st.flushed_end = st.log_end;
         let mut used = BTreeSet::new();
         for e in st.map.ext.values() {
             if let Kind::Data { slot, .. } = e.kind {
@@ -544,7 +567,21 @@ impl PageStore {
             }
         }
         let next = used.last().map_or(1, |s| s + 1);
-        st.free = (1..next).filter(|s| !used.contains(s)).collect();
+        // Gaps between used slots are free, but only those inside the
+        // pages file: a gap past its end would be a huge set for nothing
+        // (those slots are as good as new ones).
+        let in_file = self
+            .pages
+            .file_len()
+            .map_err(|e| io_err(d, PAGES, "reading", e))?
+            .div_ceil(PAGE);
+        let mut free = BTreeSet::new();
+        let mut prev = 0;
+        for &u in &used {
+            free.extend(prev + 1..u.min(in_file).max(prev + 1));
+            prev = u;
+        }
+        st.free = free;
         st.next_slot = next;
         // Slots below the end have their space; the reserve beyond is
         // taken again by the first write that needs it.
@@ -564,6 +601,14 @@ impl PageStore {
 
     pub fn image_size(&self) -> u64 {
         self.image_size
+    }
+
+    /// Has so much been rewritten since the last flush that one is due?
+    /// Replaced slots are held until a flush (see the module docs), so a
+    /// guest that never flushes would grow `pages` and the list of held
+    /// slots without bound; the overlay flushes on its own past this.
+    pub fn wants_flush(&self) -> bool {
+        self.flush_due.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Pages of guest data held (for listings and metrics: a counter).
@@ -747,7 +792,7 @@ impl PageStore {
         let rewrite: Vec<bool> = (first..)
             .zip(crcs)
             .filter(|(_, c)| c.is_some())
-            .map(|(p, _)| matches!(st.map.runs(p, p + 1)[0].2, Some(Kind::Data { .. })))
+            .map(|(p, _)| st.map.holds_data(p))
             .collect();
         let mut slots = st.alloc(pages, &rewrite)?.into_iter();
         Some(crcs.iter().map(|c| c.and_then(|_| slots.next())).collect())
@@ -812,6 +857,7 @@ impl PageStore {
             self.append_or_poison(&mut st, recs)?
         };
         apply(&mut st, recs, pos, punch);
+        self.note_held(&st);
         drop(st);
         self.drain(false);
         self.check_poison()
@@ -852,6 +898,7 @@ impl PageStore {
             recs: encode(&recs, st.generation),
         };
         apply(&mut st, &recs, pos, false);
+        self.note_held(&st);
         for (i, j, s0) in slot_runs(&plan) {
             let run = bytes.slice(i * PAGE as usize..(j * PAGE as usize).min(data.len()));
             for k in i..j {
@@ -864,6 +911,14 @@ impl PageStore {
         }
         st.queue.push_back(job);
         Some(Ok(()))
+    }
+
+    /// Keep `flush_due` in step with the replaced slots held.
+    fn note_held(&self, st: &State) {
+        self.flush_due.store(
+            st.pending_free.len() >= FLUSH_AFTER,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Pages `[first, first + count)` read as zeroes from now on; their
@@ -898,6 +953,7 @@ impl PageStore {
             recs: encode(&recs, st.generation),
         };
         apply(&mut st, &recs, pos, true);
+        self.note_held(&st);
         st.queue.push_back(job);
         Some(Ok(()))
     }
@@ -1087,6 +1143,12 @@ impl PageStore {
         let _f = self.flushing.lock().expect("flush lock");
         let (x, journal) = {
             let st = self.state.lock().expect("state lock");
+            if st.log_end == st.flushed_end && st.pending_free.is_empty() {
+                // Nothing was written since the last flush: nothing to make
+                // durable, and no marker to add (an idle overlay's journal
+                // does not grow).
+                return Ok(());
+            }
             (st.log_end, st.journal.clone())
         };
         // Every record before `x` must be on file, its page too, before
@@ -1097,7 +1159,7 @@ impl PageStore {
             self.poison("syncing pages", &e);
             return Err(io_err(&*self.dir, PAGES, "syncing", e));
         }
-        {
+        let marker_end = {
             let marker = [Record::Flush { covered: x }];
             let mut st = self.state.lock().expect("state lock");
             if !st.no_reserve && journal_room(&st, 1) {
@@ -1108,10 +1170,11 @@ impl PageStore {
                     recs: encode(&marker, st.generation),
                 };
                 st.queue.push_back(job);
+                pos
             } else {
-                self.append(&mut st, &marker)?;
+                self.append(&mut st, &marker)?
             }
-        }
+        } + RECORD as u64;
         // The marker, and whatever was accepted meanwhile, goes on file
         // outside the state lock.
         self.drain(false);
@@ -1122,6 +1185,9 @@ impl PageStore {
         }
         let punch = {
             let mut st = self.state.lock().expect("state lock");
+            if st.log_end == marker_end {
+                st.flushed_end = marker_end;
+            }
             let mut punch = Vec::new();
             let mut keep = Vec::new();
             for (pos, slot, p) in std::mem::take(&mut st.pending_free) {
@@ -1135,6 +1201,7 @@ impl PageStore {
                 }
             }
             st.pending_free = keep;
+            self.note_held(&st);
             punch
         };
         self.punch(punch);
@@ -1248,6 +1315,7 @@ impl PageStore {
         st.log_end = buf.len() as u64;
         // Nothing of the new journal is reserved yet.
         st.journal_reserved = st.log_end;
+        st.flushed_end = st.log_end;
         st.records = records;
         // Nothing durable points at replaced slots any more.
         let mut punch = Vec::new();
@@ -1257,6 +1325,7 @@ impl PageStore {
                 punch.push(slot);
             }
         }
+        self.note_held(&st);
         drop(st);
         self.punch(punch);
         Ok(())

@@ -63,8 +63,8 @@ impl DiskFile for SpyFile {
         self.log.note("sync");
         self.f.sync()
     }
-    fn len(&self) -> std::io::Result<u64> {
-        self.f.len()
+    fn file_len(&self) -> std::io::Result<u64> {
+        self.f.file_len()
     }
     fn punch(&self, off: u64, len: u64) -> std::io::Result<()> {
         self.log.note("punch");

@@ -549,3 +549,17 @@ fn a_compaction_puts_accepted_writes_on_file_first() {
         assert_eq!(read_page(&s, p), fill(p + 1, p), "page {p}");
     }
 }
+
+#[test]
+fn rewrites_without_flushes_ask_for_one() {
+    let d = SimDir::new();
+    let s = open_sized(&d, 8 * PAGE);
+    // 8 new pages, then FLUSH_AFTER rewrites (each holds a replaced slot).
+    for i in 0..FLUSH_AFTER as u64 + 8 {
+        assert!(!s.wants_flush(), "after {i} writes");
+        s.write(i % 8, &fill(i + 1, 0), false).unwrap();
+    }
+    assert!(s.wants_flush());
+    s.flush().unwrap();
+    assert!(!s.wants_flush());
+}
