@@ -5,6 +5,21 @@
 use std::fmt;
 use std::sync::Arc;
 
+/// The error values an NBD reply carries (`doc/proto.md`, "Error values"):
+/// the protocol fixes them to these Linux values. They live here, not in
+/// `nbd`, so that this module (which every other one uses) imports nothing;
+/// `nbd::wire` re-exports them.
+pub mod errno {
+    pub const EPERM: u32 = 1;
+    pub const EIO: u32 = 5;
+    pub const ENOMEM: u32 = 12;
+    pub const EINVAL: u32 = 22;
+    pub const ENOSPC: u32 = 28;
+    pub const EOVERFLOW: u32 = 75;
+    pub const ENOTSUP: u32 = 95;
+    pub const ESHUTDOWN: u32 = 108;
+}
+
 /// What went wrong, coarse enough to decide behaviour (retry, errno, exit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -102,7 +117,6 @@ impl Error {
 
     /// The NBD error value for this error. The one mapping in lazybd.
     pub fn nbd_errno(&self) -> u32 {
-        use crate::nbd::wire::errno;
         match self.kind {
             ErrorKind::InvalidInput | ErrorKind::OutOfRange => errno::EINVAL,
             ErrorKind::Unsupported => errno::ENOTSUP,

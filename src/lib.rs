@@ -34,21 +34,22 @@
 pub mod block;
 pub mod cache;
 pub mod config;
-pub mod control;
 pub mod copy;
 pub mod daemon;
+pub mod device;
 pub mod error;
 pub mod export;
-pub mod hydrate;
-pub mod metrics;
 pub mod nbd;
 pub mod origin;
 pub mod overlay;
-pub mod profile;
-pub mod readahead;
+pub mod prefetch;
 pub mod sample;
 pub mod server;
 pub mod stats;
 pub mod store;
 pub mod tls;
 pub mod util;
+
+// Old paths, until the binary names `prefetch` (its CLI is being split).
+pub use daemon::{control, metrics};
+pub use prefetch::{hydrate, profile};

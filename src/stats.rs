@@ -106,7 +106,26 @@ pub struct Stats {
     pub origin_latency: Histogram,
 }
 
+/// Who brought bytes in ahead of the guest: each kind of background work
+/// has its own counter. Named here, with the counters, so the cache that
+/// does the fetching need not know who its background users are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    Readahead,
+    Profile,
+    Hydrate,
+}
+
 impl Stats {
+    /// The counter of bytes fetched for `work`.
+    pub fn work_bytes(&self, work: Work) -> &AtomicU64 {
+        match work {
+            Work::Readahead => &self.readahead_bytes,
+            Work::Profile => &self.profile_bytes,
+            Work::Hydrate => &self.hydrate_bytes,
+        }
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }

@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use lazybd::block::ByteRange;
+use lazybd::device::{BlockDevice, BoxFuture, Extent, ReadData, Writable, ZeroFlags};
 use lazybd::error::Result;
-use lazybd::export::{BlockDevice, Extent, ReadData, Writable, ZeroFlags};
-use lazybd::origin::BoxFuture;
 use lazybd::overlay::Overlay;
 use proptest::prelude::*;
 

@@ -57,11 +57,10 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{watch, Semaphore};
 
 use crate::block::{BlockIndex, BlockSize, ByteRange};
+use crate::device::{BlockDevice, BoxFuture, Extent, ReadData};
 use crate::error::{Error, ErrorKind, Result};
-use crate::export::{BlockDevice, Extent, ReadData};
-use crate::origin::{BoxFuture, Origin};
-use crate::profile::Recorder;
-use crate::stats::Stats;
+use crate::origin::Origin;
+use crate::stats::{Stats, Work};
 use crate::store::BlockStore;
 use map::BlockState;
 
@@ -125,18 +124,20 @@ struct Inner {
     /// Guest reads waiting for the origin right now; hydration backs off
     /// while any are.
     guest_waiting: AtomicUsize,
-    /// Set while a boot profile is being recorded; reads check it before
-    /// taking the recorder lock.
-    recording: AtomicBool,
-    recorder: Mutex<Option<Recorder>>,
+    /// Set while a read observer is installed; reads check it before
+    /// taking the observer's lock.
+    observed: AtomicBool,
+    observer: Mutex<Option<Box<dyn ReadObserver>>>,
 }
 
-/// Who asked for a background fetch; each has its own counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Background {
-    Readahead,
-    Profile,
-    Hydrate,
+/// Sees the guest reads a cache serves, in the order they arrive (a boot
+/// profile recorder is one). `note` runs on the read path under a lock:
+/// it MUST be cheap and never block. The `Any` views let whoever installed
+/// an observer take its own type back (from [`ImageCache::stop_observing`]).
+pub trait ReadObserver: Send + 'static {
+    fn note(&mut self, r: ByteRange);
+    fn as_any(&self) -> &dyn std::any::Any;
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
 }
 
 /// Background fetches planned by [`ImageCache::start_background`].
@@ -144,7 +145,7 @@ pub struct BackgroundFetch {
     flights: Vec<Arc<Flight>>,
     claimed: u64,
     inner: Arc<Inner>,
-    why: Background,
+    why: Work,
 }
 
 impl BackgroundFetch {
@@ -162,12 +163,7 @@ impl BackgroundFetch {
         }
         let inner = &self.inner;
         let bytes = self.claimed * inner.bs.bytes();
-        let counter = match self.why {
-            Background::Readahead => &inner.stats.readahead_bytes,
-            Background::Profile => &inner.stats.profile_bytes,
-            Background::Hydrate => &inner.stats.hydrate_bytes,
-        };
-        Stats::add(counter, bytes);
+        Stats::add(inner.stats.work_bytes(self.why), bytes);
         Ok(bytes)
     }
 }
@@ -238,8 +234,8 @@ impl ImageCache {
                 dir,
                 background: Arc::new(Semaphore::new(background)),
                 guest_waiting: AtomicUsize::new(0),
-                recording: AtomicBool::new(false),
-                recorder: Mutex::new(None),
+                observed: AtomicBool::new(false),
+                observer: Mutex::new(None),
             }),
         }
     }
@@ -286,48 +282,49 @@ impl ImageCache {
         self.inner.store.map().state(BlockIndex(b)) == BlockState::Missing
     }
 
-    /// Start recording the first reads of this image as a boot profile.
-    pub fn start_recording(&self, rec: Recorder) {
+    /// Show every guest read this cache serves to `obs` from now on (it
+    /// replaces any observer installed before).
+    pub fn observe_reads(&self, obs: Box<dyn ReadObserver>) {
         *self
             .inner
-            .recorder
+            .observer
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(rec);
-        self.inner.recording.store(true, Ordering::Relaxed);
+            .unwrap_or_else(|p| p.into_inner()) = Some(obs);
+        self.inner.observed.store(true, Ordering::Relaxed);
     }
 
-    /// Look at the recorder without stopping it (e.g. has it started?).
-    pub fn with_recorder<T>(&self, f: impl FnOnce(Option<&Recorder>) -> T) -> T {
+    /// Look at the observer without removing it.
+    pub fn with_observer<T>(&self, f: impl FnOnce(Option<&dyn ReadObserver>) -> T) -> T {
         f(self
             .inner
-            .recorder
+            .observer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref())
+            .as_deref())
     }
 
-    /// Stop recording and hand back what was recorded.
-    pub fn stop_recording(&self) -> Option<Recorder> {
-        self.inner.recording.store(false, Ordering::Relaxed);
+    /// Remove the observer and hand it back.
+    pub fn stop_observing(&self) -> Option<Box<dyn ReadObserver>> {
+        self.inner.observed.store(false, Ordering::Relaxed);
         self.inner
-            .recorder
+            .observer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
     }
 
-    /// Note a guest read for the boot profile being recorded, if any.
+    /// Show a guest read to the observer, if any.
     #[inline]
     fn observe(&self, r: ByteRange) {
-        if self.inner.recording.load(Ordering::Relaxed) {
-            if let Some(rec) = self
+        if self.inner.observed.load(Ordering::Relaxed) {
+            if let Some(obs) = self
                 .inner
-                .recorder
+                .observer
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .as_mut()
             {
-                rec.note(r);
+                obs.note(r);
             }
         }
     }
@@ -342,7 +339,7 @@ impl ImageCache {
     pub fn fetch_background(
         &self,
         r: ByteRange,
-        why: Background,
+        why: Work,
     ) -> impl std::future::Future<Output = Result<u64>> + Send + 'static {
         let planned = self.start_background(r, why);
         async move { planned?.finish().await }
@@ -352,7 +349,7 @@ impl ImageCache {
     /// fetches of the missing blocks of `r` now (so a read of the same
     /// blocks issued next joins them), and tell how many blocks this call
     /// claimed; [`BackgroundFetch::finish`] waits for them.
-    pub fn start_background(&self, r: ByteRange, why: Background) -> Result<BackgroundFetch> {
+    pub fn start_background(&self, r: ByteRange, why: Work) -> Result<BackgroundFetch> {
         if !self.storing() {
             return Err(Error::new(
                 ErrorKind::NoSpace,
@@ -1250,7 +1247,7 @@ mod tests {
         let origin = MemOrigin::new(img.clone(), true);
         let (_dir, cache) = open(origin.clone());
         let fetch = cache
-            .start_background(range(0, 4 * MIB), Background::Readahead)
+            .start_background(range(0, 4 * MIB), Work::Readahead)
             .unwrap();
         assert_eq!(fetch.claimed_blocks(), 64);
         let spawn_read = |r: ByteRange| {

@@ -22,7 +22,7 @@ use super::{BlockDevice, Export, Writable};
 use crate::cache::ImageCache;
 use crate::error::Result;
 use crate::overlay::Overlay;
-use crate::readahead::Readahead;
+use crate::prefetch::readahead::Readahead;
 
 /// How to present one image.
 pub struct ExportSpec {

@@ -15,8 +15,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::wire::{self, chunk, cmd, opt, rep, tflag, ChunkHeader, OptionHeader, Request};
 use crate::block::ByteRange;
+use crate::device::Extent;
 use crate::error::{Error, ErrorKind, Result};
-use crate::export::Extent;
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}

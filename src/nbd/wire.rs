@@ -134,16 +134,7 @@ pub mod state {
 }
 
 /// NBD error values (fixed by the spec, not the host's errno).
-pub mod errno {
-    pub const EPERM: u32 = 1;
-    pub const EIO: u32 = 5;
-    pub const ENOMEM: u32 = 12;
-    pub const EINVAL: u32 = 22;
-    pub const ENOSPC: u32 = 28;
-    pub const EOVERFLOW: u32 = 75;
-    pub const ENOTSUP: u32 = 95;
-    pub const ESHUTDOWN: u32 = 108;
-}
+pub use crate::error::errno;
 
 /// The one metadata context lazybd offers.
 pub const BASE_ALLOCATION: &str = "base:allocation";

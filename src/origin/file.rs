@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use super::{BoxFuture, Origin, OriginIdentity};
+use super::{Origin, OriginIdentity};
 use crate::block::ByteRange;
+use crate::device::BoxFuture;
 use crate::error::{Error, ErrorKind, Result};
 use crate::stats::Stats;
 

@@ -30,8 +30,9 @@ use reqwest::header::{
 use reqwest::{StatusCode, Url};
 use tokio::sync::Semaphore;
 
-use super::{BoxFuture, Hedge, Origin, OriginIdentity, OriginOptions};
+use super::{Hedge, Origin, OriginIdentity, OriginOptions};
 use crate::block::ByteRange;
+use crate::device::BoxFuture;
 use crate::error::{Error, ErrorKind, Result};
 use crate::stats::Stats;
 

@@ -8,8 +8,6 @@
 mod file;
 mod http;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +20,8 @@ use crate::stats::Stats;
 pub use file::FileOrigin;
 pub use http::HttpOrigin;
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+// Until every user names `device` (the NBD transmission is being split).
+pub use crate::device::BoxFuture;
 
 /// What an origin is and which version of it we are looking at. Two
 /// identities with the same `locator` but different `size` or `validator`

@@ -45,9 +45,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::block::{ByteRange, PAGE};
+use crate::device::{BlockDevice, BoxFuture, Extent, ReadData, Writable, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
-use crate::export::{BlockDevice, Extent, ReadData, Writable, ZeroFlags};
-use crate::origin::BoxFuture;
 use store::{PageStore, Piece};
 
 /// Writers of one page are serialised by one of these stripes; a read of

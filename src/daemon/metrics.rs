@@ -16,9 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::daemon::Daemon;
+use super::state::Daemon;
 use crate::error::{Error, Result};
-use crate::hydrate;
+use crate::prefetch::hydrate;
 use crate::stats::Stats;
 use std::sync::atomic::Ordering::Relaxed;
 

@@ -22,10 +22,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 
 use crate::block::ByteRange;
-use crate::cache::{Background, ImageCache};
+use crate::cache::ImageCache;
+use crate::device::{BlockDevice, BoxFuture, Extent, ReadData};
 use crate::error::Result;
-use crate::export::{BlockDevice, Extent, ReadData};
-use crate::origin::BoxFuture;
+use crate::stats::Work;
 
 /// Streams tracked per export (a VM reading a few files at once).
 pub const STREAMS: usize = 8;
@@ -169,7 +169,7 @@ impl Readahead {
         self.advance(i, range.end());
         // Planned here, before the triggering read goes to the cache: when
         // the range covers that read, the read joins these fetches.
-        match self.cache.start_background(range, Background::Readahead) {
+        match self.cache.start_background(range, Work::Readahead) {
             // A full disk (see `ImageCache::storing`): nothing it fetched
             // could be kept.
             Err(e) => tracing::debug!(error = %e, %range, "readahead not started"),

@@ -38,8 +38,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::block::{BlockSize, ByteRange, PAGE};
-use crate::cache::{Background, ImageCache};
+use crate::cache::ImageCache;
 use crate::error::{Error, ErrorKind, Result};
+use crate::stats::Work;
 use crate::util::human_bytes;
 
 const MAGIC: &[u8; 8] = b"LBDPROF1";
@@ -259,11 +260,44 @@ impl Recorder {
     }
 }
 
+impl crate::cache::ReadObserver for Recorder {
+    fn note(&mut self, r: ByteRange) {
+        Recorder::note(self, r)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
+/// Start recording the first reads of `cache`'s image as a boot profile.
+pub fn start_recording(cache: &ImageCache, limit: Option<Duration>) {
+    cache.observe_reads(Box::new(Recorder::new(
+        cache.block_size(),
+        cache.image_size(),
+        limit,
+    )));
+}
+
+/// Is `cache` recording no longer (never started, stopped, or its window
+/// has passed)?
+pub fn recording_over(cache: &ImageCache) -> bool {
+    cache.with_observer(|o| {
+        let rec = o.and_then(|o| o.as_any().downcast_ref::<Recorder>());
+        rec.map_or(true, Recorder::expired)
+    })
+}
+
 /// Stop a cache's recording and save what it holds. Returns the profile
 /// saved (None: nothing was recording, or nothing was read).
 pub fn finish_recording(cache: &ImageCache) -> Result<Option<Profile>> {
-    let Some(rec) = cache.stop_recording() else {
+    let Some(obs) = cache.stop_observing() else {
         return Ok(None);
+    };
+    let Ok(rec) = obs.into_any().downcast::<Recorder>() else {
+        return Ok(None); // not a recording (profiles are the only observers today)
     };
     let p = rec.into_profile();
     if p.ranges.is_empty() {
@@ -368,7 +402,7 @@ pub async fn replay(
         report.requests += 1;
         jobs.spawn(async move {
             let _permit = permit;
-            c.fetch_background(range, Background::Profile).await
+            c.fetch_background(range, Work::Profile).await
         });
     }
     while let Some(r) = jobs.join_next().await {

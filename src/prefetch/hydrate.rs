@@ -27,8 +27,9 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::block::{BlockIndex, ByteRange};
-use crate::cache::{Background, ImageCache};
+use crate::cache::ImageCache;
 use crate::error::{ErrorKind, Result};
+use crate::stats::Work;
 use crate::util::human_bytes;
 
 /// Parallel hydration requests (also bounded by the background permits).
@@ -213,7 +214,7 @@ pub async fn run(
         let c = cache.clone();
         jobs.spawn(async move {
             let _permit = permit;
-            c.fetch_background(range, Background::Hydrate).await
+            c.fetch_background(range, Work::Hydrate).await
         });
     }
     // Stopping: in-flight fetches finish (their blocks are worth keeping).

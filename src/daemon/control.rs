@@ -19,7 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::daemon::{Daemon, ExportConfig, ExportInfo};
+use super::state::{Daemon, ExportConfig, ExportInfo};
 use crate::error::{Error, ErrorKind, Result};
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -1,9 +1,8 @@
-//! `lazybd serve` as a library call: open images and their shared caches,
-//! compose exports, bind listeners and the control socket, serve until told
-//! to stop, persist, report. The binary only parses arguments and calls
-//! [`start`]; tests call it too. Exports can be added and removed while
-//! running ([`Daemon::add_export`], [`Daemon::remove_export`]), from the
-//! control socket.
+//! The serving state: open images (one shared cache each, opened once
+//! however many exports ask at the same time), the exports registry, and
+//! what runs per image (profile recording and replay, hydration). Exports
+//! are added and removed here ([`Daemon::add_export`],
+//! [`Daemon::remove_export`]), by the start-up and the control socket alike.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -20,9 +19,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::export::stack::{self, ExportSpec};
 use crate::export::Exports;
 use crate::origin::{self, OriginOptions};
-use crate::server::{self, Limits, ListenAddr, Listener, Shared};
+use crate::prefetch::{hydrate, profile};
 use crate::stats::Stats;
-use crate::{hydrate, profile};
 
 /// One export to serve.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -70,34 +68,6 @@ impl Default for BootOptions {
         }
     }
 }
-
-/// Everything `serve` needs.
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    pub cache_dir: PathBuf,
-    pub listen: Vec<ListenAddr>,
-    /// None: keep each cache's block size, or the default for a new cache.
-    pub block_size: Option<BlockSize>,
-    pub origin_options: OriginOptions,
-    pub limits: Limits,
-    pub exports: Vec<ExportConfig>,
-    /// Control socket for `lazybd export ...`; None: no runtime management.
-    pub control: Option<PathBuf>,
-    /// Prometheus endpoint address; None: no metrics listener.
-    pub metrics: Option<String>,
-    /// Upper bound on cached block data across all images (bytes); None:
-    /// unbounded. Eviction starts above 95% and stops at 90% (watermarks,
-    /// so it works in batches, not on every fetch). Overlays never count.
-    pub cache_size: Option<u64>,
-    pub boot: BootOptions,
-    /// TLS for NBD clients (STARTTLS); off by default.
-    pub tls: crate::tls::TlsOptions,
-}
-
-/// Eviction starts when cached data exceeds this share of the limit...
-pub const HIGH_WATERMARK: f64 = 0.95;
-/// ...and stops when it is back under this one.
-pub const LOW_WATERMARK: f64 = 0.90;
 
 /// What `export list` shows.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -182,6 +152,48 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The state of a server about to start: nothing open yet.
+    pub(super) fn new(
+        cache_dir: CacheDir,
+        block_size: Option<BlockSize>,
+        origin_options: OriginOptions,
+        boot: BootOptions,
+        cache_size: Option<u64>,
+        stop: watch::Receiver<bool>,
+    ) -> Daemon {
+        Daemon {
+            boot,
+            cache_size,
+            stop,
+            tasks: Default::default(),
+            hydrations: Default::default(),
+            cache_dir,
+            block_size,
+            origin_options,
+            images: Default::default(),
+            image_stats: Default::default(),
+            exports: Arc::new(Exports::new()),
+        }
+    }
+
+    /// The shared cache of `image` if it is open (not being opened).
+    pub fn cache_now(&self, image: &str) -> Option<ImageCache> {
+        match self
+            .images
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(image)
+        {
+            Some(Slot::Open(c)) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    /// The background work of images, for the caller to await (shutdown).
+    pub(super) fn take_tasks(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// The shared cache of `image`, opening origin and cache on first use.
     /// Concurrent first uses share one opening (one probe, one cache).
     pub async fn image(&self, image: &str) -> Result<ImageCache> {
@@ -228,7 +240,7 @@ impl Daemon {
     }
 
     /// Every open image's cache (not those being opened).
-    fn open_caches(&self) -> Vec<ImageCache> {
+    pub(super) fn open_caches(&self) -> Vec<ImageCache> {
         self.images
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -273,11 +285,7 @@ impl Daemon {
     fn start_image_work(&self, cache: &ImageCache) {
         let locator = cache.origin().identity().locator.clone();
         if let Some(limit) = self.boot.record_profile {
-            cache.start_recording(profile::Recorder::new(
-                cache.block_size(),
-                cache.image_size(),
-                limit,
-            ));
+            profile::start_recording(cache, limit);
             tracing::info!(image = %locator, seconds = limit.map(|d| d.as_secs()),
                 "recording a boot profile from the first read");
             if limit.is_some() {
@@ -289,7 +297,7 @@ impl Daemon {
                             // Shutdown saves what was recorded.
                             _ = stop.wait_for(|s| *s) => return,
                         }
-                        if c.with_recorder(|r| r.map_or(true, |r| r.expired())) {
+                        if profile::recording_over(&c) {
                             if let Err(e) = profile::finish_recording(&c) {
                                 tracing::error!(error = %e, "cannot save the boot profile");
                             }
@@ -499,230 +507,5 @@ impl Daemon {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-}
-
-/// A running server.
-pub struct Running {
-    /// Bound TCP addresses (ports resolved), in listen order.
-    pub tcp_addrs: Vec<std::net::SocketAddr>,
-    pub daemon: Arc<Daemon>,
-    stop: watch::Sender<bool>,
-    task: JoinHandle<Result<()>>,
-    /// Control and metrics listeners: they end by themselves on `stop`.
-    listeners: Vec<JoinHandle<()>>,
-    /// The periodic sync: aborted at shutdown.
-    syncer: JoinHandle<()>,
-    budget: crate::nbd::transmission::Budget,
-}
-
-impl Running {
-    /// Read-reply bytes no connection holds right now (of `--max-buffered`).
-    pub fn budget_available(&self) -> u64 {
-        self.budget.available()
-    }
-
-    /// Counters of the first image (the single-image case and tests).
-    pub async fn stats(&self) -> Arc<Stats> {
-        self.daemon
-            .image_stats_now()
-            .into_iter()
-            .next()
-            .map(|(_, s)| s)
-            .unwrap_or_default()
-    }
-
-    /// The shared cache of `image` if open.
-    pub async fn cache(&self, image: &str) -> Option<ImageCache> {
-        match self
-            .daemon
-            .images
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(image)
-        {
-            Some(Slot::Open(c)) => Some(c.clone()),
-            _ => None,
-        }
-    }
-
-    /// Stop accepting, answer in-flight requests, persist everything.
-    /// Returns the counters of every image.
-    pub async fn shutdown(self) -> Result<Vec<(String, Arc<Stats>)>> {
-        let _ = self.stop.send(true);
-        let r = self.task.await;
-        self.syncer.abort();
-        for l in self.listeners {
-            // They remove their sockets on the way out.
-            let _ = l.await;
-        }
-        // Replay and hydration finish their in-flight fetches and stop.
-        let tasks: Vec<_> =
-            std::mem::take(&mut *self.daemon.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in tasks {
-            let _ = t.await;
-        }
-        if let Err(e) = self.daemon.finish_profiles() {
-            tracing::error!(error = %e, "cannot save boot profiles");
-        }
-        let sync = self.daemon.sync_all().await;
-        r.map_err(|e| Error::with_source(ErrorKind::Io, "server task", e))??;
-        sync?;
-        Ok(self.daemon.image_stats_now())
-    }
-}
-
-/// Open everything and start serving in the background.
-pub async fn start(cfg: ServeConfig) -> Result<Running> {
-    // Certificates first: a bad file is a start-up error, before any work.
-    let tls = crate::tls::Tls::load(&cfg.tls)?;
-    let (stop, rx) = watch::channel(false);
-    let daemon = Arc::new(Daemon {
-        boot: cfg.boot.clone(),
-        cache_size: cfg.cache_size,
-        stop: rx.clone(),
-        tasks: Default::default(),
-        hydrations: Default::default(),
-        cache_dir: CacheDir::new(&cfg.cache_dir)?,
-        block_size: cfg.block_size,
-        origin_options: cfg.origin_options.clone(),
-        images: Default::default(),
-        image_stats: Default::default(),
-        exports: Arc::new(Exports::new()),
-    });
-    let mut retry = Vec::new();
-    for e in &cfg.exports {
-        match daemon.add_export(e).await {
-            Ok(()) => {}
-            // One dead image URL must not take every other VM disk down:
-            // with several exports, a failing one is retried in the background.
-            Err(err) if cfg.exports.len() > 1 && err.kind() != ErrorKind::InvalidInput => {
-                tracing::error!(export = %e.name, error = %err, "export unavailable; retrying in the background");
-                retry.push(e.clone());
-            }
-            Err(err) => return Err(err.context_prefix(format!("export {:?}", e.name))),
-        }
-    }
-    let mut listeners = Vec::new();
-    for a in &cfg.listen {
-        listeners.push(Listener::bind(a).await?);
-    }
-    let tcp_addrs = listeners.iter().filter_map(|l| l.local_addr()).collect();
-    let mut aux = Vec::new();
-    if let Some(path) = &cfg.control {
-        aux.push(crate::control::serve(path, daemon.clone(), rx.clone())?);
-    }
-    if let Some(addr) = &cfg.metrics {
-        aux.push(crate::metrics::serve(addr, daemon.clone(), rx.clone()).await?);
-    }
-    let shared = Shared {
-        exports: daemon.exports.clone(),
-        limits: cfg.limits.clone(),
-        tls,
-        budget: crate::nbd::transmission::Budget::new(
-            cfg.limits.max_buffered,
-            cfg.limits.send_timeout,
-        ),
-    };
-    let budget = shared.budget.clone();
-    let task = tokio::spawn(server::run(listeners, shared, rx.clone()));
-    // Persist maps now and then so a power cut loses little work (a process
-    // kill loses nothing: the mappings live in the page cache).
-    let d2 = daemon.clone();
-    let syncer = tokio::spawn(async move {
-        let mut t = tokio::time::interval(Duration::from_secs(30));
-        t.tick().await;
-        loop {
-            t.tick().await;
-            if let Err(e) = d2.sync_all().await {
-                tracing::warn!(error = %e, "periodic sync failed");
-            }
-        }
-    });
-    for e in retry {
-        aux.push(tokio::spawn(retry_export(daemon.clone(), e, rx.clone())));
-    }
-    if let Some(limit) = cfg.cache_size {
-        aux.push(tokio::spawn(evictor(daemon.clone(), limit, rx.clone())));
-    }
-    Ok(Running {
-        tcp_addrs,
-        daemon,
-        stop,
-        task,
-        listeners: aux,
-        syncer,
-        budget,
-    })
-}
-
-/// Keep cached data under `limit`: check often (a cold sequential read can
-/// fill a gigabyte a second), evict from high to low watermark.
-async fn evictor(d: Arc<Daemon>, limit: u64, mut stop: watch::Receiver<bool>) {
-    let high = (limit as f64 * HIGH_WATERMARK) as u64;
-    let low = (limit as f64 * LOW_WATERMARK) as u64;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        let caches = d.open_caches();
-        let total: u64 = caches.iter().map(|c| c.present_bytes()).sum();
-        if total <= high {
-            continue;
-        }
-        let want = total - low;
-        let freed = tokio::task::spawn_blocking(move || {
-            let mut freed = 0;
-            // Largest caches first: they hold the most cold blocks.
-            let mut caches = caches;
-            caches.sort_by_key(|c| std::cmp::Reverse(c.present_bytes()));
-            // A cache whose file system cannot punch holes frees nothing
-            // (it said so once, in a warning naming its directory).
-            for c in caches.iter().filter(|c| c.can_evict()) {
-                if freed >= want {
-                    break;
-                }
-                freed += c.evict(want - freed);
-            }
-            freed
-        })
-        .await
-        .unwrap_or(0);
-        if freed > 0 {
-            tracing::info!(
-                limit,
-                cached = total,
-                freed,
-                "cache over its size limit: evicted least recently used blocks"
-            );
-        } else {
-            tracing::debug!(
-                limit,
-                cached = total,
-                "cache over its size limit: nothing could be evicted"
-            );
-        }
-    }
-}
-
-/// Keep trying to add an export whose image could not be opened at start.
-async fn retry_export(d: Arc<Daemon>, e: ExportConfig, mut stop: watch::Receiver<bool>) {
-    let mut wait = Duration::from_secs(2);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-        match d.add_export(&e).await {
-            Ok(()) => {
-                tracing::info!(export = %e.name, "export available after retry");
-                return;
-            }
-            Err(err) => {
-                tracing::warn!(export = %e.name, error = %err, retry_in_s = wait.as_secs(), "export still unavailable");
-                wait = (wait * 2).min(Duration::from_secs(60));
-            }
-        }
     }
 }
