@@ -11,8 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
 
-// Until every user names `device` (the NBD transmission is being split).
-pub use crate::device::{BlockDevice, Extent, ReadData, Writable, ZeroFlags};
+use crate::device::{BlockDevice, Writable};
 use crate::error::{Error, ErrorKind, Result};
 use crate::overlay::Overlay;
 use crate::stats::Stats;

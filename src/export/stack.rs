@@ -18,8 +18,9 @@ use std::sync::Arc;
 
 use std::path::Path;
 
-use super::{BlockDevice, Export, Writable};
+use super::Export;
 use crate::cache::ImageCache;
+use crate::device::{BlockDevice, Writable};
 use crate::error::Result;
 use crate::overlay::Overlay;
 use crate::prefetch::readahead::Readahead;

@@ -20,8 +20,7 @@ use crate::stats::Stats;
 pub use file::FileOrigin;
 pub use http::HttpOrigin;
 
-// Until every user names `device` (the NBD transmission is being split).
-pub use crate::device::BoxFuture;
+use crate::device::BoxFuture;
 
 /// What an origin is and which version of it we are looking at. Two
 /// identities with the same `locator` but different `size` or `validator`

@@ -467,7 +467,8 @@ mod tests {
 
     use super::*;
     use crate::block::ByteRange;
-    use crate::export::{Export, ReadData};
+    use crate::device::ReadData;
+    use crate::export::Export;
     use crate::nbd::wire;
     use crate::stats::Stats;
 
@@ -483,16 +484,16 @@ mod tests {
         }
     }
 
-    impl crate::export::BlockDevice for Mem {
+    impl crate::device::BlockDevice for Mem {
         fn size(&self) -> u64 {
             self.0.len() as u64
         }
-        fn read(&self, r: ByteRange) -> crate::origin::BoxFuture<'_, Result<ReadData>> {
+        fn read(&self, r: ByteRange) -> crate::device::BoxFuture<'_, Result<ReadData>> {
             let d = self.slice(r);
             Box::pin(async move { Ok(d) })
         }
-        fn extents(&self, r: ByteRange) -> Result<Vec<crate::export::Extent>> {
-            Ok(vec![crate::export::Extent {
+        fn extents(&self, r: ByteRange) -> Result<Vec<crate::device::Extent>> {
+            Ok(vec![crate::device::Extent {
                 len: r.len,
                 zero: false,
             }])
@@ -500,7 +501,7 @@ mod tests {
         fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
             Some(Ok(self.slice(r)))
         }
-        fn flush(&self) -> crate::origin::BoxFuture<'_, Result<()>> {
+        fn flush(&self) -> crate::device::BoxFuture<'_, Result<()>> {
             Box::pin(async { Ok(()) })
         }
     }

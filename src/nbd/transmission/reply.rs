@@ -8,8 +8,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::validate::{refuse, Ctx, Refusal};
 use crate::block::ByteRange;
+use crate::device::{Extent, ReadData};
 use crate::error::{Error, Result};
-use crate::export::{Extent, ReadData};
 use crate::nbd::wire::{self, chunk, state, Request};
 use crate::stats::Stats;
 

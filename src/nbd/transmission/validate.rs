@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use crate::block::ByteRange;
-use crate::export::{Export, ZeroFlags};
+use crate::device::ZeroFlags;
+use crate::export::Export;
 use crate::nbd::wire::{self, cmd, cmdflag, errno, Request};
 
 /// A request that passed validation.
