@@ -3,33 +3,45 @@
 //! A VM reads its disk over NBD; lazybd fetches each block from the origin
 //! (HTTP(S) or a file) on first use, keeps it in a local persistent cache
 //! checked by CRC32 per 4 KiB page, and serves it locally from then on.
+//! A writable export puts a copy-on-write overlay (the VM's own disk) over
+//! the shared cache.
 //!
-//! Module map (read path: `nbd::transmission -> export -> [overlay ->] cache -> origin`):
-//! - [`block`]   units: byte ranges, block sizes and indices, the range split
-//! - [`error`]   the one error type (kind + context + source) and its NBD errno
-//! - [`nbd`]     the NBD protocol: `wire` (pure codec), `handshake`, `transmission`,
-//!   `client` (the in-house client of `lazybd copy`)
-//! - [`server`]  TCP/Unix listeners, connection limits, graceful shutdown
-//! - [`tls`]     NBD over TLS: modes (off/on/require), certificates, acceptor
-//! - [`export`]  the NBD-facing device trait, exports registry, `stack` (composition)
-//! - [`cache`]   the verified cache of an origin: single-flight fetches, `dir`, `verify`
-//! - [`store`]   the cache's block store: data file + sparse `map` (state + CRCs)
-//! - [`overlay`] copy-on-write layer of a writable export; writes never reach the base:
+//! Read path: `nbd::transmission -> export -> [overlay ->] format ->
+//! prefetch::readahead -> cache -> store | origin`. Write path:
+//! `nbd::transmission -> export -> overlay -> overlay::store`.
+//!
+//! Module map, by layer from the protocol down (each folder's `mod.rs` says
+//! what its files own):
+//! - [`server`]   TCP/Unix listeners, connection limits, graceful shutdown
+//! - [`tls`]      NBD over TLS: modes (off/on/require), certificates, acceptor
+//! - [`nbd`]      the NBD protocol: `wire` (pure codec, fuzzed), `handshake`,
+//!   `transmission` (validate, reply, outbox, budget, conn), `client` (for `copy`)
+//! - [`export`]   named exports and their registry; `stack` is the one place layers compose
+//! - [`device`]   the NBD-facing traits every layer implements (a leaf)
+//! - [`overlay`]  copy-on-write layer of a writable export; writes never reach the base:
 //!   `store` (pages + journal, crash contract), `format` (v2, fuzzed), `disk` (the I/O
 //!   interface, with a simulated disk for power-loss tests), `migrate` (v1 -> v2)
-//! - [`readahead`] per-export adaptive sequential readahead into the cache (before the
-//!   cache in the read path: `nbd::transmission -> export -> [overlay ->] readahead -> cache`)
-//! - [`profile`] boot profiles: record the first reads, replay them on a cold start
-//! - [`hydrate`] background fetch of a whole image, rate-limited, yielding to guests
-//! - [`copy`]    `lazybd copy`: a whole image from HTTP/file/NBD to a file or NBD
-//! - [`origin`]  where bytes live: `http` (ranged GETs), `file`
-//! - [`daemon`]  `serve` as a library call: images, exports, add/remove at run time
-//! - [`control`] the control socket (JSON lines) behind `lazybd export ...`
-//! - [`config`]  the TOML configuration file
-//! - [`sample`]  the built-in sample image used when no origin is given
-//! - [`stats`]   counters and the origin latency histogram
-//! - [`metrics`] Prometheus endpoint reading those counters at scrape time
-//! - [`util`]    small helpers (sizes, stable hash, jitter)
+//! - [`format`](mod@format) image formats: guest offsets -> image bytes (`raw` today)
+//! - [`prefetch`] work ahead of the guest, above the cache: `readahead`, `profile`
+//!   (boot profiles), `hydrate` (the whole image in the background)
+//! - [`cache`]    the verified cache of an origin: single-flight fetches, eviction,
+//!   a read observer and background fetches for prefetch; `dir`, `verify`
+//! - [`store`]    the cache's block store: data file + sparse `map` (state + CRCs)
+//! - [`origin`]   where bytes live: `http` (ranged GETs), `file`
+//! - [`copy`]     `lazybd copy`: a whole image from HTTP/file/NBD to a file or NBD
+//! - [`daemon`]   `serve` as a library call: `state` (images, exports), `run` (start,
+//!   shutdown), `maintenance` (evictor, sync, retries), `control` (the control
+//!   socket), `metrics` (Prometheus)
+//! - [`config`]   the TOML configuration file
+//! - [`sample`]   the built-in sample image used when no origin is given
+//! - [`stats`]    counters and the origin latency histogram
+//! - [`block`]    units: byte ranges, block sizes and indices, the range split
+//! - [`error`]    the one error type (kind + context + source) and its NBD errno (a leaf)
+//! - [`util`]     small helpers (sizes, stable hash, jitter)
+//!
+//! The binary (`src/main.rs`) parses arguments and dispatches to its own
+//! `cli` module (`src/cli/`: the clap types, one file per subcommand, and
+//! `settings`, where every option is resolved flag > config file > default).
 
 pub mod block;
 pub mod cache;
@@ -39,6 +51,7 @@ pub mod daemon;
 pub mod device;
 pub mod error;
 pub mod export;
+pub mod format;
 pub mod nbd;
 pub mod origin;
 pub mod overlay;

@@ -3,9 +3,9 @@
 //! to stop, persist, report. The binary only parses arguments and calls
 //! [`start`]; tests call it too.
 //!
-//! - [`state`]       the serving state ([`Daemon`]): images, exports, per-image work
-//! - [`run`]         [`start`] and [`Running::shutdown`]: listeners, tasks, persistence
-//! - [`maintenance`] evictor, periodic sync, retries of exports
+//! - `state`         the serving state ([`Daemon`]): images, exports, per-image work
+//! - `run`           [`start`] and [`Running::shutdown`]: listeners, tasks, persistence
+//! - `maintenance`   evictor, periodic sync, retries of exports
 //! - [`control`]     the control socket (JSON lines) behind `lazybd export ...`
 //! - [`metrics`]     the Prometheus endpoint, reading counters at scrape time
 //!

@@ -7,11 +7,12 @@
 //!
 //! The cache is shared by every export of an image; each writable export
 //! has its own overlay; each export has its own readahead (its own
-//! sequential streams) over the shared cache:
+//! sequential streams) over the shared cache, and the image's format
+//! (raw today) above that:
 //!
 //! ```text
-//!   read-only:  export ------------> readahead -> cache -> origin
-//!   writable:   export -> overlay -> readahead -> cache -> origin
+//!   read-only:  export ------------> format -> readahead -> cache -> origin
+//!   writable:   export -> overlay -> format -> readahead -> cache -> origin
 //! ```
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ use super::Export;
 use crate::cache::ImageCache;
 use crate::device::{BlockDevice, Writable};
 use crate::error::Result;
+use crate::format::{self, Format};
 use crate::overlay::Overlay;
 use crate::prefetch::readahead::Readahead;
 
@@ -33,12 +35,13 @@ pub struct ExportSpec {
     pub readahead: bool,
 }
 
-/// What sits on the shared cache for one export.
+/// What sits on the shared cache for one export: the image's format, and
+/// readahead above it.
 fn base(spec: &ExportSpec, cache: &ImageCache) -> Arc<dyn BlockDevice> {
     if spec.readahead {
-        Arc::new(Readahead::new(cache.clone()))
+        format::open(Format::Raw, Arc::new(Readahead::new(cache.clone())))
     } else {
-        Arc::new(cache.clone())
+        format::open(Format::Raw, Arc::new(cache.clone()))
     }
 }
 
