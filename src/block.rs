@@ -1,5 +1,7 @@
-//! Units: byte ranges, block sizes and block indices, and the split of a byte
-//! range over the blocks it touches (head / body / tail).
+//! Units: byte ranges, block sizes and block indices, the split of a byte
+//! range over the blocks it touches (head / body / tail), and the two rules
+//! every layer applies to ranges and bytes (merging adjacent ranges, finding
+//! all-zero bytes), written once.
 //!
 //! Every size that crosses a module boundary is one of these types, so a block
 //! number is never confused with a byte offset.
@@ -195,6 +197,14 @@ pub fn parse_size(s: &str) -> Result<u64> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| Error::new(ErrorKind::InvalidInput, format!("size {s:?} too large")))
+}
+
+/// True when every byte is zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns, so viewing aligned bytes as
+    // u64 is sound; `align_to` leaves the unaligned ends as bytes.
+    let (head, body, tail) = unsafe { data.align_to::<u64>() };
+    head.iter().all(|&x| x == 0) && body.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
 
 #[cfg(test)]

@@ -359,10 +359,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::with_source(ErrorKind::Io, "copy I/O task", e))?
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
-}
-
 /// Copy one chunk; returns its pieces for the in-order digest.
 async fn chunk(src: Arc<Source>, dst: Arc<Dest>, r: ByteRange, verify: bool) -> Result<Pieces> {
     let mut pieces = src.read(r).await?;
@@ -374,7 +370,7 @@ async fn chunk(src: Arc<Source>, dst: Arc<Dest>, r: ByteRange, verify: bool) -> 
                     format!("source returned {} bytes for {pr}", d.len()),
                 ));
             }
-            if is_zero(d) {
+            if crate::block::is_zero(d) {
                 *p = Piece::Zero;
             }
         }

@@ -102,22 +102,7 @@ impl Listener {
                 Ok(Listener::Tcp(l))
             }
             ListenAddr::Unix(p) => {
-                if p.exists() {
-                    // A socket left by a killed server is removed; a live one is not.
-                    if std::os::unix::net::UnixStream::connect(p).is_ok() {
-                        return Err(Error::new(
-                            ErrorKind::InvalidInput,
-                            format!("{} is in use by a running server", p.display()),
-                        ));
-                    }
-                    let _ = std::fs::remove_file(p);
-                }
-                if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
-                }
-                let l = UnixListener::bind(p)
-                    .map_err(|e| Error::io(format!("listening on unix:{}", p.display()), e))?;
+                let l = crate::util::bind_unix(p, "NBD socket")?;
                 Ok(Listener::Unix(l, p.clone()))
             }
         }

@@ -1,5 +1,6 @@
 //! Small helpers with no better home: human-readable sizes, a stable hash for
-//! naming cache directories, and a cheap jitter source for retry backoff.
+//! naming cache directories, a cheap jitter source for retry backoff, and
+//! binding a Unix socket over a stale one.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,6 +67,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
         .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
         .and_then(|_| std::fs::rename(&tmp, path))
         .map_err(|e| crate::error::Error::io(format!("writing {}", path.display()), e))
+}
+
+/// Bind a Unix socket at `path` (`what` names it in errors, e.g. "control
+/// socket"), creating its directory. A socket file left by a killed server
+/// is removed first; one a live server answers on is refused, never taken
+/// over. The caller removes the file when it stops listening.
+pub fn bind_unix(path: &Path, what: &str) -> crate::error::Result<tokio::net::UnixListener> {
+    use crate::error::{Error, ErrorKind};
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{what} {} is in use by a running server", path.display()),
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(parent) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
+    }
+    tokio::net::UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("binding {what} {}", path.display()), e))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -58,24 +58,7 @@ pub fn serve(
     daemon: Arc<Daemon>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "control socket {} is in use by a running server",
-                    path.display()
-                ),
-            ));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("creating {}", parent.display()), e))?;
-    }
-    let l = UnixListener::bind(path)
-        .map_err(|e| Error::io(format!("binding control socket {}", path.display()), e))?;
+    let l = crate::util::bind_unix(path, "control socket")?;
     // Owner only: whoever can talk here can expose and delete disks.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;

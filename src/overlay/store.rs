@@ -1394,7 +1394,7 @@ fn page_crcs(data: &[u8], keep_zeros: bool) -> Vec<Option<u32>> {
     (0..(data.len() as u64).div_ceil(PAGE))
         .map(|i| {
             let page = page_of(data, i);
-            (keep_zeros || !crate::store::is_zero(page)).then(|| crc32fast::hash(page))
+            (keep_zeros || !crate::block::is_zero(page)).then(|| crc32fast::hash(page))
         })
         .collect()
 }

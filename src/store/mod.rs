@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::block::{BlockIndex, BlockSize, ByteRange, PAGE};
+use crate::block::{is_zero, BlockIndex, BlockSize, ByteRange, PAGE};
 use crate::error::{Error, ErrorKind, Result};
 use map::{BlockMap, BlockState, Geometry};
 
@@ -54,14 +54,6 @@ pub fn lock_dir(dir: &Path, what: &str) -> Result<File> {
         return Err(Error::io(format!("locking {what} {}", dir.display()), e));
     }
     Ok(lock)
-}
-
-/// True when every byte is zero.
-pub fn is_zero(data: &[u8]) -> bool {
-    // SAFETY: u64 has no invalid bit patterns, so viewing aligned bytes as
-    // u64 is sound; `align_to` leaves the unaligned ends as bytes.
-    let (head, body, tail) = unsafe { data.align_to::<u64>() };
-    head.iter().all(|&x| x == 0) && body.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
 
 impl BlockStore {

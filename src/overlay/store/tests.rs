@@ -56,7 +56,7 @@ fn fill(id: u64, p: u64) -> Vec<u8> {
 }
 
 fn decode(b: &[u8]) -> C {
-    if crate::store::is_zero(b) {
+    if crate::block::is_zero(b) {
         return C::Zero;
     }
     let mut w = [0u8; 8];
