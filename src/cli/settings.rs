@@ -4,7 +4,9 @@
 //! by [`pick`] (or [`first`], when its default is "not set"): the flag wins
 //! over the config file, the file over the default. A value given as text
 //! (a size, a hedge delay) counts only where it is chosen: a bad file value
-//! that a flag overrides is no error. [`resolve`] builds the whole
+//! that a flag overrides is no error, and a parse error names the option as
+//! it was given (`--block-size: ...`, `config FILE: server.block_size:
+//! ...`). [`resolve`] builds the whole
 //! [`ServeConfig`] this way; the tests below check the precedence of each
 //! option. The defaults are the library's (`OriginOptions`, `Limits`,
 //! `BootOptions`, `TlsOptions`); the default cache directory and control
@@ -14,7 +16,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail};
 use lazybd::block::{parse_size, BlockSize};
 use lazybd::config::FileConfig;
 use lazybd::daemon::{BootOptions, ExportConfig, ServeConfig};
@@ -93,14 +95,70 @@ fn control_socket(flag: Option<&str>, file: Option<&Path>, cache_dir: &Path) -> 
 
 /// Extra HTTP headers, each 'Name: value'.
 pub fn parse_headers(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    let mut headers = Vec::new();
-    for h in list {
-        let Some((n, v)) = h.split_once(':') else {
-            bail!("header {h:?}: expected 'Name: value'");
-        };
-        headers.push((n.trim().to_string(), v.trim().to_string()));
+    list.iter().map(|h| parse_header(h)).collect()
+}
+
+fn parse_header(h: &str) -> anyhow::Result<(String, String)> {
+    let Some((n, v)) = h.split_once(':') else {
+        bail!("header {h:?}: expected 'Name: value'");
+    };
+    Ok((n.trim().to_string(), v.trim().to_string()))
+}
+
+/// How errors name a config-file key: `config PATH: section.key`.
+fn in_file(config: Option<&Path>, key: &str) -> String {
+    match config {
+        Some(p) => format!("config {}: {key}", p.display()),
+        None => key.to_string(),
     }
-    Ok(headers)
+}
+
+/// A value given as text, chosen by [`first`] and then parsed. A parse
+/// error names the option where the value was chosen: `--flag: ...`, or
+/// `config PATH: section.key: ...`.
+fn parse_text<T, E: std::fmt::Display>(
+    (flag_name, flag): (&str, Option<&str>),
+    (key, file): (&str, Option<&str>),
+    config: Option<&Path>,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> anyhow::Result<Option<T>> {
+    let chosen = first(
+        flag.map(|v| (flag_name.to_string(), v)),
+        file.map(|v| (in_file(config, key), v)),
+    );
+    let Some((name, text)) = chosen else {
+        return Ok(None);
+    };
+    parse(text).map(Some).map_err(|e| anyhow!("{name}: {e}"))
+}
+
+/// [`parse_text`] for a list (`--listen`, `--header`): each entry parsed,
+/// an error naming the option where the list was chosen.
+fn parse_list<T, E: std::fmt::Display>(
+    (flag_name, flag): (&str, Option<&[String]>),
+    (key, file): (&str, Option<&[String]>),
+    config: Option<&Path>,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> anyhow::Result<Option<Vec<T>>> {
+    let chosen = first(
+        flag.map(|v| (flag_name.to_string(), v)),
+        file.map(|v| (in_file(config, key), v)),
+    );
+    let Some((name, list)) = chosen else {
+        return Ok(None);
+    };
+    parse_each(&name, list, parse).map(Some)
+}
+
+/// Each entry of a list parsed, an error naming the option `name`.
+fn parse_each<T, E: std::fmt::Display>(
+    name: &str,
+    list: &[String],
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> anyhow::Result<Vec<T>> {
+    list.iter()
+        .map(|v| parse(v).map_err(|e| anyhow!("{name}: {e}")))
+        .collect()
 }
 
 fn secs_at_least_1(s: u64) -> Duration {
@@ -120,6 +178,7 @@ pub fn resolve(
     sample: impl FnOnce(&Path) -> anyhow::Result<PathBuf>,
 ) -> anyhow::Result<ServeConfig> {
     let (server, origin, boot) = (&file.server, &file.origin, &file.boot);
+    let cfg = a.config.as_deref();
     let cache_dir = pick(
         a.cache_dir.clone(),
         server.cache_dir.clone(),
@@ -157,30 +216,38 @@ pub fn resolve(
         );
     }
 
-    let default_listen = [DEFAULT_LISTEN.to_string()];
-    let listen = pick(
-        list(&a.listen),
-        list(&server.listen),
-        || &default_listen[..],
-    )
-    .iter()
-    .map(|l| l.parse::<ListenAddr>())
-    .collect::<Result<Vec<_>, _>>()?;
-    let block_size = match first(a.block_size.as_deref(), server.block_size.as_deref()) {
-        Some(s) => Some(BlockSize::new(parse_size(s)?)?),
-        None => None,
-    };
-    let all_headers: Vec<String> = origin.headers.iter().chain(&a.headers).cloned().collect();
-    let headers = parse_headers(&all_headers)?;
+    let listen = parse_list(
+        ("--listen", list(&a.listen)),
+        ("server.listen", list(&server.listen)),
+        cfg,
+        str::parse::<ListenAddr>,
+    )?
+    .unwrap_or_else(|| vec![ListenAddr::Tcp(DEFAULT_LISTEN.to_string())]);
+    let block_size = parse_text(
+        ("--block-size", a.block_size.as_deref()),
+        ("server.block_size", server.block_size.as_deref()),
+        cfg,
+        |s| parse_size(s).and_then(BlockSize::new),
+    )?;
+    // Not a choice: the file's headers and the flags' are all sent.
+    let mut headers = parse_each(
+        &in_file(cfg, "origin.headers"),
+        &origin.headers,
+        parse_header,
+    )?;
+    headers.extend(parse_each("--header", &a.headers, parse_header)?);
     let control = control_socket(a.control.as_deref(), server.control.as_deref(), &cache_dir);
 
     let od = OriginOptions::default();
+    // The flag's value is parsed (and an error reported) by clap.
     let hedge = pick(
         a.origin_hedge.map(Ok),
-        origin.hedge.as_deref().map(str::parse),
+        origin.hedge.as_deref().map(|h| {
+            h.parse()
+                .map_err(|e| anyhow!("{}: {e}", in_file(cfg, "origin.hedge")))
+        }),
         || Ok(od.hedge),
-    )
-    .map_err(anyhow::Error::msg)?;
+    )?;
     let origin_options = OriginOptions {
         headers,
         connections: pick(a.origin_connections, origin.connections, || od.connections).max(1),
@@ -200,10 +267,13 @@ pub fn resolve(
     };
 
     let ld = Limits::default();
-    let max_buffered = match first(a.max_buffered.as_deref(), server.max_buffered.as_deref()) {
-        Some(v) => parse_size(v).map_err(|e| anyhow::anyhow!("max_buffered: {e}"))?,
-        None => ld.max_buffered,
-    };
+    let max_buffered = parse_text(
+        ("--max-buffered", a.max_buffered.as_deref()),
+        ("server.max_buffered", server.max_buffered.as_deref()),
+        cfg,
+        parse_size,
+    )?
+    .unwrap_or(ld.max_buffered);
     let limits = Limits {
         max_connections: pick(a.max_connections, server.max_connections, || {
             ld.max_connections
@@ -229,16 +299,20 @@ pub fn resolve(
         ),
     };
     let metrics = first(a.metrics.clone(), server.metrics.clone());
-    let cache_size = match first(a.cache_size.as_deref(), server.cache_size.as_deref()) {
-        Some(s) => Some(parse_size(s)?),
-        None => None,
-    };
+    let cache_size = parse_text(
+        ("--cache-size", a.cache_size.as_deref()),
+        ("server.cache_size", server.cache_size.as_deref()),
+        cfg,
+        parse_size,
+    )?;
 
     let bd = BootOptions::default();
-    let hydrate_rate = match first(a.hydrate_rate.as_deref(), boot.hydrate_rate.as_deref()) {
-        Some(s) => Some(parse_size(s).context("--hydrate-rate")?.max(1)),
-        None => None,
-    };
+    let hydrate_rate = parse_text(
+        ("--hydrate-rate", a.hydrate_rate.as_deref()),
+        ("boot.hydrate_rate", boot.hydrate_rate.as_deref()),
+        cfg,
+        |s| parse_size(s).map(|r| r.max(1)),
+    )?;
     let boot = BootOptions {
         record_profile: match first(a.record_profile, boot.record_profile) {
             Some(s) => Some((s > 0).then(|| Duration::from_secs(s))),
@@ -310,10 +384,12 @@ mod tests {
         try_resolve(&args(flags), &file(toml)).expect("resolves")
     }
 
-    /// The error resolving FLAGS with the config TOML, on one line as
-    /// `main` prints it.
+    /// The error resolving FLAGS with the config TOML (as if from
+    /// `--config lazybd.toml`), on one line as `main` prints it.
     fn error(flags: &[&str], toml: &str) -> String {
-        let e = try_resolve(&args(flags), &file(toml)).expect_err("an error");
+        let mut a = args(flags);
+        a.config = Some("lazybd.toml".into());
+        let e = try_resolve(&a, &file(toml)).expect_err("an error");
         format!("{e:#}")
     }
 
@@ -487,10 +563,16 @@ mod tests {
         );
         // An empty list in the file is no choice.
         assert_eq!(resolved(&[], "[server]\nlisten = []\n").listen.len(), 1);
-        let e = error(&["--listen", "nowhere"], "");
-        assert!(e.contains("listen address \"nowhere\""), "{e}");
+        let e = error(&["--listen", "127.0.0.1:1", "--listen", "nowhere"], "");
+        assert_eq!(
+            e,
+            "--listen: listen address \"nowhere\": use HOST:PORT or unix:PATH"
+        );
         let e = error(&[], "[server]\nlisten = [\"unix:\"]\n");
-        assert!(e.contains("unix: needs a socket path"), "{e}");
+        assert_eq!(
+            e,
+            "config lazybd.toml: server.listen: unix: needs a socket path"
+        );
         // A bad file value the flag overrides is not looked at.
         resolved(
             &["--listen", "127.0.0.1:1"],
@@ -507,9 +589,15 @@ mod tests {
             (Some(1 << 20), Some(4096), None),
         );
         let e = error(&["--block-size", "12q"], "");
-        assert!(e.contains("invalid size unit in \"12q\""), "{e}");
+        assert_eq!(
+            e,
+            "--block-size: invalid size unit in \"12q\" (use k, M, G or T)"
+        );
         let e = error(&[], "[server]\nblock_size = \"3000\"\n");
-        assert!(e.contains("block size 3000 must be a power of two"), "{e}");
+        assert!(
+            e.starts_with("config lazybd.toml: server.block_size: block size 3000 must be"),
+            "{e}"
+        );
         resolved(&["--block-size", "64k"], "[server]\nblock_size = \"x\"\n");
     }
 
@@ -522,7 +610,10 @@ mod tests {
             (Some(50 << 30), Some(10 << 30), None),
         );
         let e = error(&[], "[server]\ncache_size = \"lots\"\n");
-        assert!(e.contains("invalid size \"lots\""), "{e}");
+        assert_eq!(
+            e,
+            "config lazybd.toml: server.cache_size: invalid size \"lots\""
+        );
         resolved(&["--cache-size", "1G"], "[server]\ncache_size = \"lots\"\n");
     }
 
@@ -631,9 +722,9 @@ mod tests {
             Hedge::Off
         );
         let e = error(&[], "[origin]\nhedge = \"soon\"\n");
-        assert!(
-            e.contains("\"soon\": expected auto, off or milliseconds"),
-            "{e}"
+        assert_eq!(
+            e,
+            "config lazybd.toml: origin.hedge: \"soon\": expected auto, off or milliseconds"
         );
         resolved(&["--origin-hedge", "auto"], "[origin]\nhedge = \"soon\"\n");
         // The flag's value is checked by clap, naming the flag.
@@ -667,12 +758,12 @@ mod tests {
         );
         assert!(resolved(&[], "").origin_options.headers.is_empty());
         let e = error(&["-H", "nocolon"], "");
-        assert!(
-            e.contains("header \"nocolon\": expected 'Name: value'"),
-            "{e}"
-        );
+        assert_eq!(e, "--header: header \"nocolon\": expected 'Name: value'");
         let e = error(&[], "[origin]\nheaders = [\"bad\"]\n");
-        assert!(e.contains("header \"bad\""), "{e}");
+        assert_eq!(
+            e,
+            "config lazybd.toml: origin.headers: header \"bad\": expected 'Name: value'"
+        );
     }
 
     #[test]
@@ -700,9 +791,12 @@ mod tests {
             (2 << 30, 512 << 20, Limits::default().max_buffered),
         );
         let e = error(&["--max-buffered", "much"], "");
-        assert!(e.contains("max_buffered: invalid size \"much\""), "{e}");
+        assert_eq!(e, "--max-buffered: invalid size \"much\"");
         let e = error(&[], "[server]\nmax_buffered = \"much\"\n");
-        assert!(e.contains("max_buffered: invalid size \"much\""), "{e}");
+        assert_eq!(
+            e,
+            "config lazybd.toml: server.max_buffered: invalid size \"much\""
+        );
         resolved(
             &["--max-buffered", "1G"],
             "[server]\nmax_buffered = \"much\"\n",
@@ -827,11 +921,88 @@ mod tests {
             Some(1)
         );
         let e = error(&["--hydrate-rate", "fast"], "");
-        assert!(e.contains("--hydrate-rate: invalid size \"fast\""), "{e}");
+        assert_eq!(e, "--hydrate-rate: invalid size \"fast\"");
+        let e = error(&[], "[boot]\nhydrate_rate = \"fast\"\n");
+        assert_eq!(
+            e,
+            "config lazybd.toml: boot.hydrate_rate: invalid size \"fast\""
+        );
         resolved(
             &["--hydrate-rate", "1M"],
             "[boot]\nhydrate_rate = \"fast\"\n",
         );
+    }
+
+    /// Every option given as text names itself in a parse error, as it was
+    /// chosen: the flag, or the config file and key. (Values clap or the
+    /// TOML parser read are named by them: numbers, `--tls`, `tls`, ...)
+    #[test]
+    fn parse_errors_name_the_option_where_it_was_chosen() {
+        let cases = [
+            (
+                "--listen",
+                "nowhere",
+                "server.listen",
+                "listen = [\"nowhere\"]",
+            ),
+            (
+                "--block-size",
+                "3000",
+                "server.block_size",
+                "block_size = \"x\"",
+            ),
+            (
+                "--cache-size",
+                "x",
+                "server.cache_size",
+                "cache_size = \"x\"",
+            ),
+            (
+                "--max-buffered",
+                "x",
+                "server.max_buffered",
+                "max_buffered = \"x\"",
+            ),
+            ("--header", "x", "origin.headers", "headers = [\"x\"]"),
+            (
+                "--hydrate-rate",
+                "x",
+                "boot.hydrate_rate",
+                "hydrate_rate = \"x\"",
+            ),
+            ("", "", "origin.hedge", "hedge = \"x\""),
+        ];
+        for (flag, value, key, line) in cases {
+            let (section, _) = key.split_once('.').unwrap();
+            let toml = format!("[{section}]\n{line}\n");
+            let e = error(&[], &toml);
+            let want = format!("config lazybd.toml: {key}: ");
+            assert!(e.starts_with(&want), "{toml:?}: {e}");
+            if flag.is_empty() {
+                continue;
+            }
+            let e = error(&[flag, value], "");
+            assert!(e.starts_with(&format!("{flag}: ")), "{flag} {value}: {e}");
+            if key == "origin.headers" {
+                continue; // not a choice: the file's and the flags' all count
+            }
+            // A bad file value the flag overrides is no error...
+            let good = if flag == "--listen" {
+                "127.0.0.1:1"
+            } else {
+                "64k"
+            };
+            resolved(&[flag, good], &toml);
+            // ...and a bad flag is reported as the flag's, whatever the file says.
+            let e = error(&[flag, value], &toml);
+            assert!(
+                e.starts_with(&format!("{flag}: ")),
+                "{flag} {value} over {toml:?}: {e}"
+            );
+        }
+        // Without --config (only in these tests) the key alone.
+        let e = try_resolve(&args(&[]), &file("[server]\ncache_size = \"x\"\n")).unwrap_err();
+        assert_eq!(e.to_string(), "server.cache_size: invalid size \"x\"");
     }
 
     #[test]
