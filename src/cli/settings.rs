@@ -57,12 +57,16 @@ pub fn default_cache_dir() -> PathBuf {
     cache_dir_from(std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))
 }
 
+/// As the XDG base directory specification says, a variable that is empty
+/// or holds a relative path counts as unset (else the cache, and the
+/// control socket in it, would depend on the working directory).
 fn cache_dir_from(xdg_cache_home: Option<OsString>, home: Option<OsString>) -> PathBuf {
-    if let Some(x) = xdg_cache_home {
-        return PathBuf::from(x).join("lazybd");
+    let absolute = |v: Option<OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    if let Some(x) = absolute(xdg_cache_home) {
+        return x.join("lazybd");
     }
-    if let Some(h) = home {
-        return PathBuf::from(h).join(".cache/lazybd");
+    if let Some(h) = absolute(home) {
+        return h.join(".cache/lazybd");
     }
     PathBuf::from("/var/cache/lazybd")
 }
@@ -487,6 +491,23 @@ mod tests {
         );
         assert_eq!(
             cache_dir_from(None, None),
+            PathBuf::from("/var/cache/lazybd")
+        );
+        // Empty or relative: as if unset (not a directory in the cwd).
+        assert_eq!(
+            cache_dir_from(os(""), os("/h")),
+            PathBuf::from("/h/.cache/lazybd")
+        );
+        assert_eq!(
+            cache_dir_from(os("cache"), os("/h")),
+            PathBuf::from("/h/.cache/lazybd")
+        );
+        assert_eq!(
+            cache_dir_from(os(""), os("")),
+            PathBuf::from("/var/cache/lazybd")
+        );
+        assert_eq!(
+            cache_dir_from(None, os("home")),
             PathBuf::from("/var/cache/lazybd")
         );
     }
