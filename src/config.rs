@@ -44,7 +44,8 @@
 //! ```
 //!
 //! Unknown keys are errors (a typo must not silently change behaviour);
-//! messages name the key and line.
+//! messages name the key and line. A flag of `lazybd serve` wins over its
+//! key, a key over the default (resolved in the binary, `src/cli/settings.rs`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -175,17 +176,6 @@ impl FileConfig {
 }
 
 /// Export names become directory names and NBD strings: keep them plain.
-/// Where the control socket goes: the command line wins over the file, "none"
-/// in either place disables it, and the default is `CACHE_DIR/control.sock`.
-pub fn control_socket(cli: Option<&str>, file: Option<&Path>, cache_dir: &Path) -> Option<PathBuf> {
-    let chosen = match (cli, file) {
-        (Some(c), _) => PathBuf::from(c),
-        (None, Some(f)) => f.to_path_buf(),
-        (None, None) => return Some(cache_dir.join("control.sock")),
-    };
-    (chosen.as_os_str() != "none").then_some(chosen)
-}
-
 pub fn validate_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name.len() > 255 {
         return Err("must be 1 to 255 characters".into());
@@ -246,29 +236,6 @@ mod tests {
         assert_eq!(c.server.max_buffered.as_deref(), Some("1G"));
         assert_eq!(c.server.send_timeout_secs, Some(120));
         assert_eq!(c.boot.hydrate_rate.as_deref(), Some("200M"));
-    }
-
-    #[test]
-    fn control_none_disables_the_socket_from_either_place() {
-        let cache = Path::new("/var/cache/lazybd");
-        let file = FileConfig::parse("[server]\ncontrol = \"none\"\n").unwrap();
-        assert_eq!(
-            control_socket(None, file.server.control.as_deref(), cache),
-            None
-        );
-        assert_eq!(control_socket(Some("none"), None, cache), None);
-        assert_eq!(
-            control_socket(Some("/run/c.sock"), file.server.control.as_deref(), cache),
-            Some(PathBuf::from("/run/c.sock"))
-        );
-        assert_eq!(
-            control_socket(None, Some(Path::new("/run/f.sock")), cache),
-            Some(PathBuf::from("/run/f.sock"))
-        );
-        assert_eq!(
-            control_socket(None, None, cache),
-            Some(cache.join("control.sock"))
-        );
     }
 
     #[test]

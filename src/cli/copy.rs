@@ -1,0 +1,79 @@
+//! `lazybd copy`: a whole image from HTTP(S), a file or NBD to a file or an
+//! NBD export, with a progress bar on a terminal (log lines otherwise).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use lazybd::block::parse_size;
+use lazybd::util::human_bytes;
+
+use super::settings::parse_headers;
+use super::CopyArgs;
+
+pub fn run(a: CopyArgs) -> anyhow::Result<ExitCode> {
+    use lazybd::copy::{self, CopySpec};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut spec = CopySpec::new(&a.source, &a.dest);
+    spec.jobs = a.jobs.max(1);
+    spec.chunk = parse_size(&a.chunk_size)?;
+    spec.verify = !a.no_verify;
+    spec.sha256 = a.sha256.as_deref().map(copy::parse_sha256).transpose()?;
+    spec.origin_options.headers = parse_headers(&a.headers)?;
+    spec.origin_options.ca_file = a.origin_ca;
+    let bar = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let report = rt.block_on(async move {
+        let task = copy::start(spec);
+        let p = task.progress.clone();
+        let pb = bar.then(|| {
+            let pb = indicatif::ProgressBar::new(0);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+                )
+                .expect("valid template"),
+            );
+            pb
+        });
+        let ticker = tokio::spawn(async move {
+            let mut last_log = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let (done, total) = (p.done.load(Relaxed), p.total.load(Relaxed));
+                if let Some(pb) = &pb {
+                    pb.set_length(total);
+                    pb.set_position(done);
+                    if total > 0 && done == total {
+                        pb.finish();
+                        return;
+                    }
+                } else if last_log.elapsed() >= Duration::from_secs(5) && total > 0 {
+                    tracing::info!(
+                        "copied {} of {} ({:.1}%)",
+                        human_bytes(done),
+                        human_bytes(total),
+                        100.0 * done as f64 / total as f64
+                    );
+                    last_log = std::time::Instant::now();
+                }
+            }
+        });
+        let r = task.wait().await;
+        ticker.abort();
+        r
+    })?;
+    let secs = report.elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "copied {} ({} zero/holes) in {:.1}s, {}/s; sha256 {}",
+        human_bytes(report.bytes),
+        human_bytes(report.zero_bytes),
+        secs,
+        human_bytes((report.bytes as f64 / secs) as u64),
+        copy::hex(&report.sha256)
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,426 @@
+//! The command line of `lazybd`: the clap types (this file) and one file per
+//! subcommand. `main.rs` parses, sets up logging and calls the subcommand's
+//! `run`; the library does the work (used as `lazybd::...`).
+//!
+//! - `mod.rs`      `Cli`, `Cmd`, every subcommand's arguments and help texts
+//! - `settings.rs` how `serve` resolves each option: the flag, else the
+//!   config file, else the default (one function, unit-tested per option);
+//!   the default cache directory and control socket
+//! - `serve.rs`    `lazybd serve`: resolve the settings, run the daemon until
+//!   SIGTERM/SIGINT
+//! - `export.rs`   `lazybd export add|remove|list`: requests to a running
+//!   server's control socket
+//! - `copy.rs`     `lazybd copy`: a whole image, with a progress bar
+//! - `profile.rs`  `lazybd profile show|export|import|stop`: boot profiles
+//! - `cache.rs`    `lazybd cache info|verify`: inspect and check a cache directory
+//! - `overlay.rs`  `lazybd overlay check`: verify (and repair) an overlay
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub mod cache;
+pub mod copy;
+pub mod export;
+pub mod overlay;
+pub mod profile;
+pub mod serve;
+pub mod settings;
+
+const ABOUT: &str =
+    "Copy-on-demand NBD block server: boot VMs from a remote image without downloading it first.";
+
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  # Try it: serve the built-in sample image on 127.0.0.1:10809
+  lazybd serve
+  nbdinfo nbd://127.0.0.1/disk
+
+  # Serve a remote template; qemu reads it lazily
+  lazybd serve https://images.example/debian-12.raw --cache-dir /var/cache/lazybd
+  qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/disk,format=raw,if=virtio ...
+
+  # A VM disk: writes go to a persistent copy-on-write overlay
+  lazybd serve https://images.example/debian-12.raw --writable --name vm1 \
+      --overlay-dir /var/lib/lazybd/vm1
+
+  # TCP and a Unix socket at once, an auth header for Glance/Swift
+  lazybd serve https://swift.example/v1/AUTH_x/images/base.raw \\
+      --listen 0.0.0.0:10809 --listen unix:/run/lazybd.sock \\
+      --header 'X-Auth-Token: $TOKEN' --name base
+
+  # TLS only (certificates as for qemu's tls-creds-x509 / nbdkit)
+  lazybd serve IMAGE --tls require --tls-certificates /etc/pki/lazybd
+  nbdinfo 'nbds://127.0.0.1/disk?tls-certificates=/etc/pki/qemu'
+
+Reads of blocks not yet cached are fetched with ranged GETs (adjacent blocks
+coalesced, concurrent readers of one block share one fetch), stored in
+--cache-dir with a CRC32 per 4 KiB page, and served locally from then on,
+also after a restart. A changed origin (size, ETag or Last-Modified) gets a
+fresh cache. Stop with Ctrl-C or SIGTERM: in-flight requests are answered,
+the cache is persisted, counters are logged.";
+
+#[derive(Parser)]
+#[command(name = "lazybd", version, about = ABOUT, long_about = None)]
+pub struct Cli {
+    /// Log level: error, warn, info, debug, trace (RUST_LOG overrides).
+    #[arg(long, global = true, default_value = "info", env = "LAZYBD_LOG_LEVEL")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Export an image over NBD, fetching blocks on demand.
+    #[command(after_help = SERVE_EXAMPLES)]
+    Serve(Box<ServeArgs>),
+    /// Inspect or check a cache directory.
+    #[command(subcommand)]
+    Cache(CacheCmd),
+    /// Add, remove or list exports of a running server (control socket).
+    #[command(subcommand, after_help = EXPORT_EXAMPLES)]
+    Export(ExportCmd),
+    /// Check (and repair) a writable export's overlay directory.
+    #[command(subcommand, after_help = OVERLAY_EXAMPLES)]
+    Overlay(OverlayCmd),
+    /// Copy a whole image (HTTP(S), file or NBD) to a file or an NBD export,
+    /// in parallel, verified.
+    #[command(after_help = COPY_EXAMPLES)]
+    Copy(CopyArgs),
+    /// Show, export, import boot profiles; stop a recording.
+    #[command(subcommand, after_help = PROFILE_EXAMPLES)]
+    Profile(ProfileCmd),
+}
+
+const COPY_EXAMPLES: &str = "\
+SOURCE: http://, https://, file:// or a path, nbd://HOST[:PORT]/EXPORT,
+nbd+unix:///EXPORT?socket=PATH. DEST: a path (created or truncated; a block
+device is written in place) or an NBD URI (a writable export at least as
+large as the image).
+
+Every chunk's CRC32 is checked against the destination read back after
+writing; --sha256 checks the whole image. Holes an NBD source reports are
+not read; zero chunks are not written to a new file (it stays sparse).
+
+Examples:
+  lazybd copy https://images.example/debian-12.raw /var/lib/images/debian-12.raw \\
+      --sha256 5f2c...e1
+  lazybd copy nbd://127.0.0.1/disk disk.raw
+  lazybd copy base.raw 'nbd+unix:///vm1?socket=/run/lazybd.sock'";
+
+#[derive(Args)]
+pub struct CopyArgs {
+    /// What to copy: URL, path or NBD URI.
+    pub source: String,
+    /// Where to: path or NBD URI.
+    pub dest: String,
+    /// Chunks in flight (parallel requests / NBD connections).
+    #[arg(long, short = 'j', default_value_t = 8)]
+    pub jobs: usize,
+    /// Bytes per request (at most 32M).
+    #[arg(long, default_value = "4M", value_name = "SIZE")]
+    pub chunk_size: String,
+    /// Expected SHA-256 of the image (64 hex digits); a mismatch fails the copy.
+    #[arg(long, value_name = "HEX")]
+    sha256: Option<String>,
+    /// Skip reading each chunk back from DEST to check its CRC32.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Extra HTTP header for the source, 'Name: value'. Repeatable.
+    #[arg(long = "header", short = 'H', value_name = "HEADER")]
+    pub headers: Vec<String>,
+    /// PEM file of extra CA certificates for an https:// source.
+    #[arg(long, value_name = "PEM")]
+    pub origin_ca: Option<PathBuf>,
+    /// No progress bar even on a terminal (log lines instead).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+const PROFILE_EXAMPLES: &str = "\
+A boot profile lists the parts of an image a boot reads, in order. Replayed
+on a cold start, they are fetched in parallel before the guest asks.
+
+Examples:
+  # Record the first 60 s of reads of each image while a VM boots
+  lazybd serve https://images.example/base.raw --record-profile 60
+  # ...or until told to stop
+  lazybd serve https://images.example/base.raw --record-profile 0
+  lazybd profile stop
+
+  # Publish it beside the image: every host's cold start uses it
+  lazybd profile export --image https://images.example/base.raw base.raw.lazybd-profile
+  (upload base.raw.lazybd-profile next to base.raw on the origin)
+
+  # Or install it into another host's cache
+  lazybd profile import --image https://images.example/base.raw base.raw.lazybd-profile";
+
+#[derive(Args)]
+pub struct ImageArg {
+    /// Cache directory [default: $XDG_CACHE_HOME/lazybd or ~/.cache/lazybd].
+    #[arg(long, env = "LAZYBD_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// The image (URL or path, as served); may be omitted when the cache
+    /// holds a single image.
+    #[arg(long)]
+    pub image: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ProfileCmd {
+    /// Print an image's profile: ranges in replay order and totals.
+    Show {
+        #[command(flatten)]
+        image: ImageArg,
+        /// Print every range, not only the first 20.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Write an image's profile to FILE (e.g. to publish it as IMAGE.lazybd-profile).
+    Export {
+        #[command(flatten)]
+        image: ImageArg,
+        file: PathBuf,
+    },
+    /// Install FILE as an image's profile (the image must have been served
+    /// once from this cache, so its size is known and checked).
+    Import {
+        #[command(flatten)]
+        image: ImageArg,
+        file: PathBuf,
+    },
+    /// Stop recording now (a server started with --record-profile) and save.
+    Stop {
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+const EXPORT_EXAMPLES: &str = "\
+Examples (a compute agent attaching a VM disk):
+  lazybd export add vm1 --image https://images.example/base.raw --writable
+  virsh attach-device vm1 disk-vm1.xml        # <source protocol='nbd' name='vm1'>
+  virsh detach-device vm1 disk-vm1.xml
+  lazybd export remove vm1 --delete-overlay
+  lazybd export list";
+
+#[derive(Args)]
+pub struct ControlArg {
+    /// The server's control socket [default: the default cache dir's control.sock].
+    #[arg(long, env = "LAZYBD_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum ExportCmd {
+    /// Export an image under a new name. Other exports are not disturbed.
+    Add {
+        name: String,
+        /// The image: URL or path. Exports of one image share its cache.
+        #[arg(long)]
+        image: String,
+        /// Writable, with a persistent copy-on-write overlay.
+        #[arg(long)]
+        writable: bool,
+        /// Overlay directory [default: CACHE_DIR/overlays/NAME].
+        #[arg(long, requires = "writable")]
+        overlay_dir: Option<PathBuf>,
+        /// Fetch the whole image in the background.
+        #[arg(long)]
+        hydrate: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Remove an export. Refuses while clients are connected unless --force.
+    Remove {
+        name: String,
+        /// Disconnect connected clients (after their in-flight requests).
+        #[arg(long)]
+        force: bool,
+        /// Also delete the overlay's data (otherwise it stays for re-adding).
+        #[arg(long)]
+        delete_overlay: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// List exports: name, image, writable, clients, bytes in overlay.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// The image: http://, https://, file:// or a path. Omitted (and no
+    /// --config): a built-in 64 MiB sample image (made in the cache directory).
+    pub origin: Option<String>,
+    /// TOML file with listeners, cache, origin settings and any number of
+    /// exports (see ARCHITECTURE.md / config.rs); flags given here override it.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where cached blocks live; persistent across restarts
+    /// [default: $XDG_CACHE_HOME/lazybd or ~/.cache/lazybd].
+    #[arg(long, env = "LAZYBD_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Control socket for `lazybd export add|remove|list` (owner-only);
+    /// 'none' disables it [default: CACHE_DIR/control.sock].
+    #[arg(long, env = "LAZYBD_CONTROL", value_name = "PATH")]
+    pub control: Option<String>,
+    /// Listen address: HOST:PORT or unix:PATH. Repeat for several.
+    #[arg(long = "listen", short = 'l', value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Export name (also reachable as the empty/default name).
+    #[arg(long, default_value = "disk")]
+    pub name: String,
+    /// Export description shown by `nbdinfo`.
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Cache block size: the unit fetched and tracked (power of two, 4k..16M).
+    /// Default 64k for a new cache; an existing cache keeps its own.
+    #[arg(long, value_name = "SIZE")]
+    pub block_size: Option<String>,
+    /// Limit on cached data across all images (e.g. 50G): least recently
+    /// used blocks are evicted above 95%, down to 90%. Overlays never count.
+    #[arg(long, value_name = "SIZE")]
+    pub cache_size: Option<String>,
+    /// Serve Prometheus metrics on HOST:PORT (GET /metrics).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<String>,
+    /// Make the export writable: writes, TRIM and WRITE_ZEROES go to a
+    /// persistent copy-on-write overlay; the image and cache never change.
+    #[arg(long)]
+    pub writable: bool,
+    /// Overlay directory of a --writable export (default CACHE_DIR/overlays/NAME).
+    #[arg(long, value_name = "DIR", requires = "writable")]
+    pub overlay_dir: Option<PathBuf>,
+    /// Extra HTTP header sent to the origin, 'Name: value'. Repeatable.
+    #[arg(long = "header", short = 'H', value_name = "HEADER")]
+    pub headers: Vec<String>,
+    /// Most parallel requests to the origin [default: 16].
+    #[arg(long)]
+    pub origin_connections: Option<usize>,
+    /// Deadline for one origin request, in seconds [default: 30].
+    #[arg(long)]
+    pub origin_timeout: Option<u64>,
+    /// Most retries of a failed origin request, with exponential backoff
+    /// and jitter [default: as many as --origin-deadline allows].
+    #[arg(long)]
+    pub origin_retries: Option<u32>,
+    /// Seconds one read may keep trying the origin (retries, hedges)
+    /// before the client gets EIO [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub origin_deadline: Option<u64>,
+    /// Send a second copy of an origin request still unanswered after MS
+    /// milliseconds: 'auto' (twice the recent p95 latency), 'off', or MS
+    /// [default: auto].
+    #[arg(long, value_name = "MS|auto|off")]
+    pub origin_hedge: Option<lazybd::origin::Hedge>,
+    /// PEM file of extra CA certificates to trust for an https:// origin.
+    #[arg(long, value_name = "PEM")]
+    pub origin_ca: Option<PathBuf>,
+    /// Most simultaneous client connections [default: 1024].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Read-reply bytes all clients together may hold in memory; each
+    /// client is also held to 64 MiB. Reads wait while it is spent
+    /// [default: 1G; at least 64M].
+    #[arg(long, value_name = "SIZE")]
+    pub max_buffered: Option<String>,
+    /// Drop a client that takes no reply bytes for SECS seconds while
+    /// replies wait for it (frees what it held) [default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub send_timeout: Option<u64>,
+    /// Record a boot profile: which blocks each image reads during SECS
+    /// seconds after its first read (0: until `lazybd profile stop` or
+    /// shutdown). Saved in the image's cache directory; replayed on the
+    /// next cold start, or publish it with `lazybd profile export`.
+    #[arg(long, value_name = "SECS")]
+    pub record_profile: Option<u64>,
+    /// Do not replay boot profiles (neither the cache's nor one published
+    /// beside the image as IMAGE.lazybd-profile).
+    #[arg(long)]
+    pub no_profile: bool,
+    /// Do not read ahead of sequential streams.
+    #[arg(long)]
+    pub no_readahead: bool,
+    /// Fetch every image's missing blocks in the background until it is
+    /// fully cached (resumes after a restart; progress in `cache info`).
+    #[arg(long)]
+    pub hydrate: bool,
+    /// Hydration rate limit in bytes per second (e.g. 100M) [default: none].
+    #[arg(long, value_name = "RATE")]
+    pub hydrate_rate: Option<String>,
+    /// TLS for NBD clients (NBD_OPT_STARTTLS): 'off'; 'on': clients may
+    /// upgrade, plaintext is still served; 'require': a client must upgrade
+    /// before anything else (qemu: tls-creds=...; nbdinfo: nbds://)
+    /// [default: off].
+    #[arg(long, value_name = "off|on|require")]
+    pub tls: Option<lazybd::tls::TlsMode>,
+    /// Directory with server-cert.pem, server-key.pem and (for
+    /// --tls-verify-peer) ca-cert.pem: the layout of qemu's tls-creds-x509
+    /// and nbdkit's --tls-certificates.
+    #[arg(long, value_name = "DIR")]
+    pub tls_certificates: Option<PathBuf>,
+    /// Accept only clients with a certificate issued by DIR/ca-cert.pem.
+    #[arg(long)]
+    pub tls_verify_peer: bool,
+}
+
+#[derive(Subcommand)]
+pub enum CacheCmd {
+    /// List cached images: origin, size, block size, blocks present, bytes.
+    Info {
+        /// Cache directory.
+        dir: PathBuf,
+    },
+    /// Check every CRC of every cached block. Exits 1 if anything is damaged.
+    ///
+    /// Takes no lock, so it can run beside a server, but then the result is
+    /// a snapshot: blocks the server fetches or evicts during the check may
+    /// go unchecked or show as damaged.
+    Verify {
+        /// Cache directory.
+        dir: PathBuf,
+        /// Mark damaged blocks missing (they are refetched on next read).
+        /// Takes each image's lock: refused while a server uses the cache.
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum OverlayCmd {
+    /// Verify every page of an overlay against its CRC; exit 1 if any is
+    /// damaged. The overlay must not be in use (its export removed or the
+    /// server stopped). A version-1 overlay is migrated first.
+    Check {
+        /// Overlay directory (default for an export: CACHE_DIR/overlays/NAME).
+        dir: PathBuf,
+        /// Keep every page that verifies; pages that do not read as zeroes
+        /// from then on (their content is lost either way; they are listed).
+        #[arg(long)]
+        repair: bool,
+    },
+}
+
+const OVERLAY_EXAMPLES: &str = "Examples:
+  lazybd overlay check /var/cache/lazybd/overlays/vm1
+  lazybd overlay check --repair /var/cache/lazybd/overlays/vm1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own checks of the definitions above (conflicting names,
+    /// `requires` naming an argument that exists, ...).
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,56 @@
+//! `lazybd serve`: resolve the settings, run the daemon until SIGTERM or
+//! SIGINT, log each image's counters at the end.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use lazybd::config::FileConfig;
+use lazybd::daemon;
+
+use super::settings;
+use super::ServeArgs;
+
+pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let file = match &a.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let cfg = settings::resolve(&a, &file, |cache_dir| {
+        let p = lazybd::sample::ensure(cache_dir).context("creating the sample image")?;
+        tracing::info!(path = %p.display(), "no origin given: serving the built-in sample image");
+        Ok(p)
+    })?;
+    if cfg.exports.is_empty() {
+        tracing::warn!("no exports configured: add them with `lazybd export add`");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let running = daemon::start(cfg).await?;
+        wait_for_signal().await;
+        tracing::info!("signal received: stopping (answering in-flight requests)");
+        for (image, stats) in running.shutdown().await? {
+            tracing::info!(%image, "summary: {stats}");
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers we can only run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
