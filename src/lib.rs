@@ -62,7 +62,3 @@ pub mod stats;
 pub mod store;
 pub mod tls;
 pub mod util;
-
-// Old paths, until the binary names `prefetch` (its CLI is being split).
-pub use daemon::{control, metrics};
-pub use prefetch::{hydrate, profile};

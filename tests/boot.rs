@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use lazybd::block::ByteRange;
 use lazybd::cache::CacheDir;
-use lazybd::hydrate::Progress;
-use lazybd::profile::{Profile, SIDECAR_SUFFIX};
+use lazybd::prefetch::hydrate::Progress;
+use lazybd::prefetch::profile::{Profile, SIDECAR_SUFFIX};
 use lazybd::stats::Stats;
 
 const MIB: usize = 1 << 20;

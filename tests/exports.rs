@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use lazybd::control::{self, Request};
+use lazybd::daemon::control::{self, Request};
 use lazybd::daemon::ExportConfig;
 use lazybd::nbd::wire::{cmd, cmdflag, errno};
 use tokio::io::AsyncWriteExt;

@@ -7,7 +7,7 @@
 
 #![no_main]
 
-use lazybd::profile::Profile;
+use lazybd::prefetch::profile::Profile;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -43,14 +43,14 @@ fn info(dir: &Path) -> anyhow::Result<ExitCode> {
             human_bytes(i.cached_bytes),
             human_bytes(i.disk_bytes)
         );
-        if let Ok(Some(p)) = lazybd::profile::Profile::load(&i.dir) {
+        if let Ok(Some(p)) = lazybd::prefetch::profile::Profile::load(&i.dir) {
             println!(
                 "  profile:   {} ranges, {}",
                 p.ranges.len(),
                 human_bytes(p.bytes())
             );
         }
-        if let Some(h) = lazybd::hydrate::Progress::load(&i.dir) {
+        if let Some(h) = lazybd::prefetch::hydrate::Progress::load(&i.dir) {
             let bs = i.recorded.block_size.bytes();
             let pct = 100.0 * h.done_blocks as f64 / h.total_blocks.max(1) as f64;
             let age = std::time::SystemTime::now()

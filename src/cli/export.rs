@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
-use lazybd::control::{self, Request, Response};
+use lazybd::daemon::control::{self, Request, Response};
 use lazybd::daemon::ExportConfig;
 use lazybd::util::human_bytes;
 

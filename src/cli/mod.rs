@@ -207,7 +207,7 @@ Examples (a compute agent attaching a VM disk):
 
 #[derive(Args)]
 pub struct ControlArg {
-    /// The server's control socket [default: the default cache dir's control.sock].
+    /// The server's control socket [default: control.sock in $LAZYBD_CACHE_DIR if set, else in the default cache dir].
     #[arg(long, env = "LAZYBD_CONTROL", value_name = "PATH")]
     pub control: Option<PathBuf>,
 }

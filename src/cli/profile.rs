@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use lazybd::control;
+use lazybd::daemon::control;
 use lazybd::util::human_bytes;
 
 use super::settings::{client_cache_dir, client_control_socket};
 use super::{ImageArg, ProfileCmd};
 
 pub fn run(c: ProfileCmd) -> anyhow::Result<ExitCode> {
-    use lazybd::profile::Profile;
+    use lazybd::prefetch::profile::Profile;
     match c {
         ProfileCmd::Show { image, all } => {
             let (dir, rec) = image_dir(&image)?;
@@ -23,7 +23,10 @@ pub fn run(c: ProfileCmd) -> anyhow::Result<ExitCode> {
                 );
             };
             println!("image:   {}", rec.identity.locator);
-            println!("profile: {}", dir.join(lazybd::profile::FILE).display());
+            println!(
+                "profile: {}",
+                dir.join(lazybd::prefetch::profile::FILE).display()
+            );
             println!(
                 "ranges:  {} covering {} of {}",
                 p.ranges.len(),
@@ -50,7 +53,7 @@ pub fn run(c: ProfileCmd) -> anyhow::Result<ExitCode> {
                 file.display(),
                 p.ranges.len(),
                 human_bytes(p.bytes()),
-                lazybd::profile::SIDECAR_SUFFIX
+                lazybd::prefetch::profile::SIDECAR_SUFFIX
             );
         }
         ProfileCmd::Import { image, file } => {

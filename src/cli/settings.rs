@@ -77,9 +77,18 @@ pub fn control_socket_in(cache_dir: &Path) -> PathBuf {
 }
 
 /// The control socket `lazybd export ...` and `lazybd profile stop` talk to:
-/// `--control` (or `LAZYBD_CONTROL`), else the default server's.
+/// `--control` (or `LAZYBD_CONTROL`), else that of a server started in the
+/// same environment: in `LAZYBD_CACHE_DIR` when set (as `serve` uses it),
+/// else in the default cache dir.
 pub fn client_control_socket(flag: Option<PathBuf>) -> PathBuf {
-    pick(flag, None, || control_socket_in(&default_cache_dir()))
+    client_control_from(flag, std::env::var_os("LAZYBD_CACHE_DIR"))
+}
+
+fn client_control_from(flag: Option<PathBuf>, env_cache_dir: Option<OsString>) -> PathBuf {
+    let env_dir = env_cache_dir.filter(|v| !v.is_empty()).map(PathBuf::from);
+    pick(flag, None, || {
+        control_socket_in(&env_dir.unwrap_or_else(default_cache_dir))
+    })
 }
 
 /// The cache directory the `profile` subcommands read: `--cache-dir` (or
@@ -476,6 +485,30 @@ mod tests {
             1
         );
         assert!(!called, "the default is only computed when needed");
+    }
+
+    #[test]
+    fn clients_find_the_control_socket_of_a_server_in_the_same_environment() {
+        let flag = Some(PathBuf::from("/run/x.sock"));
+        assert_eq!(
+            client_control_from(flag, Some("/srv/c".into())),
+            PathBuf::from("/run/x.sock"),
+            "the flag wins"
+        );
+        assert_eq!(
+            client_control_from(None, Some("/srv/c".into())),
+            PathBuf::from("/srv/c/control.sock"),
+            "LAZYBD_CACHE_DIR, as serve uses it"
+        );
+        assert_eq!(
+            client_control_from(None, Some("".into())),
+            control_socket_in(&default_cache_dir()),
+            "empty is unset"
+        );
+        assert_eq!(
+            client_control_from(None, None),
+            control_socket_in(&default_cache_dir())
+        );
     }
 
     #[test]
