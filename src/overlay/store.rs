@@ -508,8 +508,13 @@ impl PageStore {
             store.compact()?;
             report.compacted = true;
         }
-        // So that the first writes can be accepted without waiting.
-        store.top_up();
+        // So that the first writes can be accepted without waiting; not
+        // for an overlay nothing was ever written to (most of a host's
+        // VMs, at attach): its reserve would be megabytes on disk for each,
+        // and its first write, on the blocking pool, reserves it.
+        if store.data_pages() > 0 {
+            store.top_up();
+        }
         Ok((store, report))
     }
 

@@ -228,6 +228,12 @@ async fn writes_make_no_blocking_call_on_the_worker() {
     let worker = thread::current().id();
     let a = pattern(4096, 2);
     let b = pattern(3000, 3);
+    // A fresh overlay has reserved nothing: its first write waits for
+    // that, on the blocking pool.
+    assert!(ov.write_now(64 * 4096, &a, false).is_none());
+    ov.write(64 * 4096, Bytes::from(a.clone()), false)
+        .await
+        .unwrap();
     // Aligned, and partial (the edge page comes from the base, local).
     ov.write_now(4096, &a, false)
         .expect("accepted without waiting")
@@ -272,6 +278,7 @@ async fn writes_make_no_blocking_call_on_the_worker() {
     );
     // What was written reads back after a reopen.
     let mut model = vec![0x5a; SIZE as usize];
+    model[64 * 4096..65 * 4096].copy_from_slice(&a);
     model[4096..8192].copy_from_slice(&a);
     model[3 * 4096 + 500..3 * 4096 + 3500].copy_from_slice(&b);
     model[8 * 4096 + 1..9 * 4096 + 1].copy_from_slice(&a);

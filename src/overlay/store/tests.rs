@@ -489,9 +489,17 @@ fn writes_accepted_without_waiting_do_no_io_and_decline_without_reserved_space()
         v.resize(PAGE as usize, 7);
         v
     };
+    // An overlay nothing was written to reserves nothing at open (every
+    // untouched VM disk would cost megabytes): its first no-wait write
+    // declines, and the blocking one reserves ahead.
+    assert!(
+        s.write_now(0, &page(1), false).is_none(),
+        "nothing reserved"
+    );
+    s.write(N - 1, &page(N - 1), false).unwrap();
     let counts = d.counts();
     s.write_now(0, &page(1), false)
-        .expect("room reserved at open")
+        .expect("room reserved by the first write")
         .unwrap();
     s.zero_now(1, 2).expect("journal room").unwrap();
     assert_eq!(d.counts(), counts, "no write, no sync");
