@@ -11,11 +11,16 @@
 # reported: RSS after the read, and the cache and overlay directories'
 # size on disk.
 #
-# Writes the "Attach of a 1 TiB template" section of OUT (bench/RESULTS.md).
-# Env: ROUNDS (7), OUT (bench/RESULTS.md), LAZYBD (target/release/lazybd)
+# Writes the "Attach of a 1 TiB template" section of OUT (bench/RESULTS.md),
+# stamped by bench/lib.sh.
+# Env: ROUNDS (7), OUT (bench/RESULTS.md), LAZYBD (target/release/lazybd),
+#      QUICK (1: ROUNDS=2, a smoke run)
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH/.." && pwd)
+. "$BENCH/lib.sh"
+stamp_begin
+[[ ${QUICK:-0} == 1 ]] && ROUNDS=${ROUNDS:-2}
 ROUNDS=${ROUNDS:-7}
 OUT=${OUT:-$BENCH/RESULTS.md}
 LAZYBD=${LAZYBD:-$REPO/target/release/lazybd}
@@ -24,7 +29,6 @@ T=$(mktemp -d "${TMPDIR:-/var/tmp}/lazybd-attach.XXXXXX")
 trap 'rm -rf "$T"' EXIT
 truncate -s 1T "$T/big.img"
 head -c $((8 << 20)) /dev/urandom | dd of="$T/big.img" bs=1M seek=$((100 * 1024)) conv=notrunc status=none
-load=$(cut -d' ' -f1-3 /proc/loadavg)
 /usr/bin/python3 - "$LAZYBD" "$T" "$ROUNDS" >"$T/results.txt" <<'PY'
 import os, socket, statistics, subprocess, sys, time
 import nbd
@@ -71,7 +75,6 @@ section=$T/section.md
 {
   echo "## Attach of a 1 TiB template (bench/attach.sh)"
   echo
-  echo "Run $(date -u '+%F %H:%M') UTC, $(nproc) cores, load before $load, kernel $(uname -r); git $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- . ':!bench/RESULTS.md' ':!RELIABILITY.md' || echo '+dirty')."
   echo "\`ROUNDS=$ROUNDS bench/attach.sh\`: time from exec of \`lazybd serve\` to the first byte read over NBD (a client"
   echo "retrying every 1 ms), 1 TiB sparse local template; cold = cache (and overlay) directory deleted first. Medians of"
   echo "$ROUNDS rounds, read-only and writable alternating."
@@ -83,5 +86,5 @@ section=$T/section.md
   done <"$T/results.txt"
   echo
 } >"$section"
-python3 "$BENCH/replace-section.py" "$OUT" "$section"
+write_section "$OUT" "$section"
 echo "attach.sh: section written to $OUT" >&2

@@ -39,7 +39,10 @@
 # conditions, per RTT a table (median boot, extra over local = boot - local,
 # origin requests and MiB, bytes fetched twice), ratios and the goals of
 # issue 4 at 10 ms RTT with PASS/MISS. A MISS does not fail the script; a
-# boot that fails (no marker, wrong data, timeout) does (exit 1).
+# boot that fails (no marker, wrong data, timeout) does (exit 1). Ratios are
+# per repetition (each repetition boots every case once, local file first),
+# the median of them shown with every repetition's; bench/lib.sh stamps the
+# section.
 #
 # Env:
 #   QUICK=1        RTTS=10, REPEAT=1, CASES="local lazybd-cold lazybd-profile
@@ -50,9 +53,13 @@
 #   LAZYBD (target/release/lazybd; copied into the temp dir first)
 #   LAZYBD_ARGS (extra `serve` options for every lazybd case)
 #   KEEP_TMP=1 (keep the temp dir: logs, serial consoles, access log)
+#   ROWS_OUT (a file: copy the raw rows there, and the conditions to ROWS_OUT.meta;
+#             bench/block-size.sh reads them)
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH/.." && pwd)
+. "$BENCH/lib.sh"
+stamp_begin
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
   RTTS=${RTTS:-10}; REPEAT=${REPEAT:-1}
@@ -106,7 +113,7 @@ LAZYBD=$T/lazybd
 LAZYBD_INFO="$(readlink -f "$LAZYBD_SRC"), built $(date -u -r "$LAZYBD_SRC" '+%Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$LAZYBD_SRC" | cut -c1-12)"
 HAVE_PROFILE=1
 "$LAZYBD" profile --help >/dev/null 2>&1 || HAVE_PROFILE=0
-LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+LOAD_START=$STAMP_LOAD
 START=$SECONDS
 
 boot_image "$T/origin"
@@ -332,8 +339,6 @@ done
 ELAPSED=$((SECONDS - START))
 
 # ---------------------------------------------------------------- report
-lazybd_rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo "no commit")
-if [[ -n $(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/null) ]]; then lazybd_rev="$lazybd_rev (uncommitted src/)"; fi
 META=$T/meta.tsv
 {
   printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -344,7 +349,7 @@ META=$T/meta.tsv
   printf 'qemu\t%s\n' "$(qemu-system-x86_64 --version | head -n 1 | sed 's/QEMU emulator version //')"
   printf 'nbdkit\t%s\n' "$(nbdkit --version 2>/dev/null | awk '{print $2}')"
   printf 'nginx\t%s\n' "$(nginx -v 2>&1 | sed 's/.*\///')"
-  printf 'lazybd\t%s; binary %s\n' "$lazybd_rev" "$LAZYBD_INFO"
+  printf 'lazybd\tbinary %s\n' "$LAZYBD_INFO"
   printf 'image\t%s MiB raw (%s MiB allocated), guest kernel %s, data partition %s MiB, initrd %s KiB\n' \
     "$((IMG_BYTES >> 20))" "$(( $(stat -c %b "$BOOT_IMG") * 512 >> 20 ))" \
     "$(sed -n 's/^kernel=//p' "$BOOT_IMG.meta")" "$(sed -n 's/^data_mib=//p' "$BOOT_IMG.meta")" \
@@ -363,9 +368,11 @@ META=$T/meta.tsv
 } >"$META"
 
 SECTION=$T/section.md
-python3 - "$ROWS" "$META" "$SECTION" <<'PY'
+python3 - "$ROWS" "$META" "$SECTION" "$BENCH" <<'PY'
 import csv, statistics, sys
-rows_p, meta_p, out_p = sys.argv[1:]
+rows_p, meta_p, out_p, bench = sys.argv[1:]
+sys.path.insert(0, bench)
+from resultsmd import rounds_cell
 meta = dict(l.rstrip("\n").split("\t", 1) for l in open(meta_p) if "\t" in l)
 rows = list(csv.DictReader(open(rows_p), delimiter="\t"))
 rtts = []
@@ -405,32 +412,56 @@ for rtt in rtts:
             d["vm_times"] = [r["note"] for r in rs]
         stats[(rtt, c)] = d
 
-def paired(rtt, c, how):
-    # per repetition against that repetition's local-file boot (load on the
-    # machine drifts between repetitions more than within one), then the median
+def per_rep(rtt, c, how):
+    # {rep: boot - local} or {rep: boot / local}: each repetition against that
+    # repetition's local-file boot (load on the machine drifts between
+    # repetitions more than within one)
     loc = {r["rep"]: float(r["boot_s"]) for r in rows
            if r["rtt"] == rtt and r["case"] == "local" and r["status"] == "ok" and r["boot_s"]}
-    v = [float(r["boot_s"]) - loc[r["rep"]] if how == "diff" else float(r["boot_s"]) / loc[r["rep"]]
-         for r in rows if r["rtt"] == rtt and r["case"] == c and r["status"] == "ok" and r["boot_s"] and r["rep"] in loc]
-    return med(v)
+    return {r["rep"]: (float(r["boot_s"]) - loc[r["rep"]] if how == "diff" else float(r["boot_s"]) / loc[r["rep"]])
+            for r in rows if r["rtt"] == rtt and r["case"] == c and r["status"] == "ok" and r["boot_s"] and r["rep"] in loc}
 
-def extra(rtt, c): return paired(rtt, c, "diff")
-def rel(rtt, c): return paired(rtt, c, "ratio")
+def reps_sorted(d): return [d[k] for k in sorted(d, key=int)]
+def extra(rtt, c): return med(reps_sorted(per_rep(rtt, c, "diff")))
+def rel(rtt, c): return med(reps_sorted(per_rep(rtt, c, "ratio")))
+NREP = int(meta.get("repeat", "1"))
+
+def ratio_reps(rtt, a, b):
+    # per repetition: a's extra ÷ b's extra, for the repetitions where b's extra > 0
+    ea, eb = per_rep(rtt, a, "diff"), per_rep(rtt, b, "diff")
+    both = [k for k in sorted(ea, key=int) if k in eb]
+    return [ea[k] / eb[k] for k in both if eb[k] > 0], len(both)
+
+def ratio_cell(rtt, a, b):
+    v, n = ratio_reps(rtt, a, b)
+    xa, xb = extra(rtt, a), extra(rtt, b)
+    if not n: return "—", None
+    cell = rounds_cell(v, 2, "×") if v else "—"
+    if len(v) < n: cell += f"; the divisor was ≤ 0 s (within the noise of the local boot) in {n - len(v)} of {n} repetitions"
+    return cell + f"; median extras {fnum(xa)} / {fnum(xb)} s", med(v)
 
 def ratio(x, y):
     if x is None or y is None or y <= 0: return None
     return x / y
 
+def bytes_reps(rtt, a, b):
+    # per repetition: a's origin bytes ÷ b's
+    def by(c): return {r["rep"]: int(r["origin_bytes"]) for r in rows
+                       if r["rtt"] == rtt and r["case"] == c and r["status"] == "ok" and r["origin_bytes"]}
+    ba, bb = by(a), by(b)
+    return [ba[k] / bb[k] for k in sorted(ba, key=int) if k in bb and bb[k] > 0]
+
 o = []
 o.append("## Boot (bench/boot.sh)\n")
-o.append(f"Generated by `bench/boot.sh` on {meta['date']} ({meta['elapsed_s']} s){' — QUICK mode' if meta.get('quick') == '1' else ''}.\n")
+o.append(f"{meta['repeat']} repetition(s) of every case, interleaved (each repetition boots every case once, the local file first); "
+         f"{meta['elapsed_s']} s.\n")
 o.append("Time from starting `qemu-system-x86_64` (TCG; KVM is unusable on these machines) to the guest's "
          "`LAZYBD-BOOT-OK` line on its serial console. The guest is the image of `qemu-tests/boot-image.sh`: "
          "SeaBIOS reads syslinux, the kernel and the initramfs through the virtio disk, then `/init` loads "
          "virtio_blk, reads its data partition and checks its sha256. Every server is started and answering "
          "before qemu starts. *Extra* = boot − local-file boot, taken per repetition (each repetition boots the "
          "local file first) and then the median: the part of the boot the disk costs (at low RTT the boot is "
-         "TCG CPU time); *× local* is the same per-repetition ratio. Origin requests and bytes come from nginx's access log "
+         "TCG CPU time); *× local* is the same per-repetition ratio (median, then every repetition's). Origin requests and bytes come from nginx's access log "
          "from server start to stop (open probe and profile download included); *fetched twice* is image "
          "bytes covered by more than one ranged GET.\n")
 o.append("Conditions:\n")
@@ -457,39 +488,37 @@ for rtt in rtts:
         if c == "lazybd-profile" and d["prof"] is not None: notes.append(f"profile replay fetched {d['prof'] / 2**20:.1f} MiB")
         if c == "lazybd-4vm":
             if d["max"] is not None: notes.append(f"last VM at {d['max']:.2f} s")
-            sc = stats.get((rtt, "lazybd-cold"))
-            r = ratio(d["bytes"], sc["bytes"] if sc else None)
-            if r is not None: notes.append(f"origin bytes {r:.2f}× one cold boot")
+            v = bytes_reps(rtt, "lazybd-4vm", "lazybd-cold")
+            if v: notes.append(f"origin bytes {rounds_cell(v, 2, '×', rounds=NREP)} one cold boot")
         if d["ok"] < d["n"]: notes.append(f"{d['n'] - d['ok']} of {d['n']} runs FAILED")
         ex = extra(rtt, c) if c != "local" else None
         mib = None if d["bytes"] is None else d["bytes"] / 2**20
-        rl = rel(rtt, c) if c != "local" else None
+        rl = rounds_cell(reps_sorted(per_rep(rtt, c, "ratio")), 2, "×", rounds=NREP) if c != "local" else "—"
         o.append(f"| {LABEL[c]} | {fnum(d['boot'])} | {'—' if c == 'local' else fnum(ex)} | "
-                 f"{'—' if rl is None else f'{rl:.2f}×'} | {', '.join(d['runs'])} | "
+                 f"{rl} | {', '.join(d['runs'])} | "
                  f"{'—' if d['reqs'] is None else int(d['reqs'])} | {fnum(mib, 1)} | "
                  f"{'—' if d['dup'] is None else d['dup']} | {'; '.join(notes)} |")
     o.append("")
-    ex = {c: extra(rtt, c) for c in ORDER}
-    loc = stats.get((rtt, "local"), {}).get("boot")
-    tot = {c: stats.get((rtt, c), {}).get("boot") for c in ORDER}
     rat = []
     for q in ("qsd", "qsd-ra"):
-        if ex[q] is None: continue
-        rat.append((f"lazybd cold extra ÷ {q} extra", ex["lazybd-cold"], ex[q]))
-        rat.append((f"lazybd with-profile extra ÷ {q} extra", ex["lazybd-profile"], ex[q]))
+        if not stats.get((rtt, q)): continue
+        rat.append((f"lazybd cold extra ÷ {q} extra", "lazybd-cold", q))
+        rat.append((f"lazybd with-profile extra ÷ {q} extra", "lazybd-profile", q))
     rat += [
-        ("lazybd with-profile extra ÷ lazybd without-profile extra", ex["lazybd-profile"], ex["lazybd-cold"]),
-        ("lazybd with-profile total ÷ local total", rel(rtt, "lazybd-profile"), "rel"),
-        ("lazybd cold extra ÷ nbdkit curl+cache extra", ex["lazybd-cold"], ex["nbdkit-cache"]),
-        ("lazybd warm total ÷ local total", rel(rtt, "lazybd-warm"), "rel"),
+        ("lazybd with-profile extra ÷ lazybd without-profile extra", "lazybd-profile", "lazybd-cold"),
+        ("lazybd with-profile total ÷ local total", "lazybd-profile", "rel"),
+        ("lazybd cold extra ÷ nbdkit curl+cache extra", "lazybd-cold", "nbdkit-cache"),
+        ("lazybd warm total ÷ local total", "lazybd-warm", "rel"),
     ]
-    o.append("| ratio | value |")
+    o.append("| ratio | median of the repetitions' ratios (each repetition's) |")
     o.append("|---|---|")
-    for name, x, y in rat:
-        if x is None or y is None: v = "—"
-        elif y == "rel": v = f"{x:.2f}× (median of per-repetition ratios)"
-        elif y <= 0: v = f"— (divisor {y:.2f} s ≤ 0: within noise of the local boot)"
-        else: v = f"{x / y:.2f}× ({x:.2f} / {y:.2f} s)"
+    for name, a, b in rat:
+        if not stats.get((rtt, a)) or (b != "rel" and not stats.get((rtt, b))):
+            continue
+        if b == "rel":
+            v = rounds_cell(reps_sorted(per_rep(rtt, a, "ratio")), 2, "×", rounds=NREP)
+        else:
+            v = ratio_cell(rtt, a, b)[0]
         o.append(f"| {name} | {v} |")
     o.append("")
 
@@ -502,36 +531,43 @@ if goal_rtt:
     # the faster qemu-storage-daemon configuration is the reference
     qs = [(ex[q], q) for q in ("qsd", "qsd-ra") if ex[q] is not None]
     qx, qn = min(qs) if qs else (None, None)
-    def g(name, target, x, k, y, what):
-        # goal: x <= k * y (a ratio x / y <= k when y > 0)
-        if x is None or y is None:
+    def g(name, target, a, k, b, what=""):
+        # goal: the median of the per-repetition ratios a ÷ b is at most k
+        if b == "rel":
+            v = reps_sorted(per_rep(goal_rtt, a, "ratio"))
+            m = med(v)
+            shown = rounds_cell(v, 2, "×", rounds=NREP) + f" per-repetition ratios{what}"
+        elif b is None or not stats.get((goal_rtt, a)) or not stats.get((goal_rtt, b)):
             results.append((name, target, "not measured", "—")); return
-        if what.startswith("; medians"):  # x is already a ratio, y = 1
-            shown = f"{x:.2f}× (median of per-repetition ratios{what})"
         else:
-            shown = (f"{x / y:.2f}×" if y > 0 else "ratio n/a (divisor ≤ 0)") + f" ({x:.2f} vs {y:.2f} s{what})"
-        results.append((name, target, shown, "PASS" if x <= k * y else "MISS"))
-    g("cold boot without profile: extra ÷ qsd's extra", "≤ 1.0×", ex["lazybd-cold"], 1.0, qx, f", {qn}" if qn else "")
-    g("cold boot with profile: extra ÷ qsd's extra", "≤ 0.5×", ex["lazybd-profile"], 0.5, qx, f", {qn}" if qn else "")
-    g("cold boot with profile: extra ÷ lazybd's extra without profile", "≤ 0.5×", ex["lazybd-profile"], 0.5, ex["lazybd-cold"], "")
-    g("cold boot with profile: total ÷ local-file boot", "≤ 1.2×", rel(goal_rtt, "lazybd-profile"), 1.2, 1.0,
+            shown, m = ratio_cell(goal_rtt, a, b)
+            shown += f" ({b})" if b.startswith("qsd") else ""
+        if m is None:
+            results.append((name, target, shown if shown != "—" else "not measured", "—")); return
+        results.append((name, target, shown, "PASS" if m <= k else "MISS"))
+    g("cold boot without profile: extra ÷ qsd's extra", "≤ 1.0×", "lazybd-cold", 1.0, qn)
+    g("cold boot with profile: extra ÷ qsd's extra", "≤ 0.5×", "lazybd-profile", 0.5, qn)
+    g("cold boot with profile: extra ÷ lazybd's extra without profile", "≤ 0.5×", "lazybd-profile", 0.5, "lazybd-cold")
+    g("cold boot with profile: total ÷ local-file boot", "≤ 1.2×", "lazybd-profile", 1.2, "rel",
       f"; medians {fnum(prof_total)} vs {fnum(loc)} s")
     d4, d1 = stats.get((goal_rtt, "lazybd-4vm")), stats.get((goal_rtt, "lazybd-cold"))
     name4 = f"{meta.get('nvms', '4')} VMs at once through one lazybd: each block fetched once"
     target4 = "0 bytes twice, origin bytes ≤ 1.1× one boot"
     if d4 and not d4["na"] and d4["dup"] is not None:
-        r = ratio(d4["bytes"], d1["bytes"] if d1 else None)
+        v = bytes_reps(goal_rtt, "lazybd-4vm", "lazybd-cold")
+        r = med(v)
         ok = d4["dup"] == 0 and d4["ok"] == d4["n"] and (r is None or r <= 1.1)
         results.append((name4, target4,
           f"{d4['dup']} bytes twice; {d4['bytes'] / 2**20:.1f} MiB"
-          + ("" if r is None else f" = {r:.2f}× one cold boot ({d1['bytes'] / 2**20:.1f} MiB)"),
+          + ("" if r is None else f" = {rounds_cell(v, 2, '×', rounds=NREP)} one cold boot ({d1['bytes'] / 2**20:.1f} MiB)"),
           "PASS" if ok else "MISS"))
     else:
         results.append((name4, target4, "not measured", "—"))
     o.append(f"### Goals (issue 4, at {goal_rtt} ms RTT)\n")
-    o.append("Extras are medians of per-repetition differences of boots that vary by a few tenths of a second "
-             "with the load on the machine (see the runs column; lazybd warm's extra is the noise floor of a boot "
-             "through NBD); the qsd reference is the faster of the two qemu-storage-daemon configurations.\n")
+    o.append("Every ratio is the median of the per-repetition ratios (each repetition's in parentheses); extras "
+             "are differences of boots that vary by a few tenths of a second with the load on the machine (see the "
+             "runs column; lazybd warm's extra is the noise floor of a boot through NBD); the qsd reference is the "
+             "faster (smaller median extra) of the two qemu-storage-daemon configurations.\n")
     o.append("| goal | target | measured | |")
     o.append("|---|---|---|---|")
     for name, target, shown, verdict in results:
@@ -543,10 +579,11 @@ for name, target, shown, verdict in results:
     print(f"GOAL {verdict:4} {name}: {shown} (target {target})")
 PY
 cp "$ROWS" "$T/rows-final.tsv"
+if [[ -n ${ROWS_OUT:-} ]]; then cp "$ROWS" "$ROWS_OUT"; cp "$META" "$ROWS_OUT.meta"; fi
 echo
-cat "$SECTION"
+write_section - "$SECTION"
 if [[ -n $OUT ]]; then
-  python3 "$BENCH/replace-section.py" "$OUT" "$SECTION"
+  write_section "$OUT" "$SECTION"
   log "section written to $OUT"
 fi
 column -t -s $'\t' "$ROWS" >&2 || cat "$ROWS" >&2

@@ -14,11 +14,17 @@
 # of OUT (bench/RESULTS.md), replacing an earlier one. Exit 1 if any cycle
 # failed.
 #
+# bench/lib.sh stamps the section.
+#
 # Env: CYCLES (200), SEED (random), OUT (bench/RESULTS.md), LAZYBD (binary;
-#      copied to a temp dir first, so a rebuild during the run changes nothing)
+#      copied to a temp dir first, so a rebuild during the run changes nothing),
+#      QUICK (1: CYCLES=6, a smoke run)
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH/.." && pwd)
+. "$BENCH/lib.sh"
+stamp_begin
+[[ ${QUICK:-0} == 1 ]] && CYCLES=${CYCLES:-6}
 CYCLES=${CYCLES:-200}
 SEED=${SEED:-$((RANDOM * 32768 + RANDOM))}
 OUT=${OUT:-$BENCH/RESULTS.md}
@@ -29,11 +35,9 @@ trap 'rm -rf "$tmp"' EXIT
 cp "$src" "$tmp/lazybd"
 evidence=$BENCH/crash-evidence-$(date -u +%Y%m%dT%H%M%S)
 
-t0=$(date +%s)
 rc=0
 LAZYBD=$tmp/lazybd CRASH_CYCLES=$CYCLES CRASH_SEED=$SEED CRASH_KEEP_GOING=1 CRASH_EVIDENCE=$evidence \
   CRASH_SUMMARY=$tmp/summary bash "$REPO/qemu-tests/t-60-crash-loop.sh" 2> "$tmp/run.log" || rc=$?
-secs=$(($(date +%s) - t0))
 summary=$(tail -n 1 "$tmp/summary" 2>/dev/null || true)
 if [[ -z $summary ]]; then
   tail -n 40 "$tmp/run.log" >&2
@@ -48,8 +52,8 @@ section=$tmp/section.md
 {
   echo "## Crash loop (bench/crash.sh)"
   echo
-  echo "Run $(date -u '+%F %H:%M') UTC, ${secs} s, $(nproc) cores, kernel $(uname -r); lazybd $("$tmp/lazybd" --version | cut -d' ' -f2)" \
-    "(binary sha256 $(sha256sum "$tmp/lazybd" | cut -c1-12)), git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')," \
+  echo "lazybd $("$tmp/lazybd" --version | cut -d' ' -f2)" \
+    "(binary sha256 $(sha256sum "$tmp/lazybd" | cut -c1-12))," \
     "libnbd $(nbdcopy --version | head -n 1 | awk '{print $2}'), nginx $(nginx -v 2>&1 | cut -d/ -f2)."
   echo "\`CYCLES=$CYCLES SEED=$SEED bench/crash.sh\` (rerun with the same SEED for the same kill delays and client seeds)."
   echo
@@ -78,7 +82,7 @@ section=$tmp/section.md
   echo "\`$summary\`"
   echo
 } > "$section"
-python3 "$BENCH/replace-section.py" "$OUT" "$section"
+write_section "$OUT" "$section"
 echo "crash.sh: section written to $OUT" >&2
 if ((rc != 0)); then
   echo "crash.sh: FAILED (status $rc); evidence in $evidence" >&2

@@ -12,10 +12,18 @@
 # guest p99 < 2 ms. Conditions and results go to the "Hydration" section of
 # OUT (bench/RESULTS.md), replacing an earlier one.
 #
+# bench/lib.sh stamps the section.
+#
 # Env: IMG_MIB (4096) WARM_MIB (256) RUNTIME (10) SLICE (2) OUT LAZYBD
 #      HYDRATE_ARGS (extra serve options, e.g. "--hydrate-rate 500M")
+#      QUICK (1: IMG_MIB=256 WARM_MIB=32 RUNTIME=2 SLICE=1, a smoke run)
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$BENCH/lib.sh"
+stamp_begin
+if [[ ${QUICK:-0} == 1 ]]; then
+  IMG_MIB=${IMG_MIB:-256}; WARM_MIB=${WARM_MIB:-32}; RUNTIME=${RUNTIME:-2}; SLICE=${SLICE:-1}
+fi
 . "$BENCH/../qemu-tests/lib.sh"
 require_cmd fio nginx curl nbdinfo
 IMG_MIB=${IMG_MIB:-4096}
@@ -99,12 +107,14 @@ section=$T/section.md
 {
   echo "## Hydration (bench/hydrate.sh)"
   echo
-  echo "Run $(date -u +%F), $(nproc) cores, $(uname -r); lazybd $("$LAZYBD" --version | cut -d' ' -f2)," \
+  echo "lazybd $("$LAZYBD" --version | cut -d' ' -f2) (binary sha256 $(sha256sum "$LAZYBD" | cut -c1-12))," \
     "nginx $(nginx -v 2>&1 | cut -d/ -f2), fio $(fio --version | cut -d- -f2)." \
     "Origin: nginx on loopback, ${IMG_MIB} MiB random image; cache on the same disk." \
     "The guest's working set (first ${WARM_MIB} MiB) is cached first; the guest is fio 4 KiB randread QD1 over it" \
     "(libnbd \`nbd\` engine, TCP), in ${SLICE} s slices while \`lazybd serve --hydrate ${HYDRATE_ARGS}\` fetches the other $((IMG_MIB - WARM_MIB)) MiB" \
-    "(4 MiB requests, 4 in flight). Everything shares the 2 cores."
+    "(4 MiB requests, 4 in flight). Everything shares the $(nproc) cores."
+  echo
+  echo "\`IMG_MIB=$IMG_MIB WARM_MIB=$WARM_MIB RUNTIME=$RUNTIME SLICE=$SLICE${HYDRATE_ARGS:+ HYDRATE_ARGS=\"$HYDRATE_ARGS\"} bench/hydrate.sh\`"
   echo
   echo "| measure | value |"
   echo "|---|---|"
@@ -119,6 +129,6 @@ section=$T/section.md
   echo "| guest cached 4K reads during hydration | p99 < 2 ms | ${worst} µs | $p99_ok |"
   echo
 } >"$section"
-cat "$section"
-python3 "$BENCH/replace-section.py" "$OUT" "$section"
+write_section - "$section"
+write_section "$OUT" "$section"
 log "section written to $OUT"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/multi.sh — many exports of one image, and writable exports, in one run
-# (~10 min with the defaults on 2 cores; ROUNDS=5 ~16 min).
+# (~11 min with the defaults, ROUNDS=3, on 2 cores; ROUNDS=5 ~17 min).
 #
 # A. Many readers, one image: one lazybd (`serve --config`) with READERS
 #    read-only exports vm0..vmN-1 of the same IMG_MIB image, origin behind the
@@ -10,6 +10,8 @@
 #    Compared with a fresh run of 1 reader on a 1-export config. Counted: origin
 #    requests and body bytes (nginx access log; lazybd's summary line), the
 #    ratio READERS ÷ 1 (goal ≤ 1.05×) and the aggregate MiB/s of the readers.
+#    ROUNDS rounds of the pair (1 reader, READERS readers; reversed in even
+#    rounds); every ratio is per round, the median shown with each round's.
 # B. Warm writable export vs nbdkit's cow filter: lazybd `--writable` (origin
 #    nginx on loopback, base warmed by one sequential read pass of the image;
 #    once per LAZYBD_BLOCK_SIZES value, each with its own cache) and
@@ -18,26 +20,32 @@
 #    RUNTIME s, then 4 KiB randread QD32 over the same region for RUNTIME s;
 #    over TCP and over a Unix socket. ROUNDS rounds, the order of the servers
 #    reversed every other round (this host's speed drifts by ±15 % over
-#    minutes, so single runs mislead). Ratio of the medians lazybd (block size
-#    BLOCK_SIZE) ÷ the best nbdkit cow variant (goal ≥ 1.0×), with each
-#    round's own ratio, and lazybd ÷ nbdkit at equal block sizes.
+#    minutes, so single runs mislead). Median of the per-round ratios lazybd
+#    (block size BLOCK_SIZE) ÷ the best nbdkit cow variant (goal ≥ 1.0×), with
+#    each round's ratio, and the same for lazybd ÷ nbdkit at equal block sizes.
 # The report section "## Many exports and writable exports (bench/multi.sh)"
-# is appended to OUT (bench/RESULTS.md), replacing an earlier section of that
-# name; not while bench/run.sh is running (it rewrites OUT when it ends): then
-# the section is only written to $T/section.md and printed.
+# is written into OUT (bench/RESULTS.md), replacing an earlier section of
+# that name (bench/lib.sh stamps it); APPEND=0: printed only.
 #
 # Env knobs:
 #   IMG_MIB (1024)  READERS (8)  RUNTIME (10 s per timed phase)  RW_MIB (256)
 #   BLOCK_SIZE (64k)  DELAY_MS (0.5)  RATE_MBIT (1000)  SEQ_MAX (120 s cap per pass)
 #   COW_BLOCK_SIZES ("64k 4k": nbdkit cow-block-size values to try; 64k is 1.32's default)
 #   LAZYBD_BLOCK_SIZES ("$BLOCK_SIZE 4k": lazybd --block-size values for part B)
-#   ROUNDS (3: part B rounds)  PARTS ("a b")  LAZYBD (binary)  OUT (bench/RESULTS.md)  APPEND (1)
+#   ROUNDS (3: rounds of part A and of part B)  PARTS ("a b")  LAZYBD (binary)  OUT (bench/RESULTS.md)  APPEND (1)
+#   QUICK (1: IMG_MIB=64 READERS=2 RUNTIME=2 RW_MIB=32 ROUNDS=2, a smoke run)
 #   KEEP (1: keep the temp dir)  BENCH_TMP (parent of the temp dir, default /tmp)
 # Exit status: 0 if every measurement produced numbers, 1 otherwise, 2 on a set-up error.
 set -euo pipefail
 
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH/.." && pwd)
+. "$BENCH/lib.sh"
+stamp_begin
+QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+  IMG_MIB=${IMG_MIB:-64}; READERS=${READERS:-2}; RUNTIME=${RUNTIME:-2}; RW_MIB=${RW_MIB:-32}; ROUNDS=${ROUNDS:-2}
+fi
 IMG_MIB=${IMG_MIB:-1024}
 READERS=${READERS:-8}
 RUNTIME=${RUNTIME:-10}
@@ -98,8 +106,7 @@ free_port() {
 }
 
 START=$(date +%s)
-LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-DATE_START=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
+LOAD_START=$STAMP_LOAD
 cp "$LAZYBD" "$T/lazybd"   # a rebuild during the run must not change it
 LAZYBD_INFO="$(readlink -f "$LAZYBD"), built $(date -u -r "$LAZYBD" '+%Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$LAZYBD" | cut -c1-12)"
 LZ=$T/lazybd
@@ -204,9 +211,9 @@ run_fio() {
 }
 
 # ------------------------------------------------ A: many readers, one image
-# part_a N : fresh lazybd, config with N exports vm0..vmN-1 of URL_RTT, N readers
+# part_a N ROUND : fresh lazybd, config with N exports vm0..vmN-1 of URL_RTT, N readers
 part_a() {
-  local n=$1 label=a-readers$1 d port cfg i uris=() jobf js mark t0 t1 rc=0 origin
+  local n=$1 label=a-readers$1.r$2 d port cfg i uris=() jobf js mark t0 t1 rc=0 origin
   d=$T/a/$label; mkdir -p "$d"
   port=$(free_port)
   cfg=$d/lazybd.toml
@@ -225,12 +232,12 @@ part_a() {
   } > "$jobf"
   mark=$(log_mark)
   SRV_LOG=$d/lazybd.log; SRV_KIND=lazybd
-  note_cmd "A ($n reader(s)): $LZ serve --config $cfg   # config: [server] listen=[\"127.0.0.1:PORT\"] cache_dir=FRESH control=\"none\" block_size=\"$BLOCK_SIZE\"; $n x [[export]] name=\"vmI\" image=\"$URL_RTT\""
-  note_cmd "A ($n reader(s)): fio --output-format=json JOBFILE   # [global] ioengine=nbd rw=read bs=1M iodepth=8 size=$IMG_BYTES runtime=$SEQ_MAX; one [vmI] job per export with uri=nbd://127.0.0.1:PORT/vmI"
+  [[ $2 == 1 ]] && note_cmd "A ($n reader(s)): $LZ serve --config $cfg   # config: [server] listen=[\"127.0.0.1:PORT\"] cache_dir=FRESH control=\"none\" block_size=\"$BLOCK_SIZE\"; $n x [[export]] name=\"vmI\" image=\"$URL_RTT\""
+  [[ $2 == 1 ]] && note_cmd "A ($n reader(s)): fio --output-format=json JOBFILE   # [global] ioengine=nbd rw=read bs=1M iodepth=8 size=$IMG_BYTES runtime=$SEQ_MAX; one [vmI] job per export with uri=nbd://127.0.0.1:PORT/vmI"
   "$LZ" serve --config "$cfg" > "$SRV_LOG" 2>&1 &
   SRV_PID=$!; PIDS+=("$SRV_PID")
   if ! wait_nbd "${uris[@]}"; then fail_row "$label" "lazybd did not come up"; stop_server "$label"; return 0; fi
-  log "A: $n concurrent sequential reader(s) on $n export(s), origin behind the proxy, fresh cache"
+  log "A: round $2: $n concurrent sequential reader(s) on $n export(s), origin behind the proxy, fresh cache"
   js=$d/fio.json
   t0=$(date +%s.%N)
   run_fio "$SEQ_MAX" "$js" "$jobf" || rc=$?
@@ -262,8 +269,10 @@ EOF
   rm -rf "$d/cache"
 }
 if has "$PARTS" a; then
-  part_a 1
-  part_a "$READERS"
+  for round in $(seq "$ROUNDS"); do
+    if ((round % 2)); then part_a 1 "$round"; part_a "$READERS" "$round"
+    else part_a "$READERS" "$round"; part_a 1 "$round"; fi
+  done
 fi
 
 # ------------------------------------------ B: warm writable vs nbdkit cow
@@ -372,29 +381,28 @@ fi
 ELAPSED=$(( $(date +%s) - START ))
 
 # --------------------------------------------------------------- report ----
-lazybd_rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo "no commit")
-if [[ -n $(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/null) ]]; then lazybd_rev="$lazybd_rev (uncommitted src/)"; fi
 META=$T/meta.tsv
 {
-  printf 'date\t%s\n' "$DATE_START"
   printf 'host\t%s cores, %s, %s, kernel %s\n' "$(nproc)" "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
     "$(awk '/^MemTotal/ {printf "%.1f GiB RAM", $2 / 1048576}' /proc/meminfo)" "$(uname -r)"
   printf 'versions\tfio %s, nbdkit %s, nginx %s, libnbd %s, rustc %s\n' "$(fio --version | sed 's/^fio-//')" \
     "$(nbdkit --version | awk '{print $2}')" "$(nginx -v 2>&1 | sed 's/.*\///')" \
     "$(nbdinfo --version 2>/dev/null | awk 'NR==1 {print $2}')" "$(rustc --version | awk '{print $2}')"
-  printf 'lazybd\t%s; binary %s\n' "$lazybd_rev" "$LAZYBD_INFO"
+  printf 'lazybd\tbinary %s\n' "$LAZYBD_INFO"
   printf 'load\t%s at start, %s at end\n' "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
   printf 'elapsed_s\t%s\n' "$ELAPSED"
-  printf 'invocation\t%s\n' "IMG_MIB=$IMG_MIB READERS=$READERS RUNTIME=$RUNTIME RW_MIB=$RW_MIB BLOCK_SIZE=$BLOCK_SIZE DELAY_MS=$DELAY_MS RATE_MBIT=$RATE_MBIT ROUNDS=$ROUNDS COW_BLOCK_SIZES=\"$COW_BLOCK_SIZES\" LAZYBD_BLOCK_SIZES=\"$LAZYBD_BLOCK_SIZES\" PARTS=\"$PARTS\" bench/multi.sh"
+  printf 'invocation\t%s\n' "QUICK=$QUICK IMG_MIB=$IMG_MIB READERS=$READERS RUNTIME=$RUNTIME RW_MIB=$RW_MIB BLOCK_SIZE=$BLOCK_SIZE DELAY_MS=$DELAY_MS RATE_MBIT=$RATE_MBIT ROUNDS=$ROUNDS COW_BLOCK_SIZES=\"$COW_BLOCK_SIZES\" LAZYBD_BLOCK_SIZES=\"$LAZYBD_BLOCK_SIZES\" PARTS=\"$PARTS\" bench/multi.sh"
   printf 'lazybd_default_bs\t%s\n' "lazybd-$BLOCK_SIZE"
   printf 'rounds\t%s\n' "$ROUNDS"
   printf 'img_mib\t%s\nreaders\t%s\nruntime\t%s\nrw_mib\t%s\nblock_size\t%s\ndelay_ms\t%s\nrate_mbit\t%s\n' \
     "$IMG_MIB" "$READERS" "$RUNTIME" "$RW_MIB" "$BLOCK_SIZE" "$DELAY_MS" "$RATE_MBIT"
 } > "$META"
 touch "$T/b/sizes.tsv" 2>/dev/null || true
-python3 - "$ROWS" "$META" "$CMDS" "$STOPS" "$T/b/sizes.tsv" "$SECTION_TITLE" > "$T/section.md" <<'EOF'
+python3 - "$ROWS" "$META" "$CMDS" "$STOPS" "$T/b/sizes.tsv" "$SECTION_TITLE" "$BENCH" > "$T/section.md" <<'EOF'
 import sys
-rows_p, meta_p, cmds_p, stops_p, sizes_p, title = sys.argv[1:]
+rows_p, meta_p, cmds_p, stops_p, sizes_p, title, bench = sys.argv[1:]
+sys.path.insert(0, bench)
+from resultsmd import median, paired, rounds_cell
 meta = dict(l.rstrip("\n").split("\t", 1) for l in open(meta_p) if "\t" in l)
 rows = [l.rstrip("\n").split("\t") for l in open(rows_p) if l.strip()]
 stops = [l.rstrip("\n").split("\t") for l in open(stops_p) if l.strip()]
@@ -413,7 +421,7 @@ def ratio(a, b):
 def fr(r): return "—" if r is None else f"{r:.3f}×" if abs(r - 1) < 0.1 else f"{r:.2f}×"
 goals = []
 w(title); w("")
-w(f"Run {meta['date']} ({meta['elapsed_s']} s), load average {meta['load']}. "
+w(f"{meta['elapsed_s']} s; load average {meta['load']}. "
   f"{meta['host']}. {meta['versions']}. lazybd {meta['lazybd']}.")
 w(""); w(f"`{meta['invocation']}`"); w("")
 
@@ -431,24 +439,42 @@ if a:
     w("")
     w("| run | readers | status | wall s | aggregate MiB/s | per reader MiB/s (min–max) | nginx requests | nginx data GETs | nginx body bytes (incl. 1-byte probe) | lazybd origin_requests | lazybd origin_bytes |")
     w("|---|---|---|---|---|---|---|---|---|---|---|")
-    for k in sorted(a, key=lambda k: int(k.split("readers")[1])):
+    def akey(k):
+        base, _, rnd = k.partition(".r")
+        return (int(rnd or 1), int(base.split("readers")[1]))
+    for k in sorted(a, key=akey):
         r = a[k]
         if r[1] != "ok" and len(r) < 15:
             w(f"| {k} | — | FAIL: {r[2]} | | | | | | | | |"); continue
         w(f"| {k} | {r[3]} | {r[1]}{(' ' + r[2]) if r[2] else ''} | {r[4]} | {fn(r[6],1)} | {fn(r[7],1)}–{fn(r[8],1)} | "
           f"{fn(r[10])} | {fn(r[11])} | {fn(r[12])} | {fn(r[13])} | {fn(r[14])} |")
-    one, many = a.get("a-readers1"), a.get(f"a-readers{n}")
-    if one and many and len(one) >= 15 and len(many) >= 15:
-        rq = ratio(many[11], one[11]); rb = ratio(many[12], one[12])
-        lq = ratio(many[13], one[13]); lb = ratio(many[14], one[14])
-        w(f"| ratio {n} ÷ 1 | | | | {fr(ratio(many[6], one[6]))} | | {fr(ratio(many[10], one[10]))} | {fr(rq)} | {fr(rb)} | {fr(lq)} | {fr(lb)} |")
-        for what, v in [("origin data requests (nginx)", rq), ("origin bytes (nginx)", rb),
-                        ("origin_requests (lazybd summary)", lq), ("origin_bytes (lazybd summary)", lb)]:
-            goals.append((f"{n} readers ÷ 1 reader: {what}", "≤ 1.05×", fr(v), "met" if v is not None and v <= 1.05 else "NOT met"))
+    # per round: the N-reader run ÷ the 1-reader run of the same round
+    nr = int(meta.get("rounds", "1"))
+    def col(readers, i):
+        out = {}
+        for k, r in a.items():
+            base, _, rnd = k.partition(".r")
+            if base == f"a-readers{readers}" and r[1] == "ok" and len(r) >= 15:
+                try: out[rnd or "1"] = float(r[i])
+                except ValueError: pass
+        return out
+    per = {i: paired(col(n, i), col(1, i)) for i in (6, 10, 11, 12, 13, 14)}
+    def rc(i): return rounds_cell(per[i], 3, "×", rounds=nr)
+    if any(per.values()):
+        w(f"| ratio {n} ÷ 1: median of the rounds (each round) | | | | {rc(6)} | | {rc(10)} | {rc(11)} | {rc(12)} | {rc(13)} | {rc(14)} |")
+        for what, i in [("origin data requests (nginx)", 11), ("origin bytes (nginx)", 12),
+                        ("origin_requests (lazybd summary)", 13), ("origin_bytes (lazybd summary)", 14)]:
+            v = median(per[i])
+            goals.append((f"{n} readers ÷ 1 reader: {what}, median of {len(per[i])} rounds", "≤ 1.05×", rc(i),
+                          "met" if v is not None and v <= 1.05 else "NOT met"))
         link = float(meta["rate_mbit"]) * 1e6 / 8 / 1048576
+        def rate(readers):
+            v = [float(r[12]) / 1048576 / float(r[5]) for k, r in a.items()
+                 if k.partition(".r")[0] == f"a-readers{readers}" and r[1] == "ok" and len(r) >= 15 and float(r[5]) > 0]
+            return rounds_cell(v, 1, " MiB/s")
         w("")
-        w(f"Link: {link:.1f} MiB/s; the origin delivered {fn(float(many[12]) / 1048576 / float(many[5]), 1)} MiB/s during the "
-          f"{n}-reader run (body bytes ÷ longest reader runtime) and {fn(float(one[12]) / 1048576 / float(one[5]), 1)} MiB/s in the 1-reader run.")
+        w(f"Link: {link:.1f} MiB/s; the origin delivered {rate(n)} during the {n}-reader runs (body bytes ÷ longest "
+          f"reader runtime) and {rate(1)} in the 1-reader runs.")
     w("")
 
 b = [r for r in rows if r[0].startswith("b-")]
@@ -479,9 +505,6 @@ if b:
         ovs = f"{ov / 1048576:.1f} MiB" if ov is not None and ph == "randread" else ""
         w(f"| {rnd} | {srv} | {tr} | {ph} | {fn(r[4])} | {fn(r[5],1)} | {fn(r[6],1)} | {fn(r[7],1)} | {fn(r[10])} | {ovs} |")
     w("")
-    def median(xs):
-        xs = sorted(xs); n = len(xs)
-        return None if not n else xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
     vals = {k: median(list(v.values())) for k, v in runs.items()}
     def bsz(name):  # "lazybd-64k" -> 65536
         v = name.rsplit("-", 1)[1].lower(); m = {"k": 1 << 10, "m": 1 << 20}
@@ -493,30 +516,30 @@ if b:
       "the last column compares equal block sizes (lazybd's cache block = `--block-size`, its overlay always "
       "tracks 4 KiB pages; nbdkit's cow block = `cow-block-size`).")
     w("")
-    w("IOPS are medians over the rounds. The goal is judged on the median of the per-round ratios: servers of one "
-      "round ran minutes apart, so pairing them cancels most of this host's drift; the ratio of the medians is shown too.")
+    nr = int(meta.get("rounds", "1"))
+    def rc(v): return rounds_cell(v, 2, "×", rounds=nr)
+    w("IOPS are medians over the rounds. Every ratio pairs the two servers of one round (they ran minutes apart, "
+      "which cancels most of this host's drift): the median of the per-round ratios, then each round's. "
+      "The goal is judged on that median.")
     w("")
-    w("| transport | phase | " + " | ".join(f"{c}" for c in lzs + cows) + f" | best nbdkit cow | {dflt} ÷ best cow: per round | median of rounds | ratio of medians | same block size: lazybd ÷ nbdkit |")
-    w("|---|---|" + "---|" * len(lzs + cows) + "---|---|---|---|---|")
+    w("| transport | phase | " + " | ".join(f"{c}" for c in lzs + cows) + f" | best nbdkit cow | {dflt} ÷ best cow | same block size: lazybd ÷ nbdkit |")
+    w("|---|---|" + "---|" * len(lzs + cows) + "---|---|---|")
     for tr in ("tcp", "unix"):
         for ph in ("randwrite", "randread"):
             cv = {c: vals.get((c, tr, ph)) for c in lzs + cows}
             best = max((c for c in cows if cv[c] is not None), key=lambda c: cv[c], default=None)
             lz = cv.get(dflt)
             if lz is None and best is None: continue
-            rr = ratio(lz, cv[best]) if best else None
             same = []
             for l in lzs:
                 c = "nbdkit-cow-" + l.split("-", 1)[1]
-                if c in cv and cv[c] and cv[l]: same.append(f"{l.split('-', 1)[1]}: {fr(ratio(cv[l], cv[c]))}")
-            per = []
-            if best and dflt:
-                a_, b_ = runs.get((dflt, tr, ph), {}), runs.get((best, tr, ph), {})
-                per = [x for x in (ratio(a_[k], b_[k]) for k in sorted(a_, key=int) if k in b_) if x is not None]
+                if c in cv and cv[c] and cv[l]:
+                    same.append(f"{l.split('-', 1)[1]}: {rc(paired(runs.get((l, tr, ph), {}), runs.get((c, tr, ph), {})))}")
+            per = paired(runs.get((dflt, tr, ph), {}), runs.get((best, tr, ph), {})) if best and dflt else []
             mr = median(per)
             w(f"| {tr} | {ph} | " + " | ".join(fn(cv[c]) for c in lzs + cows) +
-              f" | {best or '—'} | {', '.join(fr(x) for x in per) or '—'} | {fr(mr)} | {fr(rr)} | {', '.join(same) or '—'} |")
-            goals.append((f"warm 4K {ph} QD32 {tr}: {dflt} ÷ best nbdkit cow ({best}), median of {len(per)} rounds", "≥ 1.0×", fr(mr),
+              f" | {best or '—'} | {rc(per)} | {'; '.join(same) or '—'} |")
+            goals.append((f"warm 4K {ph} QD32 {tr}: {dflt} ÷ best nbdkit cow ({best}), median of {len(per)} rounds", "≥ 1.0×", rc(per),
                           "met" if mr is not None and mr >= 1.0 else "NOT met"))
     w("")
 
@@ -544,29 +567,10 @@ w("Paths are the temp dir of that run; PORT is a free port picked at run time.")
 print("\n".join(out))
 EOF
 
+write_section - "$T/section.md"
 if [[ $APPEND == 1 ]]; then
-  if pgrep -f 'bench/run\.sh' >/dev/null; then
-    log "bench/run.sh is running (it rewrites $OUT when it ends): not touching $OUT; section kept in $T/section.md"
-    KEEP=1
-  else
-    # drop an earlier section of ours (up to the next "## " heading), then append
-    python3 - "$OUT" "$SECTION_TITLE" "$T/section.md" <<'EOF'
-import os, sys
-path, title, sec = sys.argv[1:]
-lines = open(path).read().split("\n") if os.path.exists(path) else []
-out, skip = [], False
-for l in lines:
-    if l == title: skip = True; continue
-    if skip and l.startswith("## "): skip = False
-    if not skip: out.append(l)
-text = "\n".join(out).rstrip("\n")
-new = open(sec).read().rstrip("\n")
-open(path + ".tmp", "w").write((text + "\n\n" if text else "") + new + "\n")
-os.replace(path + ".tmp", path)
-EOF
-    log "appended the section to $OUT"
-  fi
+  write_section "$OUT" "$T/section.md"
+  log "section written to $OUT"
 fi
-cat "$T/section.md"
 log "done in ${ELAPSED}s"
 exit "$FAILED"

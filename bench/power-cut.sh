@@ -10,17 +10,20 @@
 # after every crash and checks the crash contract page by page.
 #
 # Writes the "Power-loss simulation" section of OUT (bench/RESULTS.md),
-# stamped with the commit, date and load. Exit 1 if the contract failed.
+# stamped by bench/lib.sh (commit, date, load). Exit 1 if the contract failed.
 #
-# Env: RUNS (20000), SEED (first run's seed, 0), OUT (bench/RESULTS.md)
+# Env: RUNS (20000), SEED (first run's seed, 0), OUT (bench/RESULTS.md),
+#      QUICK (1: RUNS=100, a smoke run)
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH/.." && pwd)
+. "$BENCH/lib.sh"
+stamp_begin
+[[ ${QUICK:-0} == 1 ]] && RUNS=${RUNS:-100}
 RUNS=${RUNS:-20000}
 SEED=${SEED:-0}
 OUT=${OUT:-$BENCH/RESULTS.md}
 cd "$REPO"
-load=$(cut -d' ' -f1-3 /proc/loadavg)
 start=$SECONDS
 rc=0
 LAZYBD_POWER_CUT_RUNS=$RUNS SEED=$SEED cargo test --release --lib power_cuts_never -- --nocapture \
@@ -39,8 +42,7 @@ section=$(mktemp)
 {
   echo "## Power-loss simulation (bench/power-cut.sh)"
   echo
-  echo "Run $(date -u '+%F %H:%M') UTC, ${secs} s, $(nproc) cores, load before $load; git $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!bench/RESULTS.md' ':!RELIABILITY.md' || echo '+dirty')."
-  echo "\`RUNS=$RUNS SEED=$SEED bench/power-cut.sh\`."
+  echo "\`RUNS=$RUNS SEED=$SEED bench/power-cut.sh\` (the test took ${secs} s, its build included)."
   echo
   echo "The overlay's page store over the simulated disk (src/overlay/disk.rs): each run is 150 random steps of"
   echo "writes (1..6 pages, some all-zero, some NO_HOLE), zero ranges, flushes, reads checked against the model, injected"
@@ -56,7 +58,7 @@ section=$(mktemp)
   echo "| contract violations | **$([[ $rc == 0 ]] && echo 0 || echo 'FAILED, see the test output')** |"
   echo
 } >"$section"
-python3 "$BENCH/replace-section.py" "$OUT" "$section"
+write_section "$OUT" "$section"
 rm -f "$section"
 echo "power-cut.sh: section written to $OUT" >&2
 exit "$rc"

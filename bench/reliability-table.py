@@ -4,7 +4,8 @@
 Regenerate the summary table at the top of RELIABILITY.md (between the
 `<!-- reliability-table -->` markers) from the sections the long-run
 scripts wrote into bench/RESULTS.md: crash.sh, power-cut.sh, soak.sh,
-attach.sh. Every figure carries the commit its section was measured at.
+attach.sh. Every figure carries the commit its section was measured at
+(from the section's stamp). bench/all.sh runs it last.
 Nothing in the table is typed by hand; a missing section says so.
 """
 import re
@@ -21,9 +22,14 @@ def section(title):
 
 
 def stamp(sec):
-    git = re.search(r"git ([0-9a-f]{7,}(?:\+dirty)?)", sec)
-    date = re.search(r"Run (\d{4}-\d\d-\d\d)", sec)
-    return f"git `{git.group(1) if git else '?'}`, {date.group(1) if date else '?'}"
+    # the section's stamp (bench/lib.sh: "*Stamp: git REV, run DATE ...*");
+    # sections written before it carried the same facts in a "Run DATE ..." line
+    m = re.search(r"^\*Stamp: (.*)\*\s*$", sec, re.M)
+    line = m.group(1) if m else sec
+    git = re.search(r"git ([0-9a-f]{7,}(?:\+dirty)?)", line)
+    date = re.search(r"\b[Rr]un (\d{4}-\d\d-\d\d)", line)
+    quick = ", **QUICK mode, not a measurement**" if m and "QUICK mode" in line else ""
+    return f"git `{git.group(1) if git else '?'}`, {date.group(1) if date else '?'}{quick}"
 
 
 def kv(line, key):

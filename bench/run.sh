@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# bench/run.sh — lazybd against its peers, side by side, in one run.
+# bench/run.sh — lazybd against its peers, side by side, in one run (~22 min
+# with the defaults, 3 rounds, on 2 cores).
 #
 # Origin: nginx on loopback (own temp config, max_ranges 1) serving a random
 # raw image; for the "-rtt" cases a delay proxy (bench/delay-proxy.rs, 0.5 ms
@@ -16,9 +17,18 @@
 #   nbd-server    nbd-server on the same local copy                  (warm ceiling)
 # Cases (CASES): see bench/README.md. Every "cold" case runs on a freshly
 # started server with an empty cache; warm cases follow a full sequential pass.
+# Rounds (ROUNDS, 3): every case runs once per peer per round, the peers in
+# PEERS order in odd rounds and reversed in even ones (A B C, C B A, A B C),
+# so that a ratio pairs two servers that ran minutes apart at most; the report
+# gives medians over the rounds and every round's ratio.
+#
+# Writes its section, "## lazybd against its peers (bench/run.sh)", into OUT
+# (replacing an earlier one; bench/lib.sh stamps it) and the raw rows to
+# ${OUT%.md}.tsv.
 #
 # Env knobs:
-#   IMG_MIB (1024)  RUNTIME (10 s per timed case)  BLOCK_SIZE (64k)
+#   QUICK (1: IMG_MIB=64 RUNTIME=2 ROUNDS=2 SEQ_MAX=COLD_MAX=20 STALL_S=10, a smoke run)
+#   ROUNDS (3)  IMG_MIB (1024)  RUNTIME (10 s per timed case)  BLOCK_SIZE (64k)
 #   PEERS ("lazybd nbdkit-cache qsd nbdkit-file nbd-server")
 #   CASES ("cold-seq warm-seq warm-rand1-tcp warm-rand32-tcp warm-rand1-unix
 #           warm-rand32-unix cold-rand32-rtt cold-seq-rtt")
@@ -34,6 +44,14 @@ set -euo pipefail
 
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH/.." && pwd)
+. "$BENCH/lib.sh"
+stamp_begin
+QUICK=${QUICK:-0}
+if [[ $QUICK == 1 ]]; then
+  IMG_MIB=${IMG_MIB:-64}; RUNTIME=${RUNTIME:-2}; ROUNDS=${ROUNDS:-2}
+  SEQ_MAX=${SEQ_MAX:-20}; COLD_MAX=${COLD_MAX:-20}; STALL_S=${STALL_S:-10}
+fi
+ROUNDS=${ROUNDS:-3}
 IMG_MIB=${IMG_MIB:-1024}
 RUNTIME=${RUNTIME:-10}
 BLOCK_SIZE=${BLOCK_SIZE:-64k}
@@ -282,10 +300,11 @@ stop_server() { # SIGTERM, record whether it exited and lazybd's summary line
 
 # ----------------------------------------------------------------- fio -----
 RESULTS=$T/results.tsv
-printf 'case\tpeer\ttransport\tiops\tmibs\tlat_mean_us\tlat_p99_us\tseconds\tio_bytes\torigin_reqs\torigin_bytes\tstatus\tnote\n' > "$RESULTS"
+printf 'case\tpeer\ttransport\tiops\tmibs\tlat_mean_us\tlat_p99_us\tseconds\tio_bytes\torigin_reqs\torigin_bytes\tstatus\tnote\tround\n' > "$RESULTS"
+ROUND=1
 FAILED=0
 record_fail() { # CASE PEER TRANSPORT NOTE — a selected case without numbers fails the run
-  printf '%s\t%s\t%s\t\t\t\t\t\t\t\t\tFAIL\t%s\n' "$1" "$2" "$3" "$(printf '%s' "$4" | tr '\t\n' '  ')" >> "$RESULTS"
+  printf '%s\t%s\t%s\t\t\t\t\t\t\t\t\tFAIL\t%s\t%s\n' "$1" "$2" "$3" "$(printf '%s' "$4" | tr '\t\n' '  ')" "$ROUND" >> "$RESULTS"
   if has "$CASES" "$1"; then FAILED=1; fi
   log "FAIL $1 $2/$3: $4"
 }
@@ -345,7 +364,7 @@ run_fio() {
 EXTRA_NOTE=""; FAIL_MSG=""
 FIO_SUMMARY='
 import json, sys
-js, case, peer, tr, origin, want, extra = sys.argv[1:]
+js, case, peer, tr, origin, want, extra, rnd = sys.argv[1:]
 j = json.load(open(js))
 job = j["jobs"][0]; r = job["read"]
 oreq, obytes = (origin.split("\t") + ["", ""])[:2]
@@ -357,7 +376,7 @@ status = "ok" if got > 0 and not err else "FAIL"
 p99 = r["lat_ns"].get("percentile", {}).get("99.000000", 0) / 1000
 print("\t".join(map(str, [case, peer, tr, "%.1f" % r["iops"], "%.2f" % (r["bw_bytes"] / 1048576),
       "%.1f" % (r["lat_ns"]["mean"] / 1000), "%.1f" % p99, "%.3f" % (r["runtime"] / 1000), got,
-      oreq, obytes, status, "; ".join(note)])))'
+      oreq, obytes, status, "; ".join(note), rnd])))'
 run_case() {
   local case=$1 kind=$2 peer=$3 tr=$4 js mark cap rc=0 args want=""
   js=$SRV_DIR/$case.json
@@ -371,7 +390,7 @@ run_case() {
     cold32) cap=$COLD_MAX; want=$((COLD_N * 4096))
             args+=(--rw=randread --bs=4k --iodepth=32 --io_size="$want" --runtime="$cap") ;;
   esac
-  log "$case  $peer/$tr  ($kind)${EXTRA_NOTE:+  [$EXTRA_NOTE]}"
+  log "round $ROUND: $case  $peer/$tr  ($kind)${EXTRA_NOTE:+  [$EXTRA_NOTE]}"
   rm -f "$js"
   mark=$(log_mark)
   run_fio "$((cap + 30))" "$SRV_DIR/$case.fio.out" "${args[@]}" || rc=$?
@@ -382,7 +401,7 @@ run_case() {
     kill -0 "$SRV_PID" 2>/dev/null || FAIL_MSG="$FAIL_MSG; server exited, log: $(tail -c 300 "$SRV_LOG" | tr '\t\n' '  ')"
     return 1
   fi
-  row=$(python3 -c "$FIO_SUMMARY" "$js" "$case" "$peer" "$tr" "$origin" "$want" "$EXTRA_NOTE") || {
+  row=$(python3 -c "$FIO_SUMMARY" "$js" "$case" "$peer" "$tr" "$origin" "$want" "$EXTRA_NOTE" "$ROUND") || {
     FAIL_MSG="unreadable fio json"; return 1; }
   if [[ $(cut -f12 <<< "$row") != ok ]]; then FAIL_MSG="fio: $(cut -f13 <<< "$row")"; return 1; fi
   printf '%s\n' "$row" >> "$RESULTS"
@@ -457,43 +476,48 @@ COLD_N=$COLD_READS; ((COLD_N <= nblocks / 2)) || COLD_N=$((nblocks / 2))
 
 want() { has "$CASES" "$1"; }
 START=$(date +%s)
-LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-log "temp dir $T; peers: $PEERS; cases: $CASES"
+LOAD_START=$STAMP_LOAD
+log "temp dir $T; peers: $PEERS; cases: $CASES; $ROUNDS round(s)"
+# shellcheck disable=SC2086
+PEERS_REV=$(printf '%s\n' $PEERS | tac | tr '\n' ' ')
 
-# 1. TCP, origin on loopback: cold pass, warm pass, warm 4K random
-if want cold-seq || want warm-seq || want warm-rand1-tcp || want warm-rand32-tcp; then
-  for p in $PEERS; do
-    cks=()
-    if remote "$p"; then cks+=(cold-seq:seq); fi
-    if want warm-seq || ! remote "$p"; then cks+=(warm-seq:seq); fi
-    want warm-rand1-tcp && cks+=(warm-rand1-tcp:rand1)
-    want warm-rand32-tcp && cks+=(warm-rand32-tcp:rand32)
-    session "$p" tcp "$URL_DIRECT" "$p.tcp" "${cks[@]}"
-  done
-fi
-# 2. Unix socket: a fresh server warmed by one sequential pass, then 4K random
-if want warm-rand1-unix || want warm-rand32-unix; then
-  for p in $PEERS; do
-    cks=(); remote "$p" && cks+=(cold-seq-unix:seq)
-    want warm-rand1-unix && cks+=(warm-rand1-unix:rand1)
-    want warm-rand32-unix && cks+=(warm-rand32-unix:rand32)
-    session "$p" unix "$URL_DIRECT" "$p.unix" "${cks[@]}"
-  done
-fi
-# 3. origin behind the delay proxy, fresh server per case
-for c in cold-rand32-rtt cold-seq-rtt; do
-  want "$c" || continue
-  for p in $PEERS; do
-    remote "$p" || continue
-    if [[ $c == cold-rand32-rtt ]]; then k=cold32; else k=seq; fi
-    session "$p" tcp "$URL_RTT" "$p.$c" "$c:$k"
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+  # odd rounds in PEERS order, even rounds reversed: a drift of the host's
+  # speed over the run does not favour the peer that always goes first
+  if ((ROUND % 2)); then order=$PEERS; else order=$PEERS_REV; fi
+  # 1. TCP, origin on loopback: cold pass, warm pass, warm 4K random
+  if want cold-seq || want warm-seq || want warm-rand1-tcp || want warm-rand32-tcp; then
+    for p in $order; do
+      cks=()
+      if remote "$p"; then cks+=(cold-seq:seq); fi
+      if want warm-seq || ! remote "$p"; then cks+=(warm-seq:seq); fi
+      want warm-rand1-tcp && cks+=(warm-rand1-tcp:rand1)
+      want warm-rand32-tcp && cks+=(warm-rand32-tcp:rand32)
+      session "$p" tcp "$URL_DIRECT" "$p.tcp.r$ROUND" "${cks[@]}"
+    done
+  fi
+  # 2. Unix socket: a fresh server warmed by one sequential pass, then 4K random
+  if want warm-rand1-unix || want warm-rand32-unix; then
+    for p in $order; do
+      cks=(); remote "$p" && cks+=(cold-seq-unix:seq)
+      want warm-rand1-unix && cks+=(warm-rand1-unix:rand1)
+      want warm-rand32-unix && cks+=(warm-rand32-unix:rand32)
+      session "$p" unix "$URL_DIRECT" "$p.unix.r$ROUND" "${cks[@]}"
+    done
+  fi
+  # 3. origin behind the delay proxy, fresh server per case
+  for c in cold-rand32-rtt cold-seq-rtt; do
+    want "$c" || continue
+    for p in $order; do
+      remote "$p" || continue
+      if [[ $c == cold-rand32-rtt ]]; then k=cold32; else k=seq; fi
+      session "$p" tcp "$URL_RTT" "$p.$c.r$ROUND" "$c:$k"
+    done
   done
 done
 ELAPSED=$(( $(date +%s) - START ))
 
 # --------------------------------------------------------------- report ----
-lazybd_rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo "no commit")
-if [[ -n $(cd "$ROOT" && git status --porcelain -- src Cargo.toml 2>/dev/null) ]]; then lazybd_rev="$lazybd_rev (uncommitted src/)"; fi
 META=$T/meta.tsv
 {
   printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
@@ -508,7 +532,7 @@ META=$T/meta.tsv
   printf 'nbd_server\t%s\n' "$(nbd-server -V 2>&1 | awk '/version/ {print $NF; exit}')"
   printf 'libnbd\t%s\n' "$(nbdinfo --version 2>/dev/null | awk 'NR==1 {print $2}')"
   printf 'rustc\t%s\n' "$(rustc --version | awk '{print $2}')"
-  printf 'lazybd_rev\t%s\n' "$lazybd_rev${LAZYBD_INFO:+; binary $LAZYBD_INFO}"
+  printf 'lazybd_rev\t%s\n' "${LAZYBD_INFO:+binary $LAZYBD_INFO}"
   printf 'img_bytes\t%s\n' "$IMG_BYTES"
   printf 'block_size\t%s\n' "$BLOCK_SIZE"
   printf 'block_bytes\t%s\n' "$BLOCK_BYTES"
@@ -522,12 +546,14 @@ META=$T/meta.tsv
   printf 'cases\t%s\n' "$CASES"
   printf 'lazybd_args\t%s\n' "$LAZYBD_ARGS"
   printf 'elapsed_s\t%s\n' "$ELAPSED"
+  printf 'rounds\t%s\n' "$ROUNDS"
+  printf 'invocation\t%s\n' "QUICK=$QUICK ROUNDS=$ROUNDS IMG_MIB=$IMG_MIB RUNTIME=$RUNTIME BLOCK_SIZE=$BLOCK_SIZE PEERS=\"$PEERS\" CASES=\"$CASES\" DELAY_MS=$DELAY_MS RATE_MBIT=$RATE_MBIT COLD_READS=$COLD_READS${LAZYBD_ARGS:+ LAZYBD_ARGS=\"$LAZYBD_ARGS\"} bench/run.sh"
   printf 'load\t%s at start, %s at end\n' "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
 } > "$META"
 mkdir -p "$(dirname "$OUT")"
-python3 "$BENCH/report.py" "$RESULTS" "$META" "$CMDLINES" "$STOPS" > "$OUT.tmp"
-mv "$OUT.tmp" "$OUT"
+python3 "$BENCH/report.py" "$RESULTS" "$META" "$CMDLINES" "$STOPS" > "$T/section.md"
+write_section "$OUT" "$T/section.md"
 cp "$RESULTS" "${OUT%.md}.tsv" 2>/dev/null || true
-log "wrote $OUT (${ELAPSED}s of cases)"
+log "wrote its section of $OUT and the raw rows to ${OUT%.md}.tsv (${ELAPSED}s of cases)"
 column -t -s $'\t' "$RESULTS" >&2 || cat "$RESULTS" >&2
 exit "$FAILED"

@@ -13,14 +13,23 @@
 # (one row per tenth of the run), to the "Soak" section of OUT
 # (bench/RESULTS.md), replacing an earlier one.
 #
-# Env: DURATION (600), HOSTILE_SECS (60), GROWTH_MAX (50), OUT, LAZYBD
-#      (copied to a temp dir first, so a rebuild during the run changes nothing)
+# bench/lib.sh stamps the section.
+#
+# Env: DURATION (600), HOSTILE_SECS (60), GROWTH_MAX (50; "" = not judged), OUT,
+#      LAZYBD (copied to a temp dir first, so a rebuild during the run changes
+#      nothing), QUICK (1: DURATION=20 HOSTILE_SECS=5 GROWTH_MAX="", a smoke run:
+#      20 s are too short to judge growth)
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH/.." && pwd)
+. "$BENCH/lib.sh"
+stamp_begin
+if [[ ${QUICK:-0} == 1 ]]; then
+  DURATION=${DURATION:-20}; HOSTILE_SECS=${HOSTILE_SECS:-5}; GROWTH_MAX=${GROWTH_MAX-}
+fi
 DURATION=${DURATION:-600}
 HOSTILE_SECS=${HOSTILE_SECS:-60}
-GROWTH_MAX=${GROWTH_MAX:-50}
+GROWTH_MAX=${GROWTH_MAX-50}
 OUT=${OUT:-$BENCH/RESULTS.md}
 src=${LAZYBD:-$REPO/target/release/lazybd}
 [[ -x $src ]] || { echo "soak.sh: $src not found (cargo build --release)" >&2; exit 1; }
@@ -28,13 +37,10 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/lazybd-soak.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 cp "$src" "$tmp/lazybd"
 
-t0=$(date +%s)
-load0=$(cut -d' ' -f1-3 /proc/loadavg)
 rc=0
 LAZYBD=$tmp/lazybd SOAK_DURATION=$DURATION SOAK_HOSTILE_SECS=$HOSTILE_SECS SOAK_GROWTH_MAX=$GROWTH_MAX \
   SOAK_SUMMARY=$tmp/summary SOAK_RSS_OUT=$tmp/rss.txt \
   bash "$REPO/qemu-tests/t-62-soak.sh" 2> "$tmp/run.log" || rc=$?
-secs=$(($(date +%s) - t0))
 summary=$(tail -n 1 "$tmp/summary" 2>/dev/null || true)
 if [[ -z $summary ]]; then
   tail -n 40 "$tmp/run.log" >&2
@@ -51,9 +57,8 @@ section=$tmp/section.md
 {
   echo "## Soak (bench/soak.sh)"
   echo
-  echo "Run $(date -u '+%F %H:%M') UTC, ${secs} s, $(nproc) cores, load average $load0 at start, kernel $(uname -r);" \
-    "lazybd $("$tmp/lazybd" --version | cut -d' ' -f2) (binary sha256 $(sha256sum "$tmp/lazybd" | cut -c1-12))," \
-    "git $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'), fio $(fio --version | cut -d- -f2), nginx $(nginx -v 2>&1 | cut -d/ -f2)."
+  echo "lazybd $("$tmp/lazybd" --version | cut -d' ' -f2) (binary sha256 $(sha256sum "$tmp/lazybd" | cut -c1-12))," \
+    "fio $(fio --version | cut -d- -f2), nginx $(nginx -v 2>&1 | cut -d/ -f2)."
   echo "\`DURATION=$DURATION HOSTILE_SECS=$HOSTILE_SECS GROWTH_MAX=$GROWTH_MAX bench/soak.sh\`$( ((rc == 0)) && echo ': passed' || echo ": **FAILED (status $rc)**")."
   echo
   echo "One lazybd (\`serve --config\`), cold cache, 128 MiB random image from nginx on loopback: 8 writable exports, one"
@@ -93,6 +98,6 @@ PY
   echo "\`$summary\`"
   echo
 } > "$section"
-python3 "$BENCH/replace-section.py" "$OUT" "$section"
+write_section "$OUT" "$section"
 echo "soak.sh: section written to $OUT" >&2
 exit "$rc"
