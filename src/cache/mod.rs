@@ -44,9 +44,6 @@
 pub mod dir;
 pub mod verify;
 
-/// The map lives in the shared block store; re-exported for old paths.
-pub use crate::store::map;
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -61,8 +58,8 @@ use crate::device::{BlockDevice, BoxFuture, Extent, ReadData};
 use crate::error::{Error, ErrorKind, Result};
 use crate::origin::Origin;
 use crate::stats::{Stats, Work};
+use crate::store::map::BlockState;
 use crate::store::BlockStore;
-use map::BlockState;
 
 pub use dir::CacheDir;
 

@@ -258,7 +258,8 @@ impl Dir for OsDir {
 pub mod sim {
     use super::*;
 
-    pub const SECTOR: usize = 512;
+    #[cfg(test)]
+    const SECTOR: usize = 512;
 
     #[derive(Default, Clone)]
     struct FileData {
@@ -306,7 +307,11 @@ pub mod sim {
         pub fn new() -> SimDir {
             SimDir::default()
         }
+    }
 
+    /// Fault injection, for the unit tests.
+    #[cfg(test)]
+    impl SimDir {
         /// The `n`-th write from now (0: the next) fails with `errno`,
         /// after writing a prefix of its buffer (half of it).
         pub fn fail_write(&self, n: u64, errno: i32) {

@@ -599,10 +599,6 @@ impl PageStore {
         PAGE.min(self.image_size - p * PAGE) as usize
     }
 
-    pub fn image_size(&self) -> u64 {
-        self.image_size
-    }
-
     /// Has so much been rewritten since the last flush that one is due?
     /// Replaced slots are held until a flush (see the module docs), so a
     /// guest that never flushes would grow `pages` and the list of held

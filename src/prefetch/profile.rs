@@ -248,10 +248,6 @@ impl Recorder {
         }
     }
 
-    pub fn started(&self) -> bool {
-        self.started.is_some()
-    }
-
     pub fn into_profile(self) -> Profile {
         Profile {
             image_size: self.image_size,

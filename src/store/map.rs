@@ -362,11 +362,6 @@ impl BlockMap {
         self.blocks
     }
 
-    /// The file backing the map (for locking).
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
     fn states(&self) -> &[AtomicU8] {
         let base = self.map.as_ptr().wrapping_add(HEADER as usize);
         // SAFETY: [HEADER, HEADER + blocks) lies inside the mapping (file_len

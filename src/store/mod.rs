@@ -88,14 +88,6 @@ impl BlockStore {
         ))
     }
 
-    pub fn block_size(&self) -> BlockSize {
-        self.bs
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     pub fn map(&self) -> &BlockMap {
         &self.map
     }
@@ -325,14 +317,8 @@ impl BlockStore {
 
     /// Drop the bytes of blocks that no longer need storage (zeroed or
     /// given back to the base); frees disk space where the filesystem can.
-    /// For callers to whom a failure only means no space is freed; see
-    /// [`BlockStore::try_punch`].
-    pub fn punch(&self, r: ByteRange) {
-        let _ = self.try_punch(r);
-    }
-
-    /// [`BlockStore::punch`], telling whether it worked: `Unsupported` when
-    /// the file system cannot punch holes, another kind for I/O errors.
+    /// Tells whether it worked: `Unsupported` when the file system cannot
+    /// punch holes, another kind for I/O errors.
     /// On failure the bytes may still be there (all of them for
     /// `Unsupported`) or be partly zeroed: the caller decides what the
     /// blocks are (their CRCs catch the latter).
