@@ -13,7 +13,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// Merge ranges sorted by offset where one ends at the next's start (zero
 /// ranges of a read, for structured-reply holes). The one implementation.
-pub fn merge_adjacent(v: Vec<ByteRange>) -> Vec<ByteRange> {
+pub(crate) fn merge_adjacent(v: Vec<ByteRange>) -> Vec<ByteRange> {
     let mut out: Vec<ByteRange> = Vec::with_capacity(v.len());
     for r in v {
         match out.last_mut() {
@@ -49,12 +49,12 @@ impl ByteRange {
         self.offset + self.len
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// The overlap of two ranges, if any byte is shared.
-    pub fn intersect(&self, other: &ByteRange) -> Option<ByteRange> {
+    pub(crate) fn intersect(&self, other: &ByteRange) -> Option<ByteRange> {
         let start = self.offset.max(other.offset);
         let end = self.end().min(other.end());
         (start < end).then(|| ByteRange {
@@ -64,7 +64,7 @@ impl ByteRange {
     }
 
     /// True when the whole range lies inside `[0, size)`.
-    pub fn within(&self, size: u64) -> bool {
+    pub(crate) fn within(&self, size: u64) -> bool {
         self.end() <= size
     }
 }
@@ -97,7 +97,7 @@ impl BlockSize {
     /// 64 KiB: the cold-random benchmark (bench/RESULTS.md) favours small
     /// blocks (bytes fetched per 4K read), boot traces read 32 KiB runs, and
     /// readahead/coalescing make sequential reads large regardless.
-    pub const DEFAULT: BlockSize = BlockSize(64 << 10);
+    pub(crate) const DEFAULT: BlockSize = BlockSize(64 << 10);
 
     pub fn new(bytes: u64) -> Result<Self> {
         if !bytes.is_power_of_two() || bytes < Self::MIN as u64 || bytes > Self::MAX as u64 {
@@ -117,12 +117,12 @@ impl BlockSize {
         self.0 as u64
     }
 
-    pub fn get(self) -> u32 {
+    pub(crate) fn get(self) -> u32 {
         self.0
     }
 
     /// The block holding byte `offset`.
-    pub fn block_of(self, offset: u64) -> BlockIndex {
+    fn block_of(self, offset: u64) -> BlockIndex {
         BlockIndex(offset >> self.0.trailing_zeros())
     }
 
@@ -132,7 +132,7 @@ impl BlockSize {
     }
 
     /// Blocks touched by a non-empty range.
-    pub fn covering(self, r: ByteRange) -> Range<u64> {
+    pub(crate) fn covering(self, r: ByteRange) -> Range<u64> {
         if r.is_empty() {
             return 0..0;
         }
@@ -141,7 +141,7 @@ impl BlockSize {
 
     /// The bytes of block `b` in an image of `size` bytes (the last block is
     /// clipped to the image end).
-    pub fn range_of(self, b: BlockIndex, size: u64) -> ByteRange {
+    pub(crate) fn range_of(self, b: BlockIndex, size: u64) -> ByteRange {
         let offset = b.0 * self.bytes();
         ByteRange {
             offset,
@@ -151,7 +151,11 @@ impl BlockSize {
 
     /// Split `r` into (block, the part of `r` inside that block) pairs: the
     /// head and tail pieces may be partial blocks, the body pieces are whole.
-    pub fn split(self, r: ByteRange, size: u64) -> impl Iterator<Item = (BlockIndex, ByteRange)> {
+    pub(crate) fn split(
+        self,
+        r: ByteRange,
+        size: u64,
+    ) -> impl Iterator<Item = (BlockIndex, ByteRange)> {
         self.covering(r).map(move |b| {
             let br = self.range_of(BlockIndex(b), size);
             let piece = br.intersect(&r).unwrap_or(ByteRange {
@@ -172,7 +176,7 @@ impl fmt::Display for BlockSize {
 /// The checksum unit: one CRC32 per 4 KiB page of the image. Small enough
 /// that a 4 KiB read verifies exactly what it serves, large enough that the
 /// metadata is 0.1% of the image.
-pub const PAGE: u64 = 4096;
+pub(crate) const PAGE: u64 = 4096;
 
 /// Parse sizes like `65536`, `64k`, `64KiB`, `1M`, `1MiB`, `2g`.
 pub fn parse_size(s: &str) -> Result<u64> {
@@ -200,7 +204,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
 }
 
 /// True when every byte is zero.
-pub fn is_zero(data: &[u8]) -> bool {
+pub(crate) fn is_zero(data: &[u8]) -> bool {
     // SAFETY: u64 has no invalid bit patterns, so viewing aligned bytes as
     // u64 is sound; `align_to` leaves the unaligned ends as bytes.
     let (head, body, tail) = unsafe { data.align_to::<u64>() };

@@ -176,7 +176,7 @@ impl FileConfig {
 }
 
 /// Export names become directory names and NBD strings: keep them plain.
-pub fn validate_name(name: &str) -> std::result::Result<(), String> {
+pub(crate) fn validate_name(name: &str) -> std::result::Result<(), String> {
     if name.is_empty() || name.len() > 255 {
         return Err("must be 1 to 255 characters".into());
     }

@@ -21,7 +21,8 @@
 //! - [`overlay`]  copy-on-write layer of a writable export; writes never reach the base:
 //!   `store` (pages + journal, crash contract), `format` (v2, fuzzed), `disk` (the I/O
 //!   interface, with a simulated disk for power-loss tests), `migrate` (v1 -> v2)
-//! - [`format`](mod@format) image formats: guest offsets -> image bytes (`raw` today)
+//! - [`format`](../src/lazybd/format/mod.rs.html) image formats: guest offsets -> image bytes
+//!   (`raw` today; crate-private, so the link is to its source)
 //! - [`prefetch`] work ahead of the guest, above the cache: `readahead`, `profile`
 //!   (boot profiles), `hydrate` (the whole image in the background)
 //! - [`cache`]    the verified cache of an origin: single-flight fetches, eviction,
@@ -42,6 +43,16 @@
 //! The binary (`src/main.rs`) parses arguments and dispatches to its own
 //! `cli` module (`src/cli/`: the clap types, one file per subcommand, and
 //! `settings`, where every option is resolved flag > config file > default).
+//!
+//! The public API is what an embedding program, the binary, the integration
+//! tests and the fuzz targets use: serving ([`daemon::start`] with a
+//! [`daemon::ServeConfig`], the [`daemon::control`] client), [`copy`],
+//! origins ([`origin::Origin`], [`origin::open`]), the [`device`] traits,
+//! [`error`], the [`block`] units, [`stats::Stats`], [`config`],
+//! [`server::Limits`] and [`server::ListenAddr`], [`tls`] options, and the
+//! offline tools (cache info and verify, overlay check, boot profiles).
+//! Everything else is `pub(crate)`; a few decoders are public only for the
+//! fuzz targets, and their modules say so.
 
 pub mod block;
 pub mod cache;
@@ -51,7 +62,7 @@ pub mod daemon;
 pub mod device;
 pub mod error;
 pub mod export;
-pub mod format;
+pub(crate) mod format;
 pub mod nbd;
 pub mod origin;
 pub mod overlay;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-pub const SAMPLE_SIZE: u64 = 64 << 20;
+pub(crate) const SAMPLE_SIZE: u64 = 64 << 20;
 
 /// Create `dir/sample.img` if it does not exist yet; return its path.
 pub fn ensure(dir: &Path) -> Result<PathBuf> {

@@ -87,13 +87,13 @@ impl Default for Limits {
 }
 
 /// A bound listener.
-pub enum Listener {
+pub(crate) enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
 }
 
 impl Listener {
-    pub async fn bind(addr: &ListenAddr) -> Result<Listener> {
+    pub(crate) async fn bind(addr: &ListenAddr) -> Result<Listener> {
         match addr {
             ListenAddr::Tcp(a) => {
                 let l = TcpListener::bind(a)
@@ -109,14 +109,14 @@ impl Listener {
     }
 
     /// The bound address (TCP port resolved when 0 was asked).
-    pub fn local_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
         match self {
             Listener::Tcp(l) => l.local_addr().ok(),
             Listener::Unix(..) => None,
         }
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Listener::Tcp(l) => l
                 .local_addr()
@@ -129,13 +129,13 @@ impl Listener {
 
 /// Everything a connection needs.
 #[derive(Clone)]
-pub struct Shared {
-    pub exports: Arc<Exports>,
-    pub limits: Limits,
+pub(crate) struct Shared {
+    pub(crate) exports: Arc<Exports>,
+    pub(crate) limits: Limits,
     /// TLS for clients that send STARTTLS; None: TLS off.
-    pub tls: Option<Arc<Tls>>,
+    pub(crate) tls: Option<Arc<Tls>>,
     /// Memory and send-time bounds shared by all connections.
-    pub budget: transmission::Budget,
+    pub(crate) budget: transmission::Budget,
 }
 
 /// A handshake step's result, logged; `None` when the connection is done.
@@ -231,7 +231,7 @@ async fn transmit<S>(
 ///
 /// Each connection holds one permit of `slots`; taking all permits back is
 /// how shutdown knows every connection has finished.
-pub async fn run(
+pub(crate) async fn run(
     listeners: Vec<Listener>,
     shared: Shared,
     shutdown: watch::Receiver<bool>,

@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the origin latency histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 12] = [
+const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
 ];
 
 /// A fixed-bucket latency histogram in atomics (lock-free to record).
 #[derive(Default, Debug)]
-pub struct Histogram {
+pub(crate) struct Histogram {
     /// Per bucket (not cumulative); the last slot is +Inf.
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     sum_ns: AtomicU64,
@@ -20,7 +20,7 @@ pub struct Histogram {
 }
 
 impl Histogram {
-    pub fn record(&self, d: Duration) {
+    pub(crate) fn record(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = LATENCY_BUCKETS
             .iter()
@@ -34,7 +34,7 @@ impl Histogram {
 
     /// The bucket bound at or above quantile `q`, once `min` samples are
     /// in (None before, or when it lies in the +Inf bucket).
-    pub fn quantile(&self, q: f64, min: u64) -> Option<Duration> {
+    pub(crate) fn quantile(&self, q: f64, min: u64) -> Option<Duration> {
         let count = self.count.load(Ordering::Relaxed);
         if count < min {
             return None;
@@ -52,7 +52,7 @@ impl Histogram {
 
     /// (sum in seconds, count, per-bucket (upper bound, count)); the
     /// encoder makes them cumulative.
-    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+    pub(crate) fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
         let mut out = Vec::with_capacity(self.buckets.len());
         for (i, b) in self.buckets.iter().enumerate() {
             // f64::MAX is how prometheus-client spells the +Inf bucket.
@@ -103,14 +103,14 @@ pub struct Stats {
     /// Bytes brought in by background hydration.
     pub hydrate_bytes: AtomicU64,
     /// Time of successful origin requests, body included.
-    pub origin_latency: Histogram,
+    pub(crate) origin_latency: Histogram,
 }
 
 /// Who brought bytes in ahead of the guest: each kind of background work
 /// has its own counter. Named here, with the counters, so the cache that
 /// does the fetching need not know who its background users are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Work {
+pub(crate) enum Work {
     Readahead,
     Profile,
     Hydrate,
@@ -118,7 +118,7 @@ pub enum Work {
 
 impl Stats {
     /// The counter of bytes fetched for `work`.
-    pub fn work_bytes(&self, work: Work) -> &AtomicU64 {
+    pub(crate) fn work_bytes(&self, work: Work) -> &AtomicU64 {
         match work {
             Work::Readahead => &self.readahead_bytes,
             Work::Profile => &self.profile_bytes,
@@ -126,7 +126,7 @@ impl Stats {
         }
     }
 
-    pub fn add(counter: &AtomicU64, n: u64) {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 

@@ -30,11 +30,11 @@ use tokio_rustls::TlsAcceptor;
 use crate::error::{Error, ErrorKind, Result};
 
 /// CA certificate(s) that client certificates must chain to.
-pub const CA_CERT: &str = "ca-cert.pem";
+const CA_CERT: &str = "ca-cert.pem";
 /// The server's certificate chain, leaf first.
-pub const SERVER_CERT: &str = "server-cert.pem";
+const SERVER_CERT: &str = "server-cert.pem";
 /// The server's private key (PKCS#8, PKCS#1 or SEC1).
-pub const SERVER_KEY: &str = "server-key.pem";
+const SERVER_KEY: &str = "server-key.pem";
 
 /// Whether NBD clients may, or must, use TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -83,7 +83,7 @@ pub struct TlsOptions {
 }
 
 /// TLS ready to serve: the mode (never `Off`) and the acceptor.
-pub struct Tls {
+pub(crate) struct Tls {
     mode: TlsMode,
     acceptor: TlsAcceptor,
 }
@@ -124,7 +124,7 @@ fn certificates(dir: &Path, name: &str) -> Result<Vec<CertificateDer<'static>>> 
 impl Tls {
     /// Load the certificates for `opts`; `None` when TLS is off. Every
     /// problem is a start-up error naming the file.
-    pub fn load(opts: &TlsOptions) -> Result<Option<Arc<Tls>>> {
+    pub(crate) fn load(opts: &TlsOptions) -> Result<Option<Arc<Tls>>> {
         if opts.mode == TlsMode::Off {
             if opts.certificates.is_some() || opts.verify_peer {
                 tracing::warn!("TLS is off: TLS certificates and peer verification are ignored");
@@ -182,12 +182,12 @@ impl Tls {
     }
 
     /// `On` or `Require`.
-    pub fn mode(&self) -> TlsMode {
+    pub(crate) fn mode(&self) -> TlsMode {
         self.mode
     }
 
     /// The server side of a TLS handshake on `s` (after STARTTLS's ACK).
-    pub fn accept<S>(&self, s: S) -> tokio_rustls::Accept<S>
+    pub(crate) fn accept<S>(&self, s: S) -> tokio_rustls::Accept<S>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {

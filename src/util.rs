@@ -24,7 +24,7 @@ pub fn human_bytes(n: u64) -> String {
 
 /// FNV-1a 64: stable across Rust releases (unlike `DefaultHasher`), which
 /// matters because the value names directories that outlive the binary.
-pub fn fnv64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in bytes {
         h ^= *b as u64;
@@ -35,7 +35,7 @@ pub fn fnv64(bytes: &[u8]) -> u64 {
 
 /// A uniformly-ish distributed number in `[0, bound)` for backoff jitter.
 /// Not for anything security related.
-pub fn jitter(bound: u64) -> u64 {
+pub(crate) fn jitter(bound: u64) -> u64 {
     static STATE: AtomicU64 = AtomicU64::new(0);
     let mut x = STATE.load(Ordering::Relaxed);
     if x == 0 {
@@ -59,7 +59,7 @@ pub fn jitter(bound: u64) -> u64 {
 
 /// Replace `path` with `bytes` so that readers (and a crash) see the old
 /// file or the new one, never a mix: temp file, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
@@ -73,7 +73,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
 /// socket"), creating its directory. A socket file left by a killed server
 /// is removed first; one a live server answers on is refused, never taken
 /// over. The caller removes the file when it stops listening.
-pub fn bind_unix(path: &Path, what: &str) -> crate::error::Result<tokio::net::UnixListener> {
+pub(crate) fn bind_unix(path: &Path, what: &str) -> crate::error::Result<tokio::net::UnixListener> {
     use crate::error::{Error, ErrorKind};
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {

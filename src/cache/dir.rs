@@ -79,7 +79,7 @@ impl Recorded {
 }
 
 /// Hash of everything that makes blocks valid, stored in the map header.
-pub fn identity_hash(id: &OriginIdentity) -> u64 {
+pub(crate) fn identity_hash(id: &OriginIdentity) -> u64 {
     fnv64(format!("{}\n{}\n{:?}", id.locator, id.size, id.validator).as_bytes())
 }
 
@@ -118,11 +118,11 @@ impl CacheDir {
         Ok(CacheDir { root })
     }
 
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
-    pub fn image_dir(&self, id: &OriginIdentity) -> PathBuf {
+    pub(crate) fn image_dir(&self, id: &OriginIdentity) -> PathBuf {
         self.root.join(format!(
             "{}-{:016x}",
             slug(&id.locator),
@@ -147,7 +147,7 @@ impl CacheDir {
 
     /// Open (or create) the cache for `origin`. `block_size` None keeps the
     /// existing cache's block size (or the default for a new one).
-    pub fn open_image(
+    pub(crate) fn open_image(
         &self,
         origin: Arc<dyn Origin>,
         block_size: Option<BlockSize>,

@@ -21,7 +21,7 @@
 //! the disk are read on the blocking pool, where stores of fetched blocks
 //! run too.
 //!
-//! Eviction (see [`ImageCache::evict`]) never makes readers wait for a
+//! Eviction (see `ImageCache::evict`) never makes readers wait for a
 //! punch, never punches bytes a reader is reading, and never punches a
 //! block fetched again meanwhile:
 //!
@@ -44,9 +44,6 @@
 pub mod dir;
 pub mod verify;
 
-/// The map lives in the shared block store; re-exported for old paths.
-pub use crate::store::map;
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -61,13 +58,13 @@ use crate::device::{BlockDevice, BoxFuture, Extent, ReadData};
 use crate::error::{Error, ErrorKind, Result};
 use crate::origin::Origin;
 use crate::stats::{Stats, Work};
+use crate::store::map::BlockState;
 use crate::store::BlockStore;
-use map::BlockState;
 
 pub use dir::CacheDir;
 
 /// Largest single origin request made by coalescing (bytes).
-pub const DEFAULT_MAX_FETCH: u64 = 4 << 20;
+const DEFAULT_MAX_FETCH: u64 = 4 << 20;
 
 /// The outcome of one origin fetch: the run's bytes, shared by all joiners.
 type FetchResult = Option<Result<Bytes>>;
@@ -155,14 +152,14 @@ fn zeroed_u8s(n: usize) -> Vec<AtomicU8> {
 /// profile recorder is one). `note` runs on the read path under a lock:
 /// it MUST be cheap and never block. The `Any` views let whoever installed
 /// an observer take its own type back (from [`ImageCache::stop_observing`]).
-pub trait ReadObserver: Send + 'static {
+pub(crate) trait ReadObserver: Send + 'static {
     fn note(&mut self, r: ByteRange);
     fn as_any(&self) -> &dyn std::any::Any;
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
 }
 
 /// Background fetches planned by [`ImageCache::start_background`].
-pub struct BackgroundFetch {
+pub(crate) struct BackgroundFetch {
     flights: Vec<Arc<Flight>>,
     claimed: u64,
     inner: Arc<Inner>,
@@ -172,13 +169,13 @@ pub struct BackgroundFetch {
 impl BackgroundFetch {
     /// Blocks this fetch claimed (0: all of them were cached or already
     /// on their way, fetched by someone else).
-    pub fn claimed_blocks(&self) -> u64 {
+    pub(crate) fn claimed_blocks(&self) -> u64 {
         self.claimed
     }
 
     /// Wait until every block is stored (or its fetch failed); the bytes
     /// this fetch claimed, counted on its kind's counter.
-    pub async fn finish(self) -> Result<u64> {
+    pub(crate) async fn finish(self) -> Result<u64> {
         for f in &self.flights {
             wait(f).await?;
         }
@@ -261,40 +258,40 @@ impl ImageCache {
         }
     }
 
-    pub fn block_size(&self) -> BlockSize {
+    pub(crate) fn block_size(&self) -> BlockSize {
         self.inner.bs
     }
 
-    pub fn stats(&self) -> &Arc<Stats> {
+    pub(crate) fn stats(&self) -> &Arc<Stats> {
         &self.inner.stats
     }
 
-    pub fn origin(&self) -> &Arc<dyn Origin> {
+    pub(crate) fn origin(&self) -> &Arc<dyn Origin> {
         &self.inner.origin
     }
 
     /// The image's directory in the cache.
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.inner.dir
     }
 
     /// Image size in bytes.
-    pub fn image_size(&self) -> u64 {
+    pub(crate) fn image_size(&self) -> u64 {
         self.inner.size
     }
 
     /// Largest origin request coalescing makes.
-    pub fn max_fetch(&self) -> u64 {
+    pub(crate) fn max_fetch(&self) -> u64 {
         self.inner.max_fetch
     }
 
     /// Permits for background origin requests (see `Inner::background`).
-    pub fn background_permits(&self) -> &Arc<Semaphore> {
+    pub(crate) fn background_permits(&self) -> &Arc<Semaphore> {
         &self.inner.background
     }
 
     /// Guest reads waiting on the origin right now.
-    pub fn guest_waiting(&self) -> usize {
+    pub(crate) fn guest_waiting(&self) -> usize {
         self.inner.guest_waiting.load(Ordering::Relaxed)
     }
 
@@ -305,7 +302,7 @@ impl ImageCache {
 
     /// Show every guest read this cache serves to `obs` from now on (it
     /// replaces any observer installed before).
-    pub fn observe_reads(&self, obs: Box<dyn ReadObserver>) {
+    pub(crate) fn observe_reads(&self, obs: Box<dyn ReadObserver>) {
         *self
             .inner
             .observer
@@ -315,7 +312,7 @@ impl ImageCache {
     }
 
     /// Look at the observer without removing it.
-    pub fn with_observer<T>(&self, f: impl FnOnce(Option<&dyn ReadObserver>) -> T) -> T {
+    pub(crate) fn with_observer<T>(&self, f: impl FnOnce(Option<&dyn ReadObserver>) -> T) -> T {
         f(self
             .inner
             .observer
@@ -325,7 +322,7 @@ impl ImageCache {
     }
 
     /// Remove the observer and hand it back.
-    pub fn stop_observing(&self) -> Option<Box<dyn ReadObserver>> {
+    pub(crate) fn stop_observing(&self) -> Option<Box<dyn ReadObserver>> {
         self.inner.observed.store(false, Ordering::Relaxed);
         self.inner
             .observer
@@ -357,7 +354,7 @@ impl ImageCache {
     /// this call fetched itself (blocks it only joined are counted by
     /// whoever started them). While stores fail (a full disk) it fetches
     /// nothing and returns a `NoSpace` error: the bytes could not be kept.
-    pub fn fetch_background(
+    pub(crate) fn fetch_background(
         &self,
         r: ByteRange,
         why: Work,
@@ -370,7 +367,7 @@ impl ImageCache {
     /// fetches of the missing blocks of `r` now (so a read of the same
     /// blocks issued next joins them), and tell how many blocks this call
     /// claimed; [`BackgroundFetch::finish`] waits for them.
-    pub fn start_background(&self, r: ByteRange, why: Work) -> Result<BackgroundFetch> {
+    pub(crate) fn start_background(&self, r: ByteRange, why: Work) -> Result<BackgroundFetch> {
         if !self.storing() {
             return Err(Error::new(
                 ErrorKind::NoSpace,
@@ -410,7 +407,7 @@ impl ImageCache {
     /// until a store succeeds again). Background work checks it so a full
     /// disk does not turn readahead into origin traffic that is thrown away;
     /// after the pause one background fetch probes again.
-    pub fn storing(&self) -> bool {
+    pub(crate) fn storing(&self) -> bool {
         const PAUSE_MS: u64 = 5_000;
         let inner = &self.inner;
         let at = inner.store_failed_at.load(Ordering::Relaxed);
@@ -439,13 +436,13 @@ impl ImageCache {
     /// CRCs are untouched, or caught by the CRCs if partly zeroed), is
     /// counted in `punch_failures`, logged once, and ends this call; on a
     /// file system without hole punching, eviction stops for good.
-    pub fn evict(&self, want: u64) -> u64 {
+    pub(crate) fn evict(&self, want: u64) -> u64 {
         self.evict_with(want, |store, r| store.try_punch(r))
     }
 
     /// Whether eviction can free space here (false once the file system
     /// turned out unable to punch holes).
-    pub fn can_evict(&self) -> bool {
+    pub(crate) fn can_evict(&self) -> bool {
         !self.inner.punch_unsupported.load(Ordering::Relaxed)
     }
 
@@ -584,7 +581,7 @@ impl ImageCache {
     }
 
     /// Persist metadata and data (shutdown, FLUSH).
-    pub fn sync(&self) -> Result<()> {
+    pub(crate) fn sync(&self) -> Result<()> {
         self.inner.store.sync()
     }
 

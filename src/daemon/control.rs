@@ -42,9 +42,9 @@ pub enum Request {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Response {
-    pub ok: bool,
+    pub(crate) ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportInfo>,
 }
@@ -53,7 +53,7 @@ pub struct Response {
 const MAX_LINE: usize = 64 << 10;
 
 /// Bind the control socket and serve it until `stop`.
-pub fn serve(
+pub(crate) fn serve(
     path: &Path,
     daemon: Arc<Daemon>,
     mut stop: watch::Receiver<bool>,

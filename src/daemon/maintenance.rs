@@ -12,7 +12,7 @@ use super::state::{Daemon, ExportConfig};
 /// Eviction starts when cached data exceeds this share of the limit...
 pub const HIGH_WATERMARK: f64 = 0.95;
 /// ...and stops when it is back under this one.
-pub const LOW_WATERMARK: f64 = 0.90;
+const LOW_WATERMARK: f64 = 0.90;
 
 /// Persist maps now and then so a power cut loses little work (a process
 /// kill loses nothing: the mappings live in the page cache). Aborted at

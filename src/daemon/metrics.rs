@@ -184,7 +184,7 @@ impl Collector for DaemonCollector {
 }
 
 /// The current metrics as OpenMetrics text.
-pub fn render(daemon: &Arc<Daemon>) -> String {
+fn render(daemon: &Arc<Daemon>) -> String {
     let mut reg = Registry::default();
     reg.register_collector(Box::new(DaemonCollector(Arc::downgrade(daemon))));
     let mut out = String::new();
@@ -194,7 +194,7 @@ pub fn render(daemon: &Arc<Daemon>) -> String {
 }
 
 /// Serve GET /metrics on `addr` until `stop`.
-pub async fn serve(
+pub(crate) async fn serve(
     addr: &str,
     daemon: Arc<Daemon>,
     mut stop: watch::Receiver<bool>,

@@ -7,16 +7,16 @@
 //! - `run`           [`start`] and [`Running::shutdown`]: listeners, tasks, persistence
 //! - `maintenance`   evictor, periodic sync, retries of exports
 //! - [`control`]     the control socket (JSON lines) behind `lazybd export ...`
-//! - [`metrics`]     the Prometheus endpoint, reading counters at scrape time
+//! - `metrics`       the Prometheus endpoint, reading counters at scrape time
 //!
 //! `control` and `metrics` depend on the state only; `run` wires them in.
 
 pub mod control;
 mod maintenance;
-pub mod metrics;
+pub(crate) mod metrics;
 mod run;
 mod state;
 
-pub use maintenance::{HIGH_WATERMARK, LOW_WATERMARK};
+pub use maintenance::HIGH_WATERMARK;
 pub use run::{start, Running, ServeConfig};
 pub use state::{BootOptions, Daemon, ExportConfig, ExportInfo};

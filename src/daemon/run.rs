@@ -60,16 +60,6 @@ impl Running {
         self.budget.available()
     }
 
-    /// Counters of the first image (the single-image case and tests).
-    pub async fn stats(&self) -> Arc<Stats> {
-        self.daemon
-            .image_stats_now()
-            .into_iter()
-            .next()
-            .map(|(_, s)| s)
-            .unwrap_or_default()
-    }
-
     /// The shared cache of `image` if open.
     pub async fn cache(&self, image: &str) -> Option<ImageCache> {
         self.daemon.cache_now(image)

@@ -139,7 +139,7 @@ pub struct Daemon {
     images: std::sync::Mutex<HashMap<String, Slot>>,
     /// (locator, counters) of open images, readable without awaiting (metrics).
     image_stats: std::sync::RwLock<Vec<(String, Arc<Stats>)>>,
-    pub exports: Arc<Exports>,
+    pub(crate) exports: Arc<Exports>,
     boot: BootOptions,
     cache_size: Option<u64>,
     /// Turns true at shutdown: background work of images stops.
@@ -177,7 +177,7 @@ impl Daemon {
     }
 
     /// The shared cache of `image` if it is open (not being opened).
-    pub fn cache_now(&self, image: &str) -> Option<ImageCache> {
+    pub(crate) fn cache_now(&self, image: &str) -> Option<ImageCache> {
         match self
             .images
             .lock()
@@ -196,7 +196,7 @@ impl Daemon {
 
     /// The shared cache of `image`, opening origin and cache on first use.
     /// Concurrent first uses share one opening (one probe, one cache).
-    pub async fn image(&self, image: &str) -> Result<ImageCache> {
+    pub(crate) async fn image(&self, image: &str) -> Result<ImageCache> {
         enum Next {
             Wait(watch::Receiver<Option<Result<ImageCache>>>),
             Open(watch::Sender<Option<Result<ImageCache>>>),
@@ -333,7 +333,7 @@ impl Daemon {
     }
 
     /// Start hydrating an image unless it is already being hydrated.
-    pub fn hydrate(&self, cache: &ImageCache) {
+    pub(crate) fn hydrate(&self, cache: &ImageCache) {
         let locator = cache.origin().identity().locator.clone();
         if let Some(limit) = self.cache_size {
             if limit < cache.image_size() {
@@ -359,7 +359,7 @@ impl Daemon {
     }
 
     /// Hydration progress of images being hydrated (metrics).
-    pub fn hydrations(&self) -> Vec<(String, Arc<hydrate::Live>)> {
+    pub(crate) fn hydrations(&self) -> Vec<(String, Arc<hydrate::Live>)> {
         self.hydrations
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -367,7 +367,7 @@ impl Daemon {
     }
 
     /// Stop every boot profile recording and save the profiles.
-    pub fn finish_profiles(&self) -> Result<()> {
+    pub(crate) fn finish_profiles(&self) -> Result<()> {
         let caches = self.open_caches();
         let mut r = Ok(());
         for c in caches {

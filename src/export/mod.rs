@@ -1,9 +1,12 @@
 //! Exports: what an NBD client sees. The export description (name, flags,
 //! block sizes, the device behind it) and the registry of named exports.
 //!
-//! [`stack`] is the one place where layers are composed into a device.
+//! `stack` is the one place where layers are composed into a device.
+//!
+//! [`Export`] (every field) and [`Exports::add`] are public for the fuzz
+//! target `handshake`, which builds an export over a stub device by hand.
 
-pub mod stack;
+pub(crate) mod stack;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,11 +45,11 @@ pub struct Export {
 }
 
 impl Export {
-    pub fn read_only(&self) -> bool {
+    pub(crate) fn read_only(&self) -> bool {
         self.writable.is_none()
     }
 
-    pub fn clients(&self) -> usize {
+    pub(crate) fn clients(&self) -> usize {
         self.clients.load(Ordering::Relaxed)
     }
 }
@@ -86,7 +89,7 @@ impl Exports {
 
     /// Take an export out of the registry: new clients can no longer reach
     /// it; connected ones are the caller's business.
-    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+    pub(crate) fn remove(&self, name: &str) -> Option<Arc<Export>> {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         let e = map.remove(name)?;
         let mut d = self.default.write().unwrap_or_else(|p| p.into_inner());
@@ -97,12 +100,12 @@ impl Exports {
     }
 
     /// Every export, by name.
-    pub fn all(&self) -> Vec<Arc<Export>> {
+    pub(crate) fn all(&self) -> Vec<Arc<Export>> {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
         map.values().cloned().collect()
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<Export>> {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
         if name.is_empty() {
             if let Some(e) = map.get("") {
@@ -115,7 +118,7 @@ impl Exports {
     }
 
     /// (name, description) of every export, for NBD_OPT_LIST.
-    pub fn list(&self) -> Vec<(String, String)> {
+    pub(crate) fn list(&self) -> Vec<(String, String)> {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
         map.values()
             .map(|e| (e.name.clone(), e.description.clone()))

@@ -28,11 +28,11 @@ use crate::overlay::Overlay;
 use crate::prefetch::readahead::Readahead;
 
 /// How to present one image.
-pub struct ExportSpec {
-    pub name: String,
-    pub description: String,
+pub(crate) struct ExportSpec {
+    pub(crate) name: String,
+    pub(crate) description: String,
     /// Sequential readahead into the cache.
-    pub readahead: bool,
+    pub(crate) readahead: bool,
 }
 
 /// What sits on the shared cache for one export: the image's format, and
@@ -71,14 +71,18 @@ fn export(
 }
 
 /// A read-only export of a cached image.
-pub fn read_only_export(spec: ExportSpec, cache: ImageCache) -> Export {
+pub(crate) fn read_only_export(spec: ExportSpec, cache: ImageCache) -> Export {
     let device = base(&spec, &cache);
     export(spec, &cache, device, None)
 }
 
 /// A writable export: a copy-on-write overlay in `overlay_dir` over the
 /// shared cache.
-pub fn writable_export(spec: ExportSpec, cache: ImageCache, overlay_dir: &Path) -> Result<Export> {
+pub(crate) fn writable_export(
+    spec: ExportSpec,
+    cache: ImageCache,
+    overlay_dir: &Path,
+) -> Result<Export> {
     let base_id = cache.origin().identity().to_string();
     let overlay = Arc::new(Overlay::open(overlay_dir, base(&spec, &cache), &base_id)?);
     let device: Arc<dyn BlockDevice> = overlay.clone();

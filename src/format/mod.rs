@@ -22,14 +22,14 @@ use crate::device::BlockDevice;
 
 /// The format of an image's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Format {
+pub(crate) enum Format {
     /// The bytes are the disk.
     #[default]
     Raw,
 }
 
 /// The guest's view of an image in format `f` whose bytes `image` serves.
-pub fn open(f: Format, image: Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice> {
+pub(crate) fn open(f: Format, image: Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice> {
     match f {
         Format::Raw => raw::open(image),
     }

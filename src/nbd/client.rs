@@ -23,25 +23,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// Where an NBD export is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NbdUri {
-    pub addr: NbdAddr,
-    pub export: String,
+pub(crate) struct NbdUri {
+    pub(crate) addr: NbdAddr,
+    pub(crate) export: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdAddr {
+pub(crate) enum NbdAddr {
     Tcp(String),
     Unix(PathBuf),
 }
 
 impl NbdUri {
     /// Whether `s` is an NBD URI (as opposed to a file or HTTP URL).
-    pub fn is_nbd(s: &str) -> bool {
+    pub(crate) fn is_nbd(s: &str) -> bool {
         let l = s.to_ascii_lowercase();
         l.starts_with("nbd://") || l.starts_with("nbd+unix://")
     }
 
-    pub fn parse(s: &str) -> Result<NbdUri> {
+    pub(crate) fn parse(s: &str) -> Result<NbdUri> {
         let bad = |why: &str| Error::new(ErrorKind::InvalidInput, format!("NBD URI {s:?}: {why}"));
         let (rest, unix) = if let Some(r) = s.strip_prefix("nbd+unix://") {
             (r, true)
@@ -200,7 +200,7 @@ fn for_words(start: u64, end: u64, mut f: impl FnMut(usize, u64)) {
 }
 
 /// One connection to an export, in the transmission phase.
-pub struct NbdClient {
+pub(crate) struct NbdClient {
     s: Box<dyn Stream>,
     size: u64,
     flags: u16,
@@ -215,7 +215,7 @@ fn proto(what: &str, msg: impl std::fmt::Display) -> Error {
 }
 
 impl NbdClient {
-    pub async fn connect(uri: &NbdUri) -> Result<NbdClient> {
+    pub(crate) async fn connect(uri: &NbdUri) -> Result<NbdClient> {
         let what = match &uri.addr {
             NbdAddr::Tcp(a) => format!("{a} export {:?}", uri.export),
             NbdAddr::Unix(p) => format!("{} export {:?}", p.display(), uri.export),
@@ -247,17 +247,17 @@ impl NbdClient {
         Ok(c)
     }
 
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.size
     }
 
     /// Whether the server allows several connections to act as one
     /// (a FLUSH on one covers writes on all).
-    pub fn can_multi_conn(&self) -> bool {
+    pub(crate) fn can_multi_conn(&self) -> bool {
         self.flags & tflag::CAN_MULTI_CONN != 0
     }
 
-    pub fn read_only(&self) -> bool {
+    pub(crate) fn read_only(&self) -> bool {
         self.flags & tflag::READ_ONLY != 0
     }
 
@@ -459,7 +459,7 @@ impl NbdClient {
     }
 
     /// Read `r` (at most 32 MiB).
-    pub async fn read(&mut self, r: ByteRange) -> Result<Bytes> {
+    pub(crate) async fn read(&mut self, r: ByteRange) -> Result<Bytes> {
         let cookie = self.request(cmd::READ, 0, r, &[]).await?;
         let mut out = BytesMut::zeroed(r.len as usize);
         let mut m = [0u8; 4];
@@ -561,7 +561,7 @@ impl NbdClient {
     }
 
     /// Allocation of `r` (all data when the server has no base:allocation).
-    pub async fn extents(&mut self, r: ByteRange) -> Result<Vec<Extent>> {
+    pub(crate) async fn extents(&mut self, r: ByteRange) -> Result<Vec<Extent>> {
         if !self.base_allocation {
             return Ok(vec![Extent {
                 len: r.len,
@@ -622,7 +622,7 @@ impl NbdClient {
         Ok(clipped)
     }
 
-    pub async fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+    pub(crate) async fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         let r = ByteRange {
             offset,
             len: data.len() as u64,
@@ -632,7 +632,7 @@ impl NbdClient {
     }
 
     /// Zero `r`: WRITE_ZEROES when the server has it, else written zeroes.
-    pub async fn write_zeroes(&mut self, r: ByteRange) -> Result<()> {
+    pub(crate) async fn write_zeroes(&mut self, r: ByteRange) -> Result<()> {
         if self.flags & tflag::SEND_WRITE_ZEROES != 0 {
             let c = self.request(cmd::WRITE_ZEROES, 0, r, &[]).await?;
             return self.ack(c, "write zeroes", r).await;
@@ -641,7 +641,7 @@ impl NbdClient {
         self.write(r.offset, &zeros).await
     }
 
-    pub async fn flush(&mut self) -> Result<()> {
+    pub(crate) async fn flush(&mut self) -> Result<()> {
         if self.flags & tflag::SEND_FLUSH == 0 {
             return Ok(());
         }
@@ -651,7 +651,7 @@ impl NbdClient {
     }
 
     /// Say goodbye (NBD_CMD_DISC); the server closes.
-    pub async fn disconnect(mut self) {
+    pub(crate) async fn disconnect(mut self) {
         let r = ByteRange { offset: 0, len: 0 };
         let _ = self.request(cmd::DISC, 0, r, &[]).await;
         let _ = self.s.shutdown().await;

@@ -8,8 +8,11 @@
 //!
 //! STARTTLS changes the stream under the handshake, so it ends [`negotiate`]
 //! with [`Outcome::StartTls`]; the caller runs the TLS handshake and
-//! continues with [`after_starttls`] on the TLS stream. What was negotiated
+//! continues with `after_starttls` on the TLS stream. What was negotiated
 //! in plaintext does not carry over (spec), only the greeting's flags.
+//!
+//! [`negotiate`] and what it returns are public for the fuzz target
+//! `handshake`, which drives it with arbitrary client bytes.
 
 use std::sync::Arc;
 
@@ -33,7 +36,7 @@ pub struct Negotiated {
 /// TLS as one connection sees it. Decided at the greeting and kept for the
 /// connection's lifetime, as the spec requires of a server's TLS mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsState {
+enum TlsState {
     /// No TLS (NOTLS): STARTTLS is refused by policy.
     Off,
     /// The client may upgrade or stay in plaintext.
@@ -56,14 +59,14 @@ pub enum Outcome {
     /// Enter transmission with these settings.
     Transmission(Negotiated),
     /// STARTTLS was acknowledged: run the TLS handshake on the stream, then
-    /// [`after_starttls`].
+    /// `after_starttls`.
     StartTls(Session),
     /// The client aborted or asked only for information.
     Closed,
 }
 
 /// Transmission flags advertised for `e` given the negotiated options.
-pub fn transmission_flags(e: &Export, structured: bool) -> u16 {
+fn transmission_flags(e: &Export, structured: bool) -> u16 {
     let mut f = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_CACHE;
     if e.read_only() {
         f |= tflag::READ_ONLY;
@@ -240,7 +243,11 @@ where
 }
 
 /// Option haggling over TLS after [`Outcome::StartTls`], on the TLS stream.
-pub async fn after_starttls<S>(s: &mut S, exports: &Exports, session: Session) -> Result<Outcome>
+pub(crate) async fn after_starttls<S>(
+    s: &mut S,
+    exports: &Exports,
+    session: Session,
+) -> Result<Outcome>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {

@@ -1,7 +1,10 @@
 //! The NBD protocol: wire format, server handshake and transmission, and a
 //! small client (`lazybd copy`).
+//!
+//! [`wire`] and [`handshake`] are public for the integration tests and the
+//! fuzz targets; `transmission` and `client` are crate-private.
 
-pub mod client;
+pub(crate) mod client;
 pub mod handshake;
-pub mod transmission;
+pub(crate) mod transmission;
 pub mod wire;

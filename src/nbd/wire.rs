@@ -3,6 +3,10 @@
 //! Everything here works on byte slices so it can be fuzzed and property
 //! tested in isolation (see `fuzz/` and the tests below). Values follow the
 //! NBD protocol specification (`doc/proto.md` of the NBD project).
+//!
+//! Public for the integration tests (which speak raw NBD) and the fuzz
+//! targets `wire_decode` and `handshake`; the reply builders only the
+//! server uses are crate-private.
 
 /// `NBDMAGIC`, first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -23,7 +27,7 @@ pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 pub const MAX_PAYLOAD: u32 = 64 << 20;
 /// The spec's default maximum payload (32 MiB): what every server serves
 /// without advertising anything, so the most lazybd's own client asks for.
-pub const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
+pub(crate) const DEFAULT_MAX_PAYLOAD: u32 = 32 << 20;
 /// Longest string (export name, context query) the spec allows.
 pub const MAX_STRING: usize = 4096;
 /// Longest option payload we read during the handshake; longer options are
@@ -242,7 +246,7 @@ pub fn to_string(bytes: &[u8], what: &'static str) -> Result<String, DecodeError
 /// `s` cut to at most `max` bytes, at a character boundary: a message that
 /// quotes a client's 4096-byte name must still be a protocol string (valid
 /// UTF-8, at most [`MAX_STRING`] bytes).
-pub fn truncate_str(s: &str, max: usize) -> &str {
+pub(crate) fn truncate_str(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -364,7 +368,7 @@ impl MetaContextRequest {
 }
 
 /// One option reply: magic, option, type, length, data.
-pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
+pub(crate) fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(20 + data.len());
     v.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
     v.extend_from_slice(&option.to_be_bytes());
@@ -376,7 +380,7 @@ pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
 
 /// `NBD_REP_SERVER` payload: the name, then the description as the
 /// human-readable string (cut to the string limit).
-pub fn rep_server(name: &str, description: &str) -> Vec<u8> {
+pub(crate) fn rep_server(name: &str, description: &str) -> Vec<u8> {
     let description = truncate_str(description, MAX_STRING);
     let mut v = Vec::with_capacity(4 + name.len() + description.len());
     v.extend_from_slice(&(name.len() as u32).to_be_bytes());
@@ -386,7 +390,7 @@ pub fn rep_server(name: &str, description: &str) -> Vec<u8> {
 }
 
 /// `NBD_REP_INFO` payload for `NBD_INFO_EXPORT`.
-pub fn info_export(size: u64, flags: u16) -> Vec<u8> {
+pub(crate) fn info_export(size: u64, flags: u16) -> Vec<u8> {
     let mut v = Vec::with_capacity(12);
     v.extend_from_slice(&info::EXPORT.to_be_bytes());
     v.extend_from_slice(&size.to_be_bytes());
@@ -395,7 +399,7 @@ pub fn info_export(size: u64, flags: u16) -> Vec<u8> {
 }
 
 /// `NBD_REP_INFO` payload for `NBD_INFO_BLOCK_SIZE`.
-pub fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
+pub(crate) fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
     let mut v = Vec::with_capacity(14);
     v.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
     v.extend_from_slice(&min.to_be_bytes());
@@ -406,7 +410,7 @@ pub fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
 
 /// `NBD_REP_INFO` payload for `NBD_INFO_NAME` or `NBD_INFO_DESCRIPTION`
 /// (cut to the string limit: a description comes from configuration).
-pub fn info_string(kind: u16, s: &str) -> Vec<u8> {
+pub(crate) fn info_string(kind: u16, s: &str) -> Vec<u8> {
     let s = truncate_str(s, MAX_STRING);
     let mut v = Vec::with_capacity(2 + s.len());
     v.extend_from_slice(&kind.to_be_bytes());
@@ -455,7 +459,7 @@ impl Request {
 }
 
 /// Simple reply header (16 bytes); READ data follows on success.
-pub fn simple_reply(cookie: u64, error: u32) -> [u8; 16] {
+pub(crate) fn simple_reply(cookie: u64, error: u32) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     b[4..8].copy_from_slice(&error.to_be_bytes());

@@ -14,7 +14,7 @@ use crate::device::BoxFuture;
 use crate::error::{Error, ErrorKind, Result};
 use crate::stats::Stats;
 
-pub struct FileOrigin {
+pub(crate) struct FileOrigin {
     /// Shared with blocking read tasks.
     file: Arc<File>,
     path: std::path::PathBuf,
@@ -23,7 +23,7 @@ pub struct FileOrigin {
 }
 
 impl FileOrigin {
-    pub fn open(path: &Path, stats: Arc<Stats>) -> Result<Self> {
+    pub(crate) fn open(path: &Path, stats: Arc<Stats>) -> Result<Self> {
         let ctx = || format!("opening origin file {}", path.display());
         let file = File::open(path).map_err(|e| Error::io(ctx(), e))?;
         let meta = file.metadata().map_err(|e| Error::io(ctx(), e))?;

@@ -44,7 +44,7 @@ enum ValidatorSource {
     None,
 }
 
-pub struct HttpOrigin {
+pub(crate) struct HttpOrigin {
     client: reqwest::Client,
     /// The URL after redirects, used for every block request.
     url: Url,
@@ -179,7 +179,7 @@ fn redact(url: &Url) -> String {
 /// locator with `…` or a space can never be a plain URL's (a URL's query
 /// has them %-encoded), so the two forms cannot collide. A URL without a
 /// query keeps the locator it always had (its cache stays valid).
-pub fn locator(url: &Url) -> String {
+pub(crate) fn locator(url: &Url) -> String {
     let kept: Vec<&str> = query_pieces(url)
         .filter(|p| !is_signing(param_name(p)))
         .collect();
@@ -236,7 +236,7 @@ fn transient(status: StatusCode) -> bool {
 }
 
 impl HttpOrigin {
-    pub async fn open(spec: &str, opts: &OriginOptions, stats: Arc<Stats>) -> Result<Self> {
+    pub(crate) async fn open(spec: &str, opts: &OriginOptions, stats: Arc<Stats>) -> Result<Self> {
         let url = Url::parse(spec).map_err(|e| {
             Error::with_source(ErrorKind::InvalidInput, format!("origin URL {spec:?}"), e)
         })?;

@@ -17,8 +17,8 @@ use crate::block::ByteRange;
 use crate::error::{Error, ErrorKind, Result};
 use crate::stats::Stats;
 
-pub use file::FileOrigin;
-pub use http::HttpOrigin;
+pub(crate) use file::FileOrigin;
+pub(crate) use http::HttpOrigin;
 
 use crate::device::BoxFuture;
 

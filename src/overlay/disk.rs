@@ -8,6 +8,10 @@
 //! Every call may block on the disk except [`DiskFile::read_at_nowait`],
 //! the one the async workers may make: the overlay runs all the others on
 //! the blocking pool.
+//!
+//! [`Dir`], [`DiskFile`] and [`sim::SimDir`] are public for the fuzz target
+//! `overlay_journal`; the simulated disk's fault injection is for the unit
+//! tests only.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -60,7 +64,7 @@ pub trait Dir: Send + Sync {
 
 /// Read exactly `buf.len()` bytes; end of file reads as zeroes (sparse
 /// files and files being extended).
-pub fn read_full(f: &dyn DiskFile, buf: &mut [u8], off: u64) -> io::Result<()> {
+pub(crate) fn read_full(f: &dyn DiskFile, buf: &mut [u8], off: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let n = f.read_at(&mut buf[done..], off + done as u64)?;
@@ -75,7 +79,7 @@ pub fn read_full(f: &dyn DiskFile, buf: &mut [u8], off: u64) -> io::Result<()> {
 
 /// [`read_full`] without waiting: `Ok(false)` as soon as the rest would
 /// have to come from the disk (`buf` is then partly written).
-pub fn read_full_nowait(f: &dyn DiskFile, buf: &mut [u8], off: u64) -> io::Result<bool> {
+pub(crate) fn read_full_nowait(f: &dyn DiskFile, buf: &mut [u8], off: u64) -> io::Result<bool> {
     let mut done = 0;
     while done < buf.len() {
         match f.read_at_nowait(&mut buf[done..], off + done as u64)? {
@@ -91,12 +95,12 @@ pub fn read_full_nowait(f: &dyn DiskFile, buf: &mut [u8], off: u64) -> io::Resul
 }
 
 /// The real thing: a directory on disk.
-pub struct OsDir {
+pub(crate) struct OsDir {
     root: PathBuf,
 }
 
 impl OsDir {
-    pub fn new(root: &Path) -> OsDir {
+    pub(crate) fn new(root: &Path) -> OsDir {
         OsDir {
             root: root.to_path_buf(),
         }
@@ -258,7 +262,8 @@ impl Dir for OsDir {
 pub mod sim {
     use super::*;
 
-    pub const SECTOR: usize = 512;
+    #[cfg(test)]
+    const SECTOR: usize = 512;
 
     #[derive(Default, Clone)]
     struct FileData {
@@ -306,32 +311,36 @@ pub mod sim {
         pub fn new() -> SimDir {
             SimDir::default()
         }
+    }
 
+    /// Fault injection, for the unit tests.
+    #[cfg(test)]
+    impl SimDir {
         /// The `n`-th write from now (0: the next) fails with `errno`,
         /// after writing a prefix of its buffer (half of it).
-        pub fn fail_write(&self, n: u64, errno: i32) {
+        pub(crate) fn fail_write(&self, n: u64, errno: i32) {
             self.st.lock().unwrap().fail_write_in = Some((n, errno));
         }
 
         /// What `free_space` reports from now on.
-        pub fn set_free_space(&self, bytes: u64) {
+        pub(crate) fn set_free_space(&self, bytes: u64) {
             self.st.lock().unwrap().free = Some(bytes);
         }
 
         /// The `n`-th sync from now fails with EIO.
-        pub fn fail_sync(&self, n: u64) {
+        pub(crate) fn fail_sync(&self, n: u64) {
             self.st.lock().unwrap().fail_sync_in = Some(n);
         }
 
         /// (writes, syncs) so far.
-        pub fn counts(&self) -> (u64, u64) {
+        pub(crate) fn counts(&self) -> (u64, u64) {
             let s = self.st.lock().unwrap();
             (s.writes, s.syncs)
         }
 
         /// Process death (kill -9): nothing written is lost; the page cache
         /// survives. Pending failures are cleared.
-        pub fn kill(&self) {
+        pub(crate) fn kill(&self) {
             let mut s = self.st.lock().unwrap();
             s.fail_write_in = None;
             s.fail_sync_in = None;
@@ -341,7 +350,7 @@ pub mod sim {
         /// random source): how many of the `n` unsynced writes touching a
         /// sector reached it, and (n = 1) whether unsynced directory
         /// changes survived.
-        pub fn power_cut(&self, pick: &mut dyn FnMut(usize) -> usize) {
+        pub(crate) fn power_cut(&self, pick: &mut dyn FnMut(usize) -> usize) {
             let mut s = self.st.lock().unwrap();
             s.fail_write_in = None;
             s.fail_sync_in = None;
@@ -381,13 +390,13 @@ pub mod sim {
         }
 
         /// The bytes of `name` as they are now (for tests that damage files).
-        pub fn contents(&self, name: &str) -> Option<Vec<u8>> {
+        pub(crate) fn contents(&self, name: &str) -> Option<Vec<u8>> {
             let s = self.st.lock().unwrap();
             s.names.get(name).map(|&id| s.files[id].current.clone())
         }
 
         /// Overwrite bytes of `name` durably (simulated damage).
-        pub fn damage(&self, name: &str, off: u64, bytes: &[u8]) {
+        pub(crate) fn damage(&self, name: &str, off: u64, bytes: &[u8]) {
             let mut s = self.st.lock().unwrap();
             let id = s.names[name];
             let f = &mut s.files[id];

@@ -1,5 +1,6 @@
 //! The overlay's on-disk format (version 2): pure encoding and decoding,
-//! no I/O, fuzzed (`fuzz/fuzz_targets/overlay_format.rs`).
+//! no I/O, fuzzed (`fuzz/fuzz_targets/overlay_journal.rs`, for which the
+//! encoders and decoders here are public).
 //!
 //! An overlay directory holds `base` (what it was made over), `lock`, and:
 //!
@@ -31,16 +32,16 @@
 
 use crate::block::PAGE;
 
-pub const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 2;
 pub const JOURNAL_MAGIC: &[u8; 8] = b"LAZYBDOJ";
 pub const PAGES_MAGIC: &[u8; 8] = b"LAZYBDOP";
-pub const HEADER_LEN: usize = 64;
+const HEADER_LEN: usize = 64;
 /// Records start after the header page.
-pub const RECORDS_START: u64 = PAGE;
+pub(crate) const RECORDS_START: u64 = PAGE;
 pub const RECORD: usize = 32;
 /// Slots are below this (4 PiB of pages): a record naming a larger one is
 /// not a record any writer produced.
-pub const MAX_SLOT: u64 = 1 << 40;
+const MAX_SLOT: u64 = 1 << 40;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {

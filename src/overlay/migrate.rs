@@ -26,7 +26,7 @@ const TMP: &str = "v2.tmp";
 
 /// Does `dir` hold version-1 files that still need migrating (or leftovers
 /// of a finished migration)?
-pub fn pending(dir: &Path) -> bool {
+pub(crate) fn pending(dir: &Path) -> bool {
     dir.join("meta").exists()
 }
 
@@ -36,7 +36,12 @@ fn io(what: &str, p: &Path, e: std::io::Error) -> Error {
 
 /// Migrate `dir`; returns the pages that could not be kept (only with
 /// `keep_going`; otherwise such pages refuse the migration).
-pub fn migrate(dir: &Path, image_size: u64, identity: u64, keep_going: bool) -> Result<Vec<u64>> {
+pub(crate) fn migrate(
+    dir: &Path,
+    image_size: u64,
+    identity: u64,
+    keep_going: bool,
+) -> Result<Vec<u64>> {
     let meta = dir.join("meta");
     let data_path = dir.join("data");
     if dir.join(JOURNAL).exists() {

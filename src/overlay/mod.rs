@@ -23,7 +23,7 @@
 //! cache first (`RWF_NOWAIT`: the inline fast path and the first pass of
 //! the full path); pages that would have to come from the disk are read on
 //! the blocking pool. Writes are accepted in memory without waiting
-//! ([`PageStore::write_now`]: slots, records and map taken at once) and
+//! (`PageStore::write_now`: slots, records and map taken at once) and
 //! put on file by a drain on the blocking pool; a write that cannot be
 //! accepted so (space to reserve, too much accepted already) runs the
 //! blocking store write on the pool, its page stripes held until it is
@@ -32,7 +32,7 @@
 
 pub mod disk;
 pub mod format;
-pub mod migrate;
+pub(crate) mod migrate;
 pub mod store;
 #[cfg(test)]
 mod tests;
@@ -211,13 +211,13 @@ impl Overlay {
         })
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// Bytes held by the overlay (data pages), for `export list`: a
     /// counter, not a scan.
-    pub fn bytes_written(&self) -> u64 {
+    pub(crate) fn bytes_written(&self) -> u64 {
         self.store.data_pages() * PAGE
     }
 
@@ -659,7 +659,7 @@ impl Overlay {
     }
 
     /// Sync from a blocking context (shutdown).
-    pub fn sync_blocking(&self) -> Result<()> {
+    pub(crate) fn sync_blocking(&self) -> Result<()> {
         self.store.flush()
     }
 
@@ -796,7 +796,7 @@ impl BlockDevice for Overlay {
 impl Writable for Overlay {
     /// Accepted in memory without waiting when the page stripes are free,
     /// the edge pages' bytes are at hand (page cache, base local) and the
-    /// store can take it ([`PageStore::write_now`]); a drain on the
+    /// store can take it (`PageStore::write_now`); a drain on the
     /// blocking pool puts it on file. Warm 4 KiB random writes at QD32 ran
     /// 1.39x (Unix socket) and 1.14x (TCP) as fast as with the store write
     /// inline on the worker, as before: drains write runs of pages and of

@@ -3,6 +3,9 @@
 //! the journal at open. Metadata and data grow with what the guest wrote,
 //! never with the image's virtual size.
 //!
+//! [`PageStore::open`], its read side and the file names are public for the
+//! fuzz target `overlay_journal`, which replays arbitrary journals.
+//!
 //! Crash contract (RELIABILITY.md): after `kill -9` or a power cut at any
 //! moment, every write acknowledged before the last completed flush reads
 //! back exactly; every page written since reads as one of the contents it
@@ -30,8 +33,8 @@
 //! * **A failed sync poisons the store**: Linux may have dropped the pages
 //!   it failed to write and marked them clean, so no later sync can vouch
 //!   for them; writes fail until the overlay is opened again.
-//! * **Writes accepted without waiting** ([`PageStore::write_now`],
-//!   [`PageStore::zero_now`], for the async workers) take their slots,
+//! * **Writes accepted without waiting** (`PageStore::write_now`,
+//!   `PageStore::zero_now`, for the async workers) take their slots,
 //!   journal offsets and map entries at once, like any write, but their
 //!   bytes stay in memory (reads are served from there) until a drain on
 //!   the blocking pool puts them on file: pages, then records, in journal
@@ -343,11 +346,11 @@ impl State {
 /// What opening found and did.
 #[derive(Debug, Default, Clone)]
 pub struct OpenReport {
-    pub created: bool,
+    pub(crate) created: bool,
     /// Records after the last flush, and how many of them were kept.
-    pub tail: u64,
-    pub tail_kept: u64,
-    pub compacted: bool,
+    pub(crate) tail: u64,
+    pub(crate) tail_kept: u64,
+    pub(crate) compacted: bool,
 }
 
 pub struct PageStore {
@@ -604,25 +607,21 @@ impl PageStore {
         PAGE.min(self.image_size - p * PAGE) as usize
     }
 
-    pub fn image_size(&self) -> u64 {
-        self.image_size
-    }
-
     /// Has so much been rewritten since the last flush that one is due?
     /// Replaced slots are held until a flush (see the module docs), so a
     /// guest that never flushes would grow `pages` and the list of held
     /// slots without bound; the overlay flushes on its own past this.
-    pub fn wants_flush(&self) -> bool {
+    pub(crate) fn wants_flush(&self) -> bool {
         self.flush_due.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Pages of guest data held (for listings and metrics: a counter).
-    pub fn data_pages(&self) -> u64 {
+    pub(crate) fn data_pages(&self) -> u64 {
         self.state.lock().expect("state lock").map.data_pages
     }
 
     /// Does the overlay hold anything (data or zero) in `[first, end)`?
-    pub fn holds_any(&self, first: u64, end: u64) -> bool {
+    pub(crate) fn holds_any(&self, first: u64, end: u64) -> bool {
         self.state
             .lock()
             .expect("state lock")
@@ -656,7 +655,7 @@ impl PageStore {
     /// Read the data pages starting at page `first` from `slots` into
     /// `out` (which holds exactly those pages' bytes). Returns the pages
     /// that failed their CRC (their bytes in `out` are garbage). Blocks on
-    /// the disk: not for the async workers (see [`PageStore::read_slots_now`]).
+    /// the disk: not for the async workers (see `PageStore::read_slots_now`).
     pub fn read_slots(&self, first: u64, slots: &[(u64, u32)], out: &mut [u8]) -> Result<Vec<u64>> {
         Ok(self
             .read_slots_with(first, slots, out, false)?
@@ -666,7 +665,7 @@ impl PageStore {
     /// [`PageStore::read_slots`] from the page cache only, for the async
     /// workers: `Ok(None)` when some page would have to come from the disk
     /// (or the file system cannot tell), and `out` is then partly written.
-    pub fn read_slots_now(
+    pub(crate) fn read_slots_now(
         &self,
         first: u64,
         slots: &[(u64, u32)],
@@ -807,7 +806,7 @@ impl PageStore {
     /// only at the image end). All-zero pages become zero records unless
     /// `keep_zeros`. The caller serialises writers of the same pages.
     /// Waits for the disk: for the blocking pool.
-    pub fn write(&self, first: u64, data: &[u8], keep_zeros: bool) -> Result<()> {
+    pub(crate) fn write(&self, first: u64, data: &[u8], keep_zeros: bool) -> Result<()> {
         self.check_poison()?;
         let crcs = page_crcs(data, keep_zeros);
         let plan = {
@@ -874,7 +873,12 @@ impl PageStore {
     /// drain; the caller then gives [`PageStore::claim_drain`] its turn.
     /// `None` when it would have to wait: space to reserve, the memory
     /// for accepted writes full, or no way to reserve space at all.
-    pub fn write_now(&self, first: u64, data: &[u8], keep_zeros: bool) -> Option<Result<()>> {
+    pub(crate) fn write_now(
+        &self,
+        first: u64,
+        data: &[u8],
+        keep_zeros: bool,
+    ) -> Option<Result<()>> {
         if let Err(e) = self.check_poison() {
             return Some(Err(e));
         }
@@ -928,7 +932,7 @@ impl PageStore {
 
     /// Pages `[first, first + count)` read as zeroes from now on; their
     /// space is given back once a flush has made that durable.
-    pub fn zero(&self, first: u64, count: u64) -> Result<()> {
+    pub(crate) fn zero(&self, first: u64, count: u64) -> Result<()> {
         self.check_poison()?;
         if count == 0 {
             return Ok(());
@@ -939,7 +943,7 @@ impl PageStore {
     /// [`PageStore::zero`] without waiting for the disk (see
     /// [`PageStore::write_now`]): `None` when the journal has no reserved
     /// room for its record.
-    pub fn zero_now(&self, first: u64, count: u64) -> Option<Result<()>> {
+    pub(crate) fn zero_now(&self, first: u64, count: u64) -> Option<Result<()>> {
         if let Err(e) = self.check_poison() {
             return Some(Err(e));
         }
@@ -966,7 +970,7 @@ impl PageStore {
     /// Claim the background drain: true when accepted writes are queued
     /// and no drain is claimed. The caller MUST then run
     /// [`PageStore::drain`] with `background` (on the blocking pool).
-    pub fn claim_drain(&self) -> bool {
+    pub(crate) fn claim_drain(&self) -> bool {
         let mut st = self.state.lock().expect("state lock");
         if st.draining || st.queue.is_empty() {
             return false;
@@ -982,7 +986,7 @@ impl PageStore {
     /// the store (the writes were acknowledged) and drops the queue; their
     /// bytes stay staged, so reads still see them until the overlay is
     /// opened again and replay decides.
-    pub fn drain(&self, background: bool) {
+    pub(crate) fn drain(&self, background: bool) {
         let _d = self.drain_lock.lock().expect("drain lock");
         loop {
             let (jobs, journal) = {
@@ -1130,20 +1134,20 @@ impl PageStore {
     /// Put every queued write on file and stop background drains from
     /// doing anything more: the overlay is going away, its directory lock
     /// with it, and another may open the files next.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
         self.drain(false);
     }
 
     /// Forget the queued writes, as a killed process would (tests).
     #[cfg(test)]
-    pub fn abandon(&self) {
+    pub(crate) fn abandon(&self) {
         let mut st = self.state.lock().expect("state lock");
         st.queue.clear();
     }
 
     /// Make every write that completed before this call durable.
-    pub fn flush(&self) -> Result<()> {
+    pub(crate) fn flush(&self) -> Result<()> {
         self.check_poison()?;
         let _f = self.flushing.lock().expect("flush lock");
         let (x, journal) = {
@@ -1337,7 +1341,7 @@ impl PageStore {
     }
 
     /// Verify every data page; returns the pages that fail their CRC.
-    pub fn check(&self) -> Result<Vec<u64>> {
+    pub(crate) fn check(&self) -> Result<Vec<u64>> {
         let all = self.lookup(0, self.npages);
         let mut bad = Vec::new();
         for (first, count, piece) in all {
@@ -1352,7 +1356,7 @@ impl PageStore {
 
     /// Repair: pages that fail their CRC read as zeroes from now on (their
     /// content is lost); everything else is kept. Durable on return.
-    pub fn repair(&self, bad: &[u64]) -> Result<()> {
+    pub(crate) fn repair(&self, bad: &[u64]) -> Result<()> {
         for &p in bad {
             self.zero(p, 1)?;
         }

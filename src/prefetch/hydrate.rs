@@ -2,7 +2,7 @@
 //! the image no longer depends on the origin.
 //!
 //! * Large requests: runs of missing blocks up to the cache's fetch size,
-//!   [`JOBS`] in parallel, cached and zero blocks skipped.
+//!   `JOBS` in parallel, cached and zero blocks skipped.
 //! * Guest first: it uses the cache's background permits (guest misses keep
 //!   the other half of the origin's connections) and pauses while a guest
 //!   read waits on the origin. Guest reads of cached blocks never queue
@@ -33,9 +33,9 @@ use crate::stats::Work;
 use crate::util::human_bytes;
 
 /// Parallel hydration requests (also bounded by the background permits).
-pub const JOBS: usize = 4;
+const JOBS: usize = 4;
 /// Status file in the image's cache directory.
-pub const STATUS_FILE: &str = "hydrate.json";
+const STATUS_FILE: &str = "hydrate.json";
 
 /// What `cache info` and metrics show.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -60,10 +60,10 @@ impl Progress {
 
 /// Live progress of a running hydration, read by metrics.
 #[derive(Debug, Default)]
-pub struct Live {
-    pub done_blocks: AtomicU64,
-    pub total_blocks: AtomicU64,
-    pub rate: AtomicU64,
+pub(crate) struct Live {
+    pub(crate) done_blocks: AtomicU64,
+    pub(crate) total_blocks: AtomicU64,
+    pub(crate) rate: AtomicU64,
 }
 
 /// Token bucket: `rate` bytes per second, bursts of one second.
@@ -101,7 +101,7 @@ fn next_missing(cache: &ImageCache, from: u64, blocks: u64, max: u64) -> Option<
 }
 
 /// Hydrate `cache` until complete or `stop`. `rate`: bytes per second.
-pub async fn run(
+pub(crate) async fn run(
     cache: ImageCache,
     rate: Option<u64>,
     live: Arc<Live>,

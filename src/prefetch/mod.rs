@@ -1,10 +1,10 @@
 //! Prefetch: work that brings blocks into the cache before a guest asks,
 //! above the cache, which knows none of it. Each part uses what the cache
 //! exposes for it: a background fetch of a range (joining fetches already
-//! in flight, counted per [`crate::stats::Work`]), and a read observer that
+//! in flight, counted per `stats::Work`), and a read observer that
 //! sees the guest reads it serves.
 //!
-//! - [`readahead`] per-export adaptive sequential readahead (a device layer
+//! - `readahead`   per-export adaptive sequential readahead (a device layer
 //!   between the export or its overlay and the shared cache)
 //! - [`profile`]   boot profiles: record the first reads (a read observer),
 //!   replay them on a cold start
@@ -13,4 +13,4 @@
 
 pub mod hydrate;
 pub mod profile;
-pub mod readahead;
+pub(crate) mod readahead;

@@ -6,10 +6,10 @@
 //! start, many requests in parallel and before the guest asks, turns those
 //! round trips into one transfer.
 //!
-//! * Recording ([`Recorder`]): the cache notes the first read of each block
+//! * Recording (`Recorder`): the cache notes the first read of each block
 //!   for a while after the first read (or until told to stop); the result is
 //!   saved as `profile` in the image's cache directory.
-//! * Replay ([`replay`]): at open, fetch the profile's missing blocks in
+//! * Replay (`replay`): at open, fetch the profile's missing blocks in
 //!   recorded order, coalesced into large requests, with the cache's
 //!   background permits (guest misses keep the other half of the origin's
 //!   connections, and join a replay fetch already under way).
@@ -30,6 +30,9 @@
 //! The magic's last byte is the format version ('1'); a profile of a newer
 //! version is ignored with a warning that says so (a profile can always be
 //! recorded again: it is never client data).
+//!
+//! [`Profile`] is public for `lazybd profile`, the tests and the fuzz
+//! target `profile_decode`; recording and replay are crate-private.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -49,7 +52,7 @@ pub const FILE: &str = "profile";
 /// Suffix of a profile published beside the image on the origin.
 pub const SIDECAR_SUFFIX: &str = ".lazybd-profile";
 /// Largest profile accepted (about a million ranges).
-pub const MAX_BYTES: u64 = 16 << 20;
+const MAX_BYTES: u64 = 16 << 20;
 
 /// Ranges of an image, in the order a boot first read them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,7 +195,7 @@ impl Profile {
 }
 
 /// Records the first read of each block, in order, for a while.
-pub struct Recorder {
+struct Recorder {
     bs: BlockSize,
     image_size: u64,
     /// One bit per block: already recorded.
@@ -205,7 +208,7 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(bs: BlockSize, image_size: u64, limit: Option<Duration>) -> Self {
+    pub(crate) fn new(bs: BlockSize, image_size: u64, limit: Option<Duration>) -> Self {
         let blocks = bs.count(image_size);
         Recorder {
             bs,
@@ -218,7 +221,7 @@ impl Recorder {
     }
 
     /// Note a guest read (cheap: a bit test per block once started).
-    pub fn note(&mut self, r: ByteRange) {
+    pub(crate) fn note(&mut self, r: ByteRange) {
         let now = Instant::now();
         let started = *self.started.get_or_insert(now);
         if self.limit.is_some_and(|l| now - started > l) {
@@ -241,18 +244,14 @@ impl Recorder {
     }
 
     /// Whether the recording window has passed.
-    pub fn expired(&self) -> bool {
+    fn expired(&self) -> bool {
         match (self.started, self.limit) {
             (Some(s), Some(l)) => s.elapsed() > l,
             _ => false,
         }
     }
 
-    pub fn started(&self) -> bool {
-        self.started.is_some()
-    }
-
-    pub fn into_profile(self) -> Profile {
+    pub(crate) fn into_profile(self) -> Profile {
         Profile {
             image_size: self.image_size,
             ranges: self.ranges,
@@ -273,7 +272,7 @@ impl crate::cache::ReadObserver for Recorder {
 }
 
 /// Start recording the first reads of `cache`'s image as a boot profile.
-pub fn start_recording(cache: &ImageCache, limit: Option<Duration>) {
+pub(crate) fn start_recording(cache: &ImageCache, limit: Option<Duration>) {
     cache.observe_reads(Box::new(Recorder::new(
         cache.block_size(),
         cache.image_size(),
@@ -283,7 +282,7 @@ pub fn start_recording(cache: &ImageCache, limit: Option<Duration>) {
 
 /// Is `cache` recording no longer (never started, stopped, or its window
 /// has passed)?
-pub fn recording_over(cache: &ImageCache) -> bool {
+pub(crate) fn recording_over(cache: &ImageCache) -> bool {
     cache.with_observer(|o| {
         let rec = o.and_then(|o| o.as_any().downcast_ref::<Recorder>());
         rec.map_or(true, Recorder::expired)
@@ -292,7 +291,7 @@ pub fn recording_over(cache: &ImageCache) -> bool {
 
 /// Stop a cache's recording and save what it holds. Returns the profile
 /// saved (None: nothing was recording, or nothing was read).
-pub fn finish_recording(cache: &ImageCache) -> Result<Option<Profile>> {
+pub(crate) fn finish_recording(cache: &ImageCache) -> Result<Option<Profile>> {
     let Some(obs) = cache.stop_observing() else {
         return Ok(None);
     };
@@ -312,7 +311,7 @@ pub fn finish_recording(cache: &ImageCache) -> Result<Option<Profile>> {
 
 /// The profile to replay for a freshly opened image: the cache's own, else
 /// one published beside the image on the origin (then kept in the cache).
-pub async fn find(cache: &ImageCache) -> Result<Option<Profile>> {
+pub(crate) async fn find(cache: &ImageCache) -> Result<Option<Profile>> {
     let size = cache.image_size();
     if let Some(p) = Profile::load(cache.dir())? {
         p.check_image(size)?;
@@ -339,19 +338,19 @@ pub async fn find(cache: &ImageCache) -> Result<Option<Profile>> {
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct ReplayReport {
-    pub requests: u64,
-    pub bytes: u64,
-    pub elapsed: Duration,
+pub(crate) struct ReplayReport {
+    pub(crate) requests: u64,
+    pub(crate) bytes: u64,
+    pub(crate) elapsed: Duration,
 }
 
 /// Parallel fetches a replay keeps going (bounded again by the cache's
 /// background permits).
-pub const REPLAY_JOBS: usize = 8;
+const REPLAY_JOBS: usize = 8;
 
 /// Fetch the profile's missing blocks in recorded order, coalesced into
 /// requests of up to the cache's fetch size, [`REPLAY_JOBS`] at a time.
-pub async fn replay(
+pub(crate) async fn replay(
     cache: ImageCache,
     p: Profile,
     mut stop: watch::Receiver<bool>,

@@ -28,13 +28,13 @@ use crate::error::Result;
 use crate::stats::Work;
 
 /// Streams tracked per export (a VM reading a few files at once).
-pub const STREAMS: usize = 8;
+const STREAMS: usize = 8;
 /// Window of a stream's first readahead.
-pub const MIN_WINDOW: u64 = 256 << 10;
+const MIN_WINDOW: u64 = 256 << 10;
 /// Largest window: a few round trips' worth at 1 Gbit/s and 10 ms.
-pub const MAX_WINDOW: u64 = 8 << 20;
+const MAX_WINDOW: u64 = 8 << 20;
 /// Readahead fetches in flight per export.
-pub const MAX_INFLIGHT: usize = 4;
+const MAX_INFLIGHT: usize = 4;
 /// A read starting this far behind a stream's end still belongs to it
 /// (re-reads, requests of a sequential run delivered out of order).
 const BEHIND: u64 = 1 << 20;
@@ -61,14 +61,14 @@ struct Streams {
     tick: u64,
 }
 
-pub struct Readahead {
+pub(crate) struct Readahead {
     cache: ImageCache,
     streams: Mutex<Streams>,
     inflight: Arc<Semaphore>,
 }
 
 impl Readahead {
-    pub fn new(cache: ImageCache) -> Self {
+    pub(crate) fn new(cache: ImageCache) -> Self {
         Readahead {
             cache,
             streams: Mutex::new(Streams::default()),

@@ -29,6 +29,9 @@
 //! pages survive in the page cache; after a power cut, a state may persist
 //! without its data, which the CRC check on every read turns into a miss.
 //! So the map never needs an fsync for correctness, only for keeping work.
+//!
+//! The header decoders and the read side of [`BlockMap`] are public for the
+//! fuzz target `map_header`.
 
 use std::fs::{File, OpenOptions};
 use std::path::Path;
@@ -175,7 +178,7 @@ impl BlockMap {
     /// all-missing one, with a warning naming the file and why: only the
     /// cache uses this, and its blocks can be fetched again. Returns the
     /// map and whether it was (re)created.
-    pub fn open_or_create(path: &Path, geometry: Geometry) -> Result<(BlockMap, bool)> {
+    pub(crate) fn open_or_create(path: &Path, geometry: Geometry) -> Result<(BlockMap, bool)> {
         let ctx = || format!("opening cache map {}", path.display());
         let file = OpenOptions::new()
             .read(true)
@@ -339,7 +342,7 @@ impl BlockMap {
     /// Before publishing blocks `[b0, b1)`: make sure the map pages holding
     /// their state bytes and page CRCs have disk blocks. ENOSPC here is an
     /// ordinary error (the blocks are served uncached).
-    pub fn ensure_blocks(&self, b0: u64, b1: u64) -> Result<()> {
+    pub(crate) fn ensure_blocks(&self, b0: u64, b1: u64) -> Result<()> {
         if b0 >= b1 {
             return Ok(());
         }
@@ -360,11 +363,6 @@ impl BlockMap {
 
     pub fn blocks(&self) -> u64 {
         self.blocks
-    }
-
-    /// The file backing the map (for locking).
-    pub fn file(&self) -> &File {
-        &self.file
     }
 
     fn states(&self) -> &[AtomicU8] {
@@ -406,7 +404,7 @@ impl BlockMap {
     /// Publish a block's state. For `Present`, the caller MUST have written
     /// the block's data and stored its page CRCs first; for any state but
     /// `Missing`, the caller MUST have called [`BlockMap::ensure_blocks`].
-    pub fn set_state(&self, b: BlockIndex, s: BlockState) {
+    pub(crate) fn set_state(&self, b: BlockIndex, s: BlockState) {
         if !self.state_backed(b) {
             // Only `Missing` may be stored without `ensure_blocks`, and an
             // unbacked block is missing already.
@@ -431,7 +429,7 @@ impl BlockMap {
     }
 
     /// Move `b` from `from` to `to` only if it is still `from`.
-    pub fn transition(&self, b: BlockIndex, from: BlockState, to: BlockState) -> bool {
+    pub(crate) fn transition(&self, b: BlockIndex, from: BlockState, to: BlockState) -> bool {
         if !self.state_backed(b) {
             debug_assert_eq!(to, BlockState::Missing);
             return false;
@@ -478,7 +476,7 @@ impl BlockMap {
     }
 
     /// Set a page's CRC for content written fresh (both slots).
-    pub fn set_page_crc(&self, page: u64, crc: u32) {
+    pub(crate) fn set_page_crc(&self, page: u64, crc: u32) {
         let c = self.crcs();
         let i = page as usize * self.slots;
         for s in &c[i..i + self.slots] {
@@ -495,7 +493,7 @@ impl BlockMap {
     }
 
     /// Write dirty metadata pages back to the file (msync).
-    pub fn flush(&self) -> Result<()> {
+    pub(crate) fn flush(&self) -> Result<()> {
         self.map
             .flush()
             .map_err(|e| Error::io("flushing cache map", e))

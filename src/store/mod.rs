@@ -7,6 +7,9 @@
 //! Overlays, whose pages are rewritten, have their own store
 //! (`overlay::store`); version-1 overlays used this one with two CRC slots,
 //! and `overlay::migrate` still reads them through [`map::BlockMap`].
+//!
+//! [`map`] is public for the fuzz target `map_header`; the store itself is
+//! crate-private.
 
 pub mod map;
 
@@ -18,7 +21,7 @@ use crate::block::{is_zero, BlockIndex, BlockSize, ByteRange, PAGE};
 use crate::error::{Error, ErrorKind, Result};
 use map::{BlockMap, BlockState, Geometry};
 
-pub struct BlockStore {
+pub(crate) struct BlockStore {
     map: BlockMap,
     /// Sparse, same offsets as the image.
     data: File,
@@ -30,7 +33,7 @@ pub struct BlockStore {
 /// user (cache or overlay) of a store directory at a time, across processes.
 /// The lock lives as long as the returned file. `what` names the directory
 /// in errors ("cache", "overlay").
-pub fn lock_dir(dir: &Path, what: &str) -> Result<File> {
+pub(crate) fn lock_dir(dir: &Path, what: &str) -> Result<File> {
     let lock = OpenOptions::new()
         .read(true)
         .write(true)
@@ -61,7 +64,7 @@ impl BlockStore {
     /// does not match is rebuilt empty (with a warning) and the data file
     /// emptied with it: this is the cache, whose blocks can be refetched.
     /// Returns the store and whether it started empty.
-    pub fn open(dir: &Path, geometry: Geometry) -> Result<(BlockStore, bool)> {
+    pub(crate) fn open(dir: &Path, geometry: Geometry) -> Result<(BlockStore, bool)> {
         let (map, fresh) = BlockMap::open_or_create(&dir.join("meta"), geometry)?;
         let data_path = dir.join("data");
         let data = OpenOptions::new()
@@ -88,28 +91,20 @@ impl BlockStore {
         ))
     }
 
-    pub fn block_size(&self) -> BlockSize {
-        self.bs
-    }
-
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    pub fn map(&self) -> &BlockMap {
+    pub(crate) fn map(&self) -> &BlockMap {
         &self.map
     }
 
-    pub fn state(&self, b: u64) -> BlockState {
+    pub(crate) fn state(&self, b: u64) -> BlockState {
         self.map.state(BlockIndex(b))
     }
 
-    pub fn set_state(&self, b: u64, s: BlockState) {
+    pub(crate) fn set_state(&self, b: u64, s: BlockState) {
         self.map.set_state(BlockIndex(b), s)
     }
 
     /// The bytes of block `b` (the last block may be short).
-    pub fn block_range(&self, b: u64) -> ByteRange {
+    pub(crate) fn block_range(&self, b: u64) -> ByteRange {
         self.bs.range_of(BlockIndex(b), self.size)
     }
 
@@ -117,7 +112,7 @@ impl BlockStore {
     /// into `out` (which holds `r`), verifying every page touched. Returns
     /// the blocks with a page that failed verification; their bytes in `out`
     /// are garbage and the caller must not use them.
-    pub fn read_verified(
+    pub(crate) fn read_verified(
         &self,
         r: ByteRange,
         b0: u64,
@@ -133,7 +128,7 @@ impl BlockStore {
     /// that must not block: `Ok(None)` when the bytes would have to come
     /// from the disk (or the file system cannot tell), and `out` is then
     /// partly written.
-    pub fn read_verified_now(
+    pub(crate) fn read_verified_now(
         &self,
         r: ByteRange,
         b0: u64,
@@ -258,13 +253,13 @@ impl BlockStore {
     /// The caller guarantees no one else writes these blocks meanwhile and
     /// that readers do not read them as present until this returns (they
     /// are missing, zero, or in flight).
-    pub fn publish_blocks(&self, first: u64, bytes: &[u8]) -> Result<PublishCounts> {
+    pub(crate) fn publish_blocks(&self, first: u64, bytes: &[u8]) -> Result<PublishCounts> {
         self.publish_blocks_with(first, bytes, false)
     }
 
     /// [`BlockStore::publish_blocks`], but with `keep_zeros` all-zero blocks
     /// are stored as data too (allocated zeroes, for WRITE_ZEROES NO_HOLE).
-    pub fn publish_blocks_with(
+    fn publish_blocks_with(
         &self,
         first: u64,
         bytes: &[u8],
@@ -316,7 +311,7 @@ impl BlockStore {
 
     /// Make data and map durable (fdatasync + msync), data first: a map
     /// must never point at bytes that could still be lost.
-    pub fn sync(&self) -> Result<()> {
+    pub(crate) fn sync(&self) -> Result<()> {
         self.data
             .sync_data()
             .map_err(|e| Error::io("syncing store data", e))?;
@@ -325,18 +320,12 @@ impl BlockStore {
 
     /// Drop the bytes of blocks that no longer need storage (zeroed or
     /// given back to the base); frees disk space where the filesystem can.
-    /// For callers to whom a failure only means no space is freed; see
-    /// [`BlockStore::try_punch`].
-    pub fn punch(&self, r: ByteRange) {
-        let _ = self.try_punch(r);
-    }
-
-    /// [`BlockStore::punch`], telling whether it worked: `Unsupported` when
-    /// the file system cannot punch holes, another kind for I/O errors.
+    /// Tells whether it worked: `Unsupported` when the file system cannot
+    /// punch holes, another kind for I/O errors.
     /// On failure the bytes may still be there (all of them for
     /// `Unsupported`) or be partly zeroed: the caller decides what the
     /// blocks are (their CRCs catch the latter).
-    pub fn try_punch(&self, r: ByteRange) -> Result<()> {
+    pub(crate) fn try_punch(&self, r: ByteRange) -> Result<()> {
         use std::os::unix::io::AsRawFd;
         // SAFETY: fallocate on an owned, open descriptor with in-range
         // offsets; no memory is passed.
@@ -362,7 +351,7 @@ impl BlockStore {
 
 /// What `publish_blocks` did.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct PublishCounts {
-    pub present: u64,
-    pub zero: u64,
+pub(crate) struct PublishCounts {
+    pub(crate) present: u64,
+    pub(crate) zero: u64,
 }

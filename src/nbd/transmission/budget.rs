@@ -12,11 +12,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::nbd::wire;
 
 /// Requests one connection may have in flight.
-pub const MAX_IN_FLIGHT: usize = 128;
+pub(crate) const MAX_IN_FLIGHT: usize = 128;
 /// Read payload bytes one connection may have in flight (buffers pinned
 /// until the client takes the reply). Without it, 128 reads of 64 MiB from
 /// a client that never reads its socket would pin 8 GiB.
-pub const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+pub(crate) const MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
 // A request is taken only when its payload fits what its connection holds
 // (`Conn::room`) and, for a READ, the server-wide budget (never below this
 // cap, see `Budget::new`). So that the largest request is taken at all,
@@ -28,7 +28,7 @@ pub(super) const BUDGET_UNIT: u32 = 4096;
 
 /// Bounds shared by every connection of a server (cheap to clone).
 #[derive(Debug, Clone)]
-pub struct Budget {
+pub(crate) struct Budget {
     /// Read-reply payload all connections together may hold, in
     /// `BUDGET_UNIT`s.
     pub(super) replies: Arc<Semaphore>,
@@ -40,7 +40,7 @@ pub struct Budget {
 impl Budget {
     /// `max_bytes` of read replies in memory across connections (at least
     /// one connection's worth, so any single request can proceed).
-    pub fn new(max_bytes: u64, send_timeout: Duration) -> Budget {
+    pub(crate) fn new(max_bytes: u64, send_timeout: Duration) -> Budget {
         let units = max_bytes.max(MAX_IN_FLIGHT_BYTES as u64) / BUDGET_UNIT as u64;
         Budget {
             replies: Arc::new(Semaphore::new(
@@ -51,7 +51,7 @@ impl Budget {
     }
 
     /// Bytes of read replies not currently held by any connection.
-    pub fn available(&self) -> u64 {
+    pub(crate) fn available(&self) -> u64 {
         self.replies.available_permits() as u64 * BUDGET_UNIT as u64
     }
 }

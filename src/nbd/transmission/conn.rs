@@ -304,7 +304,7 @@ impl Conn {
 /// local I/O on the spot, and writes every reply; handler tasks hand back
 /// only the replies of requests that had to wait. Each wake-up takes all
 /// the requests that arrived and sends all the replies that are ready.
-pub async fn serve<S>(
+pub(crate) async fn serve<S>(
     mut stream: S,
     neg: Negotiated,
     mut shutdown: watch::Receiver<bool>,

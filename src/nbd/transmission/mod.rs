@@ -18,11 +18,11 @@
 //! at the cap the loop stops reading the socket and TCP pushes back.
 //!
 //! Memory is bounded at two levels. Each connection may hold at most
-//! [`MAX_IN_FLIGHT_BYTES`] of payload (write data read in, read data not yet
-//! sent). Read replies are what a client can make the server produce without
-//! sending anything, so they also draw on one server-wide [`Budget`]; a
-//! client that stops taking its replies is dropped after the budget's send
-//! timeout, which returns what it held.
+//! [`MAX_IN_FLIGHT_BYTES`](budget::MAX_IN_FLIGHT_BYTES) of payload (write
+//! data read in, read data not yet sent). Read replies are what a client can
+//! make the server produce without sending anything, so they also draw on
+//! one server-wide [`Budget`]; a client that stops taking its replies is
+//! dropped after the budget's send timeout, which returns what it held.
 //!
 //! Files, one role each:
 //! - `validate`: a request header to a `Command` or a `Refusal`;
@@ -44,5 +44,5 @@ mod outbox;
 mod reply;
 mod validate;
 
-pub use budget::{Budget, MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES};
-pub use conn::serve;
+pub(crate) use budget::Budget;
+pub(crate) use conn::serve;
