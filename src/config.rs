@@ -24,6 +24,15 @@
 //! hedge = "auto"                          # or "off", or milliseconds
 //! headers = ["X-Auth-Token: secret"]
 //!
+//! [s3]                                    # s3://BUCKET/KEY origins (else the AWS
+//!                                         # variables and ~/.aws files; src/origin/aws.rs)
+//! endpoint = "http://127.0.0.1:8333"      # an S3-compatible server (path-style); default AWS
+//! region = "eu-west-1"
+//! # profile = "images"                    # a profile of ~/.aws/credentials, or:
+//! access_key_id = "AKIAIOSFODNN7EXAMPLE"
+//! secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+//! # session_token = "..."                 # with temporary credentials
+//!
 //! [boot]
 //! readahead = true                        # sequential readahead per export
 //! profile = true                          # replay boot profiles at open
@@ -53,6 +62,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::origin::{Secret, StaticKeys};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +73,8 @@ pub struct FileConfig {
     pub origin: OriginSection,
     #[serde(default)]
     pub boot: BootSection,
+    #[serde(default)]
+    pub s3: S3Section,
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportSection>,
 }
@@ -120,6 +132,48 @@ pub struct OriginSection {
     pub ca_file: Option<PathBuf>,
 }
 
+/// `s3://` origins. Keys here win over the AWS environment (see
+/// `origin/aws.rs`); `Secret` values never show in `Debug`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// A profile of the AWS shared files.
+    pub profile: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    pub session_token: Option<Secret>,
+}
+
+impl S3Section {
+    /// The keys, if given (checked at parse: both halves, or neither).
+    pub fn keys(&self) -> Option<StaticKeys> {
+        Some(StaticKeys {
+            access_key_id: self.access_key_id.clone()?,
+            secret_access_key: self.secret_access_key.clone()?,
+            session_token: self.session_token.clone(),
+        })
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        match (&self.access_key_id, &self.secret_access_key) {
+            (Some(_), None) => return Err("s3.access_key_id: needs secret_access_key".into()),
+            (None, Some(_)) => return Err("s3.secret_access_key: needs access_key_id".into()),
+            (None, None) if self.session_token.is_some() => {
+                return Err("s3.session_token: needs access_key_id and secret_access_key".into())
+            }
+            _ => {}
+        }
+        if self.profile.is_some() && self.access_key_id.is_some() {
+            return Err(
+                "s3.profile: a profile or access_key_id/secret_access_key, not both".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportSection {
@@ -147,6 +201,9 @@ impl FileConfig {
                 e.to_string().trim_end().to_string(),
             )
         })?;
+        cfg.s3
+            .check()
+            .map_err(|m| Error::new(ErrorKind::InvalidInput, m))?;
         let mut seen = HashSet::new();
         for (i, e) in cfg.exports.iter().enumerate() {
             if !seen.insert(e.name.as_str()) {
@@ -236,6 +293,50 @@ mod tests {
         assert_eq!(c.server.max_buffered.as_deref(), Some("1G"));
         assert_eq!(c.server.send_timeout_secs, Some(120));
         assert_eq!(c.boot.hydrate_rate.as_deref(), Some("200M"));
+        assert_eq!(c.s3.region.as_deref(), Some("eu-west-1"));
+        assert!(c.s3.keys().is_some());
+    }
+
+    #[test]
+    fn s3_keys_go_together_and_stay_hidden() {
+        let c = FileConfig::parse(
+            "[s3]\naccess_key_id = \"AK\"\nsecret_access_key = \"SK\"\nsession_token = \"TK\"\n",
+        )
+        .unwrap();
+        let k = c.s3.keys().unwrap();
+        assert_eq!(
+            (
+                k.secret_access_key.expose(),
+                k.session_token.unwrap().expose()
+            ),
+            ("SK", "TK")
+        );
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("SK") && !shown.contains("TK"), "{shown}");
+        for (toml, want) in [
+            (
+                "access_key_id = \"A\"",
+                "s3.access_key_id: needs secret_access_key",
+            ),
+            (
+                "secret_access_key = \"S\"",
+                "s3.secret_access_key: needs access_key_id",
+            ),
+            ("session_token = \"T\"", "s3.session_token: needs"),
+            (
+                "profile = \"p\"\naccess_key_id = \"A\"\nsecret_access_key = \"S\"",
+                "s3.profile: a profile or",
+            ),
+        ] {
+            let e = FileConfig::parse(&format!("[s3]\n{toml}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(want), "{toml}: {e}");
+        }
+        let e = FileConfig::parse("[s3]\nsecret = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("secret"), "{e}");
     }
 
     #[test]

@@ -28,7 +28,8 @@
 //! - [`cache`]    the verified cache of an origin: single-flight fetches, eviction,
 //!   a read observer and background fetches for prefetch; `dir`, `verify`
 //! - [`store`]    the cache's block store: data file + sparse `map` (state + CRCs)
-//! - [`origin`]   where bytes live: `http` (ranged GETs), `file`
+//! - [`origin`]   where bytes live: `http` (ranged GETs), `s3` (presigned GETs through
+//!   `http`; credentials from `aws`), `file`
 //! - [`copy`]     `lazybd copy`: a whole image from HTTP/file/NBD to a file or NBD
 //! - [`daemon`]   `serve` as a library call: `state` (images, exports), `run` (start,
 //!   shutdown), `maintenance` (evictor, sync, retries), `control` (the control

@@ -49,6 +49,11 @@ Examples:
       --listen 0.0.0.0:10809 --listen unix:/run/lazybd.sock \\
       --header 'X-Auth-Token: $TOKEN' --name base
 
+  # An S3 object (keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE
+  # or ~/.aws/credentials; anonymous without any); an S3-compatible server
+  AWS_REGION=eu-west-1 lazybd serve s3://images/debian-12.raw
+  lazybd serve s3://images/debian-12.raw --s3-endpoint http://127.0.0.1:8333
+
   # TLS only (certificates as for qemu's tls-creds-x509 / nbdkit)
   lazybd serve IMAGE --tls require --tls-certificates /etc/pki/lazybd
   nbdinfo 'nbds://127.0.0.1/disk?tls-certificates=/etc/pki/qemu'
@@ -256,8 +261,9 @@ pub enum ExportCmd {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// The image: http://, https://, file:// or a path. Omitted (and no
-    /// --config): a built-in 64 MiB sample image (made in the cache directory).
+    /// The image: http://, https://, s3://BUCKET/KEY, file:// or a path.
+    /// Omitted (and no --config): a built-in 64 MiB sample image (made in
+    /// the cache directory).
     pub origin: Option<String>,
     /// TOML file with listeners, cache, origin settings and any number of
     /// exports (see ARCHITECTURE.md / config.rs); flags given here override it.
@@ -323,6 +329,21 @@ pub struct ServeArgs {
     /// PEM file of extra CA certificates to trust for an https:// origin.
     #[arg(long, value_name = "PEM")]
     pub origin_ca: Option<PathBuf>,
+    /// S3 endpoint of s3:// origins, e.g. http://127.0.0.1:8333 (buckets
+    /// path-style there) [default: [s3] endpoint, AWS_ENDPOINT_URL_S3,
+    /// AWS_ENDPOINT_URL, the profile's endpoint_url, else AWS's].
+    #[arg(long, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Region of s3:// origins [default: [s3] region, AWS_REGION,
+    /// AWS_DEFAULT_REGION, the profile's region, else us-east-1].
+    #[arg(long, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// Profile of ~/.aws/credentials (AWS_SHARED_CREDENTIALS_FILE) and
+    /// ~/.aws/config to sign s3:// requests with, over AWS_ACCESS_KEY_ID.
+    /// (Keys themselves only from the environment or the config file: a
+    /// command line is visible to every user.)
+    #[arg(long, value_name = "NAME")]
+    pub s3_profile: Option<String>,
     /// Most simultaneous client connections [default: 1024].
     #[arg(long)]
     pub max_connections: Option<usize>,

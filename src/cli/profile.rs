@@ -109,7 +109,7 @@ fn image_dir(a: &ImageArg) -> anyhow::Result<(PathBuf, lazybd::cache::dir::Recor
             let canon = std::fs::canonicalize(want)
                 .map(|p| format!("file://{}", p.display()))
                 .ok()
-                .or_else(|| lazybd::origin::http_locator(want))
+                .or_else(|| lazybd::origin::url_locator(want))
                 .unwrap_or_default();
             let all = names(&found);
             found

@@ -20,7 +20,7 @@ use anyhow::{anyhow, bail};
 use lazybd::block::{parse_size, BlockSize};
 use lazybd::config::FileConfig;
 use lazybd::daemon::{BootOptions, ExportConfig, ServeConfig};
-use lazybd::origin::OriginOptions;
+use lazybd::origin::{Given, OriginOptions, Region, S3Endpoint, S3Options};
 use lazybd::server::{Limits, ListenAddr};
 use lazybd::tls::TlsOptions;
 
@@ -143,6 +143,61 @@ fn parse_text<T, E: std::fmt::Display>(
         return Ok(None);
     };
     parse(text).map(Some).map_err(|e| anyhow!("{name}: {e}"))
+}
+
+/// [`parse_text`], keeping where the value was chosen (for errors that
+/// name the setting to change, e.g. a wrong S3 region).
+fn parse_given<T, E: std::fmt::Display>(
+    (flag_name, flag): (&str, Option<&str>),
+    (key, file): (&str, Option<&str>),
+    config: Option<&Path>,
+    parse: impl Fn(&str) -> Result<T, E>,
+) -> anyhow::Result<Option<Given<T>>> {
+    let chosen = first(
+        flag.map(|v| (flag_name.to_string(), v)),
+        file.map(|v| (in_file(config, key), v)),
+    );
+    let Some((name, text)) = chosen else {
+        return Ok(None);
+    };
+    match parse(text) {
+        Ok(v) => Ok(Some(Given::new(v, name))),
+        Err(e) => Err(anyhow!("{name}: {e}")),
+    }
+}
+
+/// The `s3://` settings: endpoint, region and profile flag > `[s3]` key;
+/// keys only from the file (and a `--s3-profile` wins over them, as a flag
+/// over the file). The AWS environment is looked at when an S3 origin
+/// opens (`origin/aws.rs`), below both.
+fn s3_options(a: &ServeArgs, file: &FileConfig) -> anyhow::Result<S3Options> {
+    let (s3, cfg) = (&file.s3, a.config.as_deref());
+    Ok(S3Options {
+        endpoint: parse_given(
+            ("--s3-endpoint", a.s3_endpoint.as_deref()),
+            ("s3.endpoint", s3.endpoint.as_deref()),
+            cfg,
+            str::parse::<S3Endpoint>,
+        )?,
+        region: parse_given(
+            ("--s3-region", a.s3_region.as_deref()),
+            ("s3.region", s3.region.as_deref()),
+            cfg,
+            str::parse::<Region>,
+        )?,
+        profile: parse_given(
+            ("--s3-profile", a.s3_profile.as_deref()),
+            ("s3.profile", s3.profile.as_deref()),
+            cfg,
+            |p| Ok::<_, String>(p.to_string()),
+        )?,
+        keys: match a.s3_profile {
+            Some(_) => None,
+            None => s3
+                .keys()
+                .map(|k| Given::new(k, in_file(cfg, "s3.access_key_id"))),
+        },
+    })
 }
 
 /// [`parse_text`] for a list (`--listen`, `--header`): each entry parsed,
@@ -277,6 +332,7 @@ pub fn resolve(
             || od.deadline,
         ),
         hedge,
+        s3: s3_options(a, file)?,
     };
 
     let ld = Limits::default();
@@ -818,6 +874,87 @@ mod tests {
             e,
             "config lazybd.toml: origin.headers: header \"bad\": expected 'Name: value'"
         );
+    }
+
+    #[test]
+    fn s3_endpoint_region_profile() {
+        let given = |c: &ServeConfig| {
+            let s = &c.origin_options.s3;
+            (
+                s.endpoint
+                    .as_ref()
+                    .map(|g| (g.value.url().to_string(), g.from.clone())),
+                s.region
+                    .as_ref()
+                    .map(|g| (g.value.as_str().to_string(), g.from.clone())),
+                s.profile
+                    .as_ref()
+                    .map(|g| (g.value.clone(), g.from.clone())),
+            )
+        };
+        let flags = [
+            "--s3-endpoint",
+            "http://127.0.0.1:1",
+            "--s3-region",
+            "eu-west-1",
+            "--s3-profile",
+            "f",
+        ];
+        let toml = "[s3]\nendpoint = \"http://h:2/\"\nregion = \"us-west-2\"\nprofile = \"p\"\n";
+        let pair = |v: &str, from: &str| Some((v.to_string(), from.to_string()));
+        check(
+            &flags,
+            toml,
+            given,
+            (
+                (
+                    pair("http://127.0.0.1:1/", "--s3-endpoint"),
+                    pair("eu-west-1", "--s3-region"),
+                    pair("f", "--s3-profile"),
+                ),
+                (
+                    pair("http://h:2/", "s3.endpoint"),
+                    pair("us-west-2", "s3.region"),
+                    pair("p", "s3.profile"),
+                ),
+                (None, None, None),
+            ),
+        );
+        let e = error(&["--s3-region", "EU"], "");
+        assert!(e.starts_with("--s3-region: region \"EU\""), "{e}");
+        let e = error(&[], "[s3]\nendpoint = \"ftp://x\"\n");
+        assert!(
+            e.starts_with("config lazybd.toml: s3.endpoint: endpoint \"ftp://x\""),
+            "{e}"
+        );
+        resolved(
+            &["--s3-endpoint", "http://h"],
+            "[s3]\nendpoint = \"ftp://x\"\n",
+        );
+    }
+
+    #[test]
+    fn s3_keys_from_the_file_unless_a_profile_flag() {
+        let toml = "[s3]\naccess_key_id = \"AK\"\nsecret_access_key = \"SK\"\n";
+        let keys = |c: &ServeConfig| {
+            c.origin_options
+                .s3
+                .keys
+                .as_ref()
+                .map(|g| (g.value.access_key_id.clone(), g.from.clone()))
+        };
+        assert_eq!(
+            keys(&resolved(&[], toml)),
+            Some(("AK".into(), "s3.access_key_id".into()))
+        );
+        // The flag's profile wins over the file's keys.
+        let c = resolved(&["--s3-profile", "ci"], toml);
+        assert_eq!(keys(&c), None);
+        assert_eq!(c.origin_options.s3.profile.as_ref().unwrap().value, "ci");
+        assert_eq!(keys(&resolved(&[], "")), None);
+        // Secrets are never shown, also not in the whole config's Debug.
+        let shown = format!("{:?}", resolved(&[], toml));
+        assert!(!shown.contains("\"SK\""), "{shown}");
     }
 
     #[test]

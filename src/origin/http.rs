@@ -10,6 +10,13 @@
 //! was asked, total equal to the image size, validator unchanged, body length
 //! exact. Anything else is an error and its bytes are dropped.
 //!
+//! Other origins that are HTTP underneath (S3) give a [`Target`] instead of
+//! a URL: it makes the URL of each request (signed anew, so a presigned URL
+//! never expires under a long-running server), names the image and
+//! explains refusals in its own terms; every check here applies unchanged.
+//! Such origins also send `If-Match` with the ETag on ranged GETs, so a
+//! changed object is refused by the server (412) before any byte is sent.
+//!
 //! Identity and display of a URL with a query (see [`locator`]):
 //!
 //! ```text
@@ -25,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use reqwest::header::{
-    HeaderMap, HeaderName, HeaderValue, CONTENT_RANGE, ETAG, LAST_MODIFIED, RANGE,
+    HeaderMap, HeaderName, HeaderValue, CONTENT_RANGE, ETAG, IF_MATCH, LAST_MODIFIED, RANGE,
 };
 use reqwest::{StatusCode, Url};
 use tokio::sync::Semaphore;
@@ -44,12 +51,69 @@ enum ValidatorSource {
     None,
 }
 
+/// Where the requests of an origin that is not one fixed URL go (S3: a URL
+/// presigned per request).
+pub(super) trait Target: Send + Sync + 'static {
+    /// The URL of one GET: of the image (`suffix` empty) or of a file
+    /// published beside it (the image's name + `suffix`). Called for every
+    /// request, so what it signs is fresh each time.
+    fn url(&self, suffix: &str) -> Url;
+
+    /// The image's locator (its identity, and how errors name it).
+    fn locator(&self) -> String;
+
+    /// What a refused request means for this kind of origin, from its
+    /// status, headers and (the first bytes of its) body; `None` for the
+    /// plain "HTTP 403".
+    fn explain(&self, _status: StatusCode, _headers: &HeaderMap, _body: &str) -> Option<String> {
+        None
+    }
+}
+
+/// How requests find the image.
+enum Address {
+    /// A URL, after the redirects of the probe were followed.
+    Fixed(Url),
+    /// A URL made for each request, redirects not followed (a redirect
+    /// from S3 means another region or endpoint, which is explained).
+    Target(Arc<dyn Target>),
+}
+
+impl Address {
+    fn url(&self, suffix: &str) -> Url {
+        match self {
+            Address::Fixed(u) if suffix.is_empty() => u.clone(),
+            Address::Fixed(u) => {
+                let mut u = u.clone();
+                u.set_path(&format!("{}{suffix}", u.path()));
+                u
+            }
+            Address::Target(t) => t.url(suffix),
+        }
+    }
+
+    /// How a request's URL is shown: a fixed URL redacted; a target's
+    /// locator (with the suffix), which never holds a signature.
+    fn shown(&self, suffix: &str) -> String {
+        match self {
+            Address::Fixed(_) => redact(&self.url(suffix)),
+            Address::Target(t) => format!("{}{suffix}", t.locator()),
+        }
+    }
+}
+
+/// The first bytes of a refusal's body: S3 explains itself in a small XML
+/// document; more is never needed (nor read: it could be an image).
+const REFUSAL_BODY_MAX: usize = 16 << 10;
+
 pub(crate) struct HttpOrigin {
     client: reqwest::Client,
-    /// The URL after redirects, used for every block request.
-    url: Url,
+    /// The URL after redirects, or the target that signs one per request.
+    address: Address,
     identity: OriginIdentity,
     validator_source: ValidatorSource,
+    /// Send `If-Match: ETAG` with every ranged GET (targets that are S3).
+    if_match: bool,
     /// Caps parallel requests: origins (and their rate limits) are shared.
     limit: Semaphore,
     connections: usize,
@@ -115,8 +179,23 @@ fn is_signing(name: &str) -> bool {
     SIGNING_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(name))
 }
 
+/// AWS's `X-Amz-*` parameters whose values are safe to show (and explain
+/// a 403: an expired URL shows its date). Every other `X-Amz-*` value is
+/// hidden whatever its name (`X-Amz-Security-Token`, `X-Amz-Credential`,
+/// `X-Amz-Signature`, SSE-C keys, ...): AWS adds parameters, and a new one
+/// may carry a secret under a name no part above catches.
+const AMZ_SHOWN: &[&str] = &[
+    "x-amz-algorithm",
+    "x-amz-date",
+    "x-amz-expires",
+    "x-amz-signedheaders",
+];
+
 fn is_secret(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
+    if name.starts_with("x-amz-") {
+        return !AMZ_SHOWN.contains(&name.as_str());
+    }
     SECRET_NAME_PARTS.iter().any(|p| name.contains(p))
 }
 
@@ -235,13 +314,57 @@ fn transient(status: StatusCode) -> bool {
         || status == StatusCode::TOO_MANY_REQUESTS
 }
 
+/// A reqwest error without its URL: reqwest shows the URL of a failed
+/// request in its message, query and all, which for a presigned URL is a
+/// signature and maybe a session token.
+fn no_url(e: reqwest::Error) -> reqwest::Error {
+    e.without_url()
+}
+
+/// Up to [`REFUSAL_BODY_MAX`] bytes of a response's body, as text.
+async fn refusal_body(mut resp: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = REFUSAL_BODY_MAX - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= REFUSAL_BODY_MAX {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 impl HttpOrigin {
     pub(crate) async fn open(spec: &str, opts: &OriginOptions, stats: Arc<Stats>) -> Result<Self> {
         let url = Url::parse(spec).map_err(|e| {
             Error::with_source(ErrorKind::InvalidInput, format!("origin URL {spec:?}"), e)
         })?;
-        let shown = redact(&url);
+        let locator = locator(&url);
+        Self::open_at(Address::Fixed(url), locator, opts, stats).await
+    }
+
+    /// An origin whose requests go where `target` says (see [`Target`]).
+    pub(super) async fn open_target(
+        target: Arc<dyn Target>,
+        opts: &OriginOptions,
+        stats: Arc<Stats>,
+    ) -> Result<Self> {
+        let locator = target.locator();
+        Self::open_at(Address::Target(target), locator, opts, stats).await
+    }
+
+    async fn open_at(
+        address: Address,
+        locator: String,
+        opts: &OriginOptions,
+        stats: Arc<Stats>,
+    ) -> Result<Self> {
+        let url = address.url("");
+        let shown = address.shown("");
         let mut builder = reqwest::Client::builder();
+        if let Address::Target(_) = address {
+            builder = builder.redirect(reqwest::redirect::Policy::none());
+        }
         if let Some(ca) = &opts.ca_file {
             let pem = std::fs::read(ca)
                 .map_err(|e| Error::io(format!("reading CA file {}", ca.display()), e))?;
@@ -278,7 +401,9 @@ impl HttpOrigin {
             .header(RANGE, "bytes=0-0")
             .send()
             .await
-            .map_err(|e| Error::with_source(ErrorKind::Origin, format!("probing {shown}"), e))?;
+            .map_err(|e| {
+                Error::with_source(ErrorKind::Origin, format!("probing {shown}"), no_url(e))
+            })?;
         Stats::add(&stats.origin_requests, 1);
         let status = resp.status();
         let final_url = resp.url().clone();
@@ -308,10 +433,19 @@ impl HttpOrigin {
                 ))
             }
             s => {
+                let why = match &address {
+                    Address::Target(t) => t.explain(s, &headers, &refusal_body(resp).await),
+                    Address::Fixed(_) => None,
+                };
+                let kind = if s.is_client_error() {
+                    ErrorKind::OriginRefused
+                } else {
+                    ErrorKind::Origin
+                };
                 return Err(Error::new(
-                    ErrorKind::Origin,
-                    format!("{shown}: HTTP {s} when probing the origin"),
-                ))
+                    kind,
+                    why.unwrap_or_else(|| format!("{shown}: HTTP {s} when probing the origin")),
+                ));
             }
         }
         let cr = header_str(&headers, CONTENT_RANGE).ok_or_else(|| {
@@ -343,18 +477,26 @@ impl HttpOrigin {
                 (None, ValidatorSource::None)
             }
         };
-        if final_url != url {
-            tracing::info!(from = %shown, to = %redact(&final_url), "origin redirect resolved");
-        }
+        let if_match = matches!(address, Address::Target(_));
+        let address = match address {
+            Address::Fixed(_) => {
+                if final_url != url {
+                    tracing::info!(from = %shown, to = %redact(&final_url), "origin redirect resolved");
+                }
+                Address::Fixed(final_url)
+            }
+            target => target,
+        };
         Ok(HttpOrigin {
             client,
             identity: OriginIdentity {
-                locator: locator(&url),
+                locator,
                 size,
                 validator,
             },
-            url: final_url,
+            address,
             validator_source,
+            if_match,
             limit: Semaphore::new(opts.connections.max(1)),
             connections: opts.connections.max(1),
             retries: opts.retries,
@@ -394,20 +536,25 @@ impl HttpOrigin {
         let started = std::time::Instant::now();
         let last = range.end() - 1;
         Stats::add(&self.stats.origin_requests, 1);
-        let mut resp = self
+        let mut req = self
             .client
-            .get(self.url.clone())
-            .header(RANGE, format!("bytes={}-{last}", range.offset))
-            .send()
-            .await
-            .map_err(|e| {
-                let kind = if e.is_timeout() {
-                    ErrorKind::TimedOut
-                } else {
-                    ErrorKind::Origin
-                };
-                Error::with_source(kind, ctx(), e)
-            })?;
+            .get(self.address.url(""))
+            .header(RANGE, format!("bytes={}-{last}", range.offset));
+        if let (true, ValidatorSource::ETag, Some(etag)) = (
+            self.if_match,
+            self.validator_source,
+            &self.identity.validator,
+        ) {
+            req = req.header(IF_MATCH, etag.as_str());
+        }
+        let mut resp = req.send().await.map_err(|e| {
+            let kind = if e.is_timeout() {
+                ErrorKind::TimedOut
+            } else {
+                ErrorKind::Origin
+            };
+            Error::with_source(kind, ctx(), no_url(e))
+        })?;
         let status = resp.status();
         if status != StatusCode::PARTIAL_CONTENT {
             // 200 would be the whole object: never read it.
@@ -416,14 +563,27 @@ impl HttpOrigin {
                 StatusCode::RANGE_NOT_SATISFIABLE | StatusCode::NOT_FOUND | StatusCode::GONE => {
                     ErrorKind::OriginChanged
                 }
+                // Only sent with If-Match: the ETag is no longer the object's.
+                StatusCode::PRECONDITION_FAILED => ErrorKind::OriginChanged,
                 s if transient(s) => ErrorKind::Origin,
                 // 401/403 and friends: retrying will not change the answer.
                 _ => ErrorKind::OriginRefused,
             };
-            let why = if status == StatusCode::OK {
-                " (the whole object: the origin no longer honours Range)"
-            } else {
-                ""
+            let why = match (status, &self.address) {
+                (StatusCode::OK, _) => {
+                    " (the whole object: the origin no longer honours Range)".to_string()
+                }
+                (StatusCode::PRECONDITION_FAILED, _) => {
+                    " (If-Match: the object is no longer the one opened)".to_string()
+                }
+                (s, Address::Target(t)) => {
+                    let headers = resp.headers().clone();
+                    match t.explain(s, &headers, &refusal_body(resp).await) {
+                        Some(w) => format!(": {w}"),
+                        None => String::new(),
+                    }
+                }
+                _ => String::new(),
             };
             return Err(Error::new(kind, format!("{}: HTTP {status}{why}", ctx())));
         }
@@ -455,7 +615,7 @@ impl HttpOrigin {
             } else {
                 ErrorKind::Origin
             };
-            Error::with_source(kind, format!("{}: reading body", ctx()), e)
+            Error::with_source(kind, format!("{}: reading body", ctx()), no_url(e))
         })? {
             if buf.len() + chunk.len() > want {
                 return Err(Error::new(
@@ -487,12 +647,11 @@ impl Origin for HttpOrigin {
     }
 
     fn sidecar(&self, suffix: &str, max: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
-        let mut url = self.url.clone();
-        url.set_path(&format!("{}{suffix}", self.url.path()));
-        let shown = redact(&url);
+        let url = self.address.url(suffix);
+        let shown = self.address.shown(suffix);
         Box::pin(async move {
             let err = |e: reqwest::Error| {
-                Error::with_source(ErrorKind::Origin, format!("GET {shown}"), e)
+                Error::with_source(ErrorKind::Origin, format!("GET {shown}"), no_url(e))
             };
             let mut resp = self.client.get(url.clone()).send().await.map_err(err)?;
             match resp.status() {
@@ -653,6 +812,38 @@ mod tests {
             redact(&u),
             "https://h/x.img?id=7&X-Amz-Credential=…&X-Amz-Date=20261124T000000Z\
              &X-Amz-Signature=…&sig=…&token=…&X-Amz-Security-Token=…"
+        );
+        // Every X-Amz-* value but the harmless four is hidden, whatever
+        // its name says.
+        let u = Url::parse(
+            "https://h/x?X-Amz-Algorithm=AWS4-HMAC-SHA256&x-amz-expires=300\
+             &X-Amz-SignedHeaders=host&X-Amz-Server-Side-Encryption-Customer-Algorithm=AES256\
+             &X-Amz-Whatever=w&x-amz-security-token=t",
+        )
+        .unwrap();
+        assert_eq!(
+            redact(&u),
+            "https://h/x?X-Amz-Algorithm=AWS4-HMAC-SHA256&x-amz-expires=300\
+             &X-Amz-SignedHeaders=host&X-Amz-Server-Side-Encryption-Customer-Algorithm=…\
+             &X-Amz-Whatever=…&x-amz-security-token=…"
+        );
+    }
+
+    /// reqwest puts the URL, query and all, in its error messages; the
+    /// origin strips it before an error can reach a log.
+    #[tokio::test]
+    async fn request_errors_do_not_show_the_url() {
+        let e = reqwest::Client::new()
+            .get("http://127.0.0.1:1/k?X-Amz-Signature=SIG&X-Amz-Security-Token=TOKEN")
+            .send()
+            .await
+            .unwrap_err();
+        assert!(format!("{e}").contains("TOKEN"), "reqwest changed: {e}");
+        let e = Error::with_source(ErrorKind::Origin, "GET s3://b/k", no_url(e));
+        let shown = format!("{e} {e:?}");
+        assert!(
+            !shown.contains("TOKEN") && !shown.contains("SIG"),
+            "{shown}"
         );
     }
 

@@ -1,12 +1,24 @@
 //! Origins: where an image's bytes really live. One narrow trait, read a byte
-//! range and report identity; implementations for HTTP(S) and local files.
+//! range and report identity; one file per kind of origin:
+//!
+//! - `http`  HTTP(S) with ranged GETs: every response checked (status,
+//!   Content-Range, size, validator, length), retries, hedging; also the
+//!   read path of origins that are HTTP underneath (a `Target` gives each
+//!   request's URL)
+//! - `s3`    `s3://BUCKET/KEY`: the HTTP origin with a URL presigned per
+//!   request; S3's refusals explained (region, credentials, 404)
+//! - `aws`   where S3 credentials, region and endpoint come from (lazybd's
+//!   options, then the AWS variables and `~/.aws` files)
+//! - `file`  a local file (the built-in sample, tests)
 //!
 //! An origin never caches. Everything an origin returns has been checked
 //! against what was asked (length, position, identity), so the cache above
 //! can store it without second-guessing.
 
+mod aws;
 mod file;
 mod http;
+mod s3;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,8 +29,10 @@ use crate::block::ByteRange;
 use crate::error::{Error, ErrorKind, Result};
 use crate::stats::Stats;
 
+pub use aws::{CredentialSource, Given, Region, S3Endpoint, S3Options, Secret, StaticKeys};
 pub(crate) use file::FileOrigin;
 pub(crate) use http::HttpOrigin;
+pub(crate) use s3::S3Origin;
 
 use crate::device::BoxFuture;
 
@@ -126,6 +140,9 @@ pub struct OriginOptions {
     /// Extra PEM CA certificates to trust for https:// origins (a private CA),
     /// on top of the built-in web PKI roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// What lazybd was told about S3 (`s3://` origins); the AWS environment
+    /// fills in the rest.
+    pub s3: S3Options,
 }
 
 impl Default for OriginOptions {
@@ -138,31 +155,38 @@ impl Default for OriginOptions {
             deadline: Duration::from_secs(30),
             hedge: Hedge::Auto,
             ca_file: None,
+            s3: S3Options::default(),
         }
     }
 }
 
-/// The locator an `http://` or `https://` origin spec gets (None for
-/// other specs), without opening it: to find an image's cache by its URL.
-pub fn http_locator(spec: &str) -> Option<String> {
+/// The locator an `http://`, `https://` or `s3://` origin spec gets (None
+/// for other specs), without opening it: to find an image's cache by its URL.
+pub fn url_locator(spec: &str) -> Option<String> {
     let lower = spec.to_ascii_lowercase();
+    if lower.starts_with("s3://") {
+        return s3::locator(spec);
+    }
     if !(lower.starts_with("http://") || lower.starts_with("https://")) {
         return None;
     }
     reqwest::Url::parse(spec).ok().map(|u| http::locator(&u))
 }
 
-/// Open the origin named by `spec`: `http://`, `https://`, `file://` or a path.
+/// Open the origin named by `spec`: `http://`, `https://`, `s3://`,
+/// `file://` or a path.
 pub async fn open(spec: &str, opts: &OriginOptions, stats: Arc<Stats>) -> Result<Arc<dyn Origin>> {
     let lower = spec.to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
         Ok(Arc::new(HttpOrigin::open(spec, opts, stats).await?))
+    } else if lower.starts_with("s3://") {
+        Ok(Arc::new(S3Origin::open(spec, opts, stats).await?))
     } else if let Some(path) = spec.strip_prefix("file://") {
         Ok(Arc::new(FileOrigin::open(path.as_ref(), stats)?))
     } else if lower.contains("://") {
         Err(Error::new(
             ErrorKind::InvalidInput,
-            format!("unsupported origin {spec:?}: use http://, https://, file:// or a path"),
+            format!("unsupported origin {spec:?}: use http://, https://, s3://, file:// or a path"),
         ))
     } else {
         Ok(Arc::new(FileOrigin::open(spec.as_ref(), stats)?))
