@@ -49,7 +49,9 @@ section=$(mktemp)
   echo "ENOSPC/EIO on a write (half of it lands), failing syncs, kill -9 (page cache kept) and power cuts (per 512-byte"
   echo "sector: the durable bytes plus any prefix of the unsynced writes to it; unsynced renames kept or lost), reopening"
   echo "after every crash. After a cut every page must read as a content it held since the last completed flush (exactly"
-  echo "its flushed content if not written since), never fail its CRC; after a kill, as its last acknowledged content."
+  echo "its flushed content if not written since), never fail its CRC; after a kill, as its last acknowledged content,"
+  echo "or (for a write accepted without waiting and not drained yet) one it held since the last flush. Half the writes"
+  echo "and zeroes go the no-wait way first; drains run at random moments."
   echo
   echo "| measure | value |"
   echo "|---|---|"
