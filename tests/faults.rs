@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use lazybd::nbd::wire::errno;
-use lazybd::origin::Hedge;
+use lazybd::origin::{Hedge, OriginOptions};
 use lazybd::stats::Stats;
 
 const MIB: usize = 1 << 20;
@@ -129,6 +129,31 @@ async fn without_hedging_a_stall_is_timed_out_and_retried() {
     let st = stop(srv).await;
     assert!(Stats::get(&st.origin_errors) >= 1, "{st}");
     assert_eq!(Stats::get(&st.origin_hedges), 0);
+}
+
+/// With the default timeouts (30 s per request, 30 s deadline) and no
+/// hedging, a response that goes silent mid-body is abandoned after the
+/// stall timeout and retried: the read succeeds long before the deadline
+/// (before, the one stalled request used all of it and the read was EIO).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_goes_silent_is_retried_before_the_deadline() {
+    let img = image(4 * MIB, 36);
+    let o = TestOrigin::start(img.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&o.url, dir.path(), BS);
+    cfg.origin_options.hedge = Hedge::Off;
+    cfg.origin_options.request_timeout = OriginOptions::default().request_timeout;
+    cfg.origin_options.deadline = OriginOptions::default().deadline;
+    let (srv, addr) = start(cfg).await;
+    let mut c = Client::connect(&addr, Opts::default()).await;
+    o.faults.stall_ms.store(60_000, SeqCst);
+    o.faults.stall_body_next.store(1, SeqCst);
+    let t = Instant::now();
+    read_ok(&mut c, &img, 11).await;
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let st = stop(srv).await;
+    assert!(Stats::get(&st.origin_errors) >= 1, "{st}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

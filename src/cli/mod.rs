@@ -310,7 +310,8 @@ pub struct ServeArgs {
     /// Most parallel requests to the origin [default: 16].
     #[arg(long)]
     pub origin_connections: Option<usize>,
-    /// Deadline for one origin request, in seconds [default: 30].
+    /// Deadline for one origin request, body included, in seconds [default: 30]; a request
+    /// that receives nothing for 5 s (or this, if shorter) is abandoned and retried.
     #[arg(long)]
     pub origin_timeout: Option<u64>,
     /// Most retries of a failed origin request, with exponential backoff

@@ -102,6 +102,11 @@ impl Address {
     }
 }
 
+/// Silence (no byte of headers or body) after which a request is given up
+/// and retried: well under the default read deadline (30 s), so a stall
+/// costs one retry, not the whole deadline, even with hedging off.
+const STALL: Duration = Duration::from_secs(5);
+
 /// The first bytes of a refusal's body: S3 explains itself in a small XML
 /// document; more is never needed (nor read: it could be an image).
 const REFUSAL_BODY_MAX: usize = 16 << 10;
@@ -390,6 +395,11 @@ impl HttpOrigin {
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
             .timeout(opts.request_timeout)
+            // A request that has received nothing for this long is stalled
+            // (a dead node, a lost connection nobody reset): abandon it and
+            // retry well before the deadline, however long a healthy
+            // transfer of a large range may take on a slow link.
+            .read_timeout(STALL.min(opts.request_timeout))
             .pool_max_idle_per_host(opts.connections)
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("lazybd/", env!("CARGO_PKG_VERSION")))

@@ -54,6 +54,9 @@ pub struct Faults {
     /// The next N ranged GETs wait `stall_ms` before answering.
     pub stall_next: AtomicU64,
     pub stall_ms: AtomicU64,
+    /// The next N ranged GETs send half their body, then wait `stall_ms`
+    /// before the rest (the connection open, silent).
+    pub stall_body_next: AtomicU64,
     /// The next N ranged GETs get the connection closed, no answer.
     pub reset_next: AtomicU64,
     /// The next N ranged GETs send more body than the range asked (with a
@@ -265,6 +268,14 @@ async fn serve_http(
                 if take_one(&faults.truncate_next) {
                     w.write_all(&part[..part.len() / 2]).await?;
                     return Ok(()); // close mid-body
+                }
+                if take_one(&faults.stall_body_next) {
+                    w.write_all(&part[..part.len() / 2]).await?;
+                    w.flush().await?;
+                    let ms = faults.stall_ms.load(Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    w.write_all(&part[part.len() / 2..]).await?;
+                    continue;
                 }
                 w.write_all(part).await?;
             }
