@@ -41,13 +41,13 @@ Examples:
   qemu-system-x86_64 -drive file=nbd://127.0.0.1:10809/disk,format=raw,if=virtio ...
 
   # A VM disk: writes go to a persistent copy-on-write overlay
-  lazybd serve https://images.example/debian-12.raw --writable --name vm1 \
+  lazybd serve https://images.example/debian-12.raw --writable --name vm1 \\
       --overlay-dir /var/lib/lazybd/vm1
 
   # TCP and a Unix socket at once, an auth header for Glance/Swift
   lazybd serve https://swift.example/v1/AUTH_x/images/base.raw \\
       --listen 0.0.0.0:10809 --listen unix:/run/lazybd.sock \\
-      --header 'X-Auth-Token: $TOKEN' --name base
+      --header \"X-Auth-Token: $TOKEN\" --name base
 
   # An S3 object (keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE
   # or ~/.aws/credentials; anonymous without any); an S3-compatible server
@@ -99,7 +99,7 @@ pub enum Cmd {
 }
 
 const COPY_EXAMPLES: &str = "\
-SOURCE: http://, https://, file:// or a path, nbd://HOST[:PORT]/EXPORT,
+SOURCE: http://, https://, s3://BUCKET/KEY, file:// or a path, nbd://HOST[:PORT]/EXPORT,
 nbd+unix:///EXPORT?socket=PATH. DEST: a path (created or truncated; a block
 device is written in place) or an NBD URI (a writable export at least as
 large as the image).
