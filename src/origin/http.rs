@@ -102,10 +102,29 @@ impl Address {
     }
 }
 
-/// Silence (no byte of headers or body) after which a request is given up
-/// and retried: well under the default read deadline (30 s), so a stall
-/// costs one retry, not the whole deadline, even with hedging off.
+/// Silence (no byte of headers or body) after which a block request is
+/// given up and retried: well under the default read deadline (30 s), so a
+/// stall (a dead node, a lost connection nobody reset) costs one retry, not
+/// the whole deadline, even with hedging off, however long a healthy
+/// transfer of a large range takes on a slow link. Block reads only: the
+/// probe at open keeps the whole request timeout (an origin slow to answer
+/// its first request is waited for, as before).
 const STALL: Duration = Duration::from_secs(5);
+
+/// `f`, or a TimedOut error (retryable) if it stays silent for `stall`.
+async fn within<T>(
+    stall: Duration,
+    what: impl FnOnce() -> String,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(stall, f).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::new(
+            ErrorKind::TimedOut,
+            format!("{}: nothing received for {} s", what(), stall.as_secs_f64()),
+        )),
+    }
+}
 
 /// The first bytes of a refusal's body: S3 explains itself in a small XML
 /// document; more is never needed (nor read: it could be an image).
@@ -124,6 +143,9 @@ pub(crate) struct HttpOrigin {
     connections: usize,
     retries: u32,
     deadline: Duration,
+    /// Bound on one request, body included (the client enforces it too);
+    /// the stall bound of block reads never exceeds it.
+    request_timeout: Duration,
     hedge: Hedge,
     stats: Arc<Stats>,
 }
@@ -395,11 +417,6 @@ impl HttpOrigin {
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
             .timeout(opts.request_timeout)
-            // A request that has received nothing for this long is stalled
-            // (a dead node, a lost connection nobody reset): abandon it and
-            // retry well before the deadline, however long a healthy
-            // transfer of a large range may take on a slow link.
-            .read_timeout(STALL.min(opts.request_timeout))
             .pool_max_idle_per_host(opts.connections)
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("lazybd/", env!("CARGO_PKG_VERSION")))
@@ -511,6 +528,7 @@ impl HttpOrigin {
             connections: opts.connections.max(1),
             retries: opts.retries,
             deadline: opts.deadline,
+            request_timeout: opts.request_timeout,
             hedge: opts.hedge,
             stats,
         })
@@ -557,14 +575,18 @@ impl HttpOrigin {
         ) {
             req = req.header(IF_MATCH, etag.as_str());
         }
-        let mut resp = req.send().await.map_err(|e| {
-            let kind = if e.is_timeout() {
-                ErrorKind::TimedOut
-            } else {
-                ErrorKind::Origin
-            };
-            Error::with_source(kind, ctx(), no_url(e))
-        })?;
+        let stall = STALL.min(self.request_timeout);
+        let mut resp = within(stall, ctx, async {
+            req.send().await.map_err(|e| {
+                let kind = if e.is_timeout() {
+                    ErrorKind::TimedOut
+                } else {
+                    ErrorKind::Origin
+                };
+                Error::with_source(kind, ctx(), no_url(e))
+            })
+        })
+        .await?;
         let status = resp.status();
         if status != StatusCode::PARTIAL_CONTENT {
             // 200 would be the whole object: never read it.
@@ -619,14 +641,19 @@ impl HttpOrigin {
         }
         let want = range.len as usize;
         let mut buf = BytesMut::with_capacity(want);
-        while let Some(chunk) = resp.chunk().await.map_err(|e| {
-            let kind = if e.is_timeout() {
-                ErrorKind::TimedOut
-            } else {
-                ErrorKind::Origin
-            };
-            Error::with_source(kind, format!("{}: reading body", ctx()), no_url(e))
-        })? {
+        let body = || format!("{}: reading body", ctx());
+        while let Some(chunk) = within(stall, body, async {
+            resp.chunk().await.map_err(|e| {
+                let kind = if e.is_timeout() {
+                    ErrorKind::TimedOut
+                } else {
+                    ErrorKind::Origin
+                };
+                Error::with_source(kind, body(), no_url(e))
+            })
+        })
+        .await?
+        {
             if buf.len() + chunk.len() > want {
                 return Err(Error::new(
                     ErrorKind::Origin,
