@@ -1,6 +1,7 @@
 //! Small helpers with no better home: human-readable sizes, a stable hash for
-//! naming cache directories, a cheap jitter source for retry backoff, and
-//! binding a Unix socket over a stale one.
+//! naming cache directories, a cheap jitter source for retry backoff,
+//! binding a Unix socket over a stale one, and percent-decoding (URL paths of
+//! NBD URIs and S3 objects).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,6 +91,25 @@ pub(crate) fn bind_unix(path: &Path, what: &str) -> crate::error::Result<tokio::
     }
     tokio::net::UnixListener::bind(path)
         .map_err(|e| Error::io(format!("binding {what} {}", path.display()), e))
+}
+
+/// Percent-encoded text (a URL path or query value) back to text; `None`
+/// for a bad escape or bytes that are not UTF-8.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

@@ -38,11 +38,12 @@ pub(crate) struct ExportSpec {
 /// What sits on the shared cache for one export: the image's format, and
 /// readahead above it.
 fn base(spec: &ExportSpec, cache: &ImageCache) -> Arc<dyn BlockDevice> {
-    if spec.readahead {
-        format::open(Format::Raw, Arc::new(Readahead::new(cache.clone())))
+    let image: Arc<dyn BlockDevice> = if spec.readahead {
+        Arc::new(Readahead::new(cache.clone()))
     } else {
-        format::open(Format::Raw, Arc::new(cache.clone()))
-    }
+        Arc::new(cache.clone())
+    };
+    format::open(Format::Raw, image)
 }
 
 fn export(

@@ -60,7 +60,8 @@ impl NbdUri {
             Some(i) => (&rest[..i], &rest[i + 1..]),
             None => (rest, ""),
         };
-        let export = percent_decode(path).ok_or_else(|| bad("bad %-escape in the export name"))?;
+        let export = crate::util::percent_decode(path)
+            .ok_or_else(|| bad("bad %-escape in the export name"))?;
         if unix {
             if !authority.is_empty() {
                 return Err(bad("nbd+unix:// takes no host"));
@@ -70,7 +71,8 @@ impl NbdUri {
                 .flat_map(|q| q.split('&'))
                 .find_map(|kv| kv.strip_prefix("socket="))
                 .ok_or_else(|| bad("missing ?socket=PATH"))?;
-            let socket = percent_decode(socket).ok_or_else(|| bad("bad %-escape in socket"))?;
+            let socket =
+                crate::util::percent_decode(socket).ok_or_else(|| bad("bad %-escape in socket"))?;
             return Ok(NbdUri {
                 addr: NbdAddr::Unix(socket.into()),
                 export,
@@ -94,23 +96,6 @@ impl NbdUri {
             export,
         })
     }
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(h, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Which bytes of a READ the chunks of its structured reply have answered.

@@ -185,7 +185,7 @@ impl S3Target {
         let base = self.bucket.base_url().path();
         let got = url.as_ref().and_then(|u| {
             let path = u.path().strip_prefix(base)?;
-            percent_decode(path)
+            crate::util::percent_decode(path)
         });
         if url.as_ref().map(Url::host_str) != Some(self.bucket.base_url().host_str())
             || got.as_deref() != Some(self.url.key.as_str())
@@ -224,24 +224,6 @@ impl S3Target {
             self.access.region_from
         )
     }
-}
-
-/// A percent-encoded path back to text (`None` if it is not UTF-8).
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The text of the first `<tag>...</tag>` in S3's (flat) error document.
@@ -676,9 +658,15 @@ mod tests {
 
     #[test]
     fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b%2F").as_deref(), Some("a b/"));
-        assert_eq!(percent_decode("%e2%80%a6").as_deref(), Some("…"));
-        assert_eq!(percent_decode("%2"), None);
-        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(
+            crate::util::percent_decode("a%20b%2F").as_deref(),
+            Some("a b/")
+        );
+        assert_eq!(
+            crate::util::percent_decode("%e2%80%a6").as_deref(),
+            Some("…")
+        );
+        assert_eq!(crate::util::percent_decode("%2"), None);
+        assert_eq!(crate::util::percent_decode("%zz"), None);
     }
 }
