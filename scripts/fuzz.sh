@@ -24,7 +24,7 @@ cd "$repo/fuzz"
 secs=${FUZZ_SECONDS:-20}
 sanitizer=${FUZZ_SANITIZER:-address}
 export CARGO_BUILD_JOBS=${FUZZ_JOBS:-${CARGO_BUILD_JOBS:-1}}
-all_targets=(wire_decode handshake map_header profile_decode overlay_journal)
+all_targets=(wire_decode handshake map_header profile_decode overlay_journal qcow2)
 if (($#)); then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
 # Per-target libFuzzer options: inputs larger than the default 4096 bytes are
@@ -34,6 +34,8 @@ max_len() {
   case $1 in
     handshake) echo 8192 ;;
     map_header) echo 16384 ;;
+    # whole images: 512-byte-cluster seeds are 4 KiB, 16 KiB-cluster ones ~84 KiB
+    qcow2) echo 131072 ;;
     *) echo 4096 ;;
   esac
 }

@@ -185,6 +185,8 @@ pub struct ExportSection {
     pub description: Option<String>,
     #[serde(default)]
     pub hydrate: bool,
+    /// raw, qcow2 or auto (see `lazybd::format`).
+    pub format: Option<crate::format::Format>,
 }
 
 impl FileConfig {

@@ -21,8 +21,9 @@
 //! - [`overlay`]  copy-on-write layer of a writable export; writes never reach the base:
 //!   `store` (pages + journal, crash contract), `format` (v2, fuzzed), `disk` (the I/O
 //!   interface, with a simulated disk for power-loss tests), `migrate` (v1 -> v2)
-//! - [`format`](../src/lazybd/format/mod.rs.html) image formats: guest offsets -> image bytes
-//!   (`raw` today; crate-private, so the link is to its source)
+//! - [`format`]   image formats: guest offsets -> image bytes (`raw`; `qcow2`:
+//!   `layout` decodes and checks the header and table entries, `decompress`
+//!   zlib/zstd clusters); the rule that never guesses a format
 //! - [`prefetch`] work ahead of the guest, above the cache: `readahead`, `profile`
 //!   (boot profiles), `hydrate` (the whole image in the background)
 //! - [`cache`]    the verified cache of an origin: single-flight fetches, eviction,
@@ -63,7 +64,7 @@ pub mod daemon;
 pub mod device;
 pub mod error;
 pub mod export;
-pub(crate) mod format;
+pub mod format;
 pub mod nbd;
 pub mod origin;
 pub mod overlay;

@@ -22,6 +22,7 @@ fn export(name: &str, image: &str, writable: bool) -> ExportConfig {
         overlay_dir: None,
         description: None,
         hydrate: false,
+        format: None,
     }
 }
 

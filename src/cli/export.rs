@@ -19,6 +19,7 @@ pub fn run(c: ExportCmd) -> anyhow::Result<ExitCode> {
             writable,
             overlay_dir,
             hydrate,
+            format,
             control,
         } => (
             client_control_socket(control.control),
@@ -30,6 +31,7 @@ pub fn run(c: ExportCmd) -> anyhow::Result<ExitCode> {
                     overlay_dir,
                     description: None,
                     hydrate,
+                    format,
                 },
             },
         ),

@@ -234,6 +234,9 @@ pub enum ExportCmd {
         /// Fetch the whole image in the background.
         #[arg(long)]
         hydrate: bool,
+        /// The image's format: raw, qcow2 or auto (as `serve --format`).
+        #[arg(long, value_name = "raw|qcow2|auto")]
+        format: Option<lazybd::format::Format>,
         #[command(flatten)]
         control: ControlArg,
     },
@@ -286,6 +289,12 @@ pub struct ServeArgs {
     /// Export description shown by `nbdinfo`.
     #[arg(long)]
     pub description: Option<String>,
+    /// The image's format: 'raw' (its bytes are the disk), 'qcow2' (serve
+    /// the disk a qcow2 image holds, decoded as it is read) or 'auto'
+    /// (qcow2 if the image starts like one). Not given: raw, but an image
+    /// that starts like qcow2 is refused rather than guessed.
+    #[arg(long, value_name = "raw|qcow2|auto")]
+    pub format: Option<lazybd::format::Format>,
     /// Cache block size: the unit fetched and tracked (power of two, 4k..16M).
     /// Default 64k for a new cache; an existing cache keeps its own.
     #[arg(long, value_name = "SIZE")]

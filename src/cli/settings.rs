@@ -263,6 +263,7 @@ pub fn resolve(
             overlay_dir: e.overlay_dir.clone(),
             description: e.description.clone(),
             hydrate: e.hydrate,
+            format: e.format,
         })
         .collect();
     let image = match &a.origin {
@@ -280,6 +281,7 @@ pub fn resolve(
                 overlay_dir: a.overlay_dir.clone(),
                 description: a.description.clone(),
                 hydrate: false,
+                format: a.format,
             },
         );
     }
@@ -417,6 +419,7 @@ mod tests {
     use super::*;
     use crate::cli::{Cli, Cmd};
     use clap::Parser;
+    use lazybd::format::Format;
     use lazybd::origin::Hedge;
     use lazybd::tls::TlsMode;
     use std::fmt::Debug;
@@ -1198,7 +1201,7 @@ mod tests {
 
     #[test]
     fn exports_the_command_lines_first_then_the_files() {
-        let toml = "[[export]]\nname = \"a\"\nimage = \"/a.img\"\nhydrate = true\n\
+        let toml = "[[export]]\nname = \"a\"\nimage = \"/a.img\"\nhydrate = true\nformat = \"auto\"\n\
                     [[export]]\nname = \"b\"\nimage = \"/b.img\"\nwritable = true\noverlay_dir = \"/o\"\n";
         let mut a = args(&[
             "/x.img",
@@ -1209,6 +1212,8 @@ mod tests {
             "/ox",
             "--description",
             "d",
+            "--format",
+            "qcow2",
         ]);
         a.config = Some("c.toml".into());
         let c = try_resolve(&a, &file(toml)).unwrap();
@@ -1224,6 +1229,17 @@ mod tests {
         assert!(c.exports[1].hydrate && !c.exports[1].writable);
         assert!(c.exports[2].writable);
         assert_eq!(c.exports[2].overlay_dir, Some(PathBuf::from("/o")));
+        let formats: Vec<_> = c.exports.iter().map(|e| e.format).collect();
+        assert_eq!(formats, [Some(Format::Qcow2), Some(Format::Auto), None]);
+        let e = Cli::try_parse_from(["lazybd", "serve", "/x.img", "--format", "vmdk"])
+            .err()
+            .expect("--format vmdk refused")
+            .to_string();
+        assert!(e.contains("raw, qcow2 or auto"), "{e}");
+        let e = FileConfig::parse("[[export]]\nname = \"a\"\nimage = \"/a\"\nformat = \"vmdk\"\n")
+            .expect_err("format = vmdk refused")
+            .to_string();
+        assert!(e.contains("vmdk"), "{e}");
     }
 
     #[test]

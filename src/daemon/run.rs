@@ -107,8 +107,13 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         match daemon.add_export(e).await {
             Ok(()) => {}
             // One dead image URL must not take every other VM disk down:
-            // with several exports, a failing one is retried in the background.
-            Err(err) if cfg.exports.len() > 1 && err.kind() != ErrorKind::InvalidInput => {
+            // with several exports, a failing one is retried in the
+            // background, unless retrying cannot help (a bad setting, an
+            // image lazybd cannot serve).
+            Err(err)
+                if cfg.exports.len() > 1
+                    && !matches!(err.kind(), ErrorKind::InvalidInput | ErrorKind::Unsupported) =>
+            {
                 tracing::error!(export = %e.name, error = %err, "export unavailable; retrying in the background");
                 retry.push(e.clone());
             }

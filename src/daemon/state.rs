@@ -18,6 +18,7 @@ use crate::cache::{CacheDir, ImageCache};
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::stack::{self, ExportSpec};
 use crate::export::Exports;
+use crate::format::Format;
 use crate::origin::{self, OriginOptions};
 use crate::prefetch::{hydrate, profile};
 use crate::stats::Stats;
@@ -38,6 +39,10 @@ pub struct ExportConfig {
     /// Hydrate this export's image in the background (see [`BootOptions`]).
     #[serde(default)]
     pub hydrate: bool,
+    /// The image's format (`None`: raw, refusing what looks like qcow2;
+    /// see [`crate::format`]).
+    #[serde(default)]
+    pub format: Option<Format>,
 }
 
 /// Boot acceleration and hydration, for every image served.
@@ -398,6 +403,7 @@ impl Daemon {
         let image = cache.origin().identity().locator.clone();
         let spec = ExportSpec {
             readahead: self.boot.readahead,
+            format: cfg.format,
             name: cfg.name.clone(),
             description: cfg
                 .description
@@ -409,11 +415,11 @@ impl Daemon {
                 .overlay_dir
                 .clone()
                 .unwrap_or_else(|| self.cache_dir.root().join("overlays").join(&cfg.name));
-            let e = tokio::task::block_in_place(|| stack::writable_export(spec, cache, &dir))?;
+            let e = stack::writable_export(spec, cache, &dir).await?;
             tracing::info!(export = %cfg.name, overlay = %dir.display(), "writable export: writes go to its overlay");
             e
         } else {
-            stack::read_only_export(spec, cache)
+            stack::read_only_export(spec, cache).await?
         };
         self.exports.add(export)?;
         // The locator, not the spec: a spec's query may carry a signature.

@@ -8,7 +8,7 @@
 //! The cache is shared by every export of an image; each writable export
 //! has its own overlay; each export has its own readahead (its own
 //! sequential streams) over the shared cache, and the image's format
-//! (raw today) above that:
+//! (raw or qcow2) above that:
 //!
 //! ```text
 //!   read-only:  export ------------> format -> readahead -> cache -> origin
@@ -33,17 +33,19 @@ pub(crate) struct ExportSpec {
     pub(crate) description: String,
     /// Sequential readahead into the cache.
     pub(crate) readahead: bool,
+    /// The image's format as asked (`None`: not given; see `format`).
+    pub(crate) format: Option<Format>,
 }
 
-/// What sits on the shared cache for one export: the image's format, and
-/// readahead above it.
-fn base(spec: &ExportSpec, cache: &ImageCache) -> Arc<dyn BlockDevice> {
+/// What sits on the shared cache for one export: readahead, and the
+/// image's format above it. Returns the format decided too.
+async fn base(spec: &ExportSpec, cache: &ImageCache) -> Result<(Arc<dyn BlockDevice>, Format)> {
     let image: Arc<dyn BlockDevice> = if spec.readahead {
         Arc::new(Readahead::new(cache.clone()))
     } else {
         Arc::new(cache.clone())
     };
-    format::open(Format::Raw, image)
+    format::open(spec.format, image, &cache.origin().identity().locator).await
 }
 
 fn export(
@@ -72,20 +74,30 @@ fn export(
 }
 
 /// A read-only export of a cached image.
-pub(crate) fn read_only_export(spec: ExportSpec, cache: ImageCache) -> Export {
-    let device = base(&spec, &cache);
-    export(spec, &cache, device, None)
+pub(crate) async fn read_only_export(spec: ExportSpec, cache: ImageCache) -> Result<Export> {
+    let (device, _) = base(&spec, &cache).await?;
+    Ok(export(spec, &cache, device, None))
 }
 
 /// A writable export: a copy-on-write overlay in `overlay_dir` over the
 /// shared cache.
-pub(crate) fn writable_export(
+pub(crate) async fn writable_export(
     spec: ExportSpec,
     cache: ImageCache,
     overlay_dir: &Path,
 ) -> Result<Export> {
-    let base_id = cache.origin().identity().to_string();
-    let overlay = Arc::new(Overlay::open(overlay_dir, base(&spec, &cache), &base_id)?);
+    let (base, format) = base(&spec, &cache).await?;
+    // The overlay records what it was written over: the image, and the
+    // format that made the disk of it (a raw overlay's id stays the
+    // image's, as overlays made before formats existed recorded it).
+    let mut base_id = cache.origin().identity().to_string();
+    if format != Format::Raw {
+        base_id.push_str(&format!(" as {format}"));
+    }
+    // Opening an overlay reads and maybe replays its files: blocking work.
+    let overlay = Arc::new(tokio::task::block_in_place(|| {
+        Overlay::open(overlay_dir, base, &base_id)
+    })?);
     let device: Arc<dyn BlockDevice> = overlay.clone();
     Ok(export(spec, &cache, device, Some(overlay)))
 }

@@ -9,28 +9,209 @@
 //!   export -> [overlay] -> format -> readahead -> cache -> origin
 //! ```
 //!
-//! - `raw`: the guest's disk is the file, byte for byte (today's only
-//!   format). Container formats (qcow2) and layered images (a chain of
-//!   caches, one per backing file) come next, each one file here, each a
-//!   [`crate::device::BlockDevice`] over the cache(s) below it.
+//! - `raw`: the guest's disk is the file, byte for byte.
+//! - `qcow2`: the disk a qcow2 template holds, decoded lazily.
+//!
+//! Layered images (a chain of caches, one per backing file) come next,
+//! each a [`crate::device::BlockDevice`] over the cache(s) below it.
+//!
+//! # Which format: never guessed silently
+//!
+//! Probing the format of an untrusted image is how qemu's raw-probing
+//! hazard happens: a raw disk whose guest wrote a qcow2 header at sector 0
+//! turns into a different disk. lazybd's rule:
+//!
+//! - `--format raw` or `qcow2` (or an export's `format`): that format, and
+//!   `qcow2` refuses a file that is not one.
+//! - An image service's metadata (Glance's `disk_format`) is an explicit
+//!   format too.
+//! - `--format auto`: qcow2 if the file starts with qcow2's magic, else
+//!   raw; for operators who trust their templates' bytes.
+//! - Nothing given: raw, except that a file starting with qcow2's magic is
+//!   refused with an error saying to choose, because serving a qcow2
+//!   container as a raw disk is never what the operator meant, and
+//!   decoding it unasked is the hazard above.
+
+pub mod qcow2;
 
 mod raw;
 
+use std::fmt;
 use std::sync::Arc;
 
-use crate::device::BlockDevice;
+use serde::{Deserialize, Serialize};
 
-/// The format of an image's bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum Format {
+use crate::block::ByteRange;
+use crate::device::BlockDevice;
+use crate::error::{Error, ErrorKind, Result};
+
+/// The format asked for an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
     /// The bytes are the disk.
-    #[default]
     Raw,
+    /// A qcow2 image holds the disk.
+    Qcow2,
+    /// qcow2 if the bytes are a qcow2 image, else raw.
+    Auto,
 }
 
-/// The guest's view of an image in format `f` whose bytes `image` serves.
-pub(crate) fn open(f: Format, image: Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice> {
-    match f {
-        Format::Raw => raw::open(image),
+impl std::str::FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(Format::Raw),
+            "qcow2" => Ok(Format::Qcow2),
+            "auto" => Ok(Format::Auto),
+            _ => Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("image format {s:?}: use raw, qcow2 or auto"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
+            Format::Auto => "auto",
+        })
+    }
+}
+
+/// The guest's view of the image `image` (whose device serves the image
+/// file's bytes) named `name`, in format `f` (`None`: not given, see the
+/// module's rule). Returns the device and the format decided.
+pub(crate) async fn open(
+    f: Option<Format>,
+    image: Arc<dyn BlockDevice>,
+    name: &str,
+) -> Result<(Arc<dyn BlockDevice>, Format)> {
+    let decided = match f {
+        Some(Format::Raw) => Format::Raw,
+        Some(Format::Qcow2) => Format::Qcow2,
+        Some(Format::Auto) | None => {
+            let is_qcow2 = if image.size() >= 4 {
+                let head = image.read(ByteRange::new(0, 4)?).await?;
+                qcow2::layout::looks_like_qcow2(&head.data)
+            } else {
+                false
+            };
+            match (is_qcow2, f) {
+                (false, _) => Format::Raw,
+                (true, Some(_)) => Format::Qcow2,
+                (true, None) => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "{name} is a qcow2 image: serve the disk it holds with \
+                             --format qcow2 (format = \"qcow2\" in an [[export]]), or its \
+                             bytes as they are with --format raw"
+                        ),
+                    ))
+                }
+            }
+        }
+    };
+    let dev = match decided {
+        Format::Qcow2 => qcow2::open(image, name).await?,
+        _ => raw::open(image),
+    };
+    Ok((dev, decided))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{BoxFuture, Extent, ReadData};
+    use bytes::Bytes;
+
+    struct Mem(Bytes);
+    impl BlockDevice for Mem {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
+            let data = self.0.slice(r.offset as usize..r.end() as usize);
+            Box::pin(async move {
+                Ok(ReadData {
+                    data,
+                    zero: Vec::new(),
+                })
+            })
+        }
+        fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
+            Ok(vec![Extent {
+                len: r.len,
+                zero: false,
+            }])
+        }
+        fn flush(&self) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn the_format_is_never_guessed_silently() {
+        let qcow2_magic: Arc<dyn BlockDevice> = Arc::new(Mem(Bytes::from_static(b"QFI\xfb....")));
+        let raw: Arc<dyn BlockDevice> = Arc::new(Mem(Bytes::from_static(b"\xeb\x63\x90 boot")));
+        run(async {
+            // Nothing given: raw bytes are raw; qcow2 bytes are refused.
+            let (_, f) = open(None, raw.clone(), "a.img").await.unwrap();
+            assert_eq!(f, Format::Raw);
+            let e = match open(None, qcow2_magic.clone(), "b.img").await {
+                Err(e) => e,
+                Ok(_) => panic!("a qcow2 image was served without a format"),
+            };
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            let m = e.to_string();
+            assert!(
+                m.contains("b.img") && m.contains("--format qcow2") && m.contains("--format raw"),
+                "{m}"
+            );
+            // Asked: raw serves the container's bytes as they are.
+            let (dev, f) = open(Some(Format::Raw), qcow2_magic.clone(), "b.img")
+                .await
+                .unwrap();
+            assert_eq!((f, dev.size()), (Format::Raw, 8));
+            assert_eq!(
+                open(Some(Format::Auto), raw.clone(), "a").await.unwrap().1,
+                Format::Raw
+            );
+            // auto decodes what looks like qcow2 (here a truncated header).
+            let e = match open(Some(Format::Auto), qcow2_magic.clone(), "b.img").await {
+                Err(e) => e,
+                Ok(_) => panic!("a truncated qcow2 header decoded"),
+            };
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+            let e = match open(Some(Format::Qcow2), raw, "a.img").await {
+                Err(e) => e,
+                Ok(_) => panic!("a raw image decoded as qcow2"),
+            };
+            assert!(e.to_string().contains("not a qcow2 image"), "{e}");
+        });
+    }
+
+    #[test]
+    fn formats_parse_and_print() {
+        for f in [Format::Raw, Format::Qcow2, Format::Auto] {
+            assert_eq!(f.to_string().parse::<Format>().unwrap(), f);
+        }
+        assert!("vmdk"
+            .parse::<Format>()
+            .unwrap_err()
+            .to_string()
+            .contains("raw, qcow2 or auto"));
     }
 }

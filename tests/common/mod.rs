@@ -310,6 +310,7 @@ pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
             overlay_dir: None,
             description: None,
             hydrate: false,
+            format: None,
         }],
         control: None,
         metrics: None,

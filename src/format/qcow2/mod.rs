@@ -1,0 +1,733 @@
+//! qcow2 templates served as raw disks, decoded lazily: a guest read maps
+//! through the image's L1 and L2 tables to bytes of the image file, which
+//! come through the readahead and the cache below like any raw read, so
+//! the first read of a table or a data cluster fetches it from the origin
+//! and every later one is local. Nothing is converted up front.
+//!
+//! ```text
+//!   guest range -> clusters -> L2 entries -> { hole | zero | host range | compressed range }
+//!                                             -> image (readahead -> cache -> origin)
+//! ```
+//!
+//! - The header and the L1 table are read at open ([`open`]); L2 tables on
+//!   the first read that needs them, kept in memory (bounded, [`L2_CACHE`]),
+//!   and all of them warmed in the background after open so that block
+//!   status (`base:allocation`, which `qemu-img convert` and `nbdcopy` use
+//!   to skip holes) soon knows every hole. Until a table is known, its
+//!   range is reported as data, which is always a correct answer.
+//! - Unallocated and zero clusters read as zeroes without touching the
+//!   image, and are reported as holes.
+//! - Data clusters that are adjacent in the file are read with one request;
+//!   compressed clusters (zlib or zstd) are fetched together when adjacent
+//!   in the file (as `qemu-img convert -c` packs them) and decompressed
+//!   once: a small cache keeps the latest clusters, because a guest reads a
+//!   64 KiB cluster 4 KiB at a time.
+//! - Read-only: a writable export puts its overlay above this layer, so
+//!   the template is never written and refcounts never matter.
+//!
+//! Backing files, encryption and external data files are refused at open
+//! ([`layout::Header::parse`]); a damaged table is an error on the reads it
+//! affects, never wrong bytes.
+
+pub mod layout;
+
+mod decompress;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+
+use bytes::{Bytes, BytesMut};
+
+use self::layout::{Header, Mapping};
+use crate::block::{merge_adjacent, ByteRange};
+use crate::device::{BlockDevice, BoxFuture, Extent, ReadData};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Bytes of L2 tables kept in memory per export: 32 MiB maps 256 GiB of
+/// guest disk with 64 KiB clusters (qemu's own default bound).
+const L2_CACHE: u64 = 32 << 20;
+/// Bytes of decompressed clusters kept per export.
+const CLUSTER_CACHE: u64 = 4 << 20;
+/// Compressed clusters this close in the file are fetched with one read.
+const GROUP_GAP: u64 = 4096;
+/// Largest read of compressed clusters.
+const GROUP_MAX: u64 = 4 << 20;
+/// Decompress inline up to this many clusters; more go to the blocking
+/// pool, so a big read of a compressed image never stalls other I/O.
+const INLINE_CLUSTERS: usize = 2;
+
+/// The guest disk stored in the qcow2 image `image` (whose bytes are the
+/// image file) named `name` in errors and logs.
+pub async fn open(image: Arc<dyn BlockDevice>, name: &str) -> Result<Arc<dyn BlockDevice>> {
+    let q = Arc::new(Inner::open(image, name).await?);
+    tracing::info!(
+        image = %name,
+        version = q.h.version,
+        virtual_size = q.h.size,
+        cluster = q.h.cluster_size(),
+        compression = ?q.h.compression,
+        extended_l2 = q.h.extended_l2,
+        "qcow2 image decoded as the guest's disk"
+    );
+    if q.h.dirty {
+        tracing::info!(image = %name, "qcow2 image is marked dirty (refcounts stale): reads do not use them");
+    }
+    let warm = q.clone();
+    tokio::spawn(async move { warm.warm_tables().await });
+    Ok(Arc::new(Qcow2 { q }))
+}
+
+struct Qcow2 {
+    q: Arc<Inner>,
+}
+
+struct Inner {
+    image: Arc<dyn BlockDevice>,
+    h: Header,
+    file_size: u64,
+    name: String,
+    /// The L1 table: one entry per L2 table.
+    l1: Box<[u64]>,
+    /// L2 tables by L1 index, decoded to native-endian words (two per
+    /// entry with extended L2 entries).
+    l2: Mutex<Tables>,
+    /// Recently decompressed clusters by host offset.
+    clusters: Mutex<VecDeque<(u64, Bytes)>>,
+}
+
+#[derive(Default)]
+struct Tables {
+    by_index: HashMap<u64, Arc<[u64]>>,
+    /// Insertion order, for eviction.
+    order: VecDeque<u64>,
+}
+
+/// One piece of a guest read: where `len` bytes at `at` (from the start of
+/// the read) come from.
+#[derive(Debug, Clone, Copy)]
+enum Piece {
+    Zero,
+    Host {
+        host: u64,
+    },
+    /// `skip` bytes into the cluster decompressed from `len` bytes at `host`.
+    Compressed {
+        host: u64,
+        clen: u64,
+        skip: u64,
+    },
+}
+
+/// Bytes read from the image file, with the zero ranges it knows of
+/// (relative to the start of the read).
+type HostBytes = (Bytes, Vec<ByteRange>);
+/// Decompressed clusters by host offset.
+type Clusters = Vec<(u64, Bytes)>;
+
+/// Compressed clusters read together: bytes `start..end` of the file hold
+/// every member (host offset, compressed length).
+struct Group {
+    start: u64,
+    end: u64,
+    members: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    at: u64,
+    len: u64,
+    piece: Piece,
+}
+
+impl Inner {
+    async fn open(image: Arc<dyn BlockDevice>, name: &str) -> Result<Inner> {
+        let file_size = image.size();
+        let named = |e: Error| e.context_prefix(format_args!("{name}: qcow2"));
+        // The first block is what the cache fetches anyway: enough for the
+        // header and a backing file's name (for the error refusing it).
+        let head = image
+            .read(ByteRange::new(0, file_size.min(64 << 10))?)
+            .await
+            .map_err(named)?;
+        let h = Header::parse(&head.data, file_size).map_err(named)?;
+        let l1_bytes = u64::from(h.l1_entries) * 8;
+        let l1 = if l1_bytes == 0 {
+            Box::default()
+        } else {
+            let raw = image
+                .read(ByteRange::new(h.l1_offset, l1_bytes)?)
+                .await
+                .map_err(named)?;
+            be_words(&raw.data)
+        };
+        Ok(Inner {
+            image,
+            h,
+            file_size,
+            name: name.to_string(),
+            l1,
+            l2: Mutex::new(Tables::default()),
+            clusters: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    fn err(&self, e: Error) -> Error {
+        e.context_prefix(format_args!("{}: qcow2", self.name))
+    }
+
+    /// The L2 table of L1 index `i` if known in memory: `Some(None)` for an
+    /// unallocated table, `None` if it has to be read.
+    fn table_now(&self, i: u64) -> Result<Option<Option<Arc<[u64]>>>> {
+        if self
+            .h
+            .l2_table(self.l1[i as usize], self.file_size)?
+            .is_none()
+        {
+            return Ok(Some(None));
+        }
+        Ok(self
+            .l2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_index
+            .get(&i)
+            .map(|t| Some(t.clone())))
+    }
+
+    /// The L2 table of L1 index `i`, read through the image on first use.
+    async fn table(&self, i: u64) -> Result<Option<Arc<[u64]>>> {
+        if let Some(t) = self.table_now(i).map_err(|e| self.err(e))? {
+            return Ok(t);
+        }
+        let off = self
+            .h
+            .l2_table(self.l1[i as usize], self.file_size)
+            .map_err(|e| self.err(e))?
+            .expect("table_now answered for unallocated tables");
+        let raw = self
+            .image
+            .read(ByteRange::new(off, self.h.cluster_size())?)
+            .await
+            .map_err(|e| self.err(e.context_prefix(format_args!("L2 table at {off:#x}"))))?;
+        let t: Arc<[u64]> = be_words(&raw.data).into();
+        let mut tables = self.l2.lock().unwrap_or_else(|p| p.into_inner());
+        if tables.by_index.insert(i, t.clone()).is_none() {
+            tables.order.push_back(i);
+            let max = (L2_CACHE / self.h.cluster_size()).max(1) as usize;
+            while tables.by_index.len() > max {
+                let Some(old) = tables.order.pop_front() else {
+                    break;
+                };
+                tables.by_index.remove(&old);
+            }
+        }
+        Ok(Some(t))
+    }
+
+    /// The L1 indices a guest range spans.
+    fn table_indices(&self, r: ByteRange) -> std::ops::RangeInclusive<u64> {
+        let first = self.h.indices(r.offset).0;
+        let last = self.h.indices(r.end() - 1).0;
+        first..=last
+    }
+
+    /// Read every allocated L2 table (as many as the memory bound holds),
+    /// so that block status knows every hole. Stops at the first error:
+    /// reads that need a table report theirs.
+    async fn warm_tables(self: Arc<Self>) {
+        let max = L2_CACHE / self.h.cluster_size();
+        let mut n = 0;
+        for i in 0..self.l1.len() as u64 {
+            if n >= max {
+                break;
+            }
+            match self.table_now(i) {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(_) => break,
+            }
+            if let Err(e) = self.table(i).await {
+                tracing::debug!(image = %self.name, error = %e, "qcow2 table warm-up stopped");
+                break;
+            }
+            n += 1;
+        }
+    }
+
+    /// Where each byte of guest range `r` comes from, given the L2 tables
+    /// of the L1 indices it spans (`tables[k]` for the `k`-th), as pieces
+    /// in guest order with adjacent holes and adjacent host ranges merged.
+    fn plan(&self, r: ByteRange, tables: &[Option<Arc<[u64]>>]) -> Result<Vec<Planned>> {
+        let h = &self.h;
+        let cluster = h.cluster_size();
+        let unit_bits = h.unit_bits();
+        let first_table = self.table_indices(r).start().to_owned();
+        let mut out: Vec<Planned> = Vec::new();
+        let mut off = r.offset;
+        while off < r.end() {
+            let (l1i, l2i) = h.indices(off);
+            let cluster_start = off & !(cluster - 1);
+            let unit = ((off - cluster_start) >> unit_bits) as u32;
+            let unit_start = cluster_start + (u64::from(unit) << unit_bits);
+            let mapping = match &tables[(l1i - first_table) as usize] {
+                None => Mapping::Unallocated,
+                Some(t) => {
+                    let (e, bitmap) = if h.extended_l2 {
+                        (t[2 * l2i as usize], t[2 * l2i as usize + 1])
+                    } else {
+                        (t[l2i as usize], 0)
+                    };
+                    h.map(e, bitmap, unit, self.file_size).map_err(|e| {
+                        self.err(e.context_prefix(format_args!("guest offset {off:#x}")))
+                    })?
+                }
+            };
+            let piece_end = match mapping {
+                Mapping::Compressed { .. } => cluster_start + cluster,
+                _ => unit_start + (1 << unit_bits),
+            }
+            .min(r.end());
+            let len = piece_end - off;
+            let piece = match mapping {
+                Mapping::Unallocated | Mapping::Zero => Piece::Zero,
+                Mapping::Data { host } => Piece::Host {
+                    host: host + (off - unit_start),
+                },
+                Mapping::Compressed { host, len } => Piece::Compressed {
+                    host,
+                    clen: len,
+                    skip: off - cluster_start,
+                },
+            };
+            let at = off - r.offset;
+            match (out.last_mut(), piece) {
+                (
+                    Some(Planned {
+                        piece: Piece::Zero,
+                        len: l,
+                        ..
+                    }),
+                    Piece::Zero,
+                ) => *l += len,
+                (
+                    Some(Planned {
+                        piece: Piece::Host { host: prev },
+                        len: l,
+                        ..
+                    }),
+                    Piece::Host { host },
+                ) if *prev + *l == host => *l += len,
+                _ => out.push(Planned { at, len, piece }),
+            }
+            off = piece_end;
+        }
+        Ok(out)
+    }
+
+    /// `len` bytes of the file at `host`, the part past the end of the
+    /// file reading as zeroes (as qemu reads it), with the zero ranges the
+    /// image knows of, relative to `host`.
+    async fn host_read(&self, host: u64, len: u64) -> Result<HostBytes> {
+        let inside = self.file_size.saturating_sub(host).min(len);
+        let (mut data, mut zero) = if inside == 0 {
+            (Bytes::new(), Vec::new())
+        } else {
+            let d = self.image.read(ByteRange::new(host, inside)?).await?;
+            (d.data, d.zero)
+        };
+        for z in &mut zero {
+            z.offset -= host;
+        }
+        if inside < len {
+            let mut b = BytesMut::zeroed(len as usize);
+            b[..data.len()].copy_from_slice(&data);
+            zero.push(ByteRange {
+                offset: inside,
+                len: len - inside,
+            });
+            data = b.freeze();
+        }
+        Ok((data, zero))
+    }
+
+    fn cached_cluster(&self, host: u64) -> Option<Bytes> {
+        let c = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        c.iter().find(|(h, _)| *h == host).map(|(_, b)| b.clone())
+    }
+
+    fn keep_cluster(&self, host: u64, data: Bytes) {
+        let max = (CLUSTER_CACHE / self.h.cluster_size()).max(2) as usize;
+        let mut c = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        if c.iter().any(|(h, _)| *h == host) {
+            return;
+        }
+        if c.len() >= max {
+            c.pop_front();
+        }
+        c.push_back((host, data));
+    }
+
+    /// Decompress the clusters `want` (host offset, compressed length),
+    /// whose compressed bytes lie in `group` read from `group_host`.
+    async fn decompress_all(
+        &self,
+        group_host: u64,
+        group: Bytes,
+        want: Vec<(u64, u64)>,
+    ) -> Result<Clusters> {
+        let (c, cluster) = (self.h.compression, self.h.cluster_size() as usize);
+        let inline = want.len() <= INLINE_CLUSTERS;
+        let work = move || -> Result<Clusters> {
+            want.iter()
+                .map(|&(host, clen)| {
+                    let from = (host - group_host) as usize;
+                    let input = &group[from..from + clen as usize];
+                    let mut out = BytesMut::zeroed(cluster);
+                    decompress::decompress(c, input, &mut out).map_err(|e| {
+                        e.context_prefix(format_args!("compressed cluster at {host:#x}"))
+                    })?;
+                    Ok((host, out.freeze()))
+                })
+                .collect()
+        };
+        let done = if inline {
+            work()
+        } else {
+            tokio::task::spawn_blocking(work)
+                .await
+                .map_err(|e| Error::with_source(ErrorKind::Io, "qcow2 decompression task", e))?
+        };
+        let done = done.map_err(|e| self.err(e))?;
+        for (host, data) in &done {
+            self.keep_cluster(*host, data.clone());
+        }
+        Ok(done)
+    }
+
+    async fn read(&self, r: ByteRange) -> Result<ReadData> {
+        if r.is_empty() {
+            return Ok(ReadData {
+                data: Bytes::new(),
+                zero: Vec::new(),
+            });
+        }
+        let mut tables = Vec::new();
+        for i in self.table_indices(r) {
+            tables.push(self.table(i).await?);
+        }
+        let plan = self.plan(r, &tables)?;
+        // The common case: one host range, served as the image serves it.
+        if let [Planned {
+            piece: Piece::Host { host },
+            len,
+            ..
+        }] = plan[..]
+        {
+            let (data, zero) = self.host_read(host, len).await.map_err(|e| self.err(e))?;
+            return Ok(ReadData {
+                data,
+                zero: shift(zero, r.offset),
+            });
+        }
+        let mut out = BytesMut::zeroed(r.len as usize);
+        let mut zero = Vec::new();
+        // Host ranges: read concurrently.
+        let mut reads: Vec<(Planned, BoxFuture<'_, Result<HostBytes>>)> = Vec::new();
+        for p in &plan {
+            match p.piece {
+                Piece::Zero => zero.push(ByteRange {
+                    offset: r.offset + p.at,
+                    len: p.len,
+                }),
+                Piece::Host { host } => reads.push((*p, Box::pin(self.host_read(host, p.len)))),
+                Piece::Compressed { .. } => {}
+            }
+        }
+        // Compressed clusters not cached, grouped by nearness in the file.
+        let mut groups: Vec<Group> = Vec::new();
+        let mut have: HashMap<u64, Bytes> = HashMap::new();
+        for p in &plan {
+            let Piece::Compressed { host, clen, .. } = p.piece else {
+                continue;
+            };
+            if have.contains_key(&host) {
+                continue;
+            }
+            if let Some(c) = self.cached_cluster(host) {
+                have.insert(host, c);
+                continue;
+            }
+            match groups.last_mut() {
+                Some(g)
+                    if host >= g.start
+                        && host <= g.end + GROUP_GAP
+                        && (host + clen).max(g.end) - g.start <= GROUP_MAX =>
+                {
+                    if !g.members.iter().any(|m| m.0 == host) {
+                        g.members.push((host, clen));
+                    }
+                    g.end = g.end.max(host + clen);
+                }
+                _ => groups.push(Group {
+                    start: host,
+                    end: host + clen,
+                    members: vec![(host, clen)],
+                }),
+            }
+        }
+        let fetches: Vec<BoxFuture<'_, Result<Clusters>>> = groups
+            .into_iter()
+            .map(|g| {
+                Box::pin(async move {
+                    let (data, _) = self.host_read(g.start, g.end - g.start).await?;
+                    self.decompress_all(g.start, data, g.members).await
+                }) as BoxFuture<'_, _>
+            })
+            .collect();
+        let (planned, host_futs): (Vec<Planned>, Vec<_>) = reads.into_iter().unzip();
+        let (host_done, clusters) = join(join_all(host_futs), join_all(fetches)).await;
+        for (p, res) in planned.iter().zip(host_done) {
+            let (data, z) = res.map_err(|e| self.err(e))?;
+            out[p.at as usize..(p.at + p.len) as usize].copy_from_slice(&data);
+            zero.extend(shift(z, r.offset + p.at));
+        }
+        for res in clusters {
+            have.extend(res?);
+        }
+        for p in &plan {
+            if let Piece::Compressed { host, skip, .. } = p.piece {
+                let c = &have[&host];
+                out[p.at as usize..(p.at + p.len) as usize]
+                    .copy_from_slice(&c[skip as usize..(skip + p.len) as usize]);
+            }
+        }
+        zero.sort_unstable_by_key(|z| z.offset);
+        Ok(ReadData {
+            data: out.freeze(),
+            zero: merge_adjacent(zero),
+        })
+    }
+
+    /// [`Inner::read`] without waiting: only when every table is in memory,
+    /// every host range local and every compressed cluster decompressed.
+    fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
+        let mut tables = Vec::new();
+        for i in self.table_indices(r) {
+            match self.table_now(i) {
+                Ok(Some(t)) => tables.push(t),
+                Ok(None) => return None,
+                Err(e) => return Some(Err(self.err(e))),
+            }
+        }
+        let plan = match self.plan(r, &tables) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        let local = |host: u64, len: u64| -> Option<Result<ReadData>> {
+            // Past the end of the file needs the slow path's zero fill.
+            if host.checked_add(len)? > self.file_size {
+                return None;
+            }
+            let d = self.image.read_now(ByteRange { offset: host, len })?;
+            Some(d.map(|mut d| {
+                for z in &mut d.zero {
+                    z.offset -= host;
+                }
+                d
+            }))
+        };
+        if let [Planned {
+            piece: Piece::Host { host },
+            len,
+            ..
+        }] = plan[..]
+        {
+            return Some(local(host, len)?.map(|d| ReadData {
+                data: d.data,
+                zero: shift(d.zero, r.offset),
+            }));
+        }
+        let mut out = BytesMut::zeroed(r.len as usize);
+        let mut zero = Vec::new();
+        for p in &plan {
+            let span = p.at as usize..(p.at + p.len) as usize;
+            match p.piece {
+                Piece::Zero => zero.push(ByteRange {
+                    offset: r.offset + p.at,
+                    len: p.len,
+                }),
+                Piece::Host { host } => match local(host, p.len)? {
+                    Ok(d) => {
+                        out[span].copy_from_slice(&d.data);
+                        zero.extend(shift(d.zero, r.offset + p.at));
+                    }
+                    Err(e) => return Some(Err(self.err(e))),
+                },
+                Piece::Compressed { host, skip, .. } => {
+                    let c = self.cached_cluster(host)?;
+                    out[span].copy_from_slice(&c[skip as usize..(skip + p.len) as usize]);
+                }
+            }
+        }
+        zero.sort_unstable_by_key(|z| z.offset);
+        Some(Ok(ReadData {
+            data: out.freeze(),
+            zero: merge_adjacent(zero),
+        }))
+    }
+
+    fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |len: u64, zero: bool| match out.last_mut() {
+            Some(e) if e.zero == zero => e.len += len,
+            _ => out.push(Extent { len, zero }),
+        };
+        let per_table = self.h.l2_entries() * self.h.cluster_size();
+        for i in self.table_indices(r) {
+            let span = ByteRange {
+                offset: i * per_table,
+                len: per_table,
+            }
+            .intersect(&r)
+            .expect("the table's range meets r");
+            match self.table_now(i).map_err(|e| self.err(e))? {
+                // Not read yet: data, the answer that is always right.
+                None => push(span.len, false),
+                Some(t) => {
+                    for p in self.plan(span, &[t])? {
+                        push(p.len, matches!(p.piece, Piece::Zero));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn prefetch(&self, r: ByteRange) {
+        let mut tables = Vec::new();
+        for i in self.table_indices(r) {
+            match self.table_now(i) {
+                Ok(Some(t)) => tables.push(t),
+                _ => return,
+            }
+        }
+        let Ok(plan) = self.plan(r, &tables) else {
+            return;
+        };
+        for p in plan {
+            let (host, len) = match p.piece {
+                Piece::Zero => continue,
+                Piece::Host { host } => (host, p.len),
+                Piece::Compressed { host, clen, .. } => (host, clen),
+            };
+            let len = self.file_size.saturating_sub(host).min(len);
+            if len > 0 {
+                self.image.prefetch(ByteRange { offset: host, len });
+            }
+        }
+    }
+}
+
+impl BlockDevice for Qcow2 {
+    fn size(&self) -> u64 {
+        self.q.h.size
+    }
+
+    fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
+        Box::pin(self.q.read(r))
+    }
+
+    fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
+        self.q.extents(r)
+    }
+
+    fn prefetch(&self, r: ByteRange) {
+        self.q.prefetch(r)
+    }
+
+    fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
+        if r.is_empty() {
+            return None;
+        }
+        self.q.read_now(r)
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<()>> {
+        // Nothing here is written.
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Big-endian 64-bit words.
+fn be_words(b: &[u8]) -> Box<[u64]> {
+    b.chunks_exact(8)
+        .map(|w| u64::from_be_bytes(w.try_into().expect("8 bytes")))
+        .collect()
+}
+
+/// Ranges relative to a piece, made absolute.
+fn shift(v: Vec<ByteRange>, by: u64) -> Vec<ByteRange> {
+    v.into_iter()
+        .map(|z| ByteRange {
+            offset: z.offset + by,
+            len: z.len,
+        })
+        .collect()
+}
+
+/// Poll every future until all are done, in their order. The pieces of one
+/// read are few, so polling each pending one on every wake costs less than
+/// spawning tasks.
+async fn join_all<T>(mut futs: Vec<BoxFuture<'_, T>>) -> Vec<T> {
+    let mut done: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, d) in futs.iter_mut().zip(done.iter_mut()) {
+            if d.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *d = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    done.into_iter()
+        .map(|d| d.expect("every future finished"))
+        .collect()
+}
+
+/// Both futures, concurrently.
+async fn join<A, B>(a: impl Future<Output = A>, b: impl Future<Output = B>) -> (A, B) {
+    let (mut a, mut b) = (Box::pin(a), Box::pin(b));
+    let (mut ra, mut rb) = (None, None);
+    std::future::poll_fn(|cx| {
+        if ra.is_none() {
+            if let Poll::Ready(v) = a.as_mut().poll(cx) {
+                ra = Some(v);
+            }
+        }
+        if rb.is_none() {
+            if let Poll::Ready(v) = b.as_mut().poll(cx) {
+                rb = Some(v);
+            }
+        }
+        if ra.is_some() && rb.is_some() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    (ra.expect("done"), rb.expect("done"))
+}
+
+#[cfg(test)]
+mod tests;
