@@ -71,6 +71,35 @@ assert_same_as_file "$T/disk.img" "$LAZYBD_URI"
 lazybd_stop
 assert_grep "credentials=profile \"lazybd-test\" in $HOME/.aws/credentials \\(AWS_PROFILE\\)" "$LAZYBD_LOG" "profile named in the log"
 assert_grep 'region="eu-west-1" region_from=profile' "$LAZYBD_LOG" "region from ~/.aws/config"
+# Keys rotated in the profile's file are picked up by `lazybd reload`: a
+# wrong secret fails the next uncached read, the right one serves it again.
+s3_read_at() {  # OFF : 64 KiB at OFF of the export equal disk.img's
+  "$NBD_PYTHON" - "$LAZYBD_URI" "$1" "$T/disk.img" <<'PY'
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1]); off = int(sys.argv[2])
+with open(sys.argv[3], "rb") as f:
+    f.seek(off); want = f.read(65536)
+try:
+    got = h.pread(65536, off)
+except nbd.Error as e:
+    print(f"read at {off}: {e}"); sys.exit(1)
+sys.exit(0 if got == want else 2)
+PY
+}
+creds() { printf '[lazybd-test]\naws_access_key_id = %s\naws_secret_access_key = %s\n' "$S3_AK" "$1" > "$HOME/.aws/credentials"; }
+lazybd_start "$spec" --cache-dir "$T/cache-rotate" --no-readahead --no-profile --control "$T/ctl.sock" --origin-deadline 3
+s3_read_at 0 || fail "S3 read with the profile's keys"
+creds wrong-secret
+"$LAZYBD" reload --control "$T/ctl.sock" >/dev/null || fail "lazybd reload (wrong secret)"
+out=$(s3_read_at $((4 * MIB))) && fail "an uncached S3 read signed with a wrong secret succeeded"
+log "after reloading a wrong secret: $out"
+creds "$S3_SK"
+out=$("$LAZYBD" reload --control "$T/ctl.sock" 2>&1) || fail "lazybd reload: $out"
+assert_eq "ok: 1 origin(s) re-read their files" "$out" "lazybd reload's answer"
+s3_read_at $((8 * MIB)) || fail "S3 read after the keys were restored and reloaded"
+lazybd_stop
+assert_grep 'S3 credentials reloaded' "$LAZYBD_LOG" "the reload is logged"
+assert_no_grep "wrong-secret|$S3_SK" "$LAZYBD_LOG" "a secret in lazybd's log"
 # A profile that does not exist is an error, not anonymous requests.
 AWS_PROFILE=nosuch lazybd_expect_start_failure 20 "$spec" --cache-dir "$T/cache-x" --listen "127.0.0.1:$(free_port)"
 assert_grep 'S3 profile "nosuch" \(AWS_PROFILE\) is in neither' "$LAZYBD_LOG" "missing profile explained"

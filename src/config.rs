@@ -129,6 +129,8 @@ pub struct OriginSection {
     pub hedge: Option<String>,
     #[serde(default)]
     pub headers: Vec<String>,
+    /// A file of `Name: value` lines, re-read on reload (SIGHUP).
+    pub header_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
 }
 

@@ -583,7 +583,7 @@ async fn origin_without_ranges_or_without_auth_is_refused_at_start() {
         .expect("must fail");
     assert!(err.to_string().contains("403"), "{err}");
     let mut cfg = config(&o.url, dir.path(), BS);
-    cfg.origin_options.headers = vec![("X-Auth-Token".into(), "s3cret".into())];
+    cfg.origin_options.headers.fixed = vec![("X-Auth-Token".into(), "s3cret".into())];
     let (srv, addr) = start(cfg).await;
     let mut c = Client::connect(&addr, Opts::default()).await;
     assert_eq!(c.read(0, 512).await.unwrap().error, 0);

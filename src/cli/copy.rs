@@ -8,7 +8,7 @@ use anyhow::Context;
 use lazybd::block::parse_size;
 use lazybd::util::human_bytes;
 
-use super::settings::parse_headers;
+use super::settings::header_source;
 use super::CopyArgs;
 
 pub fn run(a: CopyArgs) -> anyhow::Result<ExitCode> {
@@ -19,7 +19,8 @@ pub fn run(a: CopyArgs) -> anyhow::Result<ExitCode> {
     spec.chunk = parse_size(&a.chunk_size)?;
     spec.verify = !a.no_verify;
     spec.sha256 = a.sha256.as_deref().map(copy::parse_sha256).transpose()?;
-    spec.origin_options.headers = parse_headers(&a.headers)?;
+    let env = std::env::var("LAZYBD_HEADERS").ok();
+    spec.origin_options.headers = header_source(&a.headers, env.as_deref(), &a.header_files)?;
     spec.origin_options.ca_file = a.origin_ca;
     let bar = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -9,7 +9,7 @@ use lazybd::daemon::ExportConfig;
 use lazybd::util::human_bytes;
 
 use super::settings::client_control_socket;
-use super::ExportCmd;
+use super::{ControlArg, ExportCmd};
 
 pub fn run(c: ExportCmd) -> anyhow::Result<ExitCode> {
     let (path, req) = match c {
@@ -74,6 +74,16 @@ pub fn run(c: ExportCmd) -> anyhow::Result<ExitCode> {
     };
     call(&path, &req)?;
     println!("ok");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `lazybd reload`.
+pub fn reload(control: ControlArg) -> anyhow::Result<ExitCode> {
+    let resp = call(&client_control_socket(control.control), &Request::Reload)?;
+    println!(
+        "ok: {} origin(s) re-read their files",
+        resp.reloaded.unwrap_or(0)
+    );
     Ok(ExitCode::SUCCESS)
 }
 

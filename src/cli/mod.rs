@@ -44,10 +44,12 @@ Examples:
   lazybd serve https://images.example/debian-12.raw --writable --name vm1 \\
       --overlay-dir /var/lib/lazybd/vm1
 
-  # TCP and a Unix socket at once, an auth header for Glance/Swift
+  # TCP and a Unix socket at once, a Glance/Swift token from a file (not the
+  # command line, which every user sees); after rotating it: lazybd reload
+  printf 'X-Auth-Token: %s\\n' \"$TOKEN\" > /run/lazybd/auth.headers
   lazybd serve https://swift.example/v1/AUTH_x/images/base.raw \\
       --listen 0.0.0.0:10809 --listen unix:/run/lazybd.sock \\
-      --header \"X-Auth-Token: $TOKEN\" --name base
+      --header-file /run/lazybd/auth.headers --name base
 
   # An S3 object (keys from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE
   # or ~/.aws/credentials; anonymous without any); an S3-compatible server
@@ -96,7 +98,22 @@ pub enum Cmd {
     /// Show, export, import boot profiles; stop a recording.
     #[command(subcommand, after_help = PROFILE_EXAMPLES)]
     Profile(ProfileCmd),
+    /// Make a running server re-read its origins' header files
+    /// (--header-file) and credentials files (~/.aws/credentials), as
+    /// SIGHUP does. Exports and connections are not disturbed; an origin
+    /// whose files cannot be read keeps what it had, and the command
+    /// exits 1 naming it.
+    #[command(after_help = RELOAD_EXAMPLES)]
+    Reload {
+        #[command(flatten)]
+        control: ControlArg,
+    },
 }
+
+const RELOAD_EXAMPLES: &str = "\
+Examples (a token rotated by a sidecar, then picked up):
+  printf 'X-Auth-Token: %s\\n' \"$TOKEN\" > /run/lazybd/auth.headers
+  lazybd reload                      # or: systemctl reload lazybd (SIGHUP)";
 
 const COPY_EXAMPLES: &str = "\
 SOURCE: http://, https://, s3://BUCKET/KEY, file:// or a path, nbd://HOST[:PORT]/EXPORT,
@@ -135,6 +152,10 @@ pub struct CopyArgs {
     /// Extra HTTP header for the source, 'Name: value'. Repeatable.
     #[arg(long = "header", short = 'H', value_name = "HEADER")]
     pub headers: Vec<String>,
+    /// File of 'Name: value' lines for the source (as `serve
+    /// --header-file`); LAZYBD_HEADERS in the environment is read too.
+    #[arg(long = "header-file", value_name = "FILE")]
+    pub header_files: Vec<PathBuf>,
     /// PEM file of extra CA certificates for an https:// source.
     #[arg(long, value_name = "PEM")]
     pub origin_ca: Option<PathBuf>,
@@ -314,8 +335,20 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR", requires = "writable")]
     pub overlay_dir: Option<PathBuf>,
     /// Extra HTTP header sent to the origin, 'Name: value'. Repeatable.
+    /// Visible to every user in the process list: put secrets (a token) in
+    /// --header-file or LAZYBD_HEADERS instead.
     #[arg(long = "header", short = 'H', value_name = "HEADER")]
     pub headers: Vec<String>,
+    /// File of 'Name: value' lines (blank lines and # comments skipped)
+    /// sent to the origin, re-read on SIGHUP and `lazybd reload`, so a
+    /// rotated token is used without a restart. Repeatable. LAZYBD_HEADERS
+    /// in the environment holds the same lines (read at start).
+    #[arg(long = "header-file", value_name = "FILE")]
+    pub header_files: Vec<PathBuf>,
+    /// LAZYBD_HEADERS, read by `serve` itself (not a flag: a command line
+    /// is what it keeps secrets out of).
+    #[arg(skip)]
+    pub env_headers: Option<String>,
     /// Most parallel requests to the origin [default: 16].
     #[arg(long)]
     pub origin_connections: Option<usize>,

@@ -1,5 +1,6 @@
 //! `lazybd serve`: resolve the settings, run the daemon until SIGTERM or
-//! SIGINT, log each image's counters at the end.
+//! SIGINT (SIGHUP: re-read origins' header and credentials files), log
+//! each image's counters at the end.
 
 use std::process::ExitCode;
 
@@ -10,7 +11,8 @@ use lazybd::daemon;
 use super::settings;
 use super::ServeArgs;
 
-pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
+pub fn run(mut a: ServeArgs) -> anyhow::Result<ExitCode> {
+    a.env_headers = std::env::var("LAZYBD_HEADERS").ok();
     let file = match &a.config {
         Some(p) => FileConfig::load(p)?,
         None => FileConfig::default(),
@@ -29,7 +31,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("starting the runtime")?;
     rt.block_on(async move {
         let running = daemon::start(cfg).await?;
-        wait_for_signal().await;
+        wait_for_signal(&running.daemon).await;
         tracing::info!("signal received: stopping (answering in-flight requests)");
         for (image, stats) in running.shutdown().await? {
             tracing::info!(%image, "summary: {stats}");
@@ -39,18 +41,29 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
+/// Until SIGTERM or SIGINT; each SIGHUP reloads origins' files.
+async fn wait_for_signal(daemon: &daemon::Daemon) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         // Without signal handlers we can only run until killed.
         std::future::pending::<()>().await;
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: re-reading origins' header and credentials files");
+                // Errors are logged per origin by reload itself.
+                if let Ok(n) = daemon.reload() {
+                    tracing::info!(origins = n, "reload done");
+                }
+            }
+        }
     }
 }

@@ -16,10 +16,11 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use lazybd::block::{parse_size, BlockSize};
 use lazybd::config::FileConfig;
 use lazybd::daemon::{BootOptions, ExportConfig, ServeConfig};
+use lazybd::origin::headers::{self, HeaderSource};
 use lazybd::origin::{Given, OriginOptions, Region, S3Endpoint, S3Options};
 use lazybd::server::{Limits, ListenAddr};
 use lazybd::tls::TlsOptions;
@@ -106,16 +107,34 @@ fn control_socket(flag: Option<&str>, file: Option<&Path>, cache_dir: &Path) -> 
     (chosen.as_os_str() != "none").then_some(chosen)
 }
 
-/// Extra HTTP headers, each 'Name: value'.
-pub fn parse_headers(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    list.iter().map(|h| parse_header(h)).collect()
+/// Extra HTTP headers of a one-shot command (`copy`): `--header`s,
+/// `LAZYBD_HEADERS` lines (`env`), `--header-file`s.
+pub fn header_source(
+    flags: &[String],
+    env: Option<&str>,
+    files: &[PathBuf],
+) -> anyhow::Result<HeaderSource> {
+    let mut fixed = env_headers(env)?;
+    fixed.extend(parse_each("--header", flags, parse_header)?);
+    Ok(HeaderSource {
+        fixed,
+        files: files.to_vec(),
+    })
 }
 
-fn parse_header(h: &str) -> anyhow::Result<(String, String)> {
-    let Some((n, v)) = h.split_once(':') else {
-        bail!("header {h:?}: expected 'Name: value'");
-    };
-    Ok((n.trim().to_string(), v.trim().to_string()))
+/// `LAZYBD_HEADERS`: `Name: value` lines, like a header file.
+fn env_headers(env: Option<&str>) -> anyhow::Result<Vec<(String, String)>> {
+    match env {
+        Some(text) => {
+            headers::parse_lines(text).map_err(|e| anyhow!("LAZYBD_HEADERS: {}", e.context()))
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
+/// One `Name: value` (the origin's parser; its error without the kind).
+fn parse_header(h: &str) -> Result<(String, String), String> {
+    headers::parse_line(h).map_err(|e| e.context().to_string())
 }
 
 /// How errors name a config-file key: `config PATH: section.key`.
@@ -299,13 +318,18 @@ pub fn resolve(
         cfg,
         |s| parse_size(s).and_then(BlockSize::new),
     )?;
-    // Not a choice: the file's headers and the flags' are all sent.
-    let mut headers = parse_each(
+    // Not a choice: the file's headers, the environment's and the flags'
+    // are all sent; header files are re-read on reload.
+    let mut fixed = parse_each(
         &in_file(cfg, "origin.headers"),
         &origin.headers,
         parse_header,
     )?;
-    headers.extend(parse_each("--header", &a.headers, parse_header)?);
+    fixed.extend(env_headers(a.env_headers.as_deref())?);
+    fixed.extend(parse_each("--header", &a.headers, parse_header)?);
+    let mut files: Vec<PathBuf> = origin.header_file.iter().cloned().collect();
+    files.extend(a.header_files.iter().cloned());
+    let headers = HeaderSource { fixed, files };
     let control = control_socket(a.control.as_deref(), server.control.as_deref(), &cache_dir);
 
     let od = OriginOptions::default();
@@ -866,9 +890,26 @@ mod tests {
         );
         let pair = |n: &str, v: &str| (n.to_string(), v.to_string());
         assert_eq!(
-            c.origin_options.headers,
+            c.origin_options.headers.fixed,
             vec![pair("A", "1"), pair("B", "2"), pair("C", "3")]
         );
+        assert!(c.origin_options.headers.files.is_empty());
+        // Files and the environment count too (LAZYBD_HEADERS before flags).
+        let mut a = args(&["-H", "B: 2", "--header-file", "/run/h1"]);
+        a.env_headers = Some("# from the unit\nE: 5\n".into());
+        a.config = Some("c.toml".into());
+        let c = try_resolve(&a, &file("[origin]\nheader_file = \"/etc/h0\"\n")).unwrap();
+        assert_eq!(
+            c.origin_options.headers.fixed,
+            vec![pair("E", "5"), pair("B", "2")]
+        );
+        assert_eq!(
+            c.origin_options.headers.files,
+            vec![PathBuf::from("/etc/h0"), PathBuf::from("/run/h1")]
+        );
+        a.env_headers = Some("E 5".into());
+        let e = try_resolve(&a, &file("")).unwrap_err().to_string();
+        assert_eq!(e, "LAZYBD_HEADERS: line 1: expected 'Name: value'");
         assert!(resolved(&[], "").origin_options.headers.is_empty());
         let e = error(&["-H", "nocolon"], "");
         assert_eq!(e, "--header: header \"nocolon\": expected 'Name: value'");
@@ -1272,7 +1313,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.exports[0].image, "/x.img");
         // The sample's failure is the error.
-        let e = resolve(&args(&[]), &FileConfig::default(), |_| bail!("disk full")).unwrap_err();
+        let e = resolve(&args(&[]), &FileConfig::default(), |_| {
+            anyhow::bail!("disk full")
+        })
+        .unwrap_err();
         assert_eq!(e.to_string(), "disk full");
     }
 }

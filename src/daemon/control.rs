@@ -38,6 +38,8 @@ pub enum Request {
     List,
     /// Stop recording boot profiles now and save them.
     ProfileStop,
+    /// Re-read origins' header files and credentials.
+    Reload,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -47,6 +49,9 @@ pub struct Response {
     pub(crate) error: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportInfo>,
+    /// Reload: how many origins re-read something.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reloaded: Option<usize>,
 }
 
 /// Longest request line accepted (a request is a few hundred bytes).
@@ -122,12 +127,26 @@ async fn handle(d: &Daemon, req: Request) -> Response {
             .map(|_| Vec::new()),
         Request::List => Ok(d.list()),
         Request::ProfileStop => d.finish_profiles().map(|_| Vec::new()),
+        Request::Reload => {
+            return match d.reload() {
+                Ok(n) => Response {
+                    ok: true,
+                    reloaded: Some(n),
+                    ..Default::default()
+                },
+                Err(e) => Response {
+                    ok: false,
+                    error: Some(e.to_string()),
+                    ..Default::default()
+                },
+            }
+        }
     };
     match r {
         Ok(exports) => Response {
             ok: true,
-            error: None,
             exports,
+            ..Default::default()
         },
         Err(e) => Response {
             ok: false,

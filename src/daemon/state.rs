@@ -371,6 +371,33 @@ impl Daemon {
             .clone()
     }
 
+    /// Re-read every open origin's header files and credentials (SIGHUP,
+    /// `lazybd reload`). Each origin keeps its previous values if its own
+    /// reload fails; the first error is returned after all were tried.
+    /// Returns how many origins re-read something.
+    pub fn reload(&self) -> Result<usize> {
+        let mut reloaded = 0;
+        let mut first_err = None;
+        for c in self.open_caches() {
+            let image = c.origin().identity().locator.clone();
+            match c.origin().reload() {
+                Ok(true) => {
+                    reloaded += 1;
+                    tracing::info!(%image, "origin headers and credentials reloaded");
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(%image, error = %e, "reload failed: the previous headers and credentials stay in use");
+                    first_err.get_or_insert(e.context_prefix(&image));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(reloaded),
+        }
+    }
+
     /// Stop every boot profile recording and save the profiles.
     pub(crate) fn finish_profiles(&self) -> Result<()> {
         let caches = self.open_caches();

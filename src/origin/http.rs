@@ -31,12 +31,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use reqwest::header::{
-    HeaderMap, HeaderName, HeaderValue, CONTENT_RANGE, ETAG, IF_MATCH, LAST_MODIFIED, RANGE,
-};
+use reqwest::header::{HeaderMap, HeaderName, CONTENT_RANGE, ETAG, IF_MATCH, LAST_MODIFIED, RANGE};
 use reqwest::{StatusCode, Url};
 use tokio::sync::Semaphore;
 
+use super::headers::LiveHeaders;
 use super::{Hedge, Origin, OriginIdentity, OriginOptions};
 use crate::block::ByteRange;
 use crate::device::BoxFuture;
@@ -58,6 +57,11 @@ pub(super) trait Target: Send + Sync + 'static {
     /// published beside it (the image's name + `suffix`). Called for every
     /// request, so what it signs is fresh each time.
     fn url(&self, suffix: &str) -> Url;
+
+    /// Re-read credentials (see [`Origin::reload`]).
+    fn reload(&self) -> Result<bool> {
+        Ok(false)
+    }
 
     /// The image's locator (its identity, and how errors name it).
     fn locator(&self) -> String;
@@ -132,6 +136,8 @@ const REFUSAL_BODY_MAX: usize = 16 << 10;
 
 pub(crate) struct HttpOrigin {
     client: reqwest::Client,
+    /// Extra headers of every request (reloadable).
+    headers: LiveHeaders,
     /// The URL after redirects, or the target that signs one per request.
     address: Address,
     identity: OriginIdentity,
@@ -303,20 +309,6 @@ pub(crate) fn locator(url: &Url) -> String {
     format!("{base}?{shown} [query sha256 {hex}]")
 }
 
-fn parse_headers(headers: &[(String, String)]) -> Result<HeaderMap> {
-    let mut map = HeaderMap::new();
-    for (name, value) in headers {
-        let n = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|e| {
-            Error::with_source(ErrorKind::InvalidInput, format!("header name {name:?}"), e)
-        })?;
-        let v = HeaderValue::from_str(value.trim()).map_err(|e| {
-            Error::with_source(ErrorKind::InvalidInput, format!("header {name} value"), e)
-        })?;
-        map.append(n, v);
-    }
-    Ok(map)
-}
-
 /// `bytes START-END/TOTAL` -> (start, end inclusive, total or None for `*`).
 fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = v.trim().strip_prefix("bytes")?.trim_start();
@@ -412,8 +404,8 @@ impl HttpOrigin {
                 builder = builder.add_root_certificate(c);
             }
         }
+        let live = LiveHeaders::new(opts.headers.clone())?;
         let client = builder
-            .default_headers(parse_headers(&opts.headers)?)
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
             .timeout(opts.request_timeout)
@@ -425,6 +417,7 @@ impl HttpOrigin {
 
         let resp = client
             .get(url.clone())
+            .headers((*live.current()).clone())
             .header(RANGE, "bytes=0-0")
             .send()
             .await
@@ -515,6 +508,7 @@ impl HttpOrigin {
             target => target,
         };
         Ok(HttpOrigin {
+            headers: live,
             client,
             identity: OriginIdentity {
                 locator,
@@ -567,6 +561,7 @@ impl HttpOrigin {
         let mut req = self
             .client
             .get(self.address.url(""))
+            .headers((*self.headers.current()).clone())
             .header(RANGE, format!("bytes={}-{last}", range.offset));
         if let (true, ValidatorSource::ETag, Some(etag)) = (
             self.if_match,
@@ -679,6 +674,15 @@ impl Origin for HttpOrigin {
         &self.identity
     }
 
+    fn reload(&self) -> Result<bool> {
+        let h = self.headers.reload()?;
+        let t = match &self.address {
+            Address::Target(t) => t.reload()?,
+            Address::Fixed(_) => false,
+        };
+        Ok(h || t)
+    }
+
     fn connections(&self) -> usize {
         self.connections
     }
@@ -690,7 +694,13 @@ impl Origin for HttpOrigin {
             let err = |e: reqwest::Error| {
                 Error::with_source(ErrorKind::Origin, format!("GET {shown}"), no_url(e))
             };
-            let mut resp = self.client.get(url.clone()).send().await.map_err(err)?;
+            let mut resp = self
+                .client
+                .get(url.clone())
+                .headers((*self.headers.current()).clone())
+                .send()
+                .await
+                .map_err(err)?;
             match resp.status() {
                 StatusCode::OK => {}
                 StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::GONE => {

@@ -17,6 +17,7 @@
 
 mod aws;
 mod file;
+pub mod headers;
 mod http;
 mod s3;
 
@@ -90,6 +91,14 @@ pub trait Origin: Send + Sync + 'static {
     fn sidecar(&self, _suffix: &str, _max: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
         Box::pin(async { Ok(None) })
     }
+
+    /// Re-read what may have changed since the origin was opened (header
+    /// files, credentials files), for the requests made from now on. On
+    /// error the previous values stay in use. Returns whether anything
+    /// was re-read.
+    fn reload(&self) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// Hedging: a request still unanswered after a delay gets a twin (when a
@@ -122,8 +131,9 @@ impl std::str::FromStr for Hedge {
 /// How to reach an origin; from the CLI or config.
 #[derive(Debug, Clone)]
 pub struct OriginOptions {
-    /// Extra request headers (`Name: value`), e.g. an auth token.
-    pub headers: Vec<(String, String)>,
+    /// Extra request headers (an auth token): fixed ones and files
+    /// re-read on reload.
+    pub headers: headers::HeaderSource,
     /// Bound on parallel requests to the origin.
     pub connections: usize,
     /// Deadline for one request, body included.
@@ -148,7 +158,7 @@ pub struct OriginOptions {
 impl Default for OriginOptions {
     fn default() -> Self {
         OriginOptions {
-            headers: Vec::new(),
+            headers: headers::HeaderSource::default(),
             connections: 16,
             request_timeout: Duration::from_secs(30),
             retries: u32::MAX,

@@ -37,7 +37,7 @@
 //! bucket's region; 403 names the credential source (never a secret); 404
 //! tells a missing bucket from a missing key.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,7 +45,7 @@ use reqwest::header::HeaderMap;
 use reqwest::{StatusCode, Url};
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 
-use super::aws::{self, Access, CredentialSource};
+use super::aws::{self, Access, CredentialSource, S3Options};
 use super::http::{HttpOrigin, Target};
 use super::{Origin, OriginIdentity, OriginOptions};
 use crate::block::ByteRange;
@@ -135,12 +135,29 @@ fn url_style(access: &Access, bucket: &str) -> UrlStyle {
 struct S3Target {
     url: S3Url,
     bucket: Bucket,
+    /// What the credentials were resolved from, to resolve them again on
+    /// reload (a rotated `~/.aws/credentials`).
+    opts: S3Options,
+    signing: RwLock<Arc<Signing>>,
+}
+
+/// The keys requests are signed with, and where they came from.
+struct Signing {
     credentials: Option<Credentials>,
     access: Access,
 }
 
+fn credentials(access: &Access) -> Option<Credentials> {
+    access.keys.as_ref().map(|k| match &k.session_token {
+        Some(t) => {
+            Credentials::new_with_token(&k.access_key_id, k.secret_access_key.expose(), t.expose())
+        }
+        None => Credentials::new(&k.access_key_id, k.secret_access_key.expose()),
+    })
+}
+
 impl S3Target {
-    fn new(url: S3Url, access: Access) -> Result<Self> {
+    fn new(url: S3Url, access: Access, opts: S3Options) -> Result<Self> {
         let style = url_style(&access, &url.bucket);
         let bucket = Bucket::new(
             access.endpoint.url().clone(),
@@ -159,19 +176,15 @@ impl S3Target {
                 ),
             )
         })?;
-        let credentials = access.keys.as_ref().map(|k| match &k.session_token {
-            Some(t) => Credentials::new_with_token(
-                &k.access_key_id,
-                k.secret_access_key.expose(),
-                t.expose(),
-            ),
-            None => Credentials::new(&k.access_key_id, k.secret_access_key.expose()),
-        });
+        let signing = RwLock::new(Arc::new(Signing {
+            credentials: credentials(&access),
+            access,
+        }));
         let target = S3Target {
             url,
             bucket,
-            credentials,
-            access,
+            opts,
+            signing,
         };
         target.check_key()?;
         Ok(target)
@@ -202,11 +215,18 @@ impl S3Target {
         Ok(())
     }
 
+    fn signing(&self) -> Arc<Signing> {
+        self.signing
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// A GET of `key`, signed now (anonymous: not signed, no `?`).
     fn sign(&self, key: &str) -> Url {
         let mut url = self
             .bucket
-            .get_object(self.credentials.as_ref(), key)
+            .get_object(self.signing().credentials.as_ref(), key)
             .sign(PRESIGN_FOR);
         if url.query() == Some("") {
             url.set_query(None);
@@ -220,8 +240,8 @@ impl S3Target {
             "the bucket {:?} is in region {right}, not {} (from {}): set AWS_REGION={right}, \
              `region = \"{right}\"` in the config's [s3] section or --s3-region {right}",
             self.url.bucket,
-            self.access.region.as_str(),
-            self.access.region_from
+            self.signing().access.region.as_str(),
+            self.signing().access.region_from
         )
     }
 }
@@ -262,6 +282,28 @@ impl Target for S3Target {
         self.url.locator()
     }
 
+    /// Resolve the keys again, as at open: a profile's file may hold new
+    /// ones. The endpoint and region stay (they address the object).
+    fn reload(&self) -> Result<bool> {
+        let access = aws::resolve(&self.opts, &aws::process_env)
+            .map_err(|e| e.context_prefix(self.url.locator()))?;
+        let old = self.signing();
+        let fresh = Access {
+            endpoint: old.access.endpoint.clone(),
+            endpoint_from: old.access.endpoint_from.clone(),
+            region: old.access.region.clone(),
+            region_from: old.access.region_from.clone(),
+            ..access
+        };
+        tracing::info!(origin = %self.url.locator(), credentials = %fresh.describe_keys(),
+            "S3 credentials reloaded");
+        *self.signing.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Signing {
+            credentials: credentials(&fresh),
+            access: fresh,
+        });
+        Ok(true)
+    }
+
     fn explain(&self, status: StatusCode, headers: &HeaderMap, body: &str) -> Option<String> {
         let code = xml_field(body, "Code").unwrap_or("");
         let message = xml_field(body, "Message").unwrap_or("");
@@ -275,15 +317,15 @@ impl Target for S3Target {
         let loc = self.url.locator();
         let endpoint = format!(
             "{} ({})",
-            self.access.endpoint.url(),
-            self.access.endpoint_from
+            self.signing().access.endpoint.url(),
+            self.signing().access.endpoint_from
         );
         let region = headers
             .get("x-amz-bucket-region")
             .and_then(|v| v.to_str().ok())
             .or_else(|| xml_field(body, "Region"))
             .or_else(|| expected_region(message))
-            .filter(|r| *r != self.access.region.as_str());
+            .filter(|r| *r != self.signing().access.region.as_str());
         let wrong_region = matches!(
             code,
             "PermanentRedirect"
@@ -299,7 +341,7 @@ impl Target for S3Target {
                     Some(e) => format!(
                         "{loc}: the bucket must be reached through {e}, not {endpoint}: \
                          it is in another region than {} ({said})",
-                        self.access.region.as_str()
+                        self.signing().access.region.as_str()
                     ),
                     None => format!("{loc}: {said} from {endpoint}"),
                 },
@@ -318,7 +360,7 @@ impl Target for S3Target {
             ),
             (StatusCode::NOT_FOUND, _) => format!("{loc}: not found at {endpoint} ({said})"),
             (StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED, _) => {
-                let hint = match (code, &self.access.source) {
+                let hint = match (code, &self.signing().access.source) {
                     (_, CredentialSource::Anonymous) => {
                         "; no credentials were found, so the request was anonymous and the \
                          object is not public: give keys (AWS_ACCESS_KEY_ID and \
@@ -339,7 +381,7 @@ impl Target for S3Target {
                 };
                 format!(
                     "{loc}: access denied by {endpoint} ({said}) with {}{hint}",
-                    self.access.describe_keys()
+                    self.signing().access.describe_keys()
                 )
             }
             _ => format!("{loc}: {said} from {endpoint}"),
@@ -359,8 +401,9 @@ impl S3Origin {
         let url = S3Url::parse(spec)?;
         let access = aws::resolve(&opts.s3, &aws::process_env)
             .map_err(|e| e.context_prefix(url.locator()))?;
-        let target = S3Target::new(url, access)?;
-        let a = &target.access;
+        let target = S3Target::new(url, access, opts.s3.clone())?;
+        let signing = target.signing();
+        let a = &signing.access;
         if a.keys.is_none() {
             tracing::info!(origin = %target.url.locator(),
                 "no S3 credentials found (lazybd's [s3] keys or --s3-profile, AWS_ACCESS_KEY_ID, \
@@ -395,6 +438,10 @@ impl Origin for S3Origin {
     fn sidecar(&self, suffix: &str, max: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
         self.http.sidecar(suffix, max)
     }
+
+    fn reload(&self) -> Result<bool> {
+        self.http.reload()
+    }
 }
 
 #[cfg(test)]
@@ -423,7 +470,7 @@ mod tests {
     }
 
     fn target(spec: &str, a: Access) -> S3Target {
-        S3Target::new(S3Url::parse(spec).unwrap(), a).unwrap()
+        S3Target::new(S3Url::parse(spec).unwrap(), a, S3Options::default()).unwrap()
     }
 
     #[test]
@@ -469,7 +516,7 @@ mod tests {
         let date = time::OffsetDateTime::from_unix_timestamp(1369353600).unwrap();
         let url = t
             .bucket
-            .get_object(t.credentials.as_ref(), &t.url.key)
+            .get_object(t.signing().credentials.as_ref(), &t.url.key)
             .sign_with_time(Duration::from_secs(86400), &date);
         assert_eq!(
             url.as_str(),
@@ -513,6 +560,7 @@ mod tests {
             let r = S3Target::new(
                 S3Url::parse(&format!("s3://bkt/{key}")).unwrap(),
                 access("http://h:1", "us-east-1", keys),
+                S3Options::default(),
             );
             let e = r.err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.contains("cannot be addressed"), "{key}: {e}");
@@ -543,7 +591,7 @@ mod tests {
             let d = time::OffsetDateTime::from_unix_timestamp(secs).unwrap();
             let u = t
                 .bucket
-                .get_object(t.credentials.as_ref(), "k")
+                .get_object(t.signing().credentials.as_ref(), "k")
                 .sign_with_time(PRESIGN_FOR, &d);
             let q: std::collections::HashMap<_, _> = u.query_pairs().into_owned().collect();
             q["X-Amz-Date"].clone()
