@@ -131,6 +131,8 @@ pub struct OriginSection {
     pub headers: Vec<String>,
     /// A file of `Name: value` lines, re-read on reload (SIGHUP).
     pub header_file: Option<PathBuf>,
+    /// HTTP proxy URL, or "none" (default: the *_PROXY environment).
+    pub proxy: Option<String>,
     pub ca_file: Option<PathBuf>,
 }
 

@@ -372,6 +372,13 @@ pub struct ServeArgs {
     /// PEM file of extra CA certificates to trust for an https:// origin.
     #[arg(long, value_name = "PEM")]
     pub origin_ca: Option<PathBuf>,
+    /// Send origin requests through this HTTP proxy (a caching proxy, a
+    /// P2P engine's proxy); 'none': direct, whatever the environment says.
+    /// Every answer is checked as a direct one is [default: [origin] proxy,
+    /// else HTTPS_PROXY/HTTP_PROXY/ALL_PROXY by the origin's scheme, with
+    /// NO_PROXY honoured].
+    #[arg(long, value_name = "URL|none")]
+    pub origin_proxy: Option<lazybd::origin::ProxySetting>,
     /// S3 endpoint of s3:// origins, e.g. http://127.0.0.1:8333 (buckets
     /// path-style there) [default: [s3] endpoint, AWS_ENDPOINT_URL_S3,
     /// AWS_ENDPOINT_URL, the profile's endpoint_url, else AWS's].

@@ -359,6 +359,14 @@ pub fn resolve(
         ),
         hedge,
         s3: s3_options(a, file)?,
+        proxy: pick(
+            a.origin_proxy.clone().map(Ok),
+            origin.proxy.as_deref().map(|p| {
+                p.parse()
+                    .map_err(|e| anyhow!("{}: {e}", in_file(cfg, "origin.proxy")))
+            }),
+            || Ok(od.proxy.clone()),
+        )?,
     };
 
     let ld = Limits::default();
@@ -880,6 +888,32 @@ mod tests {
             |c| c.origin_options.ca_file.clone(),
             (Some("/flag.pem".into()), Some("/file.pem".into()), None),
         );
+    }
+
+    #[test]
+    fn origin_proxy_flag_then_file_then_environment() {
+        use lazybd::origin::ProxySetting;
+        let url = |s: &str| ProxySetting::Url(s.to_string());
+        check(
+            &["--origin-proxy", "http://p1:3128"],
+            "[origin]\nproxy = \"http://p2:3128\"\n",
+            |c| c.origin_options.proxy.clone(),
+            (
+                url("http://p1:3128"),
+                url("http://p2:3128"),
+                ProxySetting::FromEnv,
+            ),
+        );
+        assert_eq!(
+            resolved(&["--origin-proxy", "none"], "")
+                .origin_options
+                .proxy,
+            ProxySetting::Off
+        );
+        let e = error(&[], "[origin]\nproxy = \"ftp://u:secret@p\"\n");
+        assert!(e.starts_with("config lazybd.toml: origin.proxy: "), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        assert!(Cli::try_parse_from(["lazybd", "serve", "--origin-proxy", "p:3128"]).is_err());
     }
 
     #[test]

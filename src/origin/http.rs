@@ -36,7 +36,7 @@ use reqwest::{StatusCode, Url};
 use tokio::sync::Semaphore;
 
 use super::headers::LiveHeaders;
-use super::{Hedge, Origin, OriginIdentity, OriginOptions};
+use super::{Hedge, Origin, OriginIdentity, OriginOptions, ProxySetting};
 use crate::block::ByteRange;
 use crate::device::BoxFuture;
 use crate::error::{Error, ErrorKind, Result};
@@ -309,6 +309,37 @@ pub(crate) fn locator(url: &Url) -> String {
     format!("{base}?{shown} [query sha256 {hex}]")
 }
 
+/// The proxy the environment names for `scheme`, as reqwest picks it
+/// (lower-case names first, as curl), for the log: (variable, value).
+fn env_proxy(scheme: &str) -> Option<(&'static str, String)> {
+    let names: &[&'static str] = if scheme == "https" {
+        &["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]
+    } else {
+        &["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+    };
+    names.iter().find_map(|n| {
+        std::env::var(n)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| (*n, v))
+    })
+}
+
+/// A proxy URL with any password replaced (proxies often carry one).
+pub(super) fn redact_userinfo(s: &str) -> String {
+    match reqwest::Url::parse(s) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("…"));
+            u.to_string()
+        }
+        Ok(_) => s.to_string(),
+        Err(_) => match s.rsplit_once('@') {
+            Some((_, host)) => format!("…@{host}"),
+            None => s.to_string(),
+        },
+    }
+}
+
 /// `bytes START-END/TOTAL` -> (start, end inclusive, total or None for `*`).
 fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = v.trim().strip_prefix("bytes")?.trim_start();
@@ -381,6 +412,31 @@ impl HttpOrigin {
         let url = address.url("");
         let shown = address.shown("");
         let mut builder = reqwest::Client::builder();
+        builder = match &opts.proxy {
+            // reqwest reads the variables itself (and NO_PROXY).
+            ProxySetting::FromEnv => {
+                if let Some((var, p)) = env_proxy(url.scheme()) {
+                    tracing::info!(origin = %shown, proxy = %redact_userinfo(&p), from = var,
+                        "origin requests go through a proxy (NO_PROXY honoured)");
+                }
+                builder
+            }
+            ProxySetting::Off => builder.no_proxy(),
+            ProxySetting::Url(p) => {
+                let proxy = reqwest::Proxy::all(p.as_str())
+                    .map_err(|e| {
+                        Error::with_source(
+                            ErrorKind::InvalidInput,
+                            format!("origin proxy {}", redact_userinfo(p)),
+                            e,
+                        )
+                    })?
+                    .no_proxy(reqwest::NoProxy::from_env());
+                tracing::info!(origin = %shown, proxy = %redact_userinfo(p), from = "--origin-proxy",
+                    "origin requests go through a proxy (NO_PROXY honoured)");
+                builder.proxy(proxy)
+            }
+        };
         if let Address::Target(_) = address {
             builder = builder.redirect(reqwest::redirect::Policy::none());
         }

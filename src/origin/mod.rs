@@ -128,6 +128,41 @@ impl std::str::FromStr for Hedge {
     }
 }
 
+/// Which HTTP proxy origin requests go through (a caching proxy, a P2P
+/// engine's HTTP proxy such as Dragonfly's dfdaemon). Whatever comes back
+/// through it gets every check a direct answer gets.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ProxySetting {
+    /// `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` by the URL's scheme
+    /// (lower-case names too), `NO_PROXY` honoured: what curl and the AWS
+    /// and OpenStack tools do.
+    #[default]
+    FromEnv,
+    /// Direct, whatever the environment says.
+    Off,
+    /// This proxy for every origin request (`NO_PROXY` still honoured).
+    Url(String),
+}
+
+impl std::str::FromStr for ProxySetting {
+    type Err = String;
+    /// "none", or an `http://` / `https://` proxy URL.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "none" {
+            return Ok(ProxySetting::Off);
+        }
+        match reqwest::Url::parse(s) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                Ok(ProxySetting::Url(s.to_string()))
+            }
+            _ => Err(format!(
+                "{:?}: expected 'none' or an http:// or https:// proxy URL",
+                http::redact_userinfo(s)
+            )),
+        }
+    }
+}
+
 /// How to reach an origin; from the CLI or config.
 #[derive(Debug, Clone)]
 pub struct OriginOptions {
@@ -153,6 +188,8 @@ pub struct OriginOptions {
     /// What lazybd was told about S3 (`s3://` origins); the AWS environment
     /// fills in the rest.
     pub s3: S3Options,
+    /// The HTTP proxy of origin requests.
+    pub proxy: ProxySetting,
 }
 
 impl Default for OriginOptions {
@@ -166,6 +203,7 @@ impl Default for OriginOptions {
             hedge: Hedge::Auto,
             ca_file: None,
             s3: S3Options::default(),
+            proxy: ProxySetting::default(),
         }
     }
 }
