@@ -45,7 +45,14 @@ async fn base(spec: &ExportSpec, cache: &ImageCache) -> Result<(Arc<dyn BlockDev
     } else {
         Arc::new(cache.clone())
     };
-    format::open(spec.format, image, &cache.origin().identity().locator).await
+    let origin = cache.origin();
+    format::open(
+        spec.format,
+        image,
+        &origin.identity().locator,
+        origin.disk_format(),
+    )
+    .await
 }
 
 fn export(

@@ -24,7 +24,9 @@
 //! - `--format raw` or `qcow2` (or an export's `format`): that format, and
 //!   `qcow2` refuses a file that is not one.
 //! - An image service's metadata (Glance's `disk_format`) is an explicit
-//!   format too.
+//!   format too (`raw`, `iso`, `ami`/`aki`/`ari` are raw; `qcow2`; other
+//!   formats are refused, naming them); a `--format` given wins, with a
+//!   warning when the two differ.
 //! - `--format auto`: qcow2 if the file starts with qcow2's magic, else
 //!   raw; for operators who trust their templates' bytes.
 //! - Nothing given: raw, except that a file starting with qcow2's magic is
@@ -82,18 +84,47 @@ impl fmt::Display for Format {
     }
 }
 
+/// What an image service's `disk_format` means here: `Ok(None)` for
+/// formats lazybd cannot decode.
+fn from_disk_format(d: &str) -> Option<Format> {
+    match d {
+        // The bytes are the disk (kernels and ramdisks, ISO images too).
+        "raw" | "iso" | "ami" | "aki" | "ari" => Some(Format::Raw),
+        "qcow2" => Some(Format::Qcow2),
+        _ => None,
+    }
+}
+
 /// The guest's view of the image `image` (whose device serves the image
 /// file's bytes) named `name`, in format `f` (`None`: not given, see the
-/// module's rule). Returns the device and the format decided.
+/// module's rule), the origin's metadata naming `disk_format`. Returns the
+/// device and the format decided.
 pub(crate) async fn open(
     f: Option<Format>,
     image: Arc<dyn BlockDevice>,
     name: &str,
+    disk_format: Option<&str>,
 ) -> Result<(Arc<dyn BlockDevice>, Format)> {
-    let decided = match f {
-        Some(Format::Raw) => Format::Raw,
-        Some(Format::Qcow2) => Format::Qcow2,
-        Some(Format::Auto) | None => {
+    if let (Some(given @ (Format::Raw | Format::Qcow2)), Some(d)) = (f, disk_format) {
+        if from_disk_format(d) != Some(given) {
+            tracing::warn!(image = %name, format = %given, disk_format = d,
+                "--format differs from the image's disk_format: using --format");
+        }
+    }
+    let decided = match (f, disk_format) {
+        (Some(Format::Raw), _) => Format::Raw,
+        (Some(Format::Qcow2), _) => Format::Qcow2,
+        (None, Some(d)) => from_disk_format(d).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{name}: disk_format {d:?}: lazybd decodes raw and qcow2 images (convert \
+                     it with `qemu-img convert -O qcow2`, or give --format raw to serve its \
+                     bytes as they are)"
+                ),
+            )
+        })?,
+        (Some(Format::Auto), _) | (None, None) => {
             let is_qcow2 = if image.size() >= 4 {
                 let head = image.read(ByteRange::new(0, 4)?).await?;
                 qcow2::layout::looks_like_qcow2(&head.data)
@@ -168,9 +199,9 @@ mod tests {
         let raw: Arc<dyn BlockDevice> = Arc::new(Mem(Bytes::from_static(b"\xeb\x63\x90 boot")));
         run(async {
             // Nothing given: raw bytes are raw; qcow2 bytes are refused.
-            let (_, f) = open(None, raw.clone(), "a.img").await.unwrap();
+            let (_, f) = open(None, raw.clone(), "a.img", None).await.unwrap();
             assert_eq!(f, Format::Raw);
-            let e = match open(None, qcow2_magic.clone(), "b.img").await {
+            let e = match open(None, qcow2_magic.clone(), "b.img", None).await {
                 Err(e) => e,
                 Ok(_) => panic!("a qcow2 image was served without a format"),
             };
@@ -181,25 +212,46 @@ mod tests {
                 "{m}"
             );
             // Asked: raw serves the container's bytes as they are.
-            let (dev, f) = open(Some(Format::Raw), qcow2_magic.clone(), "b.img")
+            let (dev, f) = open(Some(Format::Raw), qcow2_magic.clone(), "b.img", None)
                 .await
                 .unwrap();
             assert_eq!((f, dev.size()), (Format::Raw, 8));
             assert_eq!(
-                open(Some(Format::Auto), raw.clone(), "a").await.unwrap().1,
+                open(Some(Format::Auto), raw.clone(), "a", None)
+                    .await
+                    .unwrap()
+                    .1,
                 Format::Raw
             );
             // auto decodes what looks like qcow2 (here a truncated header).
-            let e = match open(Some(Format::Auto), qcow2_magic.clone(), "b.img").await {
+            let e = match open(Some(Format::Auto), qcow2_magic.clone(), "b.img", None).await {
                 Err(e) => e,
                 Ok(_) => panic!("a truncated qcow2 header decoded"),
             };
             assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
-            let e = match open(Some(Format::Qcow2), raw, "a.img").await {
+            let e = match open(Some(Format::Qcow2), raw.clone(), "a.img", None).await {
                 Err(e) => e,
                 Ok(_) => panic!("a raw image decoded as qcow2"),
             };
             assert!(e.to_string().contains("not a qcow2 image"), "{e}");
+            // An image service's disk_format decides when no format is given.
+            let (_, f) = open(None, raw.clone(), "g", Some("iso")).await.unwrap();
+            assert_eq!(f, Format::Raw);
+            // Declared raw: served raw, whatever its first bytes (no probing).
+            let (_, f) = open(None, qcow2_magic.clone(), "g", Some("raw"))
+                .await
+                .unwrap();
+            assert_eq!(f, Format::Raw);
+            let e = match open(None, raw.clone(), "g", Some("vmdk")).await {
+                Err(e) => e,
+                Ok(_) => panic!("a vmdk image served"),
+            };
+            assert_eq!(e.kind(), ErrorKind::Unsupported);
+            assert!(e.to_string().contains("disk_format \"vmdk\""), "{e}");
+            let (_, f) = open(Some(Format::Raw), raw, "g", Some("vmdk"))
+                .await
+                .unwrap();
+            assert_eq!(f, Format::Raw);
         });
     }
 

@@ -63,6 +63,26 @@ pub(super) trait Target: Send + Sync + 'static {
         Ok(false)
     }
 
+    /// The image's identity as known from elsewhere (Glance's
+    /// `os_hash_value`, immutable once active), used when responses carry
+    /// no validator of their own.
+    fn pinned_validator(&self) -> Option<String> {
+        None
+    }
+
+    /// Credentials to send with a request (a token), and the generation
+    /// they belong to; `None` for a target that signs its URLs instead.
+    fn auth(&self) -> Option<TargetAuth> {
+        None
+    }
+
+    /// A request sent with generation `generation`'s credentials got 401:
+    /// get fresh ones (once, however many requests got it). True when a
+    /// retry may succeed.
+    fn unauthorized(&self, _generation: u64) -> BoxFuture<'_, bool> {
+        Box::pin(async { false })
+    }
+
     /// The image's locator (its identity, and how errors name it).
     fn locator(&self) -> String;
 
@@ -72,6 +92,12 @@ pub(super) trait Target: Send + Sync + 'static {
     fn explain(&self, _status: StatusCode, _headers: &HeaderMap, _body: &str) -> Option<String> {
         None
     }
+}
+
+/// What [`Target::auth`] adds to a request.
+pub(super) struct TargetAuth {
+    pub(super) headers: HeaderMap,
+    pub(super) generation: u64,
 }
 
 /// How requests find the image.
@@ -104,6 +130,43 @@ impl Address {
             Address::Target(t) => format!("{}{suffix}", t.locator()),
         }
     }
+}
+
+/// A GET of the image (`suffix` empty) or of a file beside it, with the
+/// configured headers, the target's credentials and `extra` (Range,
+/// If-Match). A 401 to a target that can authenticate again is retried
+/// once with its fresh credentials: a token that expired between two reads
+/// costs one round trip, not an error.
+async fn send(
+    client: &reqwest::Client,
+    address: &Address,
+    headers: &LiveHeaders,
+    suffix: &str,
+    extra: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+) -> reqwest::Result<reqwest::Response> {
+    let build = || {
+        let mut req = client
+            .get(address.url(suffix))
+            .headers((*headers.current()).clone());
+        let mut generation = None;
+        if let Address::Target(t) = address {
+            if let Some(a) = t.auth() {
+                req = req.headers(a.headers);
+                generation = Some(a.generation);
+            }
+        }
+        (extra(req), generation)
+    };
+    let (req, generation) = build();
+    let resp = req.send().await?;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        if let (Address::Target(t), Some(g)) = (address, generation) {
+            if t.unauthorized(g).await {
+                return build().0.send().await;
+            }
+        }
+    }
+    Ok(resp)
 }
 
 /// Silence (no byte of headers or body) after which a block request is
@@ -384,6 +447,75 @@ async fn refusal_body(mut resp: reqwest::Response) -> String {
     String::from_utf8_lossy(&body).into_owned()
 }
 
+/// The HTTP client of an origin whose URLs have scheme `scheme` (and of the
+/// requests that authenticate to it): the proxy, extra CAs, timeouts and
+/// pool of `opts`, for the origin shown as `shown` in logs.
+pub(super) fn client(
+    opts: &OriginOptions,
+    scheme: &str,
+    shown: &str,
+    follow_redirects: bool,
+) -> Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder();
+    builder = match &opts.proxy {
+        // reqwest reads the variables itself (and NO_PROXY).
+        ProxySetting::FromEnv => {
+            if let Some((var, p)) = env_proxy(scheme) {
+                tracing::info!(origin = %shown, proxy = %redact_userinfo(&p), from = var,
+                    "origin requests go through a proxy (NO_PROXY honoured)");
+            }
+            builder
+        }
+        ProxySetting::Off => builder.no_proxy(),
+        ProxySetting::Url(p) => {
+            let proxy = reqwest::Proxy::all(p.as_str())
+                .map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::InvalidInput,
+                        format!("origin proxy {}", redact_userinfo(p)),
+                        e,
+                    )
+                })?
+                .no_proxy(reqwest::NoProxy::from_env());
+            tracing::info!(origin = %shown, proxy = %redact_userinfo(p), from = "--origin-proxy",
+                "origin requests go through a proxy (NO_PROXY honoured)");
+            builder.proxy(proxy)
+        }
+    };
+    if !follow_redirects {
+        builder = builder.redirect(reqwest::redirect::Policy::none());
+    }
+    if let Some(ca) = &opts.ca_file {
+        let pem = std::fs::read(ca)
+            .map_err(|e| Error::io(format!("reading CA file {}", ca.display()), e))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            Error::with_source(
+                ErrorKind::InvalidInput,
+                format!("CA file {}", ca.display()),
+                e,
+            )
+        })?;
+        if certs.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("CA file {} holds no PEM certificate", ca.display()),
+            ));
+        }
+        for c in certs {
+            builder = builder.add_root_certificate(c);
+        }
+    }
+    builder
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(opts.request_timeout)
+        .pool_max_idle_per_host(opts.connections)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("lazybd/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "building HTTP client", e))
+}
+
 impl HttpOrigin {
     pub(crate) async fn open(spec: &str, opts: &OriginOptions, stats: Arc<Stats>) -> Result<Self> {
         let url = Url::parse(spec).map_err(|e| {
@@ -411,75 +543,16 @@ impl HttpOrigin {
     ) -> Result<Self> {
         let url = address.url("");
         let shown = address.shown("");
-        let mut builder = reqwest::Client::builder();
-        builder = match &opts.proxy {
-            // reqwest reads the variables itself (and NO_PROXY).
-            ProxySetting::FromEnv => {
-                if let Some((var, p)) = env_proxy(url.scheme()) {
-                    tracing::info!(origin = %shown, proxy = %redact_userinfo(&p), from = var,
-                        "origin requests go through a proxy (NO_PROXY honoured)");
-                }
-                builder
-            }
-            ProxySetting::Off => builder.no_proxy(),
-            ProxySetting::Url(p) => {
-                let proxy = reqwest::Proxy::all(p.as_str())
-                    .map_err(|e| {
-                        Error::with_source(
-                            ErrorKind::InvalidInput,
-                            format!("origin proxy {}", redact_userinfo(p)),
-                            e,
-                        )
-                    })?
-                    .no_proxy(reqwest::NoProxy::from_env());
-                tracing::info!(origin = %shown, proxy = %redact_userinfo(p), from = "--origin-proxy",
-                    "origin requests go through a proxy (NO_PROXY honoured)");
-                builder.proxy(proxy)
-            }
-        };
-        if let Address::Target(_) = address {
-            builder = builder.redirect(reqwest::redirect::Policy::none());
-        }
-        if let Some(ca) = &opts.ca_file {
-            let pem = std::fs::read(ca)
-                .map_err(|e| Error::io(format!("reading CA file {}", ca.display()), e))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                Error::with_source(
-                    ErrorKind::InvalidInput,
-                    format!("CA file {}", ca.display()),
-                    e,
-                )
-            })?;
-            if certs.is_empty() {
-                return Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("CA file {} holds no PEM certificate", ca.display()),
-                ));
-            }
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
-        }
+        let follow = matches!(address, Address::Fixed(_));
+        let client = client(opts, url.scheme(), &shown, follow)?;
         let live = LiveHeaders::new(opts.headers.clone())?;
-        let client = builder
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(opts.request_timeout)
-            .pool_max_idle_per_host(opts.connections)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("lazybd/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "building HTTP client", e))?;
-
-        let resp = client
-            .get(url.clone())
-            .headers((*live.current()).clone())
-            .header(RANGE, "bytes=0-0")
-            .send()
-            .await
-            .map_err(|e| {
-                Error::with_source(ErrorKind::Origin, format!("probing {shown}"), no_url(e))
-            })?;
+        let resp = send(&client, &address, &live, "", |r| {
+            r.header(RANGE, "bytes=0-0")
+        })
+        .await
+        .map_err(|e| {
+            Error::with_source(ErrorKind::Origin, format!("probing {shown}"), no_url(e))
+        })?;
         Stats::add(&stats.origin_requests, 1);
         let status = resp.status();
         let final_url = resp.url().clone();
@@ -548,10 +621,15 @@ impl HttpOrigin {
         ) {
             (Some(e), _) => (Some(e), ValidatorSource::ETag),
             (None, Some(lm)) => (Some(lm), ValidatorSource::LastModified),
-            (None, None) => {
-                tracing::warn!(origin = %shown, "origin sends neither ETag nor Last-Modified: a changed image cannot be detected");
-                (None, ValidatorSource::None)
-            }
+            (None, None) => match &address {
+                Address::Target(t) if t.pinned_validator().is_some() => {
+                    (t.pinned_validator(), ValidatorSource::None)
+                }
+                _ => {
+                    tracing::warn!(origin = %shown, "origin sends neither ETag nor Last-Modified: a changed image cannot be detected");
+                    (None, ValidatorSource::None)
+                }
+            },
         };
         let if_match = matches!(address, Address::Target(_));
         let address = match address {
@@ -614,28 +692,33 @@ impl HttpOrigin {
         let started = std::time::Instant::now();
         let last = range.end() - 1;
         Stats::add(&self.stats.origin_requests, 1);
-        let mut req = self
-            .client
-            .get(self.address.url(""))
-            .headers((*self.headers.current()).clone())
-            .header(RANGE, format!("bytes={}-{last}", range.offset));
-        if let (true, ValidatorSource::ETag, Some(etag)) = (
+        let if_match = match (
             self.if_match,
             self.validator_source,
             &self.identity.validator,
         ) {
-            req = req.header(IF_MATCH, etag.as_str());
-        }
+            (true, ValidatorSource::ETag, Some(etag)) => Some(etag.as_str()),
+            _ => None,
+        };
+        let extra = |r: reqwest::RequestBuilder| {
+            let r = r.header(RANGE, format!("bytes={}-{last}", range.offset));
+            match if_match {
+                Some(e) => r.header(IF_MATCH, e),
+                None => r,
+            }
+        };
         let stall = STALL.min(self.request_timeout);
         let mut resp = within(stall, ctx, async {
-            req.send().await.map_err(|e| {
-                let kind = if e.is_timeout() {
-                    ErrorKind::TimedOut
-                } else {
-                    ErrorKind::Origin
-                };
-                Error::with_source(kind, ctx(), no_url(e))
-            })
+            send(&self.client, &self.address, &self.headers, "", extra)
+                .await
+                .map_err(|e| {
+                    let kind = if e.is_timeout() {
+                        ErrorKind::TimedOut
+                    } else {
+                        ErrorKind::Origin
+                    };
+                    Error::with_source(kind, ctx(), no_url(e))
+                })
         })
         .await?;
         let status = resp.status();
@@ -744,17 +827,13 @@ impl Origin for HttpOrigin {
     }
 
     fn sidecar(&self, suffix: &str, max: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
-        let url = self.address.url(suffix);
         let shown = self.address.shown(suffix);
+        let suffix = suffix.to_string();
         Box::pin(async move {
             let err = |e: reqwest::Error| {
                 Error::with_source(ErrorKind::Origin, format!("GET {shown}"), no_url(e))
             };
-            let mut resp = self
-                .client
-                .get(url.clone())
-                .headers((*self.headers.current()).clone())
-                .send()
+            let mut resp = send(&self.client, &self.address, &self.headers, &suffix, |r| r)
                 .await
                 .map_err(err)?;
             match resp.status() {

@@ -17,9 +17,12 @@
 
 mod aws;
 mod file;
+mod glance;
 pub mod headers;
 mod http;
+mod openstack;
 mod s3;
+mod swift;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +54,14 @@ pub struct OriginIdentity {
     /// ETag, else Last-Modified, else `None` (changes then go undetected,
     /// which is logged as a warning at open).
     pub validator: Option<String>,
+}
+
+/// A digest of a whole image: `algo` as its publisher names it (`sha512`,
+/// `sha256`, `md5`), `hex` lower-case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContentDigest {
+    pub algo: String,
+    pub hex: String,
 }
 
 impl std::fmt::Display for OriginIdentity {
@@ -90,6 +101,18 @@ pub trait Origin: Send + Sync + 'static {
     /// the image.
     fn sidecar(&self, _suffix: &str, _max: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
         Box::pin(async { Ok(None) })
+    }
+
+    /// The digest of the whole image as its origin publishes it (Glance's
+    /// `os_hash_value`), for a reader that saw every byte to check.
+    fn content_digest(&self) -> Option<&ContentDigest> {
+        None
+    }
+
+    /// The image's format as its origin's metadata names it (Glance's
+    /// `disk_format`: `raw`, `qcow2`, `iso`, ...).
+    fn disk_format(&self) -> Option<&str> {
+        None
     }
 
     /// Re-read what may have changed since the origin was opened (header
@@ -215,6 +238,12 @@ pub fn url_locator(spec: &str) -> Option<String> {
     if lower.starts_with("s3://") {
         return s3::locator(spec);
     }
+    if lower.starts_with("swift://") {
+        return swift::locator(spec);
+    }
+    if lower.starts_with("glance://") {
+        return glance::locator(spec);
+    }
     if !(lower.starts_with("http://") || lower.starts_with("https://")) {
         return None;
     }
@@ -229,12 +258,21 @@ pub async fn open(spec: &str, opts: &OriginOptions, stats: Arc<Stats>) -> Result
         Ok(Arc::new(HttpOrigin::open(spec, opts, stats).await?))
     } else if lower.starts_with("s3://") {
         Ok(Arc::new(S3Origin::open(spec, opts, stats).await?))
+    } else if lower.starts_with("swift://") {
+        Ok(Arc::new(swift::SwiftOrigin::open(spec, opts, stats).await?))
+    } else if lower.starts_with("glance://") {
+        Ok(Arc::new(
+            glance::GlanceOrigin::open(spec, opts, stats).await?,
+        ))
     } else if let Some(path) = spec.strip_prefix("file://") {
         Ok(Arc::new(FileOrigin::open(path.as_ref(), stats)?))
     } else if lower.contains("://") {
         Err(Error::new(
             ErrorKind::InvalidInput,
-            format!("unsupported origin {spec:?}: use http://, https://, s3://, file:// or a path"),
+            format!(
+                "unsupported origin {spec:?}: use http://, https://, s3://, swift://, \
+                 glance://, file:// or a path"
+            ),
         ))
     } else {
         Ok(Arc::new(FileOrigin::open(spec.as_ref(), stats)?))

@@ -625,6 +625,7 @@ mod tests {
             crc_slots: 1,
         };
         let (m, _) = BlockMap::open_or_create(&path, g).unwrap();
+        m.ensure_blocks(3, 4).unwrap();
         m.set_state(BlockIndex(3), BlockState::Present);
         drop(m);
         let g2 = Geometry {

@@ -1,0 +1,211 @@
+//! OpenStack Swift origins: `swift://CONTAINER/OBJECT`, authenticated the
+//! way python-swiftclient is, from the environment (`openstack.rs`:
+//! `OS_STORAGE_URL` + `OS_AUTH_TOKEN`, `ST_AUTH`/`ST_USER`/`ST_KEY`, or
+//! Keystone v3 with the storage URL from the catalog).
+//!
+//! Every GET carries `X-Auth-Token` and goes through `http.rs`'s checks
+//! (206, Content-Range, size, ETag with `If-Match`, body length). Tokens
+//! expire (Keystone: an hour by default): a 401 makes one request for a new
+//! token, shared by every request that got the 401, and the request is
+//! sent again. Tokens and keys are never logged or put on a command line.
+
+use std::sync::Arc;
+
+use reqwest::header::HeaderMap;
+use reqwest::{StatusCode, Url};
+
+use super::http::{self, HttpOrigin, Target, TargetAuth};
+use super::openstack::{Auth, Tokens, SWIFT};
+use super::{Origin, OriginIdentity, OriginOptions};
+use crate::block::ByteRange;
+use crate::device::BoxFuture;
+use crate::error::{Error, ErrorKind, Result};
+use crate::stats::Stats;
+
+/// `swift://CONTAINER/OBJECT`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwiftUrl {
+    pub container: String,
+    /// May hold `/` (pseudo-directories).
+    pub object: String,
+}
+
+impl SwiftUrl {
+    pub fn parse(spec: &str) -> Result<SwiftUrl> {
+        let bad = |why: &str| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("origin {spec:?}: {why} (use swift://CONTAINER/OBJECT)"),
+            )
+        };
+        let rest = spec
+            .get(..8)
+            .filter(|p| p.eq_ignore_ascii_case("swift://"))
+            .map(|_| &spec[8..])
+            .ok_or_else(|| bad("not a swift:// URL"))?;
+        let (container, object) = rest.split_once('/').unwrap_or((rest, ""));
+        let container = crate::util::percent_decode(container)
+            .ok_or_else(|| bad("bad %-escape in the container"))?;
+        let object =
+            crate::util::percent_decode(object).ok_or_else(|| bad("bad %-escape in the object"))?;
+        if container.is_empty() {
+            return Err(bad("no container"));
+        }
+        if object.is_empty() {
+            return Err(bad("no object: name the object, not only its container"));
+        }
+        if object.split('/').any(|s| s == "." || s == "..") {
+            return Err(bad("'.' and '..' segments cannot be addressed in a URL"));
+        }
+        Ok(SwiftUrl { container, object })
+    }
+
+    pub fn locator(&self) -> String {
+        format!("swift://{}/{}", self.container, self.object)
+    }
+
+    /// The object's URL under `storage` (the account URL).
+    fn url(&self, storage: &Url, suffix: &str) -> Url {
+        let mut u = storage.clone();
+        {
+            let Ok(mut seg) = u.path_segments_mut() else {
+                // Checked when the storage URL was taken (http/https).
+                return u;
+            };
+            seg.pop_if_empty().push(&self.container);
+            let object = format!("{}{suffix}", self.object);
+            for s in object.split('/') {
+                seg.push(s);
+            }
+        }
+        u
+    }
+}
+
+/// The locator of a `swift://` spec without opening it.
+pub fn locator(spec: &str) -> Option<String> {
+    SwiftUrl::parse(spec).ok().map(|u| u.locator())
+}
+
+struct SwiftTarget {
+    obj: SwiftUrl,
+    tokens: Tokens,
+}
+
+impl Target for SwiftTarget {
+    fn url(&self, suffix: &str) -> Url {
+        self.obj.url(&self.tokens.endpoint(), suffix)
+    }
+
+    fn locator(&self) -> String {
+        self.obj.locator()
+    }
+
+    fn auth(&self) -> Option<TargetAuth> {
+        self.tokens.auth()
+    }
+
+    fn unauthorized(&self, generation: u64) -> BoxFuture<'_, bool> {
+        Box::pin(async move { self.tokens.renew(generation, &self.obj.locator()).await })
+    }
+
+    fn explain(&self, status: StatusCode, _headers: &HeaderMap, _body: &str) -> Option<String> {
+        let o = &self.obj;
+        match status {
+            StatusCode::UNAUTHORIZED => Some(self.tokens.refused("Swift")),
+            StatusCode::FORBIDDEN => Some(format!(
+                "the account may not read container {:?} (its read ACL), authenticated by {}",
+                o.container,
+                self.tokens.describe()
+            )),
+            StatusCode::NOT_FOUND => Some(format!(
+                "no object {:?} in container {:?} of account {}",
+                o.object,
+                o.container,
+                self.tokens.endpoint()
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// A Swift object as origin: an [`HttpOrigin`] whose requests
+/// [`SwiftTarget`] addresses and authenticates.
+pub struct SwiftOrigin {
+    http: HttpOrigin,
+}
+
+impl SwiftOrigin {
+    pub async fn open(spec: &str, opts: &OriginOptions, stats: Arc<Stats>) -> Result<Self> {
+        Self::open_object(SwiftUrl::parse(spec)?, opts, stats).await
+    }
+
+    /// The object `obj` (a Glance image's Swift location).
+    pub async fn open_object(
+        obj: SwiftUrl,
+        opts: &OriginOptions,
+        stats: Arc<Stats>,
+    ) -> Result<Self> {
+        let auth = Auth::from_env(&|n| std::env::var(n).ok().filter(|v| !v.is_empty()), &SWIFT)
+            .map_err(|e| e.context_prefix(obj.locator()))?;
+        let client = http::client(opts, auth.scheme(), &obj.locator(), true)?;
+        let tokens = Tokens::start(auth, client, true)
+            .await
+            .map_err(|e| e.context_prefix(obj.locator()))?;
+        tracing::info!(origin = %obj.locator(), storage = %tokens.endpoint(), auth = %tokens.describe(), "Swift origin");
+        let target = SwiftTarget { obj, tokens };
+        let http = HttpOrigin::open_target(Arc::new(target), opts, stats).await?;
+        Ok(SwiftOrigin { http })
+    }
+}
+
+impl Origin for SwiftOrigin {
+    fn identity(&self) -> &OriginIdentity {
+        self.http.identity()
+    }
+
+    fn read_range(&self, range: ByteRange) -> BoxFuture<'_, Result<bytes::Bytes>> {
+        self.http.read_range(range)
+    }
+
+    fn connections(&self) -> usize {
+        self.http.connections()
+    }
+
+    fn sidecar(&self, suffix: &str, max: u64) -> BoxFuture<'_, Result<Option<bytes::Bytes>>> {
+        self.http.sidecar(suffix, max)
+    }
+
+    fn reload(&self) -> Result<bool> {
+        self.http.reload()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swift_urls() {
+        let u = SwiftUrl::parse("swift://images/debian/12 %2B.raw").unwrap();
+        assert_eq!(
+            (u.container.as_str(), u.object.as_str()),
+            ("images", "debian/12 +.raw")
+        );
+        let storage = Url::parse("http://127.0.0.1:8080/v1/AUTH_test/").unwrap();
+        assert_eq!(
+            u.url(&storage, ".lazybd-profile").as_str(),
+            "http://127.0.0.1:8080/v1/AUTH_test/images/debian/12%20+.raw.lazybd-profile"
+        );
+        assert_eq!(u.locator(), "swift://images/debian/12 +.raw");
+        for bad in [
+            "swift://",
+            "swift://c",
+            "swift://c/",
+            "swift://c/a/../b",
+            "s3://c/o",
+        ] {
+            assert!(SwiftUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
