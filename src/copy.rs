@@ -412,6 +412,13 @@ async fn run(spec: CopySpec, progress: Arc<CopyProgress>) -> Result<CopyReport> 
         Source::Origin(origin::open(&spec.source, &opts, Arc::new(Stats::default())).await?)
     };
     let size = src.size().await;
+    // What the origin publishes as the whole image's digest (Glance's
+    // os_hash_value): checked over every byte copied.
+    let published = match &src {
+        Source::Origin(o) => o.content_digest().cloned(),
+        Source::Nbd(_) => None,
+    };
+    let mut published_hasher = published.as_ref().map(|d| d.hasher()).transpose()?;
     progress.total.store(size, Ordering::Relaxed);
     let dst = Arc::new(Dest::open(&spec.dest, size, jobs).await?);
     let src = Arc::new(src);
@@ -437,12 +444,20 @@ async fn run(spec: CopySpec, progress: Arc<CopyProgress>) -> Result<CopyReport> 
             .map_err(|e| Error::with_source(ErrorKind::Io, "copy chunk task", e))??;
         for (r, p) in pieces {
             match p {
-                Piece::Data(d) => hasher.update(&d),
+                Piece::Data(d) => {
+                    hasher.update(&d);
+                    if let Some(h) = published_hasher.as_mut() {
+                        h.update(&d);
+                    }
+                }
                 Piece::Zero => {
                     let mut left = r.len as usize;
                     while left > 0 {
                         let n = left.min(zeros.len());
                         hasher.update(&zeros[..n]);
+                        if let Some(h) = published_hasher.as_mut() {
+                            h.update(&zeros[..n]);
+                        }
                         left -= n;
                     }
                     zero_bytes += r.len;
@@ -461,6 +476,11 @@ async fn run(spec: CopySpec, progress: Arc<CopyProgress>) -> Result<CopyReport> 
         }
     }
     let digest: [u8; 32] = hasher.finalize().into();
+    if let (Some(want), Some(h)) = (&published, published_hasher) {
+        want.check(&h.finish_hex(), &spec.source)
+            .map_err(|e| e.context_prefix(format!("{} must not be used", spec.dest)))?;
+        tracing::info!(source = %spec.source, algo = %want.algo, "the copy matches the digest its origin publishes");
+    }
     if let Some(want) = spec.sha256 {
         if want != digest {
             return Err(Error::new(

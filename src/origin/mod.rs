@@ -16,6 +16,7 @@
 //! can store it without second-guessing.
 
 mod aws;
+pub mod digest;
 mod file;
 mod glance;
 pub mod headers;
@@ -34,6 +35,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::stats::Stats;
 
 pub use aws::{CredentialSource, Given, Region, S3Endpoint, S3Options, Secret, StaticKeys};
+pub use digest::ContentDigest;
 pub(crate) use file::FileOrigin;
 pub(crate) use http::HttpOrigin;
 pub(crate) use s3::S3Origin;
@@ -54,14 +56,6 @@ pub struct OriginIdentity {
     /// ETag, else Last-Modified, else `None` (changes then go undetected,
     /// which is logged as a warning at open).
     pub validator: Option<String>,
-}
-
-/// A digest of a whole image: `algo` as its publisher names it (`sha512`,
-/// `sha256`, `md5`), `hex` lower-case.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContentDigest {
-    pub algo: String,
-    pub hex: String,
 }
 
 impl std::fmt::Display for OriginIdentity {

@@ -28,7 +28,9 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::block::{BlockIndex, ByteRange};
 use crate::cache::ImageCache;
+use crate::device::BlockDevice;
 use crate::error::{ErrorKind, Result};
+use crate::origin::ContentDigest;
 use crate::stats::Work;
 use crate::util::human_bytes;
 
@@ -224,10 +226,41 @@ pub(crate) async fn run(
     status.finish().await;
     if p.complete {
         tracing::info!(%image, elapsed_s = started.elapsed().as_secs(), "hydration complete: the image is fully cached");
+        if let Some(d) = cache.origin().content_digest().cloned() {
+            verify(&cache, &d, &image).await?;
+        }
     } else {
         log_progress(&image, &p, bs.bytes());
     }
     Ok(())
+}
+
+/// Read the whole (fully cached) image and check it against the digest its
+/// origin publishes. A mismatch is reported as the origin having changed:
+/// the bytes are not the image that was published.
+async fn verify(cache: &ImageCache, d: &ContentDigest, image: &str) -> Result<()> {
+    const CHUNK: u64 = 4 << 20;
+    let mut h = d.hasher()?;
+    let size = cache.image_size();
+    let mut off = 0;
+    while off < size {
+        let r = ByteRange {
+            offset: off,
+            len: CHUNK.min(size - off),
+        };
+        h.update(&cache.read(r).await?.data);
+        off = r.end();
+    }
+    match d.check(&h.finish_hex(), image) {
+        Ok(()) => {
+            tracing::info!(%image, algo = %d.algo, "the fully cached image matches the digest its origin publishes");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(%image, error = %e, "the cached image does not match its published digest");
+            Err(e)
+        }
+    }
 }
 
 /// Rate over a sliding window of samples (bytes known, time).
@@ -431,5 +464,67 @@ mod tests {
         );
         let p = Progress::load(cache.dir()).expect("the final status is written");
         assert!(p.complete);
+    }
+
+    /// An origin that publishes a digest of its image (as Glance does).
+    struct Published {
+        file: crate::origin::FileOrigin,
+        digest: ContentDigest,
+    }
+
+    impl crate::origin::Origin for Published {
+        fn identity(&self) -> &crate::origin::OriginIdentity {
+            self.file.identity()
+        }
+        fn read_range(&self, r: ByteRange) -> crate::device::BoxFuture<'_, Result<bytes::Bytes>> {
+            self.file.read_range(r)
+        }
+        fn content_digest(&self) -> Option<&ContentDigest> {
+            Some(&self.digest)
+        }
+    }
+
+    #[test]
+    fn a_completed_hydration_checks_the_published_digest() {
+        use sha2::{Digest, Sha256};
+        let dir = tempfile::tempdir().unwrap();
+        let img: Vec<u8> = (0..(1u32 << 20) + 777).map(|i| (i % 253) as u8).collect();
+        let path = dir.path().join("image.raw");
+        std::fs::write(&path, &img).unwrap();
+        let right: String = Sha256::digest(&img)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        for (n, hex) in [right, "00".repeat(32)].into_iter().enumerate() {
+            let stats = Arc::new(Stats::default());
+            let origin = Arc::new(Published {
+                file: crate::origin::FileOrigin::open(&path, stats.clone()).unwrap(),
+                digest: ContentDigest {
+                    algo: "sha256".into(),
+                    hex,
+                },
+            });
+            let cache = CacheDir::new(dir.path().join(format!("cache{n}")))
+                .unwrap()
+                .open_image(origin, Some(BlockSize::new(64 << 10).unwrap()), stats)
+                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let res = rt.block_on(run(
+                cache,
+                None,
+                Arc::new(Live::default()),
+                watch::channel(false).1,
+            ));
+            if n == 0 {
+                res.expect("the right digest");
+            } else {
+                let e = res.expect_err("a wrong digest is reported");
+                assert_eq!(e.kind(), ErrorKind::OriginChanged, "{e}");
+                assert!(e.to_string().contains("publishes 0000"), "{e}");
+            }
+        }
     }
 }
