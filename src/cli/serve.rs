@@ -31,7 +31,10 @@ pub fn run(mut a: ServeArgs) -> anyhow::Result<ExitCode> {
         .context("starting the runtime")?;
     rt.block_on(async move {
         let running = daemon::start(cfg).await?;
+        let exports = running.daemon.list().len();
+        daemon::notify::ready(&format!("serving {exports} export(s)"));
         wait_for_signal(&running.daemon).await;
+        daemon::notify::stopping();
         tracing::info!("signal received: stopping (answering in-flight requests)");
         for (image, stats) in running.shutdown().await? {
             tracing::info!(%image, "summary: {stats}");
@@ -59,10 +62,12 @@ async fn wait_for_signal(daemon: &daemon::Daemon) {
             _ = int.recv() => return,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: re-reading origins' header and credentials files");
+                daemon::notify::reloading();
                 // Errors are logged per origin by reload itself.
                 if let Ok(n) = daemon.reload() {
                     tracing::info!(origins = n, "reload done");
                 }
+                daemon::notify::ready(&format!("serving {} export(s)", daemon.list().len()));
             }
         }
     }

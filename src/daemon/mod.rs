@@ -8,12 +8,14 @@
 //! - `maintenance`   evictor, periodic sync, retries of exports
 //! - [`control`]     the control socket (JSON lines) behind `lazybd export ...`
 //! - `metrics`       the Prometheus endpoint, reading counters at scrape time
+//! - [`notify`]      readiness for systemd (`Type=notify`: READY, RELOADING, STOPPING)
 //!
 //! `control` and `metrics` depend on the state only; `run` wires them in.
 
 pub mod control;
 mod maintenance;
 pub(crate) mod metrics;
+pub mod notify;
 mod run;
 mod state;
 
