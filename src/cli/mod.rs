@@ -116,7 +116,8 @@ Examples (a token rotated by a sidecar, then picked up):
   lazybd reload                      # or: systemctl reload lazybd (SIGHUP)";
 
 const COPY_EXAMPLES: &str = "\
-SOURCE: http://, https://, s3://BUCKET/KEY, file:// or a path, nbd://HOST[:PORT]/EXPORT,
+SOURCE: http://, https://, s3://BUCKET/KEY, swift://CONTAINER/OBJECT, glance://IMAGE_ID,
+file:// or a path, nbd://HOST[:PORT]/EXPORT,
 nbd+unix:///EXPORT?socket=PATH. DEST: a path (created or truncated; a block
 device is written in place) or an NBD URI (a writable export at least as
 large as the image).
@@ -285,7 +286,9 @@ pub enum ExportCmd {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// The image: http://, https://, s3://BUCKET/KEY, file:// or a path.
+    /// The image: http://, https://, s3://BUCKET/KEY, swift://CONTAINER/OBJECT
+    /// (ST_AUTH/ST_USER/ST_KEY or OS_* as python-swiftclient takes them),
+    /// glance://IMAGE_ID (OS_IMAGE_URL or the Keystone catalog), file:// or a path.
     /// Omitted (and no --config): a built-in 64 MiB sample image (made in
     /// the cache directory).
     pub origin: Option<String>,
