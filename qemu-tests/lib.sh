@@ -206,6 +206,24 @@ sha_file() {  # FILE -> sha256 hex
   sha256sum "$1" | awk '{print $1}'
 }
 
+# nbd_read_ok URI OFF FILE : 64 KiB at OFF read from URI equal FILE's bytes
+# there; status 1 on a read error (printed: e.g. the EIO of a refused
+# origin request), 2 on different bytes
+nbd_read_ok() {
+  "$NBD_PYTHON" - "$1" "$2" "$3" <<'PY'
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1]); off = int(sys.argv[2])
+with open(sys.argv[3], "rb") as f:
+    f.seek(off); want = f.read(65536)
+try:
+    got = h.pread(len(want), off)
+except nbd.Error as e:
+    print(f"read at {off}: {e}"); sys.exit(1)
+h.shutdown()
+sys.exit(0 if got == want else 2)
+PY
+}
+
 # sha_nbd URI [NBDCOPY-OPTIONS...] -> sha256 of the whole export, read with nbdcopy
 sha_nbd() {
   local uri=$1; shift

@@ -73,19 +73,7 @@ assert_grep "credentials=profile \"lazybd-test\" in $HOME/.aws/credentials \\(AW
 assert_grep 'region="eu-west-1" region_from=profile' "$LAZYBD_LOG" "region from ~/.aws/config"
 # Keys rotated in the profile's file are picked up by `lazybd reload`: a
 # wrong secret fails the next uncached read, the right one serves it again.
-s3_read_at() {  # OFF : 64 KiB at OFF of the export equal disk.img's
-  "$NBD_PYTHON" - "$LAZYBD_URI" "$1" "$T/disk.img" <<'PY'
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1]); off = int(sys.argv[2])
-with open(sys.argv[3], "rb") as f:
-    f.seek(off); want = f.read(65536)
-try:
-    got = h.pread(65536, off)
-except nbd.Error as e:
-    print(f"read at {off}: {e}"); sys.exit(1)
-sys.exit(0 if got == want else 2)
-PY
-}
+s3_read_at() { nbd_read_ok "$LAZYBD_URI" "$1" "$T/disk.img"; }
 creds() { printf '[lazybd-test]\naws_access_key_id = %s\naws_secret_access_key = %s\n' "$S3_AK" "$1" > "$HOME/.aws/credentials"; }
 lazybd_start "$spec" --cache-dir "$T/cache-rotate" --no-readahead --no-profile --control "$T/ctl.sock" --origin-deadline 3
 s3_read_at 0 || fail "S3 read with the profile's keys"

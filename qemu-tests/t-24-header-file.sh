@@ -40,22 +40,8 @@ rotate_origin() {
   fail "nginx did not take the new token"
 }
 
-# read_at OFF : 0 if 64 KiB at OFF read from the export equal the image's,
-# 1 on a read error (printed)
-read_at() {
-  "$NBD_PYTHON" - "$LAZYBD_URI" "$1" "$img" <<'PY'
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1]); off = int(sys.argv[2])
-with open(sys.argv[3], "rb") as f:
-    f.seek(off); want = f.read(65536)
-try:
-    got = h.pread(65536, off)
-except nbd.Error as e:
-    print(f"read at {off}: {e}"); sys.exit(1)
-h.shutdown()
-sys.exit(0 if got == want else 2)
-PY
-}
+# read_at OFF : 64 KiB at OFF of the export equal the image's (lib.sh)
+read_at() { nbd_read_ok "$LAZYBD_URI" "$1" "$img"; }
 
 # ---- 1. the token from a file
 printf '# X-Test-Token is rotated by the sidecar\n\nX-Test-Token: %s\n' "$ORIGIN_TOKEN" > "$T/auth.headers"

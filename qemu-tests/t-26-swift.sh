@@ -34,20 +34,8 @@ read -r tok0 _ < <(swift_token)
 curl -fsS -X PUT -H "X-Auth-Token: $tok0" -T "$T/other.img" "$SWIFT_ACCOUNT_URL/images/tmpl/debian%2012.raw" -o /dev/null ||
   fail "uploading 'tmpl/debian 12.raw'"
 
-# read_at OFF : 64 KiB at OFF of the export equal disk.img's (1 on a read error)
-read_at() {
-  "$NBD_PYTHON" - "$LAZYBD_URI" "$1" "$T/disk.img" <<'PY'
-import nbd, sys
-h = nbd.NBD(); h.connect_uri(sys.argv[1]); off = int(sys.argv[2])
-with open(sys.argv[3], "rb") as f:
-    f.seek(off); want = f.read(65536)
-try:
-    got = h.pread(65536, off)
-except nbd.Error as e:
-    print(f"read at {off}: {e}"); sys.exit(1)
-sys.exit(0 if got == want else 2)
-PY
-}
+# read_at OFF : 64 KiB at OFF of the export equal disk.img's (lib.sh)
+read_at() { nbd_read_ok "$LAZYBD_URI" "$1" "$T/disk.img"; }
 
 # ---- 1. v1 auth, tokens that expire every 4 s
 export ST_AUTH=$SWIFT_AUTH_URL ST_USER=$SWIFT_USER ST_KEY=$SWIFT_KEY

@@ -100,3 +100,49 @@ pub trait Writable: Send + Sync + 'static {
     /// `r` reads as zeroes afterwards.
     fn write_zeroes(&self, r: ByteRange, flags: ZeroFlags) -> BoxFuture<'_, Result<()>>;
 }
+
+/// Devices for unit tests of the layers above a device.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// An image in memory. Reads outside it panic: a layer above must
+    /// never ask for one (the contract of [`BlockDevice::read`]).
+    pub(crate) struct MemDevice(pub(crate) Bytes);
+
+    impl MemDevice {
+        fn slice(&self, r: ByteRange) -> ReadData {
+            assert!(
+                r.end() <= self.0.len() as u64,
+                "read {r:?} past the {} B device",
+                self.0.len()
+            );
+            ReadData {
+                data: self.0.slice(r.offset as usize..r.end() as usize),
+                zero: Vec::new(),
+            }
+        }
+    }
+
+    impl BlockDevice for MemDevice {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
+            let d = self.slice(r);
+            Box::pin(async move { Ok(d) })
+        }
+        fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
+            Ok(vec![Extent {
+                len: r.len,
+                zero: false,
+            }])
+        }
+        fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
+            Some(Ok(self.slice(r)))
+        }
+        fn flush(&self) -> BoxFuture<'_, Result<()>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+}

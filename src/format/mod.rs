@@ -157,33 +157,8 @@ pub(crate) async fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{BoxFuture, Extent, ReadData};
+    use crate::device::testing::MemDevice as Mem;
     use bytes::Bytes;
-
-    struct Mem(Bytes);
-    impl BlockDevice for Mem {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
-            let data = self.0.slice(r.offset as usize..r.end() as usize);
-            Box::pin(async move {
-                Ok(ReadData {
-                    data,
-                    zero: Vec::new(),
-                })
-            })
-        }
-        fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
-            Ok(vec![Extent {
-                len: r.len,
-                zero: false,
-            }])
-        }
-        fn flush(&self) -> BoxFuture<'_, Result<()>> {
-            Box::pin(async { Ok(()) })
-        }
-    }
 
     fn run<T>(f: impl std::future::Future<Output = T>) -> T {
         tokio::runtime::Builder::new_current_thread()

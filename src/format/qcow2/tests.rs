@@ -7,47 +7,14 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::layout::{Compression, MAGIC};
 use super::*;
-use crate::device::{BlockDevice, BoxFuture, Extent, ReadData};
+use crate::device::BlockDevice;
 
-/// An image file in memory.
-struct File(Bytes);
-
-impl BlockDevice for File {
-    fn size(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
-        assert!(r.end() <= self.size(), "read past the file: {r:?}");
-        let data = self.0.slice(r.offset as usize..r.end() as usize);
-        Box::pin(async move {
-            Ok(ReadData {
-                data,
-                zero: Vec::new(),
-            })
-        })
-    }
-    fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
-        Ok(vec![Extent {
-            len: r.len,
-            zero: false,
-        }])
-    }
-    fn read_now(&self, r: ByteRange) -> Option<Result<ReadData>> {
-        assert!(r.end() <= self.size(), "read past the file: {r:?}");
-        Some(Ok(ReadData {
-            data: self.0.slice(r.offset as usize..r.end() as usize),
-            zero: Vec::new(),
-        }))
-    }
-    fn flush(&self) -> BoxFuture<'_, Result<()>> {
-        Box::pin(async { Ok(()) })
-    }
-}
+/// An image file in memory (reads outside it panic).
+use crate::device::testing::MemDevice as File;
 
 /// What one guest cluster is in a generated image.
 #[derive(Debug, Clone)]
