@@ -617,7 +617,14 @@ impl ImageCache {
         }
     }
 
-    async fn read_impl(&self, r: ByteRange) -> Result<ReadData> {
+    /// A read by lazybd itself, not on a guest's behalf (the probe of an
+    /// image's format): served and cached like any read, but not shown to
+    /// the read observer, so a boot profile holds only what guests read.
+    pub(crate) async fn read_unobserved(&self, r: ByteRange) -> Result<ReadData> {
+        self.read_impl(r, false).await
+    }
+
+    async fn read_impl(&self, r: ByteRange, observed: bool) -> Result<ReadData> {
         let inner = &self.inner;
         let mut out = BytesMut::zeroed(r.len as usize);
         let mut zero = Vec::new();
@@ -627,7 +634,9 @@ impl ImageCache {
                 zero,
             });
         }
-        self.observe(r);
+        if observed {
+            self.observe(r);
+        }
         let blocks = inner.bs.covering(r);
         let _waiting = Waiting::new(&inner.guest_waiting);
         if let Some(data) = self.cold_read(r, blocks.clone()).await? {
@@ -1086,7 +1095,7 @@ impl BlockDevice for ImageCache {
     }
 
     fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
-        Box::pin(self.read_impl(r))
+        Box::pin(self.read_impl(r, true))
     }
 
     fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::path::Path;
 
 use super::Export;
+use crate::block::ByteRange;
 use crate::cache::ImageCache;
 use crate::device::{BlockDevice, Writable};
 use crate::error::Result;
@@ -46,11 +47,21 @@ async fn base(spec: &ExportSpec, cache: &ImageCache) -> Result<(Arc<dyn BlockDev
         Arc::new(cache.clone())
     };
     let origin = cache.origin();
+    let disk_format = origin.disk_format();
+    // The first bytes, where the rule needs them (no format said): read
+    // unobserved, since no guest asked for them.
+    let head = if format::needs_head(spec.format, disk_format) {
+        let r = ByteRange::new(0, cache.image_size().min(format::HEAD_LEN))?;
+        Some(cache.read_unobserved(r).await?.data)
+    } else {
+        None
+    };
     format::open(
         spec.format,
         image,
         &origin.identity().locator,
-        origin.disk_format(),
+        disk_format,
+        head,
     )
     .await
 }

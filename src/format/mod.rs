@@ -43,7 +43,6 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::block::ByteRange;
 use crate::device::BlockDevice;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -95,15 +94,25 @@ fn from_disk_format(d: &str) -> Option<Format> {
     }
 }
 
+/// Bytes of the image's start the rule looks at (qcow2's magic).
+pub(crate) const HEAD_LEN: u64 = 4;
+
+/// Whether deciding needs the image's first [`HEAD_LEN`] bytes.
+pub(crate) fn needs_head(f: Option<Format>, disk_format: Option<&str>) -> bool {
+    matches!((f, disk_format), (Some(Format::Auto), _) | (None, None))
+}
+
 /// The guest's view of the image `image` (whose device serves the image
 /// file's bytes) named `name`, in format `f` (`None`: not given, see the
-/// module's rule), the origin's metadata naming `disk_format`. Returns the
-/// device and the format decided.
+/// module's rule), the origin's metadata naming `disk_format`, `head` the
+/// image's first bytes when [`needs_head`]. Returns the device and the
+/// format decided.
 pub(crate) async fn open(
     f: Option<Format>,
     image: Arc<dyn BlockDevice>,
     name: &str,
     disk_format: Option<&str>,
+    head: Option<bytes::Bytes>,
 ) -> Result<(Arc<dyn BlockDevice>, Format)> {
     if let (Some(given @ (Format::Raw | Format::Qcow2)), Some(d)) = (f, disk_format) {
         if from_disk_format(d) != Some(given) {
@@ -125,12 +134,7 @@ pub(crate) async fn open(
             )
         })?,
         (Some(Format::Auto), _) | (None, None) => {
-            let is_qcow2 = if image.size() >= 4 {
-                let head = image.read(ByteRange::new(0, 4)?).await?;
-                qcow2::layout::looks_like_qcow2(&head.data)
-            } else {
-                false
-            };
+            let is_qcow2 = head.as_deref().is_some_and(qcow2::layout::looks_like_qcow2);
             match (is_qcow2, f) {
                 (false, _) => Format::Raw,
                 (true, Some(_)) => Format::Qcow2,
@@ -157,8 +161,15 @@ pub(crate) async fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::ByteRange;
     use crate::device::testing::MemDevice as Mem;
     use bytes::Bytes;
+
+    /// What the stack gives `open`: the device's first bytes.
+    fn head(d: &Arc<dyn BlockDevice>) -> Option<Bytes> {
+        let r = ByteRange::new(0, d.size().min(HEAD_LEN)).unwrap();
+        d.read_now(r).map(|d| d.unwrap().data)
+    }
 
     fn run<T>(f: impl std::future::Future<Output = T>) -> T {
         tokio::runtime::Builder::new_current_thread()
@@ -174,9 +185,11 @@ mod tests {
         let raw: Arc<dyn BlockDevice> = Arc::new(Mem(Bytes::from_static(b"\xeb\x63\x90 boot")));
         run(async {
             // Nothing given: raw bytes are raw; qcow2 bytes are refused.
-            let (_, f) = open(None, raw.clone(), "a.img", None).await.unwrap();
+            let (_, f) = open(None, raw.clone(), "a.img", None, head(&raw))
+                .await
+                .unwrap();
             assert_eq!(f, Format::Raw);
-            let e = match open(None, qcow2_magic.clone(), "b.img", None).await {
+            let e = match open(None, qcow2_magic.clone(), "b.img", None, head(&qcow2_magic)).await {
                 Err(e) => e,
                 Ok(_) => panic!("a qcow2 image was served without a format"),
             };
@@ -187,45 +200,73 @@ mod tests {
                 "{m}"
             );
             // Asked: raw serves the container's bytes as they are.
-            let (dev, f) = open(Some(Format::Raw), qcow2_magic.clone(), "b.img", None)
-                .await
-                .unwrap();
+            let (dev, f) = open(
+                Some(Format::Raw),
+                qcow2_magic.clone(),
+                "b.img",
+                None,
+                head(&qcow2_magic),
+            )
+            .await
+            .unwrap();
             assert_eq!((f, dev.size()), (Format::Raw, 8));
             assert_eq!(
-                open(Some(Format::Auto), raw.clone(), "a", None)
+                open(Some(Format::Auto), raw.clone(), "a", None, head(&raw))
                     .await
                     .unwrap()
                     .1,
                 Format::Raw
             );
             // auto decodes what looks like qcow2 (here a truncated header).
-            let e = match open(Some(Format::Auto), qcow2_magic.clone(), "b.img", None).await {
+            let e = match open(
+                Some(Format::Auto),
+                qcow2_magic.clone(),
+                "b.img",
+                None,
+                head(&qcow2_magic),
+            )
+            .await
+            {
                 Err(e) => e,
                 Ok(_) => panic!("a truncated qcow2 header decoded"),
             };
             assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
-            let e = match open(Some(Format::Qcow2), raw.clone(), "a.img", None).await {
+            let e = match open(Some(Format::Qcow2), raw.clone(), "a.img", None, head(&raw)).await {
                 Err(e) => e,
                 Ok(_) => panic!("a raw image decoded as qcow2"),
             };
             assert!(e.to_string().contains("not a qcow2 image"), "{e}");
             // An image service's disk_format decides when no format is given.
-            let (_, f) = open(None, raw.clone(), "g", Some("iso")).await.unwrap();
-            assert_eq!(f, Format::Raw);
-            // Declared raw: served raw, whatever its first bytes (no probing).
-            let (_, f) = open(None, qcow2_magic.clone(), "g", Some("raw"))
+            let (_, f) = open(None, raw.clone(), "g", Some("iso"), head(&raw))
                 .await
                 .unwrap();
             assert_eq!(f, Format::Raw);
-            let e = match open(None, raw.clone(), "g", Some("vmdk")).await {
+            // Declared raw: served raw, whatever its first bytes (no probing).
+            let (_, f) = open(
+                None,
+                qcow2_magic.clone(),
+                "g",
+                Some("raw"),
+                head(&qcow2_magic),
+            )
+            .await
+            .unwrap();
+            assert_eq!(f, Format::Raw);
+            let e = match open(None, raw.clone(), "g", Some("vmdk"), head(&raw)).await {
                 Err(e) => e,
                 Ok(_) => panic!("a vmdk image served"),
             };
             assert_eq!(e.kind(), ErrorKind::Unsupported);
             assert!(e.to_string().contains("disk_format \"vmdk\""), "{e}");
-            let (_, f) = open(Some(Format::Raw), raw, "g", Some("vmdk"))
-                .await
-                .unwrap();
+            let (_, f) = open(
+                Some(Format::Raw),
+                raw.clone(),
+                "g",
+                Some("vmdk"),
+                head(&raw),
+            )
+            .await
+            .unwrap();
             assert_eq!(f, Format::Raw);
         });
     }
