@@ -30,11 +30,12 @@
 //!   a read observer and background fetches for prefetch; `dir`, `verify`
 //! - [`store`]    the cache's block store: data file + sparse `map` (state + CRCs)
 //! - [`origin`]   where bytes live: `http` (ranged GETs), `s3` (presigned GETs through
-//!   `http`; credentials from `aws`), `file`
+//!   `http`; credentials from `aws`), `swift` and `glance` (tokens from `openstack`),
+//!   `file`; `headers` (extra headers, reloadable), `digest` (published digests)
 //! - [`copy`]     `lazybd copy`: a whole image from HTTP/file/NBD to a file or NBD
 //! - [`daemon`]   `serve` as a library call: `state` (images, exports), `run` (start,
 //!   shutdown), `maintenance` (evictor, sync, retries), `control` (the control
-//!   socket), `metrics` (Prometheus)
+//!   socket), `metrics` (Prometheus), `notify` (systemd readiness)
 //! - [`config`]   the TOML configuration file
 //! - [`sample`]   the built-in sample image used when no origin is given
 //! - [`stats`]    counters and the origin latency histogram

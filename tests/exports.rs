@@ -493,7 +493,13 @@ async fn a_stalled_origin_probe_stalls_no_other_image() {
         .unwrap()
         .unwrap();
     assert!(t.elapsed() < Duration::from_secs(25));
-    assert_eq!(slow.requests(), 1, "one probe for two adds");
+    // One probe, and one read of the first block (the format rule looks
+    // at the image's first bytes), for both adds.
+    assert_eq!(
+        slow.requests(),
+        2,
+        "one probe and one head read for two adds"
+    );
     assert_eq!(srv.daemon.image_stats_now().len(), 2, "one cache per image");
     for name in ["slow1", "slow2"] {
         let mut c = Client::to_export(&addr, name).await;
@@ -534,7 +540,11 @@ async fn an_add_cancelled_during_its_probe_hands_over_to_the_next() {
         .expect("the waiting add takes over")
         .unwrap()
         .unwrap();
-    assert_eq!(slow.requests(), 2, "the cancelled probe, then one more");
+    assert_eq!(
+        slow.requests(),
+        3,
+        "the cancelled probe, then one more, then the first block (the format rule)"
+    );
     assert_eq!(srv.daemon.image_stats_now().len(), 2);
     let mut c = Client::to_export(&addr, "b").await;
     assert!(c.read(0, 65536).await.unwrap().data == img[..65536]);

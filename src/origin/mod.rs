@@ -9,7 +9,17 @@
 //!   request; S3's refusals explained (region, credentials, 404)
 //! - `aws`   where S3 credentials, region and endpoint come from (lazybd's
 //!   options, then the AWS variables and `~/.aws` files)
+//! - `swift` `swift://CONTAINER/OBJECT`: the HTTP origin with an
+//!   `X-Auth-Token`, renewed after a 401
+//! - `glance` `glance://IMAGE_ID`: identity from the image's metadata, bytes
+//!   from ranged `/file` or, where the store cannot seek, its Swift location
+//! - `openstack` tokens for both, from the environment as python-swiftclient
+//!   reads it (a given token, Swift v1, Keystone v3 with its catalog)
 //! - `file`  a local file (the built-in sample, tests)
+//!
+//! And what all of them share: `headers` (extra request headers from flags,
+//! files re-read on reload, `LAZYBD_HEADERS`), `digest` (published image
+//! digests checked by whoever read every byte).
 //!
 //! An origin never caches. Everything an origin returns has been checked
 //! against what was asked (length, position, identity), so the cache above
