@@ -326,7 +326,7 @@ _swift_pid_name() { tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | cut -c1-80; }
 swift_token() {
   [[ -n $SWIFT_AUTH_URL ]] || { echo "swift_token: no Swift started" >&2; return 1; }
   local h tok url
-  h=$(curl -sS -o /dev/null -D - --max-time 10 -H "X-Auth-User: $SWIFT_USER" -H "X-Auth-Key: $SWIFT_KEY" \
+  h=$(curl -sS -o /dev/null -D - --max-time 10 -H "X-Auth-New-Token: true" -H "X-Auth-User: $SWIFT_USER" -H "X-Auth-Key: $SWIFT_KEY" \
       "$SWIFT_AUTH_URL" | tr -d '\r') || return 1
   tok=$(awk -F': ' 'tolower($1)=="x-auth-token" {print $2}' <<<"$h")
   url=$(awk -F': ' 'tolower($1)=="x-storage-url" {print $2}' <<<"$h")

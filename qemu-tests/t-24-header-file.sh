@@ -2,7 +2,7 @@
 # t-24-header-file: origin secrets kept off the command line, and rotated
 # without a restart. The origin (nginx /secure/) answers 403 unless the
 # request has "X-Test-Token: <token>"; the token is changed by rewriting
-# nginx's configuration and reloading it.
+# nginx's configuration and restarting it on its port.
 #   1. --header-file FILE: reads match; the token is in neither lazybd's
 #      command line (/proc/PID/cmdline) nor its log
 #   2. the origin's token rotates: an uncached read fails (EIO); the file
@@ -22,12 +22,14 @@ origin_start "$T/origin" >/dev/null
 url=$ORIGIN_URL/secure/disk.img
 img=$T/origin/secure/disk.img
 
-# The origin now wants TOKEN (nginx reloaded; waits until it says so).
+# The origin now wants TOKEN (nginx restarted on its port; waits until it says so).
 rotate_origin() {
   local new=$1
+  # A restart, not a reload: old workers of a reload keep serving the
+  # connections lazybd has open, with the old token, for as long as they like.
+  origin_stop
   sed -i "s/\"$ORIGIN_TOKEN\"/\"$new\"/" "$NGINX_STATE/nginx.conf"
-  nginx -c "$NGINX_STATE/nginx.conf" -p "$NGINX_STATE" -e "$NGINX_STATE/error.log" -s reload ||
-    fail "nginx -s reload"
+  origin_resume
   for _ in $(seq 100); do
     if curl -fsS -o /dev/null -r 0-0 -H "X-Test-Token: $new" "$url" 2>/dev/null &&
       ! curl -fsS -o /dev/null -r 0-0 -H "X-Test-Token: $ORIGIN_TOKEN" "$url" 2>/dev/null; then

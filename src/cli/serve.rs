@@ -30,10 +30,14 @@ pub fn run(mut a: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
+        // SIGHUP's default is to terminate: catch it before a start that
+        // may take a while (origins probed), so an early `systemctl reload`
+        // is a reload after start, not the end of the server.
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let running = daemon::start(cfg).await?;
         let exports = running.daemon.list().len();
         daemon::notify::ready(&format!("serving {exports} export(s)"));
-        wait_for_signal(&running.daemon).await;
+        wait_for_signal(&running.daemon, hup).await;
         daemon::notify::stopping();
         tracing::info!("signal received: stopping (answering in-flight requests)");
         for (image, stats) in running.shutdown().await? {
@@ -45,12 +49,12 @@ pub fn run(mut a: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Until SIGTERM or SIGINT; each SIGHUP reloads origins' files.
-async fn wait_for_signal(daemon: &daemon::Daemon) {
+async fn wait_for_signal(daemon: &daemon::Daemon, hup: Option<tokio::signal::unix::Signal>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    let (Ok(mut term), Ok(mut int), Some(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
+        hup,
     ) else {
         // Without signal handlers we can only run until killed.
         std::future::pending::<()>().await;

@@ -100,7 +100,9 @@ pub(super) fn meta(id: &str, v: &serde_json::Value) -> Result<Meta> {
         }
     }
     match v["container_format"].as_str() {
-        None | Some("bare") => {}
+        // ami/aki/ari: Amazon's kernel, ramdisk and machine images, whose
+        // data is the bare file.
+        None | Some("bare" | "ami" | "aki" | "ari") => {}
         Some(c) => {
             return refuse(
                 ErrorKind::Unsupported,
@@ -268,7 +270,8 @@ impl GlanceOrigin {
             &GLANCE,
         )
         .map_err(|e| e.context_prefix(&locator))?;
-        let client = http::client(opts, auth.scheme(), &locator, true)?;
+        // No redirects: a password or token must never follow one elsewhere.
+        let client = http::client(opts, auth.scheme(), &locator, false)?;
         let tokens = Arc::new(
             Tokens::start(auth, client.clone(), false)
                 .await

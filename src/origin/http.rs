@@ -388,18 +388,30 @@ fn env_proxy(scheme: &str) -> Option<(&'static str, String)> {
     })
 }
 
-/// A proxy URL with any password replaced (proxies often carry one).
+/// A proxy URL with its credentials replaced (proxies often carry one).
+/// Textual, so a URL without a scheme (`user:pass@proxy:3128`, which curl
+/// and reqwest take) is redacted too: whatever lies between an optional
+/// `scheme://` and the last `@` goes.
 pub(super) fn redact_userinfo(s: &str) -> String {
-    match reqwest::Url::parse(s) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("…"));
-            u.to_string()
-        }
-        Ok(_) => s.to_string(),
-        Err(_) => match s.rsplit_once('@') {
-            Some((_, host)) => format!("…@{host}"),
-            None => s.to_string(),
-        },
+    let (scheme, rest) = match s.split_once("://") {
+        Some((sc, r)) => (format!("{sc}://"), r),
+        None => (String::new(), s),
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}…@{host}"),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn proxy_credentials_never_show() {
+    for (given, shown) in [
+        ("http://u:secret@p:3128", "http://…@p:3128"),
+        ("u:secret@p:3128", "…@p:3128"),
+        ("http://p:3128", "http://p:3128"),
+    ] {
+        assert_eq!(redact_userinfo(given), shown);
     }
 }
 

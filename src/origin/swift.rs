@@ -148,7 +148,8 @@ impl SwiftOrigin {
     ) -> Result<Self> {
         let auth = Auth::from_env(&|n| std::env::var(n).ok().filter(|v| !v.is_empty()), &SWIFT)
             .map_err(|e| e.context_prefix(obj.locator()))?;
-        let client = http::client(opts, auth.scheme(), &obj.locator(), true)?;
+        // No redirects: a password or key must never follow one elsewhere.
+        let client = http::client(opts, auth.scheme(), &obj.locator(), false)?;
         let tokens = Tokens::start(auth, client, true)
             .await
             .map_err(|e| e.context_prefix(obj.locator()))?;

@@ -9,12 +9,14 @@
 //!                                             -> image (readahead -> cache -> origin)
 //! ```
 //!
-//! - The header and the L1 table are read at open ([`open`]); L2 tables on
-//!   the first read that needs them, kept in memory (bounded, [`L2_CACHE`]),
-//!   and all of them warmed in the background after open so that block
-//!   status (`base:allocation`, which `qemu-img convert` and `nbdcopy` use
-//!   to skip holes) soon knows every hole. Until a table is known, its
-//!   range is reported as data, which is always a correct answer.
+//! - The header and the L1 table are read at open ([`open`]); L2 tables at
+//!   open for the first [`EAGER_TABLES`], on the first read that needs them
+//!   for the others, kept in memory (bounded, [`L2_CACHE`]). Block status
+//!   (`base:allocation`, which `qemu-img convert` and `nbdcopy` use to skip
+//!   holes) knows the holes of unallocated L2 tables at once and
+//!   of the others once read; until then their range is reported as data,
+//!   which is always a correct answer. (No background warm-up: its reads
+//!   would look like a guest's to readahead and boot profiles.)
 //! - Unallocated and zero clusters read as zeroes without touching the
 //!   image, and are reported as holes.
 //! - Data clusters that are adjacent in the file are read with one request;
@@ -54,6 +56,16 @@ const CLUSTER_CACHE: u64 = 4 << 20;
 const GROUP_GAP: u64 = 4096;
 /// Largest read of compressed clusters.
 const GROUP_MAX: u64 = 4 << 20;
+/// L2 tables read at open (see [`open`]).
+const EAGER_TABLES: usize = 16;
+/// Most extents one block-status answer builds (a reply carries fewer).
+const MAX_EXTENTS: usize = 16384;
+/// Most of an advisory prefetch that is planned.
+const PREFETCH_MAX: u64 = 64 << 20;
+/// Most decompressed clusters kept, whatever their size.
+const CLUSTER_CACHE_ENTRIES: usize = 256;
+/// Host reads of one guest read in flight at once.
+const READ_BATCH: usize = 64;
 /// Decompress inline up to this many clusters; more go to the blocking
 /// pool, so a big read of a compressed image never stalls other I/O.
 const INLINE_CLUSTERS: usize = 2;
@@ -62,6 +74,22 @@ const INLINE_CLUSTERS: usize = 2;
 /// image file) named `name` in errors and logs.
 pub async fn open(image: Arc<dyn BlockDevice>, name: &str) -> Result<Arc<dyn BlockDevice>> {
     let q = Arc::new(Inner::open(image, name).await?);
+    // The first few L2 tables now, together: block status is then exact
+    // from the start for images up to EAGER_TABLES tables (8 GiB of guest
+    // disk at 64 KiB clusters; a boot reads them anyway); the rest as reads
+    // need them.
+    let first: Vec<u64> = (0..q.l1.len() as u64)
+        .filter(|&i| matches!(q.table_now(i), Ok(None)))
+        .take(EAGER_TABLES)
+        .collect();
+    let inner: &Inner = &q;
+    let loads: Vec<BoxFuture<'_, Result<()>>> = first
+        .iter()
+        .map(|&i| Box::pin(async move { inner.table(i).await.map(|_| ()) }) as BoxFuture<'_, _>)
+        .collect();
+    for r in join_batched(loads).await {
+        r?;
+    }
     tracing::info!(
         image = %name,
         version = q.h.version,
@@ -74,8 +102,6 @@ pub async fn open(image: Arc<dyn BlockDevice>, name: &str) -> Result<Arc<dyn Blo
     if q.h.dirty {
         tracing::info!(image = %name, "qcow2 image is marked dirty (refcounts stale): reads do not use them");
     }
-    let warm = q.clone();
-    tokio::spawn(async move { warm.warm_tables().await });
     Ok(Arc::new(Qcow2 { q }))
 }
 
@@ -228,32 +254,10 @@ impl Inner {
 
     /// The L1 indices a guest range spans.
     fn table_indices(&self, r: ByteRange) -> std::ops::RangeInclusive<u64> {
+        debug_assert!(!r.is_empty(), "callers return early on empty ranges");
         let first = self.h.indices(r.offset).0;
         let last = self.h.indices(r.end() - 1).0;
         first..=last
-    }
-
-    /// Read every allocated L2 table (as many as the memory bound holds),
-    /// so that block status knows every hole. Stops at the first error:
-    /// reads that need a table report theirs.
-    async fn warm_tables(self: Arc<Self>) {
-        let max = L2_CACHE / self.h.cluster_size();
-        let mut n = 0;
-        for i in 0..self.l1.len() as u64 {
-            if n >= max {
-                break;
-            }
-            match self.table_now(i) {
-                Ok(Some(_)) => continue,
-                Ok(None) => {}
-                Err(_) => break,
-            }
-            if let Err(e) = self.table(i).await {
-                tracing::debug!(image = %self.name, error = %e, "qcow2 table warm-up stopped");
-                break;
-            }
-            n += 1;
-        }
     }
 
     /// Where each byte of guest range `r` comes from, given the L2 tables
@@ -358,7 +362,8 @@ impl Inner {
     }
 
     fn keep_cluster(&self, host: u64, data: Bytes) {
-        let max = (CLUSTER_CACHE / self.h.cluster_size()).max(2) as usize;
+        let max =
+            ((CLUSTER_CACHE / self.h.cluster_size()).max(2) as usize).min(CLUSTER_CACHE_ENTRIES);
         let mut c = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
         if c.iter().any(|(h, _)| *h == host) {
             return;
@@ -447,6 +452,7 @@ impl Inner {
         }
         // Compressed clusters not cached, grouped by nearness in the file.
         let mut groups: Vec<Group> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut have: HashMap<u64, Bytes> = HashMap::new();
         for p in &plan {
             let Piece::Compressed { host, clen, .. } = p.piece else {
@@ -465,11 +471,12 @@ impl Inner {
                         && host <= g.end + GROUP_GAP
                         && (host + clen).max(g.end) - g.start <= GROUP_MAX =>
                 {
-                    if !g.members.iter().any(|m| m.0 == host) {
+                    if seen.insert(host) {
                         g.members.push((host, clen));
                     }
                     g.end = g.end.max(host + clen);
                 }
+                _ if !seen.insert(host) => {}
                 _ => groups.push(Group {
                     start: host,
                     end: host + clen,
@@ -487,7 +494,7 @@ impl Inner {
             })
             .collect();
         let (planned, host_futs): (Vec<Planned>, Vec<_>) = reads.into_iter().unzip();
-        let (host_done, clusters) = join(join_all(host_futs), join_all(fetches)).await;
+        let (host_done, clusters) = join(join_batched(host_futs), join_batched(fetches)).await;
         for (p, res) in planned.iter().zip(host_done) {
             let (data, z) = res.map_err(|e| self.err(e))?;
             out[p.at as usize..(p.at + p.len) as usize].copy_from_slice(&data);
@@ -579,8 +586,11 @@ impl Inner {
     }
 
     fn extents(&self, r: ByteRange) -> Result<Vec<Extent>> {
+        if r.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut out: Vec<Extent> = Vec::new();
-        let mut push = |len: u64, zero: bool| match out.last_mut() {
+        let push = |out: &mut Vec<Extent>, len: u64, zero: bool| match out.last_mut() {
             Some(e) if e.zero == zero => e.len += len,
             _ => out.push(Extent { len, zero }),
         };
@@ -592,12 +602,18 @@ impl Inner {
             }
             .intersect(&r)
             .expect("the table's range meets r");
+            if out.len() >= MAX_EXTENTS {
+                // Enough for a reply (NBD clients ask again from where it
+                // ends); the rest is data, which is always a right answer.
+                push(&mut out, r.end() - span.offset, false);
+                return Ok(out);
+            }
             match self.table_now(i).map_err(|e| self.err(e))? {
                 // Not read yet: data, the answer that is always right.
-                None => push(span.len, false),
+                None => push(&mut out, span.len, false),
                 Some(t) => {
                     for p in self.plan(span, &[t])? {
-                        push(p.len, matches!(p.piece, Piece::Zero));
+                        push(&mut out, p.len, matches!(p.piece, Piece::Zero));
                     }
                 }
             }
@@ -606,6 +622,14 @@ impl Inner {
     }
 
     fn prefetch(&self, r: ByteRange) {
+        if r.is_empty() {
+            return;
+        }
+        // Advisory and unbounded by the payload limit: plan a bounded part.
+        let r = ByteRange {
+            offset: r.offset,
+            len: r.len.min(PREFETCH_MAX),
+        };
         let mut tables = Vec::new();
         for i in self.table_indices(r) {
             match self.table_now(i) {
@@ -702,6 +726,19 @@ async fn join_all<T>(mut futs: Vec<BoxFuture<'_, T>>) -> Vec<T> {
     done.into_iter()
         .map(|d| d.expect("every future finished"))
         .collect()
+}
+
+/// [`join_all`] over batches of [`READ_BATCH`]: a read split into many
+/// pieces (a hostile image of tiny clusters) costs linear polling, not
+/// quadratic.
+async fn join_batched<T>(futs: Vec<BoxFuture<'_, T>>) -> Vec<T> {
+    let mut out = Vec::with_capacity(futs.len());
+    let mut futs = futs.into_iter().peekable();
+    while futs.peek().is_some() {
+        let batch: Vec<_> = futs.by_ref().take(READ_BATCH).collect();
+        out.extend(join_all(batch).await);
+    }
+    out
 }
 
 /// Both futures, concurrently.
