@@ -12,6 +12,10 @@
 #      hydration check reports it
 #   4. refusals with the reason: an image not uploaded yet (queued), a
 #      disk_format lazybd does not decode (vmdk), an unknown id
+#   6. Swift store whose locations Glance does not show: one sequential
+#      pass of /file serves reads as it goes (the last block read first waits
+#      for it), the image is hydrated in one GET of the data and checked
+#      against os_hash_value
 #   5. Swift store (Glance answers 400 to a Range): lazybd reads the image's
 #      Swift location directly with its own Swift credentials, identical
 . "$(dirname "$0")/lib.sh"
@@ -96,3 +100,38 @@ lazybd_expect_start_failure 30 "glance://$s_id" --cache-dir "$T/cache-s2" --cont
   --listen "127.0.0.1:$(free_port)"
 assert_grep 'its Swift location.*no object-store credentials' "$LAZYBD_LOG" \
   "without Swift credentials the error says what is missing"
+
+# ---- 6. a Swift store whose locations are hidden: one sequential pass
+GLANCE_SHOW_LOCATIONS=False glance_start swift
+export OS_IMAGE_URL=$GLANCE_URL
+h_id=$(glance_upload hidden-disk raw "$T/disk.img")
+loc=$(curl -fsS "$GLANCE_URL/v2/images/$h_id" | python3 -c 'import json,sys; v=json.load(sys.stdin); print(v.get("direct_url"), v.get("locations"))')
+assert_eq "None None" "$loc" "Glance shows no location of the image"
+mark=$(swift_access_mark)
+lazybd_start "glance://$h_id" --cache-dir "$T/cache-p" --control none
+assert_grep 'exposes no location lazybd can read: reading it in one sequential pass' "$LAZYBD_LOG" \
+  "the fallback is said clearly"
+# The last 4 KiB first (GPT's backup header): answered once the pass passes it.
+size=$(stat -c %s "$T/disk.img")
+"$NBD_PYTHON" - "$LAZYBD_URI" "$T/disk.img" "$size" <<'PY'
+import nbd, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+size = int(sys.argv[3])
+with open(sys.argv[2], "rb") as f:
+    f.seek(size - 4096); want_end = f.read(4096)
+    f.seek(0); want_head = f.read(65536)
+assert h.pread(4096, size - 4096) == want_end, "last block differs"
+assert h.pread(65536, 0) == want_head, "first block differs"
+PY
+for _ in $(seq 300); do grep -q 'matches the digest\|does not match' "$LAZYBD_LOG" && break; sleep 0.1; done
+assert_grep 'the origin reads only from its start: hydrating the image' "$LAZYBD_LOG" "hydrated at once"
+assert_grep 'the fully cached image matches the digest its origin publishes' "$LAZYBD_LOG" \
+  "the pass's image checked against os_hash_value"
+assert_same_as_file "$T/disk.img" "$LAZYBD_URI"
+lazybd_stop
+assert_no_grep 'Swift location directly' "$LAZYBD_LOG" "no location was used"
+assert_grep 'sequential pass complete' "$LAZYBD_LOG" "the pass completed"
+[[ $(grep -c 'sequential pass failed' "$LAZYBD_LOG") == 0 ]] || fail "a pass failed"
+gets=$(swift_access_lines "$mark" | grep -c "^GET [^ ]*/$h_id " || true)
+log "sequential pass: $gets GET(s) of the object in Swift"
+assert_eq 1 "$gets" "the whole image came from one GET of its data"

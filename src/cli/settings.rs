@@ -367,6 +367,7 @@ pub fn resolve(
             }),
             || Ok(od.proxy.clone()),
         )?,
+        spool_dir: Some(cache_dir.join("spool")),
     };
 
     let ld = Limits::default();

@@ -334,6 +334,11 @@ impl Daemon {
         }
         if self.boot.hydrate {
             self.hydrate(cache);
+        } else if cache.origin().sequential_only() {
+            // Its bytes come in one pass anyway: keep them all, in order,
+            // as the pass brings them.
+            tracing::info!(image = %locator, "the origin reads only from its start: hydrating the image");
+            self.hydrate(cache);
         }
     }
 

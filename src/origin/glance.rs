@@ -25,6 +25,7 @@ use reqwest::{StatusCode, Url};
 
 use super::http::{self, HttpOrigin, Target, TargetAuth};
 use super::openstack::{Auth, Tokens, GLANCE};
+use super::stream::{StartPass, StreamOptions, StreamOrigin};
 use super::swift::{SwiftOrigin, SwiftUrl};
 use super::{ContentDigest, Origin, OriginIdentity, OriginOptions};
 use crate::block::ByteRange;
@@ -146,9 +147,20 @@ pub(super) fn meta(id: &str, v: &serde_json::Value) -> Result<Meta> {
     })
 }
 
-/// The container and object of a Glance swift location
+/// Where a Glance swift location points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SwiftLocation {
+    /// The account a multi-tenant location names (`…/v1/AUTH_x/C/O`);
+    /// `None` for single-tenant ones (`swift+config://REF/C/O`, or an auth
+    /// URL with credentials), which are in Glance's own account.
+    pub(super) account: Option<String>,
+    pub(super) container: String,
+    pub(super) object: String,
+}
+
+/// The account, container and object of a Glance swift location
 /// (`swift+http://…/CONTAINER/OBJECT`, `swift+config://REF/CONTAINER/OBJECT`).
-pub(super) fn swift_location(loc: &str) -> Option<(String, String)> {
+pub(super) fn swift_location(loc: &str) -> Option<SwiftLocation> {
     let (scheme, _) = loc.split_once("://")?;
     if !(scheme == "swift" || scheme.starts_with("swift+")) {
         return None;
@@ -161,7 +173,43 @@ pub(super) fn swift_location(loc: &str) -> Option<(String, String)> {
         .collect();
     let object = segs.pop()?;
     let container = segs.pop()?;
-    Some((container, object))
+    // A storage URL (`/v1/ACCOUNT`) rather than an auth URL: multi-tenant.
+    let account = match (segs.len().checked_sub(2).map(|i| &segs[i..]), u.username()) {
+        (Some([v, account]), "") if v == "v1" && !scheme.ends_with("config") => {
+            Some(account.clone())
+        }
+        _ => None,
+    };
+    Some(SwiftLocation {
+        account,
+        container,
+        object,
+    })
+}
+
+/// Whether lazybd may read image `id`'s Swift location `loc` with its own
+/// Swift credentials: Glance's swift store names every object by its
+/// image's id, so any other object is another image's (or anybody's) data,
+/// reachable only because lazybd's account can read it; a location's
+/// account is checked against lazybd's storage URL once that is known.
+fn usable_location(id: &str, loc: &SwiftLocation) -> std::result::Result<(), String> {
+    if loc.object != id {
+        return Err(format!(
+            "names object {:?}, not the image's id (Glance's swift store names objects by \
+             image id): not read, since lazybd's Swift account may reach objects that are not \
+             this image's",
+            loc.object
+        ));
+    }
+    Ok(())
+}
+
+/// The account at the end of a Swift storage URL (`…/v1/AUTH_x`).
+fn storage_account(storage: &Url) -> Option<String> {
+    storage
+        .path_segments()?
+        .rfind(|s| !s.is_empty())
+        .map(|s| crate::util::percent_decode(s).unwrap_or_else(|| s.to_string()))
 }
 
 /// Requests for `/v2/images/ID/file`.
@@ -173,8 +221,18 @@ struct FileTarget {
 
 fn image_url(endpoint: &Url, id: &str, file: bool) -> Url {
     let mut u = endpoint.clone();
+    // A catalog entry or OS_IMAGE_URL may name the API version already
+    // (as glanceclient accepts it).
+    let versioned = u
+        .path_segments()
+        .and_then(|mut s| s.rfind(|p| !p.is_empty()))
+        .is_some_and(|last| last == "v2");
     if let Ok(mut seg) = u.path_segments_mut() {
-        seg.pop_if_empty().extend(["v2", "images", id]);
+        seg.pop_if_empty();
+        if versioned {
+            seg.pop();
+        }
+        seg.extend(["v2", "images", id]);
         if file {
             seg.push("file");
         }
@@ -305,13 +363,9 @@ impl GlanceOrigin {
                 format!("{locator}: image metadata at {endpoint}: HTTP {status}{why}"),
             ));
         }
-        let body = resp.bytes().await.map_err(|e| {
-            Error::with_source(
-                ErrorKind::Origin,
-                format!("{locator}: image metadata"),
-                e.without_url(),
-            )
-        })?;
+        let mut resp = resp;
+        let body =
+            http::body_capped(&mut resp, META_MAX, &format!("{locator}: image metadata")).await?;
         let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
             Error::with_source(
                 ErrorKind::Origin,
@@ -345,44 +399,52 @@ impl GlanceOrigin {
                 validator: validator.clone(),
             };
             Box::new(HttpOrigin::open_target(Arc::new(target), opts, stats).await?)
+        } else if let StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND =
+            probe_status
+        {
+            // Not a store that cannot seek: the image's data is refused.
+            let why = match probe_status {
+                StatusCode::UNAUTHORIZED => tokens.refused("Glance"),
+                StatusCode::FORBIDDEN => "the image's data is not readable by this project".into(),
+                _ => "the image has no data (deleted, or never uploaded)".into(),
+            };
+            return Err(Error::new(
+                ErrorKind::OriginRefused,
+                format!("{locator}: GET of its data: HTTP {probe_status}: {why}"),
+            ));
+        } else if let Some(o) = swift_data(&id, &m, opts, stats.clone(), probe_status).await? {
+            o
         } else {
-            let swift = m.locations.iter().find_map(|l| swift_location(l));
-            match swift {
-                Some((container, object)) => {
-                    tracing::info!(origin = %locator, status = %probe_status, %container, %object,
-                        "Glance cannot serve byte ranges of this image: reading its Swift location directly");
-                    let obj = SwiftUrl { container, object };
-                    Box::new(
-                        SwiftOrigin::open_object(obj, opts, stats)
-                            .await
-                            .map_err(|e| {
-                                e.context_prefix(format!("{locator} (its Swift location)"))
-                            })?,
-                    )
-                }
-                None => {
-                    let shown: Vec<&str> = m
-                        .locations
-                        .iter()
-                        .map(|l| l.split_once("://").map(|(s, _)| s).unwrap_or("?"))
-                        .collect();
-                    return Err(Error::new(
-                        ErrorKind::Unsupported,
-                        format!(
-                            "{locator}: Glance answers HTTP {probe_status} to a ranged GET (its store \
-                             cannot read at an offset) and exposes no location lazybd can read \
-                             ({}); enable show_image_direct_url / show_multiple_locations for a \
-                             Swift store, or move the image to a store with random reads \
-                             (file, cinder)",
-                            if shown.is_empty() {
-                                "none shown".to_string()
-                            } else {
-                                format!("schemes: {}", shown.join(", "))
-                            }
-                        ),
-                    ));
-                }
-            }
+            tracing::warn!(origin = %locator, status = %probe_status,
+                locations = %location_schemes(&m.locations),
+                "Glance cannot serve byte ranges of this image and exposes no location lazybd \
+                 can read: reading it in one sequential pass (reads wait for it to pass them; \
+                 the image is hydrated in that order). For random reads enable \
+                 show_image_direct_url for a Swift store, or use a store with random reads \
+                 (file, cinder)");
+            let file_url = image_url(&endpoint, &id, true);
+            let (t, c, who) = (tokens.clone(), client.clone(), locator.clone());
+            let start: StartPass = Box::new(move || {
+                let (t, c, u, who) = (t.clone(), c.clone(), file_url.clone(), who.clone());
+                Box::pin(async move { get(&t, &c, u, false, &who).await })
+            });
+            let identity = OriginIdentity {
+                locator: locator.clone(),
+                size: m.size,
+                validator: validator.clone(),
+            };
+            let so = StreamOptions {
+                spool_dir: opts.spool_dir.clone().unwrap_or_else(std::env::temp_dir),
+                stall: http::STALL.min(opts.request_timeout),
+                retries: opts.retries.min(STREAM_RETRIES),
+            };
+            Box::new(StreamOrigin::start(
+                identity,
+                m.digest.clone(),
+                start,
+                so,
+                stats,
+            )?)
         };
         if data.identity().size != m.size {
             return Err(Error::new(
@@ -405,6 +467,74 @@ impl GlanceOrigin {
             disk_format: m.disk_format,
         })
     }
+}
+
+/// Largest image metadata document accepted.
+const META_MAX: u64 = 1 << 20;
+/// Sequential passes started again in a row before reads fail.
+const STREAM_RETRIES: u32 = 5;
+
+/// The schemes of `locations`, for messages (never the URLs: they may
+/// hold credentials).
+fn location_schemes(locations: &[String]) -> String {
+    if locations.is_empty() {
+        return "none shown".into();
+    }
+    let schemes: Vec<&str> = locations
+        .iter()
+        .map(|l| l.split_once("://").map(|(s, _)| s).unwrap_or("?"))
+        .collect();
+    schemes.join(", ")
+}
+
+/// The image's data through its Swift location, if it has one lazybd may
+/// read (see [`usable_location`]).
+async fn swift_data(
+    id: &str,
+    m: &Meta,
+    opts: &OriginOptions,
+    stats: Arc<Stats>,
+    probe_status: StatusCode,
+) -> Result<Option<Box<dyn Origin>>> {
+    let locator = format!("glance://{id}");
+    let mut found = None;
+    for l in m.locations.iter().filter_map(|l| swift_location(l)) {
+        match usable_location(id, &l) {
+            Ok(()) => {
+                found = Some(l);
+                break;
+            }
+            Err(why) => {
+                tracing::warn!(origin = %locator, container = %l.container, "a Swift location {why}")
+            }
+        }
+    }
+    let Some(loc) = found else { return Ok(None) };
+    tracing::info!(origin = %locator, status = %probe_status, container = %loc.container,
+        object = %loc.object,
+        "Glance cannot serve byte ranges of this image: reading its Swift location directly");
+    let obj = SwiftUrl {
+        container: loc.container.clone(),
+        object: loc.object.clone(),
+    };
+    let swift = SwiftOrigin::open_object(obj, opts, stats)
+        .await
+        .map_err(|e| e.context_prefix(format!("{locator} (its Swift location)")))?;
+    if let Some(want) = &loc.account {
+        let have = storage_account(swift.storage());
+        if have.as_deref() != Some(want.as_str()) {
+            return Err(Error::new(
+                ErrorKind::OriginRefused,
+                format!(
+                    "{locator}: its Swift location is in account {want:?}, lazybd's Swift \
+                     credentials reach {:?}: not read (another account's object of the same \
+                     name is not this image)",
+                    have.unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    Ok(Some(Box::new(swift)))
 }
 
 impl Origin for GlanceOrigin {
@@ -431,6 +561,10 @@ impl Origin for GlanceOrigin {
     fn disk_format(&self) -> Option<&str> {
         self.disk_format.as_deref()
     }
+
+    fn sequential_only(&self) -> bool {
+        self.data.sequential_only()
+    }
 }
 
 #[cfg(test)]
@@ -443,18 +577,44 @@ mod tests {
         for bad in ["glance://", "glance://a/b", "glance://a?b", "http://x"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+        let loc = |a: Option<&str>, c: &str, o: &str| SwiftLocation {
+            account: a.map(str::to_owned),
+            container: c.into(),
+            object: o.into(),
+        };
         assert_eq!(
             swift_location(
                 "swift+http://test%3Atester:testing@127.0.0.1:8080/auth/v1.0/glance/abc-1"
             ),
-            Some(("glance".into(), "abc-1".into()))
+            Some(loc(None, "glance", "abc-1"))
         );
         assert_eq!(
             swift_location("swift+config://ref1/images/abc"),
-            Some(("images".into(), "abc".into()))
+            Some(loc(None, "images", "abc"))
         );
+        // Multi-tenant: the location names the owner's account.
+        let mt =
+            swift_location("swift+https://swift.example:443/v1/AUTH_p1/glance_abc/abc").unwrap();
+        assert_eq!(mt, loc(Some("AUTH_p1"), "glance_abc", "abc"));
         assert_eq!(swift_location("file:///var/lib/glance/images/abc"), None);
         assert_eq!(swift_location("rbd://fsid/images/abc/snap"), None);
+        // Only the image's own object is read (OSSN-0065: an owner who may
+        // set locations could point it at another image's object).
+        assert!(usable_location("abc", &mt).is_ok());
+        let other = loc(None, "glance", "victim-id");
+        let why = usable_location("abc", &other).unwrap_err();
+        assert!(
+            why.contains("\"victim-id\"") && why.contains("image's id"),
+            "{why}"
+        );
+        assert_eq!(
+            storage_account(&Url::parse("http://h:8080/v1/AUTH_p1/").unwrap()).as_deref(),
+            Some("AUTH_p1")
+        );
+        assert_eq!(
+            image_url(&Url::parse("http://g:9292/v2/").unwrap(), "x", false).as_str(),
+            "http://g:9292/v2/images/x"
+        );
         let e = Url::parse("http://g:9292/image/").unwrap();
         assert_eq!(
             image_url(&e, "x", true).as_str(),

@@ -176,7 +176,7 @@ async fn send(
 /// transfer of a large range takes on a slow link. Block reads only: the
 /// probe at open keeps the whole request timeout (an origin slow to answer
 /// its first request is waited for, as before).
-const STALL: Duration = Duration::from_secs(5);
+pub(super) const STALL: Duration = Duration::from_secs(5);
 
 /// `f`, or a TimedOut error (retryable) if it stays silent for `stall`.
 async fn within<T>(
@@ -457,6 +457,35 @@ async fn refusal_body(mut resp: reqwest::Response) -> String {
         }
     }
     String::from_utf8_lossy(&body).into_owned()
+}
+
+/// A response's whole body, refused once it passes `max` bytes (a hostile
+/// or broken server could otherwise stream until the request times out);
+/// `what` names the request in errors.
+pub(super) async fn body_capped(
+    resp: &mut reqwest::Response,
+    max: u64,
+    what: &str,
+) -> Result<Bytes> {
+    let err =
+        |e: reqwest::Error| Error::with_source(ErrorKind::Origin, what.to_string(), no_url(e));
+    if resp.content_length().is_some_and(|n| n > max) {
+        return Err(Error::new(
+            ErrorKind::Origin,
+            format!("{what}: larger than {max} bytes"),
+        ));
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(err)? {
+        if body.len() as u64 + chunk.len() as u64 > max {
+            return Err(Error::new(
+                ErrorKind::Origin,
+                format!("{what}: larger than {max} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// The HTTP client of an origin whose URLs have scheme `scheme` (and of the
@@ -860,17 +889,9 @@ impl Origin for HttpOrigin {
                     ))
                 }
             }
-            let mut body = BytesMut::new();
-            while let Some(chunk) = resp.chunk().await.map_err(err)? {
-                if body.len() as u64 + chunk.len() as u64 > max {
-                    return Err(Error::new(
-                        ErrorKind::Origin,
-                        format!("GET {shown}: larger than {max} bytes"),
-                    ));
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(Some(body.freeze()))
+            body_capped(&mut resp, max, &format!("GET {shown}"))
+                .await
+                .map(Some)
         })
     }
 

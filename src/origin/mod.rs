@@ -12,7 +12,10 @@
 //! - `swift` `swift://CONTAINER/OBJECT`: the HTTP origin with an
 //!   `X-Auth-Token`, renewed after a 401
 //! - `glance` `glance://IMAGE_ID`: identity from the image's metadata, bytes
-//!   from ranged `/file` or, where the store cannot seek, its Swift location
+//!   from ranged `/file` or, where the store cannot seek, its Swift location,
+//!   or else one sequential pass (`stream`)
+//! - `stream` an origin read only from its start: a spooled sequential
+//!   pass serves each read once it has gone past it
 //! - `openstack` tokens for both, from the environment as python-swiftclient
 //!   reads it (a given token, Swift v1, Keystone v3 with its catalog)
 //! - `file`  a local file (the built-in sample, tests)
@@ -33,6 +36,7 @@ pub mod headers;
 mod http;
 mod openstack;
 mod s3;
+mod stream;
 mod swift;
 
 use std::sync::Arc;
@@ -117,6 +121,13 @@ pub trait Origin: Send + Sync + 'static {
     /// `disk_format`: `raw`, `qcow2`, `iso`, ...).
     fn disk_format(&self) -> Option<&str> {
         None
+    }
+
+    /// Whether the origin can only be read from its start (one sequential
+    /// pass, `stream.rs`): the daemon then hydrates the image at once, in
+    /// the pass's order.
+    fn sequential_only(&self) -> bool {
+        false
     }
 
     /// Re-read what may have changed since the origin was opened (header
@@ -217,6 +228,10 @@ pub struct OriginOptions {
     pub s3: S3Options,
     /// The HTTP proxy of origin requests.
     pub proxy: ProxySetting,
+    /// Where an origin that can only be read from its start spools what
+    /// its pass brought until a read takes it (`stream.rs`); the cache
+    /// directory's `spool/` for a server, the temp directory if `None`.
+    pub spool_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for OriginOptions {
@@ -231,6 +246,7 @@ impl Default for OriginOptions {
             ca_file: None,
             s3: S3Options::default(),
             proxy: ProxySetting::default(),
+            spool_dir: None,
         }
     }
 }

@@ -133,6 +133,8 @@ impl Target for SwiftTarget {
 /// [`SwiftTarget`] addresses and authenticates.
 pub struct SwiftOrigin {
     http: HttpOrigin,
+    /// The account's storage URL when the origin was opened.
+    storage: Url,
 }
 
 impl SwiftOrigin {
@@ -154,9 +156,15 @@ impl SwiftOrigin {
             .await
             .map_err(|e| e.context_prefix(obj.locator()))?;
         tracing::info!(origin = %obj.locator(), storage = %tokens.endpoint(), auth = %tokens.describe(), "Swift origin");
+        let storage = tokens.endpoint();
         let target = SwiftTarget { obj, tokens };
         let http = HttpOrigin::open_target(Arc::new(target), opts, stats).await?;
-        Ok(SwiftOrigin { http })
+        Ok(SwiftOrigin { http, storage })
+    }
+
+    /// The account's storage URL (`…/v1/AUTH_x`).
+    pub fn storage(&self) -> &Url {
+        &self.storage
     }
 }
 
