@@ -13,7 +13,8 @@
 #   3. refused with a clear error: a backing file (named), LUKS encryption
 #   4. a writable export over a compressed template: qemu-io writes read
 #      back (also after a restart); the overlay refuses to reopen over the
-#      same image as raw (a different disk); the template is unchanged
+#      same image as raw (a different disk); the template is unchanged; a
+#      second writable export of it (export add) shares its decoded tables
 #   5. a VM boots (qemu TCG) with its writable root disk on a compressed
 #      qcow2 template
 . "$(dirname "$0")/lib.sh"
@@ -99,9 +100,19 @@ out=$(qemu-io -f raw "$LAZYBD_URI" -c 'write -P 0x5a 4096 65536' -c 'write -P 0x
 image_apply "$T/model.img" "w 4096 65536 0x5a" "w $((20 * MIB)) 12345 0xa5" "z $((30 * MIB)) $MIB"
 assert_export_model "$T/model.img" "$LAZYBD_URI"
 lazybd_stop
-lazybd_start "$ORIGIN_URL/zstd.qcow2" --format qcow2 --writable --name vm1 --cache-dir "$T/cache" --control none
+ctl=$T/control.sock
+lazybd_start "$ORIGIN_URL/zstd.qcow2" --format qcow2 --writable --name vm1 --cache-dir "$T/cache" --control "$ctl"
+assert_export_model "$T/model.img" "$LAZYBD_URI"
+# A second VM's disk on the same template: its own overlay, the image's
+# decoded tables shared (decoded once for both).
+out=$("$LAZYBD" export add vm2 --image "$ORIGIN_URL/zstd.qcow2" --format qcow2 --writable \
+  --overlay-dir "$T/ov-vm2" --control "$ctl" 2>&1) || fail "export add vm2: $out"
+vm2=${LAZYBD_URI%/vm1}/vm2
+assert_same_as_file "$T/zstd.raw" "$vm2"
 assert_export_model "$T/model.img" "$LAZYBD_URI"
 lazybd_stop
+assert_eq 1 "$(grep -c 'qcow2 image decoded as the guest' "$LAZYBD_LOG")" \
+  "two exports of one qcow2 image decode it once"
 lazybd_expect_start_failure 20 "$ORIGIN_URL/zstd.qcow2" --format raw --writable --name vm1 \
   --cache-dir "$T/cache" --control none --listen "127.0.0.1:$(free_port)"
 assert_grep 'made over another image' "$LAZYBD_LOG" "the overlay refuses a base that is a different disk"

@@ -125,6 +125,9 @@ struct Inner {
     /// taking the observer's lock.
     observed: AtomicBool,
     observer: Mutex<Option<Box<dyn ReadObserver>>>,
+    /// State the layers above keep once per image rather than per export
+    /// (a qcow2 image's decoded tables), by type.
+    layers: Mutex<HashMap<std::any::TypeId, LayerCell>>,
 }
 
 /// `n` atomics at zero, from zeroed memory: for a 1 TiB image these are
@@ -203,6 +206,9 @@ impl Drop for Waiting<'_> {
     }
 }
 
+/// One layer's per-image state (see [`ImageCache::shared_layer`]).
+type LayerCell = Arc<tokio::sync::OnceCell<Arc<dyn std::any::Any + Send + Sync>>>;
+
 /// A cached view of one origin image. Cheap to clone.
 #[derive(Clone)]
 pub struct ImageCache {
@@ -254,6 +260,7 @@ impl ImageCache {
                 guest_waiting: AtomicUsize::new(0),
                 observed: AtomicBool::new(false),
                 observer: Mutex::new(None),
+                layers: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -268,6 +275,36 @@ impl ImageCache {
 
     pub(crate) fn origin(&self) -> &Arc<dyn Origin> {
         &self.inner.origin
+    }
+
+    /// The one `T` of this image that the layers above share between its
+    /// exports, made by `init` on first use (concurrent first uses wait
+    /// for one `init`; a failed one is tried again by the next use). The
+    /// cache only keeps it: what `T` is belongs to the layer.
+    pub(crate) async fn shared_layer<T, F, Fut>(&self, init: F) -> Result<Arc<T>>
+    where
+        T: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let cell = self
+            .inner
+            .layers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(std::any::TypeId::of::<T>())
+            .or_default()
+            .clone();
+        let v = cell
+            .get_or_try_init(|| async {
+                init()
+                    .await
+                    .map(|t| Arc::new(t) as Arc<dyn std::any::Any + Send + Sync>)
+            })
+            .await?
+            .clone();
+        Ok(v.downcast::<T>()
+            .unwrap_or_else(|_| unreachable!("layer state is keyed by its own type")))
     }
 
     /// The image's directory in the cache.

@@ -62,6 +62,7 @@ async fn base(spec: &ExportSpec, cache: &ImageCache) -> Result<(Arc<dyn BlockDev
         &origin.identity().locator,
         disk_format,
         head,
+        Some(cache),
     )
     .await
 }

@@ -43,6 +43,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cache::ImageCache;
 use crate::device::BlockDevice;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -105,14 +106,16 @@ pub(crate) fn needs_head(f: Option<Format>, disk_format: Option<&str>) -> bool {
 /// The guest's view of the image `image` (whose device serves the image
 /// file's bytes) named `name`, in format `f` (`None`: not given, see the
 /// module's rule), the origin's metadata naming `disk_format`, `head` the
-/// image's first bytes when [`needs_head`]. Returns the device and the
-/// format decided.
+/// image's first bytes when [`needs_head`], `shared` the image's cache
+/// when state decoded once may be shared by its exports. Returns the device
+/// and the format decided.
 pub(crate) async fn open(
     f: Option<Format>,
     image: Arc<dyn BlockDevice>,
     name: &str,
     disk_format: Option<&str>,
     head: Option<bytes::Bytes>,
+    shared: Option<&ImageCache>,
 ) -> Result<(Arc<dyn BlockDevice>, Format)> {
     if let (Some(given @ (Format::Raw | Format::Qcow2)), Some(d)) = (f, disk_format) {
         if from_disk_format(d) != Some(given) {
@@ -152,7 +155,16 @@ pub(crate) async fn open(
         }
     };
     let dev = match decided {
-        Format::Qcow2 => qcow2::open(image, name).await?,
+        Format::Qcow2 => match shared {
+            // One decoding per image, shared by its exports.
+            Some(cache) => {
+                let d = cache
+                    .shared_layer(|| qcow2::Decoded::open(&image, name))
+                    .await?;
+                qcow2::over(image, d)
+            }
+            None => qcow2::open(image, name).await?,
+        },
         _ => raw::open(image),
     };
     Ok((dev, decided))
@@ -185,11 +197,20 @@ mod tests {
         let raw: Arc<dyn BlockDevice> = Arc::new(Mem(Bytes::from_static(b"\xeb\x63\x90 boot")));
         run(async {
             // Nothing given: raw bytes are raw; qcow2 bytes are refused.
-            let (_, f) = open(None, raw.clone(), "a.img", None, head(&raw))
+            let (_, f) = open(None, raw.clone(), "a.img", None, head(&raw), None)
                 .await
                 .unwrap();
             assert_eq!(f, Format::Raw);
-            let e = match open(None, qcow2_magic.clone(), "b.img", None, head(&qcow2_magic)).await {
+            let e = match open(
+                None,
+                qcow2_magic.clone(),
+                "b.img",
+                None,
+                head(&qcow2_magic),
+                None,
+            )
+            .await
+            {
                 Err(e) => e,
                 Ok(_) => panic!("a qcow2 image was served without a format"),
             };
@@ -206,12 +227,13 @@ mod tests {
                 "b.img",
                 None,
                 head(&qcow2_magic),
+                None,
             )
             .await
             .unwrap();
             assert_eq!((f, dev.size()), (Format::Raw, 8));
             assert_eq!(
-                open(Some(Format::Auto), raw.clone(), "a", None, head(&raw))
+                open(Some(Format::Auto), raw.clone(), "a", None, head(&raw), None)
                     .await
                     .unwrap()
                     .1,
@@ -224,6 +246,7 @@ mod tests {
                 "b.img",
                 None,
                 head(&qcow2_magic),
+                None,
             )
             .await
             {
@@ -231,13 +254,22 @@ mod tests {
                 Ok(_) => panic!("a truncated qcow2 header decoded"),
             };
             assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
-            let e = match open(Some(Format::Qcow2), raw.clone(), "a.img", None, head(&raw)).await {
+            let e = match open(
+                Some(Format::Qcow2),
+                raw.clone(),
+                "a.img",
+                None,
+                head(&raw),
+                None,
+            )
+            .await
+            {
                 Err(e) => e,
                 Ok(_) => panic!("a raw image decoded as qcow2"),
             };
             assert!(e.to_string().contains("not a qcow2 image"), "{e}");
             // An image service's disk_format decides when no format is given.
-            let (_, f) = open(None, raw.clone(), "g", Some("iso"), head(&raw))
+            let (_, f) = open(None, raw.clone(), "g", Some("iso"), head(&raw), None)
                 .await
                 .unwrap();
             assert_eq!(f, Format::Raw);
@@ -248,11 +280,12 @@ mod tests {
                 "g",
                 Some("raw"),
                 head(&qcow2_magic),
+                None,
             )
             .await
             .unwrap();
             assert_eq!(f, Format::Raw);
-            let e = match open(None, raw.clone(), "g", Some("vmdk"), head(&raw)).await {
+            let e = match open(None, raw.clone(), "g", Some("vmdk"), head(&raw), None).await {
                 Err(e) => e,
                 Ok(_) => panic!("a vmdk image served"),
             };
@@ -264,6 +297,7 @@ mod tests {
                 "g",
                 Some("vmdk"),
                 head(&raw),
+                None,
             )
             .await
             .unwrap();

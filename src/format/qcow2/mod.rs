@@ -47,10 +47,10 @@ use crate::block::{merge_adjacent, ByteRange};
 use crate::device::{BlockDevice, BoxFuture, Extent, ReadData};
 use crate::error::{Error, ErrorKind, Result};
 
-/// Bytes of L2 tables kept in memory per export: 32 MiB maps 256 GiB of
+/// Bytes of L2 tables kept in memory per image (shared by its exports): 32 MiB maps 256 GiB of
 /// guest disk with 64 KiB clusters (qemu's own default bound).
 const L2_CACHE: u64 = 32 << 20;
-/// Bytes of decompressed clusters kept per export.
+/// Bytes of decompressed clusters kept per image.
 const CLUSTER_CACHE: u64 = 4 << 20;
 /// Compressed clusters this close in the file are fetched with one read.
 const GROUP_GAP: u64 = 4096;
@@ -71,46 +71,37 @@ const READ_BATCH: usize = 64;
 const INLINE_CLUSTERS: usize = 2;
 
 /// The guest disk stored in the qcow2 image `image` (whose bytes are the
-/// image file) named `name` in errors and logs.
+/// image file) named `name` in errors and logs, decoded for this device
+/// alone.
 pub async fn open(image: Arc<dyn BlockDevice>, name: &str) -> Result<Arc<dyn BlockDevice>> {
-    let q = Arc::new(Inner::open(image, name).await?);
-    // The first few L2 tables now, together: block status is then exact
-    // from the start for images up to EAGER_TABLES tables (8 GiB of guest
-    // disk at 64 KiB clusters; a boot reads them anyway); the rest as reads
-    // need them.
-    let first: Vec<u64> = (0..q.l1.len() as u64)
-        .filter(|&i| matches!(q.table_now(i), Ok(None)))
-        .take(EAGER_TABLES)
-        .collect();
-    let inner: &Inner = &q;
-    let loads: Vec<BoxFuture<'_, Result<()>>> = first
-        .iter()
-        .map(|&i| Box::pin(async move { inner.table(i).await.map(|_| ()) }) as BoxFuture<'_, _>)
-        .collect();
-    for r in join_batched(loads).await {
-        r?;
-    }
-    tracing::info!(
-        image = %name,
-        version = q.h.version,
-        virtual_size = q.h.size,
-        cluster = q.h.cluster_size(),
-        compression = ?q.h.compression,
-        extended_l2 = q.h.extended_l2,
-        "qcow2 image decoded as the guest's disk"
-    );
-    if q.h.dirty {
-        tracing::info!(image = %name, "qcow2 image is marked dirty (refcounts stale): reads do not use them");
-    }
-    Ok(Arc::new(Qcow2 { q }))
+    let d = Arc::new(Decoded::open(&image, name).await?);
+    Ok(over(image, d))
+}
+
+/// The guest disk of `image` with the tables `d` decoded already (shared by
+/// every export of one image: see [`Decoded::open`]).
+pub fn over(image: Arc<dyn BlockDevice>, d: Arc<Decoded>) -> Arc<dyn BlockDevice> {
+    Arc::new(Qcow2 {
+        q: Arc::new(Inner { image, d }),
+    })
 }
 
 struct Qcow2 {
     q: Arc<Inner>,
 }
 
+/// One export's view: its own image device (its readahead) over the
+/// image's shared decoded state.
 struct Inner {
     image: Arc<dyn BlockDevice>,
+    d: Arc<Decoded>,
+}
+
+/// What lazybd knows of one qcow2 image's layout: header, L1 table, the
+/// L2 tables and decompressed clusters read so far. One per image, shared
+/// by its exports (tables are the same for all, and 50 VMs of one template
+/// should not hold 50 copies).
+pub struct Decoded {
     h: Header,
     file_size: u64,
     name: String,
@@ -167,8 +158,13 @@ struct Planned {
     piece: Piece,
 }
 
-impl Inner {
-    async fn open(image: Arc<dyn BlockDevice>, name: &str) -> Result<Inner> {
+impl Decoded {
+    /// Read and check the header and the L1 table of `image`, and the
+    /// first [`EAGER_TABLES`] L2 tables: block status is then exact from
+    /// the start for images up to that many tables (8 GiB of guest disk at
+    /// 64 KiB clusters; a boot reads them anyway); the rest as reads need
+    /// them.
+    pub async fn open(image: &Arc<dyn BlockDevice>, name: &str) -> Result<Decoded> {
         let file_size = image.size();
         let named = |e: Error| e.context_prefix(format_args!("{name}: qcow2"));
         // The first block is what the cache fetches anyway: enough for the
@@ -188,32 +184,65 @@ impl Inner {
                 .map_err(named)?;
             be_words(&raw.data)
         };
-        Ok(Inner {
-            image,
+        let d = Arc::new(Decoded {
             h,
             file_size,
             name: name.to_string(),
             l1,
             l2: Mutex::new(Tables::default()),
             clusters: Mutex::new(VecDeque::new()),
-        })
+        });
+        let q = Inner {
+            image: image.clone(),
+            d: d.clone(),
+        };
+        let first: Vec<u64> = (0..d.l1.len() as u64)
+            .filter(|&i| matches!(q.table_now(i), Ok(None)))
+            .take(EAGER_TABLES)
+            .collect();
+        let inner = &q;
+        let loads: Vec<BoxFuture<'_, Result<()>>> = first
+            .iter()
+            .map(|&i| Box::pin(async move { inner.table(i).await.map(|_| ()) }) as BoxFuture<'_, _>)
+            .collect();
+        for r in join_batched(loads).await {
+            r?;
+        }
+        drop(q);
+        tracing::info!(
+            image = %name,
+            version = d.h.version,
+            virtual_size = d.h.size,
+            cluster = d.h.cluster_size(),
+            compression = ?d.h.compression,
+            extended_l2 = d.h.extended_l2,
+            "qcow2 image decoded as the guest's disk"
+        );
+        if d.h.dirty {
+            tracing::info!(image = %name, "qcow2 image is marked dirty (refcounts stale): reads do not use them");
+        }
+        Ok(Arc::into_inner(d).expect("the loads above are done"))
     }
+}
 
+impl Inner {
     fn err(&self, e: Error) -> Error {
-        e.context_prefix(format_args!("{}: qcow2", self.name))
+        e.context_prefix(format_args!("{}: qcow2", self.d.name))
     }
 
     /// The L2 table of L1 index `i` if known in memory: `Some(None)` for an
     /// unallocated table, `None` if it has to be read.
     fn table_now(&self, i: u64) -> Result<Option<Option<Arc<[u64]>>>> {
         if self
+            .d
             .h
-            .l2_table(self.l1[i as usize], self.file_size)?
+            .l2_table(self.d.l1[i as usize], self.d.file_size)?
             .is_none()
         {
             return Ok(Some(None));
         }
         Ok(self
+            .d
             .l2
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -228,20 +257,21 @@ impl Inner {
             return Ok(t);
         }
         let off = self
+            .d
             .h
-            .l2_table(self.l1[i as usize], self.file_size)
+            .l2_table(self.d.l1[i as usize], self.d.file_size)
             .map_err(|e| self.err(e))?
             .expect("table_now answered for unallocated tables");
         let raw = self
             .image
-            .read(ByteRange::new(off, self.h.cluster_size())?)
+            .read(ByteRange::new(off, self.d.h.cluster_size())?)
             .await
             .map_err(|e| self.err(e.context_prefix(format_args!("L2 table at {off:#x}"))))?;
         let t: Arc<[u64]> = be_words(&raw.data).into();
-        let mut tables = self.l2.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tables = self.d.l2.lock().unwrap_or_else(|p| p.into_inner());
         if tables.by_index.insert(i, t.clone()).is_none() {
             tables.order.push_back(i);
-            let max = (L2_CACHE / self.h.cluster_size()).max(1) as usize;
+            let max = (L2_CACHE / self.d.h.cluster_size()).max(1) as usize;
             while tables.by_index.len() > max {
                 let Some(old) = tables.order.pop_front() else {
                     break;
@@ -255,8 +285,8 @@ impl Inner {
     /// The L1 indices a guest range spans.
     fn table_indices(&self, r: ByteRange) -> std::ops::RangeInclusive<u64> {
         debug_assert!(!r.is_empty(), "callers return early on empty ranges");
-        let first = self.h.indices(r.offset).0;
-        let last = self.h.indices(r.end() - 1).0;
+        let first = self.d.h.indices(r.offset).0;
+        let last = self.d.h.indices(r.end() - 1).0;
         first..=last
     }
 
@@ -264,7 +294,7 @@ impl Inner {
     /// of the L1 indices it spans (`tables[k]` for the `k`-th), as pieces
     /// in guest order with adjacent holes and adjacent host ranges merged.
     fn plan(&self, r: ByteRange, tables: &[Option<Arc<[u64]>>]) -> Result<Vec<Planned>> {
-        let h = &self.h;
+        let h = &self.d.h;
         let cluster = h.cluster_size();
         let unit_bits = h.unit_bits();
         let first_table = self.table_indices(r).start().to_owned();
@@ -283,7 +313,7 @@ impl Inner {
                     } else {
                         (t[l2i as usize], 0)
                     };
-                    h.map(e, bitmap, unit, self.file_size).map_err(|e| {
+                    h.map(e, bitmap, unit, self.d.file_size).map_err(|e| {
                         self.err(e.context_prefix(format_args!("guest offset {off:#x}")))
                     })?
                 }
@@ -334,7 +364,7 @@ impl Inner {
     /// file reading as zeroes (as qemu reads it), with the zero ranges the
     /// image knows of, relative to `host`.
     async fn host_read(&self, host: u64, len: u64) -> Result<HostBytes> {
-        let inside = self.file_size.saturating_sub(host).min(len);
+        let inside = self.d.file_size.saturating_sub(host).min(len);
         let (mut data, mut zero) = if inside == 0 {
             (Bytes::new(), Vec::new())
         } else {
@@ -357,14 +387,14 @@ impl Inner {
     }
 
     fn cached_cluster(&self, host: u64) -> Option<Bytes> {
-        let c = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        let c = self.d.clusters.lock().unwrap_or_else(|p| p.into_inner());
         c.iter().find(|(h, _)| *h == host).map(|(_, b)| b.clone())
     }
 
     fn keep_cluster(&self, host: u64, data: Bytes) {
         let max =
-            ((CLUSTER_CACHE / self.h.cluster_size()).max(2) as usize).min(CLUSTER_CACHE_ENTRIES);
-        let mut c = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+            ((CLUSTER_CACHE / self.d.h.cluster_size()).max(2) as usize).min(CLUSTER_CACHE_ENTRIES);
+        let mut c = self.d.clusters.lock().unwrap_or_else(|p| p.into_inner());
         if c.iter().any(|(h, _)| *h == host) {
             return;
         }
@@ -382,7 +412,7 @@ impl Inner {
         group: Bytes,
         want: Vec<(u64, u64)>,
     ) -> Result<Clusters> {
-        let (c, cluster) = (self.h.compression, self.h.cluster_size() as usize);
+        let (c, cluster) = (self.d.h.compression, self.d.h.cluster_size() as usize);
         let inline = want.len() <= INLINE_CLUSTERS;
         let work = move || -> Result<Clusters> {
             want.iter()
@@ -534,7 +564,7 @@ impl Inner {
         };
         let local = |host: u64, len: u64| -> Option<Result<ReadData>> {
             // Past the end of the file needs the slow path's zero fill.
-            if host.checked_add(len)? > self.file_size {
+            if host.checked_add(len)? > self.d.file_size {
                 return None;
             }
             let d = self.image.read_now(ByteRange { offset: host, len })?;
@@ -594,7 +624,7 @@ impl Inner {
             Some(e) if e.zero == zero => e.len += len,
             _ => out.push(Extent { len, zero }),
         };
-        let per_table = self.h.l2_entries() * self.h.cluster_size();
+        let per_table = self.d.h.l2_entries() * self.d.h.cluster_size();
         for i in self.table_indices(r) {
             let span = ByteRange {
                 offset: i * per_table,
@@ -646,7 +676,7 @@ impl Inner {
                 Piece::Host { host } => (host, p.len),
                 Piece::Compressed { host, clen, .. } => (host, clen),
             };
-            let len = self.file_size.saturating_sub(host).min(len);
+            let len = self.d.file_size.saturating_sub(host).min(len);
             if len > 0 {
                 self.image.prefetch(ByteRange { offset: host, len });
             }
@@ -656,7 +686,7 @@ impl Inner {
 
 impl BlockDevice for Qcow2 {
     fn size(&self) -> u64 {
-        self.q.h.size
+        self.q.d.h.size
     }
 
     fn read(&self, r: ByteRange) -> BoxFuture<'_, Result<ReadData>> {
