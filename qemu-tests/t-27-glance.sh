@@ -6,7 +6,8 @@
 #      (qemu-img compare with `qemu-img convert -O raw`); the identity is
 #      the metadata (os_hash_value), logged
 #   2. --hydrate: when complete, the cached image is checked against
-#      os_hash_value ("matches the digest"); `lazybd copy glance://ID` too
+#      os_hash_value ("matches the digest"), once (a restart remembers it);
+#      `lazybd copy glance://ID` too
 #   3. the bytes changed behind Glance's back (the file store's file
 #      rewritten, same size): copy fails as an origin change and the
 #      hydration check reports it
@@ -51,6 +52,12 @@ lazybd_start "glance://$raw_id" --cache-dir "$T/cache-h" --control none --hydrat
 for _ in $(seq 300); do grep -q 'matches the digest\|does not match' "$LAZYBD_LOG" && break; sleep 0.1; done
 lazybd_stop
 assert_grep 'the fully cached image matches the digest its origin publishes' "$LAZYBD_LOG" "hydration checked os_hash_value"
+# A restart over the checked, complete cache does not hash it again.
+lazybd_start "glance://$raw_id" --cache-dir "$T/cache-h" --control none --hydrate
+for _ in $(seq 300); do grep -q 'not hashed again\|matches the digest' "$LAZYBD_LOG" && break; sleep 0.1; done
+lazybd_stop
+assert_grep 'checked against its published digest before: not hashed again' "$LAZYBD_LOG" \
+  "the digest check is remembered"
 out=$("$LAZYBD" copy --no-progress "glance://$q_id" "$T/copy.qcow2" 2>&1) || fail "copy: $out"
 cmp "$T/disk.qcow2" "$T/copy.qcow2" || fail "copy of the qcow2 image differs"
 [[ $out == *"the copy matches the digest its origin publishes"* ]] || fail "copy did not check the digest: $out"

@@ -28,7 +28,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::block::{BlockIndex, ByteRange};
 use crate::cache::ImageCache;
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::origin::ContentDigest;
 use crate::stats::Work;
 use crate::util::human_bytes;
@@ -37,6 +37,9 @@ use crate::util::human_bytes;
 const JOBS: usize = 4;
 /// Status file in the image's cache directory.
 const STATUS_FILE: &str = "hydrate.json";
+/// Records that the fully cached image matched its published digest
+/// (algorithm and hex), so a restart does not hash it again.
+const VERIFIED_FILE: &str = "digest-verified";
 
 /// What `cache info` and metrics show.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -122,6 +125,13 @@ pub(crate) async fn run(
     live.total_blocks.store(blocks, Ordering::Relaxed);
     tracing::info!(%image, rate = rate.map(human_bytes).unwrap_or_else(|| "unlimited".into()),
         "hydration started");
+    // A check made earlier still holds only for an image cached whole
+    // before this run began: anything fetched now is checked anew.
+    let complete_at_start = next_missing(&cache, 0, blocks, 1).is_none();
+    let verified_file = cache.dir().join(VERIFIED_FILE);
+    if !complete_at_start {
+        let _ = std::fs::remove_file(&verified_file);
+    }
     let mut jobs: JoinSet<Result<u64>> = JoinSet::new();
     let mut cursor = 0u64;
     let mut wrapped = false;
@@ -226,7 +236,17 @@ pub(crate) async fn run(
     if p.complete {
         tracing::info!(%image, elapsed_s = started.elapsed().as_secs(), "hydration complete: the image is fully cached");
         if let Some(d) = cache.origin().content_digest().cloned() {
-            verify(&cache, &d, &image, stop.clone()).await?;
+            let mark = format!("{} {}\n", d.algo, d.hex);
+            let checked = complete_at_start
+                && std::fs::read_to_string(&verified_file).is_ok_and(|m| m == mark);
+            if checked {
+                tracing::info!(%image, algo = %d.algo,
+                    "the cached image was checked against its published digest before: not hashed again");
+            } else if verify(&cache, &d, &image, stop.clone()).await? {
+                if let Err(e) = crate::util::write_atomic(&verified_file, mark.as_bytes()) {
+                    tracing::warn!(%image, error = %e, "cannot record the digest check: it is made again at the next start");
+                }
+            }
         }
     } else {
         log_progress(&image, &p, bs.bytes());
@@ -235,14 +255,15 @@ pub(crate) async fn run(
 }
 
 /// Read the whole (fully cached) image and check it against the digest its
-/// origin publishes. A mismatch is reported as the origin having changed:
-/// the bytes are not the image that was published.
+/// origin publishes: `Ok(true)` when it matches, `Ok(false)` when stopped
+/// first. A mismatch is reported as the origin having changed: the bytes
+/// are not the image that was published.
 async fn verify(
     cache: &ImageCache,
     d: &ContentDigest,
     image: &str,
     stop: watch::Receiver<bool>,
-) -> Result<()> {
+) -> Result<bool> {
     const CHUNK: u64 = 4 << 20;
     let mut h = d.hasher()?;
     let size = cache.image_size();
@@ -250,20 +271,27 @@ async fn verify(
     while off < size {
         if *stop.borrow() {
             tracing::info!(%image, "stopping: the digest check of the cached image is left for the next start");
-            return Ok(());
+            return Ok(false);
         }
         let r = ByteRange {
             offset: off,
             len: CHUNK.min(size - off),
         };
         // Unobserved: lazybd's own read, not a guest's (boot profiles).
-        h.update(&cache.read_unobserved(r).await?.data);
+        let data = cache.read_unobserved(r).await?.data;
+        // Hashing 4 MiB takes milliseconds: not on a runtime worker.
+        h = tokio::task::spawn_blocking(move || {
+            h.update(&data);
+            h
+        })
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Io, "digest task", e))?;
         off = r.end();
     }
     match d.check(&h.finish_hex(), image) {
         Ok(()) => {
             tracing::info!(%image, algo = %d.algo, "the fully cached image matches the digest its origin publishes");
-            Ok(())
+            Ok(true)
         }
         Err(e) => {
             tracing::error!(%image, error = %e, "the cached image does not match its published digest");
