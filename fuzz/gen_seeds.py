@@ -187,7 +187,29 @@ def overlay_journal_seeds() -> None:
     write(t, "journal-missing", b"\x0a\x00" + page)
 
 
+def manifest(block_size: int, data: bytes, validator: bytes, locator: bytes, version=1) -> bytes:
+    """A manifest file (src/manifest.rs) of `data` at `block_size`."""
+    import hashlib
+    out = b"LZBDMNF\0" + struct.pack("<I", version) + bytes([1, 0, 0, 0])
+    out += struct.pack("<IQ", block_size, len(data))
+    for s in (validator, locator):
+        out += struct.pack("<I", len(s)) + s
+    for i in range(0, len(data), block_size):
+        out += hashlib.sha256(data[i:i + block_size]).digest()
+    return out + hashlib.sha256(out).digest()
+
+
+def manifest_seeds() -> None:
+    t = "manifest"
+    data = bytes(range(256)) * 40
+    write(t, "three-blocks-and-a-tail", manifest(4096, data, b'"5f2c-28000"', b"http://h/base.raw"))
+    write(t, "no-validator", manifest(4096, data[:4096], b"", b"file:///srv/a.raw"))
+    write(t, "empty-image", manifest(65536, b"", b"etag", b"s3://b/k"))
+    write(t, "newer-version", manifest(4096, data[:100], b"v", b"x", version=2))
+
+
 if __name__ == "__main__":
+    manifest_seeds()
     wire_decode()
     handshake()
     map_header_seeds()

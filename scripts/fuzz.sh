@@ -24,7 +24,7 @@ cd "$repo/fuzz"
 secs=${FUZZ_SECONDS:-20}
 sanitizer=${FUZZ_SANITIZER:-address}
 export CARGO_BUILD_JOBS=${FUZZ_JOBS:-${CARGO_BUILD_JOBS:-1}}
-all_targets=(wire_decode handshake map_header profile_decode overlay_journal qcow2)
+all_targets=(wire_decode handshake map_header profile_decode overlay_journal qcow2 manifest)
 if (($#)); then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
 # Per-target libFuzzer options: inputs larger than the default 4096 bytes are

@@ -134,6 +134,8 @@ pub struct OriginSection {
     /// HTTP proxy URL, or "none" (default: the *_PROXY environment).
     pub proxy: Option<String>,
     pub ca_file: Option<PathBuf>,
+    /// "auto" (one published beside the image), "none", or a manifest file.
+    pub manifest: Option<String>,
 }
 
 /// `s3://` origins. Keys here win over the AWS environment (see

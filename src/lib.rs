@@ -29,9 +29,13 @@
 //! - [`cache`]    the verified cache of an origin: single-flight fetches, eviction,
 //!   a read observer and background fetches for prefetch; `dir`, `verify`
 //! - [`store`]    the cache's block store: data file + sparse `map` (state + CRCs)
+//! - [`manifest`] per-block SHA-256 of an image (the trust root): the file format
+//!   (fuzzed), `build`, and `Verified`, the origin wrapper under the cache that
+//!   checks every block against it
 //! - [`origin`]   where bytes live: `http` (ranged GETs), `s3` (presigned GETs through
 //!   `http`; credentials from `aws`), `swift` and `glance` (tokens from `openstack`),
-//!   `file`; `headers` (extra headers, reloadable), `digest` (published digests)
+//!   `file`; `stream` (origins read only from their start); `headers` (extra headers,
+//!   reloadable), `digest` (published digests)
 //! - [`copy`]     `lazybd copy`: a whole image from HTTP/file/NBD to a file or NBD
 //! - [`daemon`]   `serve` as a library call: `state` (images, exports), `run` (start,
 //!   shutdown), `maintenance` (evictor, sync, retries), `control` (the control
@@ -66,6 +70,7 @@ pub mod device;
 pub mod error;
 pub mod export;
 pub mod format;
+pub mod manifest;
 pub mod nbd;
 pub mod origin;
 pub mod overlay;

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         Cmd::Overlay(c) => cli::overlay::run(c),
         Cmd::Profile(c) => cli::profile::run(c),
         Cmd::Copy(a) => cli::copy::run(a),
+        Cmd::Manifest(c) => cli::manifest::run(c),
         Cmd::Reload { control } => cli::export::reload(control),
     };
     match r {

@@ -96,6 +96,9 @@ pub struct Stats {
     pub punch_failures: AtomicU64,
     /// Slow origin requests that were sent a second time (hedged).
     pub origin_hedges: AtomicU64,
+    /// Answers with a block that did not match the image's manifest (not
+    /// served, not cached).
+    pub manifest_failures: AtomicU64,
     /// Bytes brought in ahead of the guest by sequential readahead.
     pub readahead_bytes: AtomicU64,
     /// Bytes brought in ahead of the guest by boot profile replay.
@@ -142,7 +145,8 @@ impl fmt::Display for Stats {
             f,
             "reads={} bytes_served={} hits={} misses={} origin_requests={} origin_bytes={} \
              origin_errors={} crc_failures={} store_failures={} zero_blocks={} evictions={} \
-             punch_failures={} readahead_bytes={} profile_bytes={} hydrate_bytes={} origin_hedges={}",
+             punch_failures={} readahead_bytes={} profile_bytes={} hydrate_bytes={} origin_hedges={} \
+             manifest_failures={}",
             g(&self.reads),
             g(&self.bytes_served),
             g(&self.hits),
@@ -159,6 +163,7 @@ impl fmt::Display for Stats {
             g(&self.profile_bytes),
             g(&self.hydrate_bytes),
             g(&self.origin_hedges),
+            g(&self.manifest_failures),
         )
     }
 }

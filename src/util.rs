@@ -60,7 +60,7 @@ pub(crate) fn jitter(bound: u64) -> u64 {
 
 /// Replace `path` with `bytes` so that readers (and a crash) see the old
 /// file or the new one, never a mix: temp file, fsync, rename.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::error::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);

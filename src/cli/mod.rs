@@ -22,6 +22,7 @@ use clap::{Args, Parser, Subcommand};
 pub mod cache;
 pub mod copy;
 pub mod export;
+pub mod manifest;
 pub mod overlay;
 pub mod profile;
 pub mod serve;
@@ -95,6 +96,10 @@ pub enum Cmd {
     /// in parallel, verified.
     #[command(after_help = COPY_EXAMPLES)]
     Copy(CopyArgs),
+    /// Build or show an image's manifest: the SHA-256 of every block, which
+    /// servers check each block from the origin (or a peer) against.
+    #[command(subcommand, after_help = MANIFEST_EXAMPLES)]
+    Manifest(ManifestCmd),
     /// Show, export, import boot profiles; stop a recording.
     #[command(subcommand, after_help = PROFILE_EXAMPLES)]
     Profile(ProfileCmd),
@@ -158,6 +163,60 @@ pub struct CopyArgs {
     #[arg(long = "header-file", value_name = "FILE")]
     pub header_files: Vec<PathBuf>,
     /// PEM file of extra CA certificates for an https:// source.
+    #[arg(long, value_name = "PEM")]
+    pub origin_ca: Option<PathBuf>,
+    /// No progress bar even on a terminal (log lines instead).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+const MANIFEST_EXAMPLES: &str = "\
+A manifest pins an image: its size and validator (ETag) and the SHA-256 of
+each block. A server finds it published beside the image (IMAGE.lazybd-manifest)
+or is given it (serve --manifest PATH), refuses it if the image has changed
+since, and never serves a block that does not match it.
+
+Examples:
+  # Build it from the origin and publish it beside the image
+  lazybd manifest build https://images.example/base.raw          # writes base.raw.lazybd-manifest
+  (upload base.raw.lazybd-manifest next to base.raw on the origin)
+  lazybd manifest build s3://images/debian-12.raw -o /srv/manifests/debian-12.lazybd-manifest
+  lazybd manifest show base.raw.lazybd-manifest";
+
+#[derive(Subcommand)]
+pub enum ManifestCmd {
+    /// Read the whole image from its origin and write its manifest.
+    Build(ManifestBuildArgs),
+    /// Print what a manifest file pins (image, size, validator, blocks).
+    Show {
+        /// The manifest file.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct ManifestBuildArgs {
+    /// The image: URL (http(s), s3, swift, glance) or path, as served.
+    pub origin: String,
+    /// Where to write it [default: the image's file name + .lazybd-manifest,
+    /// in the current directory].
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Bytes per digest: a power of two from 4K to 16M. Servers fetch whole
+    /// manifest blocks, so keep it at their cache block size.
+    #[arg(long, default_value = "64K", value_name = "SIZE")]
+    pub block_size: String,
+    /// Requests in flight.
+    #[arg(long, short = 'j', default_value_t = 8)]
+    pub jobs: usize,
+    /// Extra HTTP header for the origin, 'Name: value'. Repeatable.
+    #[arg(long = "header", short = 'H', value_name = "HEADER")]
+    pub headers: Vec<String>,
+    /// File of 'Name: value' lines (as `serve --header-file`);
+    /// LAZYBD_HEADERS in the environment is read too.
+    #[arg(long = "header-file", value_name = "FILE")]
+    pub header_files: Vec<PathBuf>,
+    /// PEM file of extra CA certificates for an https:// origin.
     #[arg(long, value_name = "PEM")]
     pub origin_ca: Option<PathBuf>,
     /// No progress bar even on a terminal (log lines instead).
@@ -382,6 +441,14 @@ pub struct ServeArgs {
     /// NO_PROXY honoured].
     #[arg(long, value_name = "URL|none")]
     pub origin_proxy: Option<lazybd::origin::ProxySetting>,
+    /// Check every block from the origin against a manifest (`lazybd
+    /// manifest build`): 'auto' uses IMAGE.lazybd-manifest when the origin
+    /// publishes one beside the image, 'none' checks none, a PATH is used
+    /// for the image it was built from. A manifest that is damaged or was
+    /// built from another version of the image is refused; a block that
+    /// does not match is never served [default: [origin] manifest, else auto].
+    #[arg(long, value_name = "auto|none|PATH")]
+    pub manifest: Option<lazybd::manifest::ManifestSetting>,
     /// S3 endpoint of s3:// origins, e.g. http://127.0.0.1:8333 (buckets
     /// path-style there) [default: [s3] endpoint, AWS_ENDPOINT_URL_S3,
     /// AWS_ENDPOINT_URL, the profile's endpoint_url, else AWS's].

@@ -370,6 +370,15 @@ pub fn resolve(
         spool_dir: Some(cache_dir.join("spool")),
     };
 
+    let manifest = pick(
+        a.manifest.clone().map(Ok),
+        origin.manifest.as_deref().map(|m| {
+            m.parse()
+                .map_err(|e| anyhow!("{}: {e}", in_file(cfg, "origin.manifest")))
+        }),
+        || Ok(lazybd::manifest::ManifestSetting::Auto),
+    )?;
+
     let ld = Limits::default();
     let max_buffered = parse_text(
         ("--max-buffered", a.max_buffered.as_deref()),
@@ -437,6 +446,7 @@ pub fn resolve(
         listen,
         block_size,
         origin_options,
+        manifest,
         limits,
         exports,
         control,

@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering::Relaxed;
 type Field = fn(&Stats) -> u64;
 
 /// (name, help, value) of each per-image counter.
-const IMAGE_COUNTERS: [(&str, &str, Field); 16] = [
+const IMAGE_COUNTERS: [(&str, &str, Field); 17] = [
     ("lazybd_read_requests", "NBD READ requests answered", |s| {
         Stats::get(&s.reads)
     }),
@@ -59,6 +59,11 @@ const IMAGE_COUNTERS: [(&str, &str, Field); 16] = [
         "lazybd_origin_hedges",
         "Slow origin requests sent a second time (hedged)",
         |s| Stats::get(&s.origin_hedges),
+    ),
+    (
+        "lazybd_manifest_failures",
+        "Origin answers with a block that did not match the manifest (not served)",
+        |s| Stats::get(&s.manifest_failures),
     ),
     (
         "lazybd_crc_failures",

@@ -25,6 +25,8 @@ pub struct ServeConfig {
     /// None: keep each cache's block size, or the default for a new cache.
     pub block_size: Option<BlockSize>,
     pub origin_options: OriginOptions,
+    /// Which manifest each image's blocks are checked against.
+    pub manifest: crate::manifest::ManifestSetting,
     pub limits: Limits,
     pub exports: Vec<ExportConfig>,
     /// Control socket for `lazybd export ...`; None: no runtime management.
@@ -98,6 +100,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
         CacheDir::new(&cfg.cache_dir)?,
         cfg.block_size,
         cfg.origin_options.clone(),
+        cfg.manifest.clone(),
         cfg.boot.clone(),
         cfg.cache_size,
         rx.clone(),

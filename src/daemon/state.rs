@@ -19,6 +19,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::export::stack::{self, ExportSpec};
 use crate::export::Exports;
 use crate::format::Format;
+use crate::manifest::{self, ManifestSetting};
 use crate::origin::{self, OriginOptions};
 use crate::prefetch::{hydrate, profile};
 use crate::stats::Stats;
@@ -137,6 +138,7 @@ pub struct Daemon {
     cache_dir: CacheDir,
     block_size: Option<BlockSize>,
     origin_options: OriginOptions,
+    manifest: ManifestSetting,
     /// Open images by origin spec: every export of an image shares one cache.
     /// Held only to look up or change a slot, never across `.await`: the
     /// origin probe of one image must not stall adds of others, the
@@ -162,6 +164,7 @@ impl Daemon {
         cache_dir: CacheDir,
         block_size: Option<BlockSize>,
         origin_options: OriginOptions,
+        manifest: ManifestSetting,
         boot: BootOptions,
         cache_size: Option<u64>,
         stop: watch::Receiver<bool>,
@@ -175,6 +178,7 @@ impl Daemon {
             cache_dir,
             block_size,
             origin_options,
+            manifest,
             images: Default::default(),
             image_stats: Default::default(),
             exports: Arc::new(Exports::new()),
@@ -262,6 +266,8 @@ impl Daemon {
     async fn open_image(&self, image: &str) -> Result<ImageCache> {
         let stats = Arc::new(Stats::default());
         let origin = origin::open(image, &self.origin_options, stats.clone()).await?;
+        // Under the cache: nothing unchecked is stored or served.
+        let origin = manifest::attach(origin, &self.manifest, stats.clone()).await?;
         tracing::info!(origin = %origin.identity(), "origin opened");
         let (cache_dir, bs) = (self.cache_dir.clone(), self.block_size);
         // Opening the cache reads and maybe truncates files: blocking work.

@@ -302,6 +302,7 @@ pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
             request_timeout: Duration::from_secs(5),
             ..OriginOptions::default()
         },
+        manifest: Default::default(),
         limits: Limits::default(),
         exports: vec![ExportConfig {
             name: "disk".into(),
