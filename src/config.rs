@@ -75,6 +75,8 @@ pub struct FileConfig {
     pub boot: BootSection,
     #[serde(default)]
     pub s3: S3Section,
+    #[serde(default)]
+    pub peers: PeersSection,
     #[serde(default, rename = "export")]
     pub exports: Vec<ExportSection>,
 }
@@ -136,6 +138,26 @@ pub struct OriginSection {
     pub ca_file: Option<PathBuf>,
     /// "auto" (one published beside the image), "none", or a manifest file.
     pub manifest: Option<String>,
+}
+
+/// Sharing cached blocks with other hosts (`peer/`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeersSection {
+    /// Serve this host's cached images to peers at this address.
+    pub listen: Option<String>,
+    /// This host's URL as the peers list names it.
+    pub advertise: Option<String>,
+    /// Peer base URLs.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// A file of peer URLs, one per line, re-read on reload.
+    pub peers_file: Option<PathBuf>,
+    /// A file holding the shared peer token.
+    pub token_file: Option<PathBuf>,
+    /// Use peers for images without a manifest.
+    pub trust_unverified: Option<bool>,
+    pub timeout_ms: Option<u64>,
 }
 
 /// `s3://` origins. Keys here win over the AWS environment (see

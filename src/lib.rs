@@ -32,6 +32,8 @@
 //! - [`manifest`] per-block SHA-256 of an image (the trust root): the file format
 //!   (fuzzed), `build`, and `Verified`, the origin wrapper under the cache that
 //!   checks every block against it
+//! - [`peer`]     hosts sharing their caches' blocks: `client` (each unit fetched from
+//!   its owner first, checked, the origin on any failure), `server` (`--peer-listen`)
 //! - [`origin`]   where bytes live: `http` (ranged GETs), `s3` (presigned GETs through
 //!   `http`; credentials from `aws`), `swift` and `glance` (tokens from `openstack`),
 //!   `file`; `stream` (origins read only from their start); `headers` (extra headers,
@@ -74,6 +76,7 @@ pub mod manifest;
 pub mod nbd;
 pub mod origin;
 pub mod overlay;
+pub mod peer;
 pub mod prefetch;
 pub mod sample;
 pub mod server;

@@ -299,18 +299,17 @@ pub fn read_file(path: &Path) -> Result<Manifest> {
     Manifest::decode(&b, &what)
 }
 
-/// `origin` with its blocks checked against the manifest `setting` finds
-/// for it, or `origin` itself when there is none. A manifest found but
-/// unreadable, damaged or built from another identity is an error: the
-/// image is refused rather than served unchecked.
-pub async fn attach(
-    origin: Arc<dyn Origin>,
+/// The manifest `setting` finds for `origin`'s image, checked against its
+/// identity, and a name for it; `None` when there is none. A manifest
+/// found but unreadable, damaged or built from another identity is an
+/// error: the image is refused rather than served unchecked.
+pub async fn find(
+    origin: &dyn Origin,
     setting: &ManifestSetting,
-    stats: Arc<Stats>,
-) -> Result<Arc<dyn Origin>> {
+) -> Result<Option<(Arc<Manifest>, String)>> {
     let id = origin.identity().clone();
     let (m, what) = match setting {
-        ManifestSetting::Off => return Ok(origin),
+        ManifestSetting::Off => return Ok(None),
         ManifestSetting::File(p) => {
             let what = p.display().to_string();
             let m = tokio::task::spawn_blocking({
@@ -322,7 +321,7 @@ pub async fn attach(
             if m.locator != id.locator {
                 tracing::warn!(image = %id.locator, manifest = %what, built_from = %m.locator,
                     "the manifest given was built from another image: not used for this one");
-                return Box::pin(attach(origin, &ManifestSetting::Auto, stats)).await;
+                return Box::pin(find(origin, &ManifestSetting::Auto)).await;
             }
             (m, what)
         }
@@ -330,7 +329,7 @@ pub async fn attach(
             let what = format!("{}{SIDECAR_SUFFIX}", id.locator);
             let Some(b) = origin.sidecar(SIDECAR_SUFFIX, MAX_BYTES).await? else {
                 tracing::debug!(image = %id.locator, "no manifest published beside the image");
-                return Ok(origin);
+                return Ok(None);
             };
             (Manifest::decode(&b, &what)?, what)
         }
@@ -338,11 +337,29 @@ pub async fn attach(
     m.check_identity(&id, &what)?;
     tracing::info!(image = %id.locator, manifest = %what, blocks = m.digests.len(),
         block_size = m.block_size, "manifest: every block from the origin is checked against it");
-    Ok(Arc::new(Verified {
+    Ok(Some((Arc::new(m), what)))
+}
+
+/// `origin` with its blocks checked against the manifest `setting` finds
+/// for it ([`find`]), or `origin` itself when there is none.
+pub async fn attach(
+    origin: Arc<dyn Origin>,
+    setting: &ManifestSetting,
+    stats: Arc<Stats>,
+) -> Result<Arc<dyn Origin>> {
+    Ok(match find(&*origin, setting).await? {
+        Some((m, _)) => verified(origin, m, stats),
+        None => origin,
+    })
+}
+
+/// `origin` with every block checked against `m`.
+pub fn verified(origin: Arc<dyn Origin>, m: Arc<Manifest>, stats: Arc<Stats>) -> Arc<dyn Origin> {
+    Arc::new(Verified {
         inner: origin,
-        m: Arc::new(m),
+        m,
         stats,
-    }))
+    })
 }
 
 /// An origin whose every block is checked against a manifest.

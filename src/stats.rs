@@ -99,6 +99,12 @@ pub struct Stats {
     /// Answers with a block that did not match the image's manifest (not
     /// served, not cached).
     pub manifest_failures: AtomicU64,
+    /// Bytes fetched from peers (checked) instead of the origin.
+    pub peer_bytes: AtomicU64,
+    /// Peer requests that failed or were refused (the origin was read).
+    pub peer_failures: AtomicU64,
+    /// Bytes this host served to its peers.
+    pub peer_served_bytes: AtomicU64,
     /// Bytes brought in ahead of the guest by sequential readahead.
     pub readahead_bytes: AtomicU64,
     /// Bytes brought in ahead of the guest by boot profile replay.
@@ -146,7 +152,7 @@ impl fmt::Display for Stats {
             "reads={} bytes_served={} hits={} misses={} origin_requests={} origin_bytes={} \
              origin_errors={} crc_failures={} store_failures={} zero_blocks={} evictions={} \
              punch_failures={} readahead_bytes={} profile_bytes={} hydrate_bytes={} origin_hedges={} \
-             manifest_failures={}",
+             manifest_failures={} peer_bytes={} peer_failures={} peer_served_bytes={}",
             g(&self.reads),
             g(&self.bytes_served),
             g(&self.hits),
@@ -164,6 +170,9 @@ impl fmt::Display for Stats {
             g(&self.hydrate_bytes),
             g(&self.origin_hedges),
             g(&self.manifest_failures),
+            g(&self.peer_bytes),
+            g(&self.peer_failures),
+            g(&self.peer_served_bytes),
         )
     }
 }

@@ -449,6 +449,42 @@ pub struct ServeArgs {
     /// does not match is never served [default: [origin] manifest, else auto].
     #[arg(long, value_name = "auto|none|PATH")]
     pub manifest: Option<lazybd::manifest::ManifestSetting>,
+    /// Serve this host's cached images to peers at ADDR (HTTP range
+    /// requests, bearer token required) [default: [peers] listen].
+    #[arg(long, value_name = "ADDR", help_heading = "Peers")]
+    pub peer_listen: Option<String>,
+    /// This host's URL in the peers list, when it is not http://ADDR of
+    /// --peer-listen (a wildcard address, NAT) [default: [peers] advertise].
+    #[arg(long, value_name = "URL", help_heading = "Peers")]
+    pub peer_advertise: Option<String>,
+    /// Fetch blocks from these peers first (comma-separated base URLs; may
+    /// include this host). Each 1 MiB unit of an image has one owner among
+    /// them; the others fetch it from the owner, the owner from the origin.
+    #[arg(
+        long,
+        value_name = "URL,...",
+        value_delimiter = ',',
+        help_heading = "Peers"
+    )]
+    pub peers: Vec<String>,
+    /// A file of peer URLs, one per line, re-read on reload (SIGHUP,
+    /// `lazybd reload`) [default: [peers] peers_file].
+    #[arg(long, value_name = "FILE", help_heading = "Peers")]
+    pub peers_file: Option<PathBuf>,
+    /// File holding the token peers share (also LAZYBD_PEER_TOKEN)
+    /// [default: [peers] token_file].
+    #[arg(long, value_name = "FILE", help_heading = "Peers")]
+    pub peer_token_file: Option<PathBuf>,
+    /// Use peers also for images without a manifest. Their bytes are then
+    /// trusted as if the origin sent them: any peer holding the token can
+    /// make this host serve anything. Without it, only images with a
+    /// manifest use peers, and every peer byte is checked against it.
+    #[arg(long, help_heading = "Peers")]
+    pub peer_trust: bool,
+    /// Deadline of one peer request in milliseconds; then the origin is
+    /// read [default: 5000].
+    #[arg(long, value_name = "MS", help_heading = "Peers")]
+    pub peer_timeout: Option<u64>,
     /// S3 endpoint of s3:// origins, e.g. http://127.0.0.1:8333 (buckets
     /// path-style there) [default: [s3] endpoint, AWS_ENDPOINT_URL_S3,
     /// AWS_ENDPOINT_URL, the profile's endpoint_url, else AWS's].

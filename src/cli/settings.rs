@@ -259,6 +259,50 @@ fn secs_at_least_1(s: u64) -> Duration {
 /// file's. With neither ORIGIN nor `--config`, ORIGIN is the built-in sample
 /// image, which `sample` makes in the resolved cache directory. Headers are
 /// not a choice: the file's and then the flags' are all sent.
+/// The peer settings: flags over `[peers]`; the token from its file or
+/// `LAZYBD_PEER_TOKEN` (never a flag: a command line is visible to all).
+fn peer_options(
+    a: &ServeArgs,
+    f: &lazybd::config::PeersSection,
+) -> anyhow::Result<lazybd::peer::PeerOptions> {
+    let token_file = first(a.peer_token_file.clone(), f.token_file.clone());
+    let token = match &token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| anyhow!("peer token file {}: {e}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("LAZYBD_PEER_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    if token.as_deref() == Some("") {
+        anyhow::bail!(
+            "peer token file {}: empty",
+            token_file.unwrap_or_default().display()
+        );
+    }
+    Ok(lazybd::peer::PeerOptions {
+        listen: first(a.peer_listen.clone(), f.listen.clone()),
+        advertise: first(a.peer_advertise.clone(), f.advertise.clone()),
+        peers: if a.peers.is_empty() {
+            f.peers.clone()
+        } else {
+            a.peers.clone()
+        },
+        peers_file: first(a.peers_file.clone(), f.peers_file.clone()),
+        token,
+        trust_unverified: a.peer_trust || f.trust_unverified.unwrap_or(false),
+        timeout: std::time::Duration::from_millis(
+            pick(a.peer_timeout, f.timeout_ms, || {
+                lazybd::peer::DEFAULT_TIMEOUT.as_millis() as u64
+            })
+            .max(1),
+        ),
+    })
+}
+
 pub fn resolve(
     a: &ServeArgs,
     file: &FileConfig,
@@ -379,6 +423,8 @@ pub fn resolve(
         || Ok(lazybd::manifest::ManifestSetting::Auto),
     )?;
 
+    let peers = peer_options(a, &file.peers)?;
+
     let ld = Limits::default();
     let max_buffered = parse_text(
         ("--max-buffered", a.max_buffered.as_deref()),
@@ -447,6 +493,7 @@ pub fn resolve(
         block_size,
         origin_options,
         manifest,
+        peers,
         limits,
         exports,
         control,

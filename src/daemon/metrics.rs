@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering::Relaxed;
 type Field = fn(&Stats) -> u64;
 
 /// (name, help, value) of each per-image counter.
-const IMAGE_COUNTERS: [(&str, &str, Field); 17] = [
+const IMAGE_COUNTERS: [(&str, &str, Field); 20] = [
     ("lazybd_read_requests", "NBD READ requests answered", |s| {
         Stats::get(&s.reads)
     }),
@@ -65,6 +65,19 @@ const IMAGE_COUNTERS: [(&str, &str, Field); 17] = [
         "Origin answers with a block that did not match the manifest (not served)",
         |s| Stats::get(&s.manifest_failures),
     ),
+    (
+        "lazybd_peer_bytes",
+        "Bytes fetched from peers (checked) instead of the origin",
+        |s| Stats::get(&s.peer_bytes),
+    ),
+    (
+        "lazybd_peer_failures",
+        "Peer requests that failed or were refused (the origin was read)",
+        |s| Stats::get(&s.peer_failures),
+    ),
+    ("lazybd_peer_served_bytes", "Bytes served to peers", |s| {
+        Stats::get(&s.peer_served_bytes)
+    }),
     (
         "lazybd_crc_failures",
         "Cache pages that failed their CRC (refetched)",

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::state::{BootOptions, Daemon, ExportConfig};
+use super::state::{BootOptions, Daemon, ExportConfig, Sources};
 use super::{control, maintenance, metrics};
 use crate::block::BlockSize;
 use crate::cache::{CacheDir, ImageCache};
@@ -27,6 +27,8 @@ pub struct ServeConfig {
     pub origin_options: OriginOptions,
     /// Which manifest each image's blocks are checked against.
     pub manifest: crate::manifest::ManifestSetting,
+    /// Sharing blocks with other hosts.
+    pub peers: crate::peer::PeerOptions,
     pub limits: Limits,
     pub exports: Vec<ExportConfig>,
     /// Control socket for `lazybd export ...`; None: no runtime management.
@@ -95,12 +97,23 @@ impl Running {
 pub async fn start(cfg: ServeConfig) -> Result<Running> {
     // Certificates first: a bad file is a start-up error, before any work.
     let tls = crate::tls::Tls::load(&cfg.tls)?;
+    if cfg.peers.listen.is_some() && cfg.peers.token.as_deref().unwrap_or("").is_empty() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--peer-listen serves cached images to whoever has the shared token: give one \
+             (--peer-token-file FILE, or LAZYBD_PEER_TOKEN)",
+        ));
+    }
+    let peers = crate::peer::client::PeerSet::new(&cfg.peers)?;
     let (stop, rx) = watch::channel(false);
     let daemon = Arc::new(Daemon::new(
         CacheDir::new(&cfg.cache_dir)?,
         cfg.block_size,
-        cfg.origin_options.clone(),
-        cfg.manifest.clone(),
+        Sources {
+            origin: cfg.origin_options.clone(),
+            manifest: cfg.manifest.clone(),
+            peers,
+        },
         cfg.boot.clone(),
         cfg.cache_size,
         rx.clone(),
@@ -134,6 +147,22 @@ pub async fn start(cfg: ServeConfig) -> Result<Running> {
     }
     if let Some(addr) = &cfg.metrics {
         aux.push(metrics::serve(addr, daemon.clone(), rx.clone()).await?);
+    }
+    if let Some(addr) = &cfg.peers.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::io(format!("peer listener {addr}"), e))?;
+        tracing::info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            own = cfg.peers.own_url().as_deref().unwrap_or(""), "serving cached images to peers");
+        let d = daemon.clone();
+        let lookup: crate::peer::server::Lookup = Arc::new(move |k| d.cache_by_peer_key(k));
+        let token = cfg.peers.token.clone().unwrap_or_default();
+        aux.push(tokio::spawn(crate::peer::server::serve(
+            l,
+            token,
+            lookup,
+            rx.clone(),
+        )));
     }
     let shared = Shared {
         exports: daemon.exports.clone(),

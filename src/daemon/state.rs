@@ -21,6 +21,7 @@ use crate::export::Exports;
 use crate::format::Format;
 use crate::manifest::{self, ManifestSetting};
 use crate::origin::{self, OriginOptions};
+use crate::peer::client::{PeerSet, Peered};
 use crate::prefetch::{hydrate, profile};
 use crate::stats::Stats;
 
@@ -139,6 +140,8 @@ pub struct Daemon {
     block_size: Option<BlockSize>,
     origin_options: OriginOptions,
     manifest: ManifestSetting,
+    /// The peers images are fetched from first, if any.
+    peers: Option<Arc<PeerSet>>,
     /// Open images by origin spec: every export of an image shares one cache.
     /// Held only to look up or change a slot, never across `.await`: the
     /// origin probe of one image must not stall adds of others, the
@@ -158,13 +161,19 @@ pub struct Daemon {
     hydrations: std::sync::RwLock<Vec<(String, Arc<hydrate::Live>)>>,
 }
 
+/// Where images' bytes come from and how they are checked.
+pub(super) struct Sources {
+    pub(super) origin: OriginOptions,
+    pub(super) manifest: ManifestSetting,
+    pub(super) peers: Option<Arc<PeerSet>>,
+}
+
 impl Daemon {
     /// The state of a server about to start: nothing open yet.
     pub(super) fn new(
         cache_dir: CacheDir,
         block_size: Option<BlockSize>,
-        origin_options: OriginOptions,
-        manifest: ManifestSetting,
+        sources: Sources,
         boot: BootOptions,
         cache_size: Option<u64>,
         stop: watch::Receiver<bool>,
@@ -177,8 +186,9 @@ impl Daemon {
             hydrations: Default::default(),
             cache_dir,
             block_size,
-            origin_options,
-            manifest,
+            origin_options: sources.origin,
+            manifest: sources.manifest,
+            peers: sources.peers,
             images: Default::default(),
             image_stats: Default::default(),
             exports: Arc::new(Exports::new()),
@@ -248,6 +258,13 @@ impl Daemon {
         }
     }
 
+    /// The open image whose peer key is `key` (`peer::image_key`).
+    pub(crate) fn cache_by_peer_key(&self, key: &str) -> Option<ImageCache> {
+        self.open_caches()
+            .into_iter()
+            .find(|c| crate::peer::image_key(c.origin().identity()) == key)
+    }
+
     /// Every open image's cache (not those being opened).
     pub(super) fn open_caches(&self) -> Vec<ImageCache> {
         self.images
@@ -266,8 +283,19 @@ impl Daemon {
     async fn open_image(&self, image: &str) -> Result<ImageCache> {
         let stats = Arc::new(Stats::default());
         let origin = origin::open(image, &self.origin_options, stats.clone()).await?;
-        // Under the cache: nothing unchecked is stored or served.
-        let origin = manifest::attach(origin, &self.manifest, stats.clone()).await?;
+        // Under the cache: nothing unchecked is stored or served, whether
+        // it came from a peer or from the origin.
+        let found = manifest::find(&*origin, &self.manifest)
+            .await?
+            .map(|(m, _)| m);
+        let origin = match &found {
+            Some(m) => manifest::verified(origin, m.clone(), stats.clone()),
+            None => origin,
+        };
+        let origin = match &self.peers {
+            Some(p) => Peered::wrap(origin, found, p.clone(), stats.clone()),
+            None => origin,
+        };
         tracing::info!(origin = %origin.identity(), "origin opened");
         let (cache_dir, bs) = (self.cache_dir.clone(), self.block_size);
         // Opening the cache reads and maybe truncates files: blocking work.

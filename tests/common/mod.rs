@@ -303,6 +303,7 @@ pub fn config(origin: &str, cache_dir: &Path, block_size: u64) -> ServeConfig {
             ..OriginOptions::default()
         },
         manifest: Default::default(),
+        peers: Default::default(),
         limits: Limits::default(),
         exports: vec![ExportConfig {
             name: "disk".into(),
