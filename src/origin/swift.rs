@@ -51,6 +51,20 @@ impl SwiftUrl {
         if container.is_empty() {
             return Err(bad("no container"));
         }
+        // `url` silently drops a "." or ".." segment it is asked to push,
+        // so the request would name another path of the account; and a
+        // '/' would be sent as %2F in one segment, which Swift's container
+        // names cannot hold.
+        if container == "." || container == ".." {
+            return Err(bad(
+                "a container named '.' or '..' cannot be addressed in a URL",
+            ));
+        }
+        if container.contains('/') {
+            return Err(bad(
+                "a container name cannot hold '/' (the first '/' ends the container)",
+            ));
+        }
         if object.is_empty() {
             return Err(bad("no object: name the object, not only its container"));
         }
@@ -204,9 +218,21 @@ mod tests {
             "swift://c",
             "swift://c/",
             "swift://c/a/../b",
+            "swift://c/./o",
             "s3://c/o",
         ] {
             assert!(SwiftUrl::parse(bad).is_err(), "{bad}");
+        }
+        // The container too: '.', '..' and an escaped '/' would all name
+        // another container's (or the account's) object.
+        for (bad, why) in [
+            ("swift://./o", "'.' or '..'"),
+            ("swift://../o", "'.' or '..'"),
+            ("swift://%2E%2E/o", "'.' or '..'"),
+            ("swift://a%2Fb/o", "cannot hold '/'"),
+        ] {
+            let e = SwiftUrl::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 }
