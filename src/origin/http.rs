@@ -372,20 +372,47 @@ pub(crate) fn locator(url: &Url) -> String {
     format!("{base}?{shown} [query sha256 {hex}]")
 }
 
-/// The proxy the environment names for `scheme`, as reqwest picks it
-/// (lower-case names first, as curl), for the log: (variable, value).
-fn env_proxy(scheme: &str) -> Option<(&'static str, String)> {
-    let names: &[&'static str] = if scheme == "https" {
-        &["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]
-    } else {
-        &["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+/// The proxy the environment names for `scheme`, for the log: (variable,
+/// value), picked the way reqwest 0.12 (hyper-util's proxy matcher) picks
+/// it, so the log names the proxy really used: the UPPER-case name first,
+/// then the lower-case one, the first that is *set* counting (even empty);
+/// a value it cannot use (empty, an unknown scheme, no host) falls back to
+/// `ALL_PROXY` / `all_proxy` the same way; none at all under CGI
+/// (`REQUEST_METHOD` set). `var` reads the environment.
+fn env_proxy(scheme: &str, var: &dyn Fn(&str) -> Option<String>) -> Option<(&'static str, String)> {
+    if var("REQUEST_METHOD").is_some() {
+        return None;
+    }
+    let first = |names: [&'static str; 2]| {
+        names
+            .iter()
+            .find_map(|n| var(n).map(|v| (*n, v)))
+            .filter(|(_, v)| usable_proxy(v))
     };
-    names.iter().find_map(|n| {
-        std::env::var(n)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .map(|v| (*n, v))
-    })
+    let named = if scheme == "https" {
+        first(["HTTPS_PROXY", "https_proxy"])
+    } else {
+        first(["HTTP_PROXY", "http_proxy"])
+    };
+    named.or_else(|| first(["ALL_PROXY", "all_proxy"]))
+}
+
+/// Whether a proxy variable's value is one reqwest takes: an optional
+/// http, https or socks scheme and a host (`user:pass@p:3128` is).
+fn usable_proxy(v: &str) -> bool {
+    let rest = match v.split_once("://") {
+        Some((scheme, rest)) => {
+            let known = ["http", "https", "socks4", "socks4a", "socks5", "socks5h"];
+            if !known.iter().any(|k| k.eq_ignore_ascii_case(scheme)) {
+                return false;
+            }
+            rest
+        }
+        None => v,
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    !host.is_empty() && !host.starts_with(':') && !v.chars().any(char::is_whitespace)
 }
 
 /// A proxy URL with its credentials replaced (proxies often carry one).
@@ -409,6 +436,9 @@ fn proxy_credentials_never_show() {
     for (given, shown) in [
         ("http://u:secret@p:3128", "http://…@p:3128"),
         ("u:secret@p:3128", "…@p:3128"),
+        // A user name alone is often the secret (a token as the user).
+        ("http://tok3n@p:3128", "http://…@p:3128"),
+        ("tok3n@p:3128", "…@p:3128"),
         ("http://p:3128", "http://p:3128"),
     ] {
         assert_eq!(redact_userinfo(given), shown);
@@ -472,7 +502,7 @@ pub(super) fn client(
     builder = match &opts.proxy {
         // reqwest reads the variables itself (and NO_PROXY).
         ProxySetting::FromEnv => {
-            if let Some((var, p)) = env_proxy(scheme) {
+            if let Some((var, p)) = env_proxy(scheme, &|n| std::env::var(n).ok()) {
                 tracing::info!(origin = %shown, proxy = %redact_userinfo(&p), from = var,
                     "origin requests go through a proxy (NO_PROXY honoured)");
             }
@@ -990,6 +1020,71 @@ mod tests {
         assert_eq!(parse_content_range("bytes 5-4/100"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);
         assert_eq!(parse_content_range("bytes */100"), None);
+    }
+
+    /// The log names the proxy reqwest (hyper-util's matcher) picks: the
+    /// UPPER-case variable first, the first one set counting even when
+    /// empty, `ALL_PROXY` when that gives none usable, nothing under CGI.
+    #[test]
+    fn the_proxy_logged_is_the_one_reqwest_uses() {
+        fn pick(scheme: &str, vars: &[(&str, &str)]) -> Option<(&'static str, String)> {
+            env_proxy(scheme, &|n| {
+                vars.iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.to_string())
+            })
+        }
+        let both = [
+            ("http_proxy", "http://lower:1"),
+            ("HTTP_PROXY", "http://upper:1"),
+            ("https_proxy", "http://lower:2"),
+            ("HTTPS_PROXY", "http://upper:2"),
+        ];
+        assert_eq!(
+            pick("http", &both),
+            Some(("HTTP_PROXY", "http://upper:1".into()))
+        );
+        assert_eq!(
+            pick("https", &both),
+            Some(("HTTPS_PROXY", "http://upper:2".into()))
+        );
+        assert_eq!(
+            pick("https", &[("https_proxy", "http://lower:2")]),
+            Some(("https_proxy", "http://lower:2".into()))
+        );
+        // Set but empty hides the lower-case one.
+        let vars = [
+            ("HTTP_PROXY", ""),
+            ("http_proxy", "http://lower:1"),
+            ("all_proxy", "http://all:1"),
+        ];
+        assert_eq!(
+            pick("http", &vars),
+            Some(("all_proxy", "http://all:1".into()))
+        );
+        assert_eq!(pick("http", &vars[..2]), None);
+        // A value reqwest cannot use falls back to ALL_PROXY.
+        let vars = [
+            ("HTTPS_PROXY", "ftp://x:1"),
+            ("ALL_PROXY", "socks5://s:1080"),
+        ];
+        assert_eq!(
+            pick("https", &vars),
+            Some(("ALL_PROXY", "socks5://s:1080".into()))
+        );
+        assert_eq!(
+            pick("https", &[("HTTPS_PROXY", "u:pw@p:3128")]),
+            Some(("HTTPS_PROXY", "u:pw@p:3128".into()))
+        );
+        // CGI: the environment's proxies are not used at all.
+        assert_eq!(
+            pick(
+                "http",
+                &[("REQUEST_METHOD", "GET"), ("HTTP_PROXY", "http://p:1")]
+            ),
+            None
+        );
+        assert_eq!(pick("http", &[("HTTPS_PROXY", "http://p:1")]), None);
     }
 
     #[test]
