@@ -98,6 +98,11 @@ pub(super) trait Target: Send + Sync + 'static {
 pub(super) struct TargetAuth {
     pub(super) headers: HeaderMap,
     pub(super) generation: u64,
+    /// Getting fresh credentials for this generation failed for a reason
+    /// that passes (the token service answered 5xx, timed out or was
+    /// unreachable: a Keystone restart). A 401 to these credentials is then
+    /// retried like a 5xx, not reported as a refusal.
+    pub(super) renewal_failing: bool,
 }
 
 /// How requests find the image.
@@ -137,13 +142,23 @@ impl Address {
 /// If-Match). A 401 to a target that can authenticate again is retried
 /// once with its fresh credentials: a token that expired between two reads
 /// costs one round trip, not an error.
-async fn send(
+///
+/// Each request is sent by `once` (which bounds it: the stall bound of block
+/// reads); getting fresh credentials between the two is not, so a token
+/// service slower than a stall is waited for (its own client's timeout
+/// bounds it) instead of being cancelled mid-request on every attempt.
+async fn send<F, Fut>(
     client: &reqwest::Client,
     address: &Address,
     headers: &LiveHeaders,
     suffix: &str,
     extra: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
-) -> reqwest::Result<reqwest::Response> {
+    once: F,
+) -> Result<reqwest::Response>
+where
+    F: Fn(reqwest::RequestBuilder) -> Fut,
+    Fut: std::future::Future<Output = Result<reqwest::Response>>,
+{
     let build = || {
         let mut req = client
             .get(address.url(suffix))
@@ -158,15 +173,36 @@ async fn send(
         (extra(req), generation)
     };
     let (req, generation) = build();
-    let resp = req.send().await?;
+    let resp = once(req).await?;
     if resp.status() == StatusCode::UNAUTHORIZED {
         if let (Address::Target(t), Some(g)) = (address, generation) {
             if t.unauthorized(g).await {
-                return build().0.send().await;
+                return once(build().0).await;
             }
         }
     }
     Ok(resp)
+}
+
+/// One request sent, its failure an [`Error`] of `kind` with context
+/// `what`.
+async fn send_one(
+    req: reqwest::RequestBuilder,
+    kind: impl Fn(&reqwest::Error) -> ErrorKind,
+    what: impl Fn() -> String,
+) -> Result<reqwest::Response> {
+    req.send()
+        .await
+        .map_err(|e| Error::with_source(kind(&e), what(), no_url(e)))
+}
+
+/// TimedOut for a timeout (retried), else Origin.
+fn timeout_or_origin(e: &reqwest::Error) -> ErrorKind {
+    if e.is_timeout() {
+        ErrorKind::TimedOut
+    } else {
+        ErrorKind::Origin
+    }
 }
 
 /// Silence (no byte of headers or body) after which a block request is
@@ -212,9 +248,9 @@ pub(crate) struct HttpOrigin {
     connections: usize,
     retries: u32,
     deadline: Duration,
-    /// Bound on one request, body included (the client enforces it too);
-    /// the stall bound of block reads never exceeds it.
-    request_timeout: Duration,
+    /// The stall bound of block reads ([`STALL`]), never more than the
+    /// bound on one request (body included, which the client enforces).
+    stall: Duration,
     hedge: Hedge,
     stats: Arc<Stats>,
 }
@@ -336,7 +372,7 @@ fn without_query(url: &Url) -> String {
 /// A URL as logs and errors show it: no credentials (`user:pass@`), every
 /// query parameter, the values of secret ones (see [`SECRET_NAME_PARTS`])
 /// replaced by `…`. (Expiry dates stay visible: they explain a 403.)
-fn redact(url: &Url) -> String {
+pub(super) fn redact(url: &Url) -> String {
     match show_query(query_pieces(url)) {
         (q, _) if q.is_empty() => without_query(url),
         (q, _) => format!("{}?{q}", without_query(url)),
@@ -463,7 +499,7 @@ fn header_str(h: &HeaderMap, name: HeaderName) -> Option<String> {
 }
 
 /// Status codes worth retrying: the server or a proxy had a bad moment.
-fn transient(status: StatusCode) -> bool {
+pub(super) fn transient(status: StatusCode) -> bool {
     status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
@@ -487,6 +523,22 @@ async fn refusal_body(mut resp: reqwest::Response) -> String {
         }
     }
     String::from_utf8_lossy(&body).into_owned()
+}
+
+/// The body of `resp`, or `None` as soon as it proves longer than `max`
+/// bytes (nothing past that is read: a body can be anything, an image).
+pub(super) async fn body_within(
+    resp: &mut reqwest::Response,
+    max: u64,
+) -> reqwest::Result<Option<Bytes>> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() as u64 + chunk.len() as u64 > max {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
 }
 
 /// The HTTP client of an origin whose URLs have scheme `scheme` (and of the
@@ -588,13 +640,15 @@ impl HttpOrigin {
         let follow = matches!(address, Address::Fixed(_));
         let client = client(opts, url.scheme(), &shown, follow)?;
         let live = LiveHeaders::new(opts.headers.clone())?;
-        let resp = send(&client, &address, &live, "", |r| {
-            r.header(RANGE, "bytes=0-0")
-        })
-        .await
-        .map_err(|e| {
-            Error::with_source(ErrorKind::Origin, format!("probing {shown}"), no_url(e))
-        })?;
+        let resp = send(
+            &client,
+            &address,
+            &live,
+            "",
+            |r| r.header(RANGE, "bytes=0-0"),
+            |req| send_one(req, |_| ErrorKind::Origin, || format!("probing {shown}")),
+        )
+        .await?;
         Stats::add(&stats.origin_requests, 1);
         let status = resp.status();
         let final_url = resp.url().clone();
@@ -698,10 +752,19 @@ impl HttpOrigin {
             connections: opts.connections.max(1),
             retries: opts.retries,
             deadline: opts.deadline,
-            request_timeout: opts.request_timeout,
+            stall: STALL.min(opts.request_timeout),
             hedge: opts.hedge,
             stats,
         })
+    }
+
+    /// The target's credentials were refused and getting new ones fails
+    /// for now, for a reason that passes (see [`TargetAuth`]).
+    fn renewal_failing(&self) -> bool {
+        match &self.address {
+            Address::Target(t) => t.auth().is_some_and(|a| a.renewal_failing),
+            Address::Fixed(_) => false,
+        }
     }
 
     /// Check the validator of a response against the one we opened with.
@@ -749,19 +812,15 @@ impl HttpOrigin {
                 None => r,
             }
         };
-        let stall = STALL.min(self.request_timeout);
-        let mut resp = within(stall, ctx, async {
-            send(&self.client, &self.address, &self.headers, "", extra)
-                .await
-                .map_err(|e| {
-                    let kind = if e.is_timeout() {
-                        ErrorKind::TimedOut
-                    } else {
-                        ErrorKind::Origin
-                    };
-                    Error::with_source(kind, ctx(), no_url(e))
-                })
-        })
+        let stall = self.stall;
+        let mut resp = send(
+            &self.client,
+            &self.address,
+            &self.headers,
+            "",
+            extra,
+            |req| within(stall, ctx, send_one(req, timeout_or_origin, ctx)),
+        )
         .await?;
         let status = resp.status();
         if status != StatusCode::PARTIAL_CONTENT {
@@ -774,6 +833,9 @@ impl HttpOrigin {
                 // Only sent with If-Match: the ETag is no longer the object's.
                 StatusCode::PRECONDITION_FAILED => ErrorKind::OriginChanged,
                 s if transient(s) => ErrorKind::Origin,
+                // The token expired and its service cannot give a new one
+                // for now (down, restarting): retried until it can.
+                StatusCode::UNAUTHORIZED if self.renewal_failing() => ErrorKind::Origin,
                 // 401/403 and friends: retrying will not change the answer.
                 _ => ErrorKind::OriginRefused,
             };
@@ -872,12 +934,16 @@ impl Origin for HttpOrigin {
         let shown = self.address.shown(suffix);
         let suffix = suffix.to_string();
         Box::pin(async move {
-            let err = |e: reqwest::Error| {
-                Error::with_source(ErrorKind::Origin, format!("GET {shown}"), no_url(e))
-            };
-            let mut resp = send(&self.client, &self.address, &self.headers, &suffix, |r| r)
-                .await
-                .map_err(err)?;
+            let what = || format!("GET {shown}");
+            let mut resp = send(
+                &self.client,
+                &self.address,
+                &self.headers,
+                &suffix,
+                |r| r,
+                |req| send_one(req, |_| ErrorKind::Origin, what),
+            )
+            .await?;
             match resp.status() {
                 StatusCode::OK => {}
                 StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::GONE => {
@@ -890,17 +956,14 @@ impl Origin for HttpOrigin {
                     ))
                 }
             }
-            let mut body = BytesMut::new();
-            while let Some(chunk) = resp.chunk().await.map_err(err)? {
-                if body.len() as u64 + chunk.len() as u64 > max {
-                    return Err(Error::new(
-                        ErrorKind::Origin,
-                        format!("GET {shown}: larger than {max} bytes"),
-                    ));
-                }
-                body.extend_from_slice(&chunk);
+            match body_within(&mut resp, max).await {
+                Ok(Some(body)) => Ok(Some(body)),
+                Ok(None) => Err(Error::new(
+                    ErrorKind::Origin,
+                    format!("GET {shown}: larger than {max} bytes"),
+                )),
+                Err(e) => Err(Error::with_source(ErrorKind::Origin, what(), no_url(e))),
             }
-            Ok(Some(body.freeze()))
         })
     }
 
@@ -1006,6 +1069,166 @@ impl HttpOrigin {
     }
 }
 
+/// A small HTTP/1.1 server for the tests of origins that are HTTP
+/// underneath (fixed URLs, Swift, Keystone): every request is answered by a
+/// function of it, on 127.0.0.1, port 0.
+#[cfg(test)]
+pub(super) mod fake {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+
+    pub(crate) struct Request {
+        pub(crate) method: String,
+        /// Path and query.
+        pub(crate) target: String,
+        /// Names in lower case.
+        pub(crate) headers: Vec<(String, String)>,
+        pub(crate) body: Vec<u8>,
+    }
+
+    impl Request {
+        pub(crate) fn header(&self, name: &str) -> Option<&str> {
+            let name = name.to_ascii_lowercase();
+            self.headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    pub(crate) struct Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        /// Send the head, then nothing for this long, then the body.
+        stall: Option<Duration>,
+    }
+
+    impl Reply {
+        pub(crate) fn status(status: u16) -> Reply {
+            Reply {
+                status,
+                headers: Vec::new(),
+                body: Vec::new(),
+                stall: None,
+            }
+        }
+
+        pub(crate) fn header(mut self, name: &str, value: &str) -> Reply {
+            self.headers.push((name.into(), value.into()));
+            self
+        }
+
+        pub(crate) fn body(mut self, body: impl Into<Vec<u8>>) -> Reply {
+            self.body = body.into();
+            self
+        }
+
+        pub(crate) fn stall_body(mut self, d: Duration) -> Reply {
+            self.stall = Some(d);
+            self
+        }
+
+        /// `data`'s range asked by `req` (206, ETag "e1"), or all of it.
+        pub(crate) fn ranged(data: &[u8], req: &Request) -> Reply {
+            let range = req.header("range").and_then(|r| {
+                let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+                Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
+            });
+            match range {
+                Some((a, b)) if a <= b && b < data.len() => Reply::status(206)
+                    .header("content-range", &format!("bytes {a}-{b}/{}", data.len()))
+                    .header("etag", "\"e1\"")
+                    .body(&data[a..=b]),
+                _ => Reply::status(200).body(data),
+            }
+        }
+    }
+
+    /// Serve `answer` until the test ends; returns `http://127.0.0.1:PORT`.
+    pub(crate) async fn serve<F, Fut>(answer: F) -> String
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Reply> + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", l.local_addr().unwrap());
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let _ = connection(s, &*answer).await;
+                });
+            }
+        });
+        base
+    }
+
+    async fn connection<F, Fut>(s: TcpStream, answer: &F) -> std::io::Result<()>
+    where
+        F: Fn(Request) -> Fut,
+        Fut: Future<Output = Reply>,
+    {
+        let mut r = BufReader::new(s);
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let mut words = line.split_whitespace();
+            let method = words.next().unwrap_or("").to_string();
+            let target = words.next().unwrap_or("").to_string();
+            let mut headers = Vec::new();
+            loop {
+                let mut h = String::new();
+                r.read_line(&mut h).await?;
+                let h = h.trim_end();
+                if h.is_empty() {
+                    break;
+                }
+                if let Some((n, v)) = h.split_once(':') {
+                    headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+                }
+            }
+            let len = headers
+                .iter()
+                .find(|(n, _)| n == "content-length")
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).await?;
+            let reply = answer(Request {
+                method,
+                target,
+                headers,
+                body,
+            })
+            .await;
+            let mut head = format!(
+                "HTTP/1.1 {} Fake\r\ncontent-length: {}\r\n",
+                reply.status,
+                reply.body.len()
+            );
+            for (n, v) in &reply.headers {
+                head.push_str(&format!("{n}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            let w = r.get_mut();
+            w.write_all(head.as_bytes()).await?;
+            if let Some(d) = reply.stall {
+                w.flush().await?;
+                tokio::time::sleep(d).await;
+            }
+            w.write_all(&reply.body).await?;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1020,6 +1243,90 @@ mod tests {
         assert_eq!(parse_content_range("bytes 5-4/100"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);
         assert_eq!(parse_content_range("bytes */100"), None);
+    }
+
+    fn quick() -> OriginOptions {
+        OriginOptions {
+            hedge: Hedge::Off,
+            deadline: Duration::from_secs(2),
+            ..OriginOptions::default()
+        }
+    }
+
+    /// A target renewing its credentials after a 401, slower than the
+    /// stall bound of a block read: the renewal is waited for, not counted
+    /// as silence of the data request (which cancelled it on every try).
+    #[tokio::test]
+    async fn a_slow_renewal_is_not_cut_by_the_stall_bound() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        struct Slow {
+            base: String,
+            generation: AtomicU64,
+            renewals: AtomicU64,
+        }
+        impl Target for Slow {
+            fn url(&self, _suffix: &str) -> Url {
+                Url::parse(&format!("{}/o", self.base)).unwrap()
+            }
+            fn locator(&self) -> String {
+                "test://o".into()
+            }
+            fn auth(&self) -> Option<TargetAuth> {
+                let g = self.generation.load(Ordering::SeqCst);
+                let mut headers = HeaderMap::new();
+                headers.insert("x-auth-token", format!("t{g}").parse().unwrap());
+                Some(TargetAuth {
+                    headers,
+                    generation: g,
+                    renewal_failing: false,
+                })
+            }
+            fn unauthorized(&self, generation: u64) -> BoxFuture<'_, bool> {
+                Box::pin(async move {
+                    self.renewals.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    let _ = self.generation.compare_exchange(
+                        generation,
+                        generation + 1,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    );
+                    true
+                })
+            }
+        }
+        let data = vec![5u8; 1000];
+        // Token t0 is good for the probe only; t1 and later for reads.
+        let base = fake::serve(move |req| {
+            let ok = match req.header("x-auth-token") {
+                Some("t0") => req.header("range") == Some("bytes=0-0"),
+                Some(_) => true,
+                None => false,
+            };
+            let reply = if ok {
+                fake::Reply::ranged(&data, &req)
+            } else {
+                fake::Reply::status(401)
+            };
+            async move { reply }
+        })
+        .await;
+        let target = Arc::new(Slow {
+            base,
+            generation: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+        });
+        let opts = OriginOptions {
+            deadline: Duration::from_secs(3),
+            ..quick()
+        };
+        let mut o = HttpOrigin::open_target(target.clone(), &opts, Arc::new(Stats::default()))
+            .await
+            .unwrap();
+        o.stall = Duration::from_millis(250);
+        let got = o.read_range(ByteRange::new(10, 20).unwrap()).await;
+        assert_eq!(&got.unwrap()[..], &[5u8; 20][..]);
+        assert_eq!(target.renewals.load(Ordering::SeqCst), 1);
     }
 
     /// The log names the proxy reqwest (hyper-util's matcher) picks: the
