@@ -185,15 +185,20 @@ where
 }
 
 /// One request sent, its failure an [`Error`] of `kind` with context
-/// `what`.
+/// `what` (a refused redirect is always `OriginRefused`).
 async fn send_one(
     req: reqwest::RequestBuilder,
     kind: impl Fn(&reqwest::Error) -> ErrorKind,
     what: impl Fn() -> String,
 ) -> Result<reqwest::Response> {
-    req.send()
-        .await
-        .map_err(|e| Error::with_source(kind(&e), what(), no_url(e)))
+    req.send().await.map_err(|e| {
+        let kind = if redirect_refused(&e) {
+            ErrorKind::OriginRefused
+        } else {
+            kind(&e)
+        };
+        Error::with_source(kind, what(), no_url(e))
+    })
 }
 
 /// TimedOut for a timeout (retried), else Origin.
@@ -541,9 +546,93 @@ pub(super) async fn body_within(
     Ok(Some(body.freeze()))
 }
 
+/// Redirects a client of a fixed URL follows (reqwest's default count).
+const MAX_REDIRECTS: usize = 10;
+
+/// Which redirects a client that follows them follows. Without secrets of
+/// lazybd's, any (a public image behind a CDN's redirect is common). With
+/// them (`secrets`: extra headers, which carry bearer tokens and API keys),
+/// only hops within the origin: same scheme, host and port.
+///
+/// reqwest itself drops only `Authorization`, `Cookie` and
+/// `Proxy-Authorization`, only on a hop to another host or port, and
+/// follows https to http: an `X-Auth-Token` from `--header-file` would go
+/// to whatever host a redirect names, in clear text after a downgrade, and
+/// then with every block read (the probe's final URL is where all later
+/// requests go). The refusal names both URLs (redacted) and what to do.
+/// Clients of targets (tokens, signed URLs) follow no redirect at all.
+fn redirect_policy(secrets: bool) -> reqwest::redirect::Policy {
+    if !secrets {
+        return reqwest::redirect::Policy::limited(MAX_REDIRECTS);
+    }
+    reqwest::redirect::Policy::custom(|attempt| {
+        let refused = attempt
+            .previous()
+            .last()
+            .and_then(|from| leaves_origin(from, attempt.url()));
+        if let Some(why) = refused {
+            attempt.error(RedirectRefused(why))
+        } else if attempt.previous().len() >= MAX_REDIRECTS {
+            attempt.error(format!("too many redirects ({MAX_REDIRECTS})"))
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// Why a redirect from `from` to `to` may not carry extra headers; `None`
+/// within one origin (scheme, host, port).
+fn leaves_origin(from: &Url, to: &Url) -> Option<String> {
+    if from.scheme() == to.scheme()
+        && from.host_str() == to.host_str()
+        && from.port_or_known_default() == to.port_or_known_default()
+    {
+        return None;
+    }
+    let goes = if from.scheme() == "https" && to.scheme() != "https" {
+        "from https to plain http"
+    } else {
+        "to another origin (scheme, host or port)"
+    };
+    Some(format!(
+        "redirect from {} to {} refused: it goes {goes}, and the requests carry \
+         extra headers (--header, --header-file, LAZYBD_HEADERS, [origin] headers) \
+         that must not follow it there; if that origin may have them, give its URL \
+         as the origin",
+        redact(from),
+        redact(to)
+    ))
+}
+
+/// A redirect [`redirect_policy`] refused (the source of reqwest's error).
+#[derive(Debug)]
+struct RedirectRefused(String);
+
+impl std::fmt::Display for RedirectRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RedirectRefused {}
+
+/// Whether `e` is a redirect [`redirect_policy`] refused: not transient.
+fn redirect_refused(e: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<RedirectRefused>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// The HTTP client of an origin whose URLs have scheme `scheme` (and of the
 /// requests that authenticate to it): the proxy, extra CAs, timeouts and
 /// pool of `opts`, for the origin shown as `shown` in logs.
+/// `follow_redirects`: of a fixed URL (see [`redirect_policy`]); clients
+/// that send tokens, keys or passwords follow none.
 pub(super) fn client(
     opts: &OriginOptions,
     scheme: &str,
@@ -576,9 +665,11 @@ pub(super) fn client(
             builder.proxy(proxy)
         }
     };
-    if !follow_redirects {
-        builder = builder.redirect(reqwest::redirect::Policy::none());
-    }
+    builder = builder.redirect(if follow_redirects {
+        redirect_policy(!opts.headers.is_empty())
+    } else {
+        reqwest::redirect::Policy::none()
+    });
     if let Some(ca) = &opts.ca_file {
         let pem = std::fs::read(ca)
             .map_err(|e| Error::io(format!("reading CA file {}", ca.display()), e))?;
@@ -1251,6 +1342,105 @@ mod tests {
             deadline: Duration::from_secs(2),
             ..OriginOptions::default()
         }
+    }
+
+    /// An extra header (a token) must not go along a redirect to another
+    /// origin: the probe's final URL would then get it with every read.
+    /// Within the origin, and without extra headers, redirects are
+    /// followed (a public image behind a CDN's redirect).
+    #[tokio::test]
+    async fn extra_headers_never_follow_a_redirect_to_another_origin() {
+        use std::sync::Mutex;
+        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let (d, cdn_seen) = (data.clone(), Arc::new(Mutex::new(Vec::new())));
+        let seen = cdn_seen.clone();
+        let cdn = fake::serve(move |req| {
+            seen.lock()
+                .unwrap()
+                .push(req.header("x-auth-token").map(str::to_owned));
+            let reply = fake::Reply::ranged(&d, &req);
+            async move { reply }
+        })
+        .await;
+        let (d, to_cdn) = (data.clone(), format!("{cdn}/image.raw"));
+        let origin = fake::serve(move |req| {
+            let reply = match req.target.as_str() {
+                "/same.img" => fake::Reply::status(302).header("location", "/image.raw"),
+                "/image.raw" => fake::Reply::ranged(&d, &req),
+                _ => fake::Reply::status(302).header("location", &to_cdn),
+            };
+            async move { reply }
+        })
+        .await;
+        let stats = Arc::new(Stats::default());
+        let mut secret = quick();
+        secret.headers.fixed = vec![("X-Auth-Token".into(), "s3cret".into())];
+
+        let e = HttpOrigin::open(
+            &format!("{origin}/cdn.img?token=qs3cret"),
+            &secret,
+            stats.clone(),
+        )
+        .await
+        .err()
+        .expect("a redirect to another origin with a token header is refused");
+        let shown = e.to_string();
+        assert_eq!(e.kind(), ErrorKind::OriginRefused, "{shown}");
+        assert!(
+            shown.contains(&format!("redirect from {origin}/cdn.img?token=…"))
+                && shown.contains(&format!("to {cdn}/image.raw refused"))
+                && shown.contains("extra headers"),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(cdn_seen.lock().unwrap().is_empty(), "the CDN got a request");
+
+        // Within the origin: followed, header and all.
+        let o = HttpOrigin::open(&format!("{origin}/same.img"), &secret, stats.clone())
+            .await
+            .unwrap();
+        assert_eq!(o.identity().size, 4096);
+        let r = ByteRange::new(100, 200).unwrap();
+        assert_eq!(&o.read_range(r).await.unwrap()[..], &data[100..300]);
+
+        // No extra headers: the CDN's redirect is followed as before.
+        let o = HttpOrigin::open(&format!("{origin}/cdn.img"), &quick(), stats)
+            .await
+            .unwrap();
+        assert_eq!(&o.read_range(r).await.unwrap()[..], &data[100..300]);
+        assert!(cdn_seen.lock().unwrap().iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn which_redirects_leave_the_origin() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        for (from, to) in [
+            ("http://h/a", "http://h/b?x=1"),
+            ("http://h/a", "http://H:80/b"),
+            ("https://h:8443/a", "https://h:8443/b"),
+        ] {
+            assert_eq!(leaves_origin(&u(from), &u(to)), None, "{from} -> {to}");
+        }
+        for (from, to, why) in [
+            ("https://h/a", "http://h/a", "from https to plain http"),
+            (
+                "https://h:8443/a",
+                "http://h:8443/a",
+                "from https to plain http",
+            ),
+            ("http://h/a", "https://h/a", "another origin"),
+            ("https://h/a", "https://h:8443/a", "another origin"),
+            ("https://h/a", "https://g/a", "another origin"),
+        ] {
+            let e = leaves_origin(&u(from), &u(to)).expect("refused");
+            assert!(e.contains(why) && e.contains(from) && e.contains(to), "{e}");
+        }
+        let e = leaves_origin(
+            &u("https://user:pw@h/a?sig=SECRET1"),
+            &u("https://g/b?X-Amz-Signature=SECRET2"),
+        )
+        .unwrap();
+        assert!(!e.contains("SECRET") && !e.contains("pw"), "{e}");
     }
 
     /// A target renewing its credentials after a 401, slower than the
