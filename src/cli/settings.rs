@@ -115,7 +115,7 @@ pub fn header_source(
     files: &[PathBuf],
 ) -> anyhow::Result<HeaderSource> {
     let mut fixed = env_headers(env)?;
-    fixed.extend(parse_each("--header", flags, parse_header)?);
+    fixed.extend(parse_headers("--header", flags)?);
     Ok(HeaderSource {
         fixed,
         files: files.to_vec(),
@@ -132,9 +132,16 @@ fn env_headers(env: Option<&str>) -> anyhow::Result<Vec<(String, String)>> {
     }
 }
 
-/// One `Name: value` (the origin's parser; its error without the kind).
-fn parse_header(h: &str) -> Result<(String, String), String> {
-    headers::parse_line(h).map_err(|e| e.context().to_string())
+/// `Name: value` entries (the origin's parser): an error names the option
+/// `name` and which entry (1 the first), never the entry's text, which may
+/// be a secret.
+fn parse_headers(name: &str, list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    list.iter()
+        .enumerate()
+        .map(|(i, h)| {
+            headers::parse_line(h).map_err(|e| anyhow!("{name}: entry {}: {}", i + 1, e.context()))
+        })
+        .collect()
 }
 
 /// How errors name a config-file key: `config PATH: section.key`.
@@ -364,13 +371,9 @@ pub fn resolve(
     )?;
     // Not a choice: the file's headers, the environment's and the flags'
     // are all sent; header files are re-read on reload.
-    let mut fixed = parse_each(
-        &in_file(cfg, "origin.headers"),
-        &origin.headers,
-        parse_header,
-    )?;
+    let mut fixed = parse_headers(&in_file(cfg, "origin.headers"), &origin.headers)?;
     fixed.extend(env_headers(a.env_headers.as_deref())?);
-    fixed.extend(parse_each("--header", &a.headers, parse_header)?);
+    fixed.extend(parse_headers("--header", &a.headers)?);
     let mut files: Vec<PathBuf> = origin.header_file.iter().cloned().collect();
     files.extend(a.header_files.iter().cloned());
     let headers = HeaderSource { fixed, files };
@@ -1001,14 +1004,21 @@ mod tests {
         );
         a.env_headers = Some("E 5".into());
         let e = try_resolve(&a, &file("")).unwrap_err().to_string();
-        assert_eq!(e, "LAZYBD_HEADERS: line 1: expected 'Name: value'");
+        assert_eq!(
+            e,
+            "LAZYBD_HEADERS: line 1: expected 'Name: value' (no ':' found)"
+        );
         assert!(resolved(&[], "").origin_options.headers.is_empty());
-        let e = error(&["-H", "nocolon"], "");
-        assert_eq!(e, "--header: header \"nocolon\": expected 'Name: value'");
+        // Which entry, never its text (it may be a token).
+        let e = error(&["-H", "A: 1", "-H", "nocolon"], "");
+        assert_eq!(
+            e,
+            "--header: entry 2: expected 'Name: value' (no ':' found)"
+        );
         let e = error(&[], "[origin]\nheaders = [\"bad\"]\n");
         assert_eq!(
             e,
-            "config lazybd.toml: origin.headers: header \"bad\": expected 'Name: value'"
+            "config lazybd.toml: origin.headers: entry 1: expected 'Name: value' (no ':' found)"
         );
     }
 

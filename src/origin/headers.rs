@@ -29,43 +29,42 @@ pub struct HeaderSource {
     pub files: Vec<PathBuf>,
 }
 
-/// One `Name: value` line.
+/// One `Name: value` line, its name and value checked. An error never
+/// shows the line (a line without a colon is likely all value, a name
+/// with a space likely holds part of one): the caller names where the
+/// line came from (the flag and which one, the file and line number).
 pub fn parse_line(line: &str) -> Result<(String, String)> {
     let Some((n, v)) = line.split_once(':') else {
         return Err(Error::new(
             ErrorKind::InvalidInput,
-            format!("header {:?}: expected 'Name: value'", clip(line)),
+            "expected 'Name: value' (no ':' found)",
         ));
     };
-    Ok((n.trim().to_string(), v.trim().to_string()))
+    let (n, v) = (n.trim(), v.trim());
+    if HeaderName::from_bytes(n.as_bytes()).is_err() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "expected 'Name: value' (the name before ':' is not a header name)",
+        ));
+    }
+    if HeaderValue::from_str(v).is_err() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("header {n}: the value is not a valid header value"),
+        ));
+    }
+    Ok((n.to_string(), v.to_string()))
 }
 
 /// Every `Name: value` line of `text`, skipping blank lines and `#`
-/// comments; an error names the line (never its value: it may be a secret).
+/// comments; an error names the line (never its text: it may be a secret).
 pub fn parse_lines(text: &str) -> Result<Vec<(String, String)>> {
     text.lines()
         .enumerate()
         .map(|(i, l)| (i, l.trim()))
         .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
-        .map(|(i, l)| {
-            parse_line(l).map_err(|_| {
-                Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("line {}: expected 'Name: value'", i + 1),
-                )
-            })
-        })
+        .map(|(i, l)| parse_line(l).map_err(|e| e.context_prefix(format!("line {}", i + 1))))
         .collect()
-}
-
-/// The first characters of a line, for an error message.
-fn clip(s: &str) -> String {
-    let name: String = s.chars().take(24).collect();
-    if s.chars().count() > 24 {
-        format!("{name}…")
-    } else {
-        name
-    }
 }
 
 fn read_file(path: &Path) -> Result<Vec<(String, String)>> {
@@ -87,8 +86,10 @@ fn read_file(path: &Path) -> Result<Vec<(String, String)>> {
 fn to_map(pairs: &[(String, String)]) -> Result<HeaderMap> {
     let mut map = HeaderMap::new();
     for (name, value) in pairs {
+        // Not shown: a name that is not one may hold part of a value.
+        // (Lines are checked by `parse_line`; this is for pairs given.)
         let n = HeaderName::from_bytes(name.as_bytes()).map_err(|e| {
-            Error::with_source(ErrorKind::InvalidInput, format!("header name {name:?}"), e)
+            Error::with_source(ErrorKind::InvalidInput, "a header name is not valid", e)
         })?;
         let mut v = HeaderValue::from_str(value).map_err(|e| {
             Error::with_source(ErrorKind::InvalidInput, format!("header {name} value"), e)
@@ -163,8 +164,23 @@ mod tests {
             ]
         );
         let e = parse_lines("A: b\nsecret-without-colon\n").unwrap_err();
-        assert_eq!(e.to_string(), "line 2: expected 'Name: value'");
-        assert!(parse_line("no colon").is_err());
+        assert_eq!(
+            e.to_string(),
+            "line 2: expected 'Name: value' (no ':' found)"
+        );
+        // Never the text of a bad line, whatever is wrong with it.
+        for line in [
+            "s3cr3t-token-without-any-colon",
+            "X-Auth-Token s3cr3t: x",
+            "X-Auth-Token: s3cr3t\u{7f}",
+        ] {
+            let e = parse_line(line).unwrap_err().to_string();
+            assert!(!e.contains("s3cr3t"), "{line:?}: {e}");
+            let e = parse_lines(&format!("# c\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("line 2: ") && !e.contains("s3cr3t"), "{e}");
+        }
     }
 
     #[test]

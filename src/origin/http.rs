@@ -98,6 +98,11 @@ pub(super) trait Target: Send + Sync + 'static {
 pub(super) struct TargetAuth {
     pub(super) headers: HeaderMap,
     pub(super) generation: u64,
+    /// Getting fresh credentials for this generation failed for a reason
+    /// that passes (the token service answered 5xx, timed out or was
+    /// unreachable: a Keystone restart). A 401 to these credentials is then
+    /// retried like a 5xx, not reported as a refusal.
+    pub(super) renewal_failing: bool,
 }
 
 /// How requests find the image.
@@ -137,13 +142,23 @@ impl Address {
 /// If-Match). A 401 to a target that can authenticate again is retried
 /// once with its fresh credentials: a token that expired between two reads
 /// costs one round trip, not an error.
-async fn send(
+///
+/// Each request is sent by `once` (which bounds it: the stall bound of block
+/// reads); getting fresh credentials between the two is not, so a token
+/// service slower than a stall is waited for (its own client's timeout
+/// bounds it) instead of being cancelled mid-request on every attempt.
+async fn send<F, Fut>(
     client: &reqwest::Client,
     address: &Address,
     headers: &LiveHeaders,
     suffix: &str,
     extra: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
-) -> reqwest::Result<reqwest::Response> {
+    once: F,
+) -> Result<reqwest::Response>
+where
+    F: Fn(reqwest::RequestBuilder) -> Fut,
+    Fut: std::future::Future<Output = Result<reqwest::Response>>,
+{
     let build = || {
         let mut req = client
             .get(address.url(suffix))
@@ -158,15 +173,41 @@ async fn send(
         (extra(req), generation)
     };
     let (req, generation) = build();
-    let resp = req.send().await?;
+    let resp = once(req).await?;
     if resp.status() == StatusCode::UNAUTHORIZED {
         if let (Address::Target(t), Some(g)) = (address, generation) {
             if t.unauthorized(g).await {
-                return build().0.send().await;
+                return once(build().0).await;
             }
         }
     }
     Ok(resp)
+}
+
+/// One request sent, its failure an [`Error`] of `kind` with context
+/// `what` (a refused redirect is always `OriginRefused`).
+async fn send_one(
+    req: reqwest::RequestBuilder,
+    kind: impl Fn(&reqwest::Error) -> ErrorKind,
+    what: impl Fn() -> String,
+) -> Result<reqwest::Response> {
+    req.send().await.map_err(|e| {
+        let kind = if redirect_refused(&e) {
+            ErrorKind::OriginRefused
+        } else {
+            kind(&e)
+        };
+        Error::with_source(kind, what(), no_url(e))
+    })
+}
+
+/// TimedOut for a timeout (retried), else Origin.
+fn timeout_or_origin(e: &reqwest::Error) -> ErrorKind {
+    if e.is_timeout() {
+        ErrorKind::TimedOut
+    } else {
+        ErrorKind::Origin
+    }
 }
 
 /// Silence (no byte of headers or body) after which a block request is
@@ -212,9 +253,9 @@ pub(crate) struct HttpOrigin {
     connections: usize,
     retries: u32,
     deadline: Duration,
-    /// Bound on one request, body included (the client enforces it too);
-    /// the stall bound of block reads never exceeds it.
-    request_timeout: Duration,
+    /// The stall bound of block reads ([`STALL`]), never more than the
+    /// bound on one request (body included, which the client enforces).
+    stall: Duration,
     hedge: Hedge,
     stats: Arc<Stats>,
 }
@@ -336,7 +377,7 @@ fn without_query(url: &Url) -> String {
 /// A URL as logs and errors show it: no credentials (`user:pass@`), every
 /// query parameter, the values of secret ones (see [`SECRET_NAME_PARTS`])
 /// replaced by `…`. (Expiry dates stay visible: they explain a 403.)
-fn redact(url: &Url) -> String {
+pub(super) fn redact(url: &Url) -> String {
     match show_query(query_pieces(url)) {
         (q, _) if q.is_empty() => without_query(url),
         (q, _) => format!("{}?{q}", without_query(url)),
@@ -372,20 +413,47 @@ pub(crate) fn locator(url: &Url) -> String {
     format!("{base}?{shown} [query sha256 {hex}]")
 }
 
-/// The proxy the environment names for `scheme`, as reqwest picks it
-/// (lower-case names first, as curl), for the log: (variable, value).
-fn env_proxy(scheme: &str) -> Option<(&'static str, String)> {
-    let names: &[&'static str] = if scheme == "https" {
-        &["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]
-    } else {
-        &["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+/// The proxy the environment names for `scheme`, for the log: (variable,
+/// value), picked the way reqwest 0.12 (hyper-util's proxy matcher) picks
+/// it, so the log names the proxy really used: the UPPER-case name first,
+/// then the lower-case one, the first that is *set* counting (even empty);
+/// a value it cannot use (empty, an unknown scheme, no host) falls back to
+/// `ALL_PROXY` / `all_proxy` the same way; none at all under CGI
+/// (`REQUEST_METHOD` set). `var` reads the environment.
+fn env_proxy(scheme: &str, var: &dyn Fn(&str) -> Option<String>) -> Option<(&'static str, String)> {
+    if var("REQUEST_METHOD").is_some() {
+        return None;
+    }
+    let first = |names: [&'static str; 2]| {
+        names
+            .iter()
+            .find_map(|n| var(n).map(|v| (*n, v)))
+            .filter(|(_, v)| usable_proxy(v))
     };
-    names.iter().find_map(|n| {
-        std::env::var(n)
-            .ok()
-            .filter(|v| !v.is_empty())
-            .map(|v| (*n, v))
-    })
+    let named = if scheme == "https" {
+        first(["HTTPS_PROXY", "https_proxy"])
+    } else {
+        first(["HTTP_PROXY", "http_proxy"])
+    };
+    named.or_else(|| first(["ALL_PROXY", "all_proxy"]))
+}
+
+/// Whether a proxy variable's value is one reqwest takes: an optional
+/// http, https or socks scheme and a host (`user:pass@p:3128` is).
+fn usable_proxy(v: &str) -> bool {
+    let rest = match v.split_once("://") {
+        Some((scheme, rest)) => {
+            let known = ["http", "https", "socks4", "socks4a", "socks5", "socks5h"];
+            if !known.iter().any(|k| k.eq_ignore_ascii_case(scheme)) {
+                return false;
+            }
+            rest
+        }
+        None => v,
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    !host.is_empty() && !host.starts_with(':') && !v.chars().any(char::is_whitespace)
 }
 
 /// A proxy URL with its credentials replaced (proxies often carry one).
@@ -409,6 +477,9 @@ fn proxy_credentials_never_show() {
     for (given, shown) in [
         ("http://u:secret@p:3128", "http://…@p:3128"),
         ("u:secret@p:3128", "…@p:3128"),
+        // A user name alone is often the secret (a token as the user).
+        ("http://tok3n@p:3128", "http://…@p:3128"),
+        ("tok3n@p:3128", "…@p:3128"),
         ("http://p:3128", "http://p:3128"),
     ] {
         assert_eq!(redact_userinfo(given), shown);
@@ -433,7 +504,7 @@ fn header_str(h: &HeaderMap, name: HeaderName) -> Option<String> {
 }
 
 /// Status codes worth retrying: the server or a proxy had a bad moment.
-fn transient(status: StatusCode) -> bool {
+pub(super) fn transient(status: StatusCode) -> bool {
     status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
@@ -467,30 +538,129 @@ pub(super) async fn body_capped(
     max: u64,
     what: &str,
 ) -> Result<Bytes> {
-    let err =
-        |e: reqwest::Error| Error::with_source(ErrorKind::Origin, what.to_string(), no_url(e));
-    if resp.content_length().is_some_and(|n| n > max) {
-        return Err(Error::new(
+    let larger = || {
+        Error::new(
             ErrorKind::Origin,
             format!("{what}: larger than {max} bytes"),
-        ));
+        )
+    };
+    if resp.content_length().is_some_and(|n| n > max) {
+        return Err(larger());
     }
+    match body_within(resp, max).await {
+        Ok(Some(b)) => Ok(b),
+        Ok(None) => Err(larger()),
+        Err(e) => Err(Error::with_source(
+            ErrorKind::Origin,
+            what.to_string(),
+            no_url(e),
+        )),
+    }
+}
+
+/// The body of `resp`, or `None` as soon as it proves longer than `max`
+/// bytes (nothing past that is read: a body can be anything, an image).
+pub(super) async fn body_within(
+    resp: &mut reqwest::Response,
+    max: u64,
+) -> reqwest::Result<Option<Bytes>> {
     let mut body = BytesMut::new();
-    while let Some(chunk) = resp.chunk().await.map_err(err)? {
+    while let Some(chunk) = resp.chunk().await? {
         if body.len() as u64 + chunk.len() as u64 > max {
-            return Err(Error::new(
-                ErrorKind::Origin,
-                format!("{what}: larger than {max} bytes"),
-            ));
+            return Ok(None);
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
+    Ok(Some(body.freeze()))
+}
+
+/// Redirects a client of a fixed URL follows (reqwest's default count).
+const MAX_REDIRECTS: usize = 10;
+
+/// Which redirects a client that follows them follows. Without secrets of
+/// lazybd's, any (a public image behind a CDN's redirect is common). With
+/// them (`secrets`: extra headers, which carry bearer tokens and API keys),
+/// only hops within the origin: same scheme, host and port.
+///
+/// reqwest itself drops only `Authorization`, `Cookie` and
+/// `Proxy-Authorization`, only on a hop to another host or port, and
+/// follows https to http: an `X-Auth-Token` from `--header-file` would go
+/// to whatever host a redirect names, in clear text after a downgrade, and
+/// then with every block read (the probe's final URL is where all later
+/// requests go). The refusal names both URLs (redacted) and what to do.
+/// Clients of targets (tokens, signed URLs) follow no redirect at all.
+fn redirect_policy(secrets: bool) -> reqwest::redirect::Policy {
+    if !secrets {
+        return reqwest::redirect::Policy::limited(MAX_REDIRECTS);
+    }
+    reqwest::redirect::Policy::custom(|attempt| {
+        let refused = attempt
+            .previous()
+            .last()
+            .and_then(|from| leaves_origin(from, attempt.url()));
+        if let Some(why) = refused {
+            attempt.error(RedirectRefused(why))
+        } else if attempt.previous().len() >= MAX_REDIRECTS {
+            attempt.error(format!("too many redirects ({MAX_REDIRECTS})"))
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// Why a redirect from `from` to `to` may not carry extra headers; `None`
+/// within one origin (scheme, host, port).
+fn leaves_origin(from: &Url, to: &Url) -> Option<String> {
+    if from.scheme() == to.scheme()
+        && from.host_str() == to.host_str()
+        && from.port_or_known_default() == to.port_or_known_default()
+    {
+        return None;
+    }
+    let goes = if from.scheme() == "https" && to.scheme() != "https" {
+        "from https to plain http"
+    } else {
+        "to another origin (scheme, host or port)"
+    };
+    Some(format!(
+        "redirect from {} to {} refused: it goes {goes}, and the requests carry \
+         extra headers (--header, --header-file, LAZYBD_HEADERS, [origin] headers) \
+         that must not follow it there; if that origin may have them, give its URL \
+         as the origin",
+        redact(from),
+        redact(to)
+    ))
+}
+
+/// A redirect [`redirect_policy`] refused (the source of reqwest's error).
+#[derive(Debug)]
+struct RedirectRefused(String);
+
+impl std::fmt::Display for RedirectRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RedirectRefused {}
+
+/// Whether `e` is a redirect [`redirect_policy`] refused: not transient.
+fn redirect_refused(e: &reqwest::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<RedirectRefused>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// The HTTP client of an origin whose URLs have scheme `scheme` (and of the
 /// requests that authenticate to it): the proxy, extra CAs, timeouts and
 /// pool of `opts`, for the origin shown as `shown` in logs.
+/// `follow_redirects`: of a fixed URL (see [`redirect_policy`]); clients
+/// that send tokens, keys or passwords follow none.
 pub(super) fn client(
     opts: &OriginOptions,
     scheme: &str,
@@ -501,7 +671,7 @@ pub(super) fn client(
     builder = match &opts.proxy {
         // reqwest reads the variables itself (and NO_PROXY).
         ProxySetting::FromEnv => {
-            if let Some((var, p)) = env_proxy(scheme) {
+            if let Some((var, p)) = env_proxy(scheme, &|n| std::env::var(n).ok()) {
                 tracing::info!(origin = %shown, proxy = %redact_userinfo(&p), from = var,
                     "origin requests go through a proxy (NO_PROXY honoured)");
             }
@@ -523,9 +693,11 @@ pub(super) fn client(
             builder.proxy(proxy)
         }
     };
-    if !follow_redirects {
-        builder = builder.redirect(reqwest::redirect::Policy::none());
-    }
+    builder = builder.redirect(if follow_redirects {
+        redirect_policy(!opts.headers.is_empty())
+    } else {
+        reqwest::redirect::Policy::none()
+    });
     if let Some(ca) = &opts.ca_file {
         let pem = std::fs::read(ca)
             .map_err(|e| Error::io(format!("reading CA file {}", ca.display()), e))?;
@@ -587,13 +759,15 @@ impl HttpOrigin {
         let follow = matches!(address, Address::Fixed(_));
         let client = client(opts, url.scheme(), &shown, follow)?;
         let live = LiveHeaders::new(opts.headers.clone())?;
-        let resp = send(&client, &address, &live, "", |r| {
-            r.header(RANGE, "bytes=0-0")
-        })
-        .await
-        .map_err(|e| {
-            Error::with_source(ErrorKind::Origin, format!("probing {shown}"), no_url(e))
-        })?;
+        let resp = send(
+            &client,
+            &address,
+            &live,
+            "",
+            |r| r.header(RANGE, "bytes=0-0"),
+            |req| send_one(req, |_| ErrorKind::Origin, || format!("probing {shown}")),
+        )
+        .await?;
         Stats::add(&stats.origin_requests, 1);
         let status = resp.status();
         let final_url = resp.url().clone();
@@ -697,10 +871,19 @@ impl HttpOrigin {
             connections: opts.connections.max(1),
             retries: opts.retries,
             deadline: opts.deadline,
-            request_timeout: opts.request_timeout,
+            stall: STALL.min(opts.request_timeout),
             hedge: opts.hedge,
             stats,
         })
+    }
+
+    /// The target's credentials were refused and getting new ones fails
+    /// for now, for a reason that passes (see [`TargetAuth`]).
+    fn renewal_failing(&self) -> bool {
+        match &self.address {
+            Address::Target(t) => t.auth().is_some_and(|a| a.renewal_failing),
+            Address::Fixed(_) => false,
+        }
     }
 
     /// Check the validator of a response against the one we opened with.
@@ -748,19 +931,15 @@ impl HttpOrigin {
                 None => r,
             }
         };
-        let stall = STALL.min(self.request_timeout);
-        let mut resp = within(stall, ctx, async {
-            send(&self.client, &self.address, &self.headers, "", extra)
-                .await
-                .map_err(|e| {
-                    let kind = if e.is_timeout() {
-                        ErrorKind::TimedOut
-                    } else {
-                        ErrorKind::Origin
-                    };
-                    Error::with_source(kind, ctx(), no_url(e))
-                })
-        })
+        let stall = self.stall;
+        let mut resp = send(
+            &self.client,
+            &self.address,
+            &self.headers,
+            "",
+            extra,
+            |req| within(stall, ctx, send_one(req, timeout_or_origin, ctx)),
+        )
         .await?;
         let status = resp.status();
         if status != StatusCode::PARTIAL_CONTENT {
@@ -773,6 +952,9 @@ impl HttpOrigin {
                 // Only sent with If-Match: the ETag is no longer the object's.
                 StatusCode::PRECONDITION_FAILED => ErrorKind::OriginChanged,
                 s if transient(s) => ErrorKind::Origin,
+                // The token expired and its service cannot give a new one
+                // for now (down, restarting): retried until it can.
+                StatusCode::UNAUTHORIZED if self.renewal_failing() => ErrorKind::Origin,
                 // 401/403 and friends: retrying will not change the answer.
                 _ => ErrorKind::OriginRefused,
             };
@@ -871,12 +1053,16 @@ impl Origin for HttpOrigin {
         let shown = self.address.shown(suffix);
         let suffix = suffix.to_string();
         Box::pin(async move {
-            let err = |e: reqwest::Error| {
-                Error::with_source(ErrorKind::Origin, format!("GET {shown}"), no_url(e))
-            };
-            let mut resp = send(&self.client, &self.address, &self.headers, &suffix, |r| r)
-                .await
-                .map_err(err)?;
+            let what = || format!("GET {shown}");
+            let mut resp = send(
+                &self.client,
+                &self.address,
+                &self.headers,
+                &suffix,
+                |r| r,
+                |req| send_one(req, |_| ErrorKind::Origin, what),
+            )
+            .await?;
             match resp.status() {
                 StatusCode::OK => {}
                 StatusCode::NOT_FOUND | StatusCode::FORBIDDEN | StatusCode::GONE => {
@@ -889,9 +1075,14 @@ impl Origin for HttpOrigin {
                     ))
                 }
             }
-            body_capped(&mut resp, max, &format!("GET {shown}"))
-                .await
-                .map(Some)
+            match body_within(&mut resp, max).await {
+                Ok(Some(body)) => Ok(Some(body)),
+                Ok(None) => Err(Error::new(
+                    ErrorKind::Origin,
+                    format!("GET {shown}: larger than {max} bytes"),
+                )),
+                Err(e) => Err(Error::with_source(ErrorKind::Origin, what(), no_url(e))),
+            }
         })
     }
 
@@ -997,6 +1188,166 @@ impl HttpOrigin {
     }
 }
 
+/// A small HTTP/1.1 server for the tests of origins that are HTTP
+/// underneath (fixed URLs, Swift, Keystone): every request is answered by a
+/// function of it, on 127.0.0.1, port 0.
+#[cfg(test)]
+pub(super) mod fake {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+
+    pub(crate) struct Request {
+        pub(crate) method: String,
+        /// Path and query.
+        pub(crate) target: String,
+        /// Names in lower case.
+        pub(crate) headers: Vec<(String, String)>,
+        pub(crate) body: Vec<u8>,
+    }
+
+    impl Request {
+        pub(crate) fn header(&self, name: &str) -> Option<&str> {
+            let name = name.to_ascii_lowercase();
+            self.headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    pub(crate) struct Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        /// Send the head, then nothing for this long, then the body.
+        stall: Option<Duration>,
+    }
+
+    impl Reply {
+        pub(crate) fn status(status: u16) -> Reply {
+            Reply {
+                status,
+                headers: Vec::new(),
+                body: Vec::new(),
+                stall: None,
+            }
+        }
+
+        pub(crate) fn header(mut self, name: &str, value: &str) -> Reply {
+            self.headers.push((name.into(), value.into()));
+            self
+        }
+
+        pub(crate) fn body(mut self, body: impl Into<Vec<u8>>) -> Reply {
+            self.body = body.into();
+            self
+        }
+
+        pub(crate) fn stall_body(mut self, d: Duration) -> Reply {
+            self.stall = Some(d);
+            self
+        }
+
+        /// `data`'s range asked by `req` (206, ETag "e1"), or all of it.
+        pub(crate) fn ranged(data: &[u8], req: &Request) -> Reply {
+            let range = req.header("range").and_then(|r| {
+                let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+                Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
+            });
+            match range {
+                Some((a, b)) if a <= b && b < data.len() => Reply::status(206)
+                    .header("content-range", &format!("bytes {a}-{b}/{}", data.len()))
+                    .header("etag", "\"e1\"")
+                    .body(&data[a..=b]),
+                _ => Reply::status(200).body(data),
+            }
+        }
+    }
+
+    /// Serve `answer` until the test ends; returns `http://127.0.0.1:PORT`.
+    pub(crate) async fn serve<F, Fut>(answer: F) -> String
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Reply> + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", l.local_addr().unwrap());
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let _ = connection(s, &*answer).await;
+                });
+            }
+        });
+        base
+    }
+
+    async fn connection<F, Fut>(s: TcpStream, answer: &F) -> std::io::Result<()>
+    where
+        F: Fn(Request) -> Fut,
+        Fut: Future<Output = Reply>,
+    {
+        let mut r = BufReader::new(s);
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let mut words = line.split_whitespace();
+            let method = words.next().unwrap_or("").to_string();
+            let target = words.next().unwrap_or("").to_string();
+            let mut headers = Vec::new();
+            loop {
+                let mut h = String::new();
+                r.read_line(&mut h).await?;
+                let h = h.trim_end();
+                if h.is_empty() {
+                    break;
+                }
+                if let Some((n, v)) = h.split_once(':') {
+                    headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
+                }
+            }
+            let len = headers
+                .iter()
+                .find(|(n, _)| n == "content-length")
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; len];
+            r.read_exact(&mut body).await?;
+            let reply = answer(Request {
+                method,
+                target,
+                headers,
+                body,
+            })
+            .await;
+            let mut head = format!(
+                "HTTP/1.1 {} Fake\r\ncontent-length: {}\r\n",
+                reply.status,
+                reply.body.len()
+            );
+            for (n, v) in &reply.headers {
+                head.push_str(&format!("{n}: {v}\r\n"));
+            }
+            head.push_str("\r\n");
+            let w = r.get_mut();
+            w.write_all(head.as_bytes()).await?;
+            if let Some(d) = reply.stall {
+                w.flush().await?;
+                tokio::time::sleep(d).await;
+            }
+            w.write_all(&reply.body).await?;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1011,6 +1362,254 @@ mod tests {
         assert_eq!(parse_content_range("bytes 5-4/100"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);
         assert_eq!(parse_content_range("bytes */100"), None);
+    }
+
+    fn quick() -> OriginOptions {
+        OriginOptions {
+            hedge: Hedge::Off,
+            deadline: Duration::from_secs(2),
+            ..OriginOptions::default()
+        }
+    }
+
+    /// An extra header (a token) must not go along a redirect to another
+    /// origin: the probe's final URL would then get it with every read.
+    /// Within the origin, and without extra headers, redirects are
+    /// followed (a public image behind a CDN's redirect).
+    #[tokio::test]
+    async fn extra_headers_never_follow_a_redirect_to_another_origin() {
+        use std::sync::Mutex;
+        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let (d, cdn_seen) = (data.clone(), Arc::new(Mutex::new(Vec::new())));
+        let seen = cdn_seen.clone();
+        let cdn = fake::serve(move |req| {
+            seen.lock()
+                .unwrap()
+                .push(req.header("x-auth-token").map(str::to_owned));
+            let reply = fake::Reply::ranged(&d, &req);
+            async move { reply }
+        })
+        .await;
+        let (d, to_cdn) = (data.clone(), format!("{cdn}/image.raw"));
+        let origin = fake::serve(move |req| {
+            let reply = match req.target.as_str() {
+                "/same.img" => fake::Reply::status(302).header("location", "/image.raw"),
+                "/image.raw" => fake::Reply::ranged(&d, &req),
+                _ => fake::Reply::status(302).header("location", &to_cdn),
+            };
+            async move { reply }
+        })
+        .await;
+        let stats = Arc::new(Stats::default());
+        let mut secret = quick();
+        secret.headers.fixed = vec![("X-Auth-Token".into(), "s3cret".into())];
+
+        let e = HttpOrigin::open(
+            &format!("{origin}/cdn.img?token=qs3cret"),
+            &secret,
+            stats.clone(),
+        )
+        .await
+        .err()
+        .expect("a redirect to another origin with a token header is refused");
+        let shown = e.to_string();
+        assert_eq!(e.kind(), ErrorKind::OriginRefused, "{shown}");
+        assert!(
+            shown.contains(&format!("redirect from {origin}/cdn.img?token=…"))
+                && shown.contains(&format!("to {cdn}/image.raw refused"))
+                && shown.contains("extra headers"),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(cdn_seen.lock().unwrap().is_empty(), "the CDN got a request");
+
+        // Within the origin: followed, header and all.
+        let o = HttpOrigin::open(&format!("{origin}/same.img"), &secret, stats.clone())
+            .await
+            .unwrap();
+        assert_eq!(o.identity().size, 4096);
+        let r = ByteRange::new(100, 200).unwrap();
+        assert_eq!(&o.read_range(r).await.unwrap()[..], &data[100..300]);
+
+        // No extra headers: the CDN's redirect is followed as before.
+        let o = HttpOrigin::open(&format!("{origin}/cdn.img"), &quick(), stats)
+            .await
+            .unwrap();
+        assert_eq!(&o.read_range(r).await.unwrap()[..], &data[100..300]);
+        assert!(cdn_seen.lock().unwrap().iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn which_redirects_leave_the_origin() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        for (from, to) in [
+            ("http://h/a", "http://h/b?x=1"),
+            ("http://h/a", "http://H:80/b"),
+            ("https://h:8443/a", "https://h:8443/b"),
+        ] {
+            assert_eq!(leaves_origin(&u(from), &u(to)), None, "{from} -> {to}");
+        }
+        for (from, to, why) in [
+            ("https://h/a", "http://h/a", "from https to plain http"),
+            (
+                "https://h:8443/a",
+                "http://h:8443/a",
+                "from https to plain http",
+            ),
+            ("http://h/a", "https://h/a", "another origin"),
+            ("https://h/a", "https://h:8443/a", "another origin"),
+            ("https://h/a", "https://g/a", "another origin"),
+        ] {
+            let e = leaves_origin(&u(from), &u(to)).expect("refused");
+            assert!(e.contains(why) && e.contains(from) && e.contains(to), "{e}");
+        }
+        let e = leaves_origin(
+            &u("https://user:pw@h/a?sig=SECRET1"),
+            &u("https://g/b?X-Amz-Signature=SECRET2"),
+        )
+        .unwrap();
+        assert!(!e.contains("SECRET") && !e.contains("pw"), "{e}");
+    }
+
+    /// A target renewing its credentials after a 401, slower than the
+    /// stall bound of a block read: the renewal is waited for, not counted
+    /// as silence of the data request (which cancelled it on every try).
+    #[tokio::test]
+    async fn a_slow_renewal_is_not_cut_by_the_stall_bound() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        struct Slow {
+            base: String,
+            generation: AtomicU64,
+            renewals: AtomicU64,
+        }
+        impl Target for Slow {
+            fn url(&self, _suffix: &str) -> Url {
+                Url::parse(&format!("{}/o", self.base)).unwrap()
+            }
+            fn locator(&self) -> String {
+                "test://o".into()
+            }
+            fn auth(&self) -> Option<TargetAuth> {
+                let g = self.generation.load(Ordering::SeqCst);
+                let mut headers = HeaderMap::new();
+                headers.insert("x-auth-token", format!("t{g}").parse().unwrap());
+                Some(TargetAuth {
+                    headers,
+                    generation: g,
+                    renewal_failing: false,
+                })
+            }
+            fn unauthorized(&self, generation: u64) -> BoxFuture<'_, bool> {
+                Box::pin(async move {
+                    self.renewals.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    let _ = self.generation.compare_exchange(
+                        generation,
+                        generation + 1,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    );
+                    true
+                })
+            }
+        }
+        let data = vec![5u8; 1000];
+        // Token t0 is good for the probe only; t1 and later for reads.
+        let base = fake::serve(move |req| {
+            let ok = match req.header("x-auth-token") {
+                Some("t0") => req.header("range") == Some("bytes=0-0"),
+                Some(_) => true,
+                None => false,
+            };
+            let reply = if ok {
+                fake::Reply::ranged(&data, &req)
+            } else {
+                fake::Reply::status(401)
+            };
+            async move { reply }
+        })
+        .await;
+        let target = Arc::new(Slow {
+            base,
+            generation: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+        });
+        let opts = OriginOptions {
+            deadline: Duration::from_secs(3),
+            ..quick()
+        };
+        let mut o = HttpOrigin::open_target(target.clone(), &opts, Arc::new(Stats::default()))
+            .await
+            .unwrap();
+        o.stall = Duration::from_millis(250);
+        let got = o.read_range(ByteRange::new(10, 20).unwrap()).await;
+        assert_eq!(&got.unwrap()[..], &[5u8; 20][..]);
+        assert_eq!(target.renewals.load(Ordering::SeqCst), 1);
+    }
+
+    /// The log names the proxy reqwest (hyper-util's matcher) picks: the
+    /// UPPER-case variable first, the first one set counting even when
+    /// empty, `ALL_PROXY` when that gives none usable, nothing under CGI.
+    #[test]
+    fn the_proxy_logged_is_the_one_reqwest_uses() {
+        fn pick(scheme: &str, vars: &[(&str, &str)]) -> Option<(&'static str, String)> {
+            env_proxy(scheme, &|n| {
+                vars.iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| v.to_string())
+            })
+        }
+        let both = [
+            ("http_proxy", "http://lower:1"),
+            ("HTTP_PROXY", "http://upper:1"),
+            ("https_proxy", "http://lower:2"),
+            ("HTTPS_PROXY", "http://upper:2"),
+        ];
+        assert_eq!(
+            pick("http", &both),
+            Some(("HTTP_PROXY", "http://upper:1".into()))
+        );
+        assert_eq!(
+            pick("https", &both),
+            Some(("HTTPS_PROXY", "http://upper:2".into()))
+        );
+        assert_eq!(
+            pick("https", &[("https_proxy", "http://lower:2")]),
+            Some(("https_proxy", "http://lower:2".into()))
+        );
+        // Set but empty hides the lower-case one.
+        let vars = [
+            ("HTTP_PROXY", ""),
+            ("http_proxy", "http://lower:1"),
+            ("all_proxy", "http://all:1"),
+        ];
+        assert_eq!(
+            pick("http", &vars),
+            Some(("all_proxy", "http://all:1".into()))
+        );
+        assert_eq!(pick("http", &vars[..2]), None);
+        // A value reqwest cannot use falls back to ALL_PROXY.
+        let vars = [
+            ("HTTPS_PROXY", "ftp://x:1"),
+            ("ALL_PROXY", "socks5://s:1080"),
+        ];
+        assert_eq!(
+            pick("https", &vars),
+            Some(("ALL_PROXY", "socks5://s:1080".into()))
+        );
+        assert_eq!(
+            pick("https", &[("HTTPS_PROXY", "u:pw@p:3128")]),
+            Some(("HTTPS_PROXY", "u:pw@p:3128".into()))
+        );
+        // CGI: the environment's proxies are not used at all.
+        assert_eq!(
+            pick(
+                "http",
+                &[("REQUEST_METHOD", "GET"), ("HTTP_PROXY", "http://p:1")]
+            ),
+            None
+        );
+        assert_eq!(pick("http", &[("HTTPS_PROXY", "http://p:1")]), None);
     }
 
     #[test]

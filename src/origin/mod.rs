@@ -172,8 +172,9 @@ impl std::str::FromStr for Hedge {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ProxySetting {
     /// `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` by the URL's scheme
-    /// (lower-case names too), `NO_PROXY` honoured: what curl and the AWS
-    /// and OpenStack tools do.
+    /// (lower-case names too; the upper-case one first, as reqwest reads
+    /// them), `NO_PROXY` honoured: what curl and the AWS and OpenStack
+    /// tools do.
     #[default]
     FromEnv,
     /// Direct, whatever the environment says.

@@ -15,13 +15,25 @@
 //! Passwords, keys and tokens are `Secret`s: never logged, never shown.
 
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::header::{HeaderMap, HeaderValue, LOCATION};
 use reqwest::{StatusCode, Url};
+use tokio::sync::watch;
 
 use super::aws::Secret;
-use super::http::TargetAuth;
+use super::http::{self, TargetAuth};
 use crate::error::{Error, ErrorKind, Result};
+
+/// The most of Keystone's answer read: a token's catalog is a few KiB to a
+/// few hundred (one endpoint per service, region and interface).
+const CATALOG_MAX: u64 = 16 << 20;
+
+/// How long a failed renewal stands: a 401 meanwhile is answered with its
+/// error, and the token service is not asked again before it has passed
+/// (Keystone locks a user out after `lockout_failure_attempts` failures,
+/// and a service restarting is not helped by every read asking it).
+const RENEWAL_BACKOFF: Duration = Duration::from_secs(15);
 
 /// An OpenStack service lazybd reads from.
 pub(super) struct Service {
@@ -76,10 +88,15 @@ pub(super) enum Auth {
 pub(super) fn endpoint_url(s: &str, from: &str) -> Result<Url> {
     match Url::parse(s) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base() => Ok(u),
-        _ => Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!("{from} {s:?} is not an http:// or https:// URL"),
-        )),
+        _ => {
+            // Shown without credentials or query, textually (it is no URL
+            // of ours: `user:pw@host` parses as a path of scheme `user`).
+            let shown = http::redact_userinfo(s.split(['?', '#']).next().unwrap_or(s));
+            Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{from} {shown:?} is not an http:// or https:// URL"),
+            ))
+        }
     }
 }
 
@@ -139,7 +156,8 @@ impl Auth {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
                 format!(
-                    "OS_AUTH_URL {a:?} is Keystone v2, which lazybd does not speak: use the v3 URL"
+                    "OS_AUTH_URL {:?} is Keystone v2, which lazybd does not speak: use the v3 URL",
+                    http::redact(&url)
                 ),
             ));
         }
@@ -229,13 +247,29 @@ impl Auth {
         })
     }
 
-    /// For logs: how tokens are got, never a secret.
+    /// For logs and errors: how tokens are got, never a secret (the URL
+    /// without `user:pass@`, secret query values hidden).
     pub(super) fn describe(&self) -> String {
         match self {
             Auth::None { .. } => "no authentication".into(),
             Auth::Given { .. } => "OS_AUTH_TOKEN (not renewable)".into(),
-            Auth::V1 { url, user, .. } => format!("v1 auth at {url} as {user} (ST_AUTH)"),
-            Auth::V3 { url, who, .. } => format!("Keystone v3 at {url} as {who} (OS_AUTH_URL)"),
+            Auth::V1 { url, user, .. } => {
+                format!("v1 auth at {} as {user} (ST_AUTH)", http::redact(url))
+            }
+            Auth::V3 { url, who, .. } => {
+                format!(
+                    "Keystone v3 at {} as {who} (OS_AUTH_URL)",
+                    http::redact(url)
+                )
+            }
+        }
+    }
+
+    /// The variable naming where tokens come from.
+    fn var(&self) -> &'static str {
+        match self {
+            Auth::V1 { .. } => "ST_AUTH",
+            _ => "OS_AUTH_URL",
         }
     }
 
@@ -253,16 +287,48 @@ impl Auth {
     }
 
     /// A token (none without authentication) and the endpoint to use it on.
+    ///
+    /// `client` MUST follow no redirects (`http::client(.., false)`): a
+    /// redirect would take the password or key along. One is refused,
+    /// saying where it pointed. The error's kind tells a failure that
+    /// passes (`Origin`: 5xx, 408, 429, timeouts, no connection) from a
+    /// refusal (`OriginRefused`: 401, 403, ...) and a bad setting
+    /// (`InvalidInput`).
     pub(super) async fn token(&self, client: &reqwest::Client) -> Result<(Url, Option<Secret>)> {
-        let refused = |status: StatusCode| {
-            let kind = if status.is_server_error() {
+        let refused = |resp: &reqwest::Response| {
+            let status = resp.status();
+            let why = match status {
+                s if http::transient(s) => String::new(),
+                StatusCode::UNAUTHORIZED => {
+                    ": the credentials were refused (wrong, expired, or the user locked out)".into()
+                }
+                StatusCode::FORBIDDEN => {
+                    ": the credentials may not have a token (for this project or scope)".into()
+                }
+                s if s.is_redirection() => {
+                    let to = resp
+                        .headers()
+                        .get(LOCATION)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|l| resp.url().join(l).ok())
+                        .map(|u| format!(" to {}", http::redact(&u)))
+                        .unwrap_or_default();
+                    format!(
+                        ": a redirect{to}, which lazybd does not follow with credentials \
+                         (set {} to the URL it names)",
+                        self.var()
+                    )
+                }
+                _ => String::new(),
+            };
+            let kind = if http::transient(status) {
                 ErrorKind::Origin
             } else {
                 ErrorKind::OriginRefused
             };
             Error::new(
                 kind,
-                format!("authentication ({}): HTTP {status}", self.describe()),
+                format!("authentication ({}): HTTP {status}{why}", self.describe()),
             )
         };
         let failed = |e: reqwest::Error| {
@@ -284,7 +350,7 @@ impl Auth {
                     .await
                     .map_err(failed)?;
                 if !resp.status().is_success() {
-                    return Err(refused(resp.status()));
+                    return Err(refused(&resp));
                 }
                 let h = resp.headers();
                 let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
@@ -311,7 +377,7 @@ impl Auth {
                 endpoint,
                 ..
             } => {
-                let resp = client
+                let mut resp = client
                     .post(url.clone())
                     .header("Content-Type", "application/json")
                     .body(body.expose().to_string())
@@ -319,7 +385,7 @@ impl Auth {
                     .await
                     .map_err(failed)?;
                 if !resp.status().is_success() {
-                    return Err(refused(resp.status()));
+                    return Err(refused(&resp));
                 }
                 let token = resp
                     .headers()
@@ -335,7 +401,20 @@ impl Auth {
                 if let Some(e) = endpoint {
                     return Ok((e.clone(), Some(token)));
                 }
-                let body = resp.bytes().await.map_err(failed)?;
+                let body = http::body_within(&mut resp, CATALOG_MAX)
+                    .await
+                    .map_err(failed)?
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::Origin,
+                            format!(
+                                "Keystone's answer ({}) is larger than {} MiB: not a token \
+                                 and its catalog",
+                                self.describe(),
+                                CATALOG_MAX >> 20
+                            ),
+                        )
+                    })?;
                 let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
                     Error::with_source(
                         ErrorKind::Origin,
@@ -417,18 +496,112 @@ fn session(endpoint: Url, token: Option<Secret>, generation: u64) -> Result<Sess
 
 /// Tokens for one origin: the current one for every request, and a new
 /// one after a 401, asked once however many requests got the 401.
+///
+/// A renewal runs as a task of its own, which every request that got the
+/// 401 awaits: a request given up meanwhile (its stall bound, its read's
+/// deadline, a hedge that lost) never cancels it mid-request, and the next
+/// one joins it instead of asking again. Its failure is remembered for
+/// [`RENEWAL_BACKOFF`]:
+///
+/// ```text
+///   Idle --401--> Running{g} --token--> Idle (generation g+1)
+///                     |
+///                     +--error--> Failed{g, at, why} --401 within backoff--> false, why
+///                                        |
+///                                        +--401 after the backoff--> Running{g}
+/// ```
 pub(super) struct Tokens {
+    shared: Arc<Shared>,
+}
+
+/// What the renewal task shares with the requests.
+struct Shared {
     auth: Auth,
+    /// Follows no redirects (see [`Auth::token`]).
     client: reqwest::Client,
     session: RwLock<Arc<Session>>,
-    renewing: tokio::sync::Mutex<()>,
-    /// Why the last renewal failed, for the refusal's explanation.
-    last_error: Mutex<Option<String>>,
+    /// Never held across an await; taken before `session` (reading it),
+    /// never while `session` is written.
+    renewal: Mutex<Renewal>,
+}
+
+/// Where getting a new token stands.
+enum Renewal {
+    Idle,
+    /// A task is getting the successor of `generation`'s token; `done`
+    /// turns true when it has finished (and updated this).
+    Running {
+        generation: u64,
+        done: watch::Receiver<bool>,
+    },
+    /// Getting the successor of `generation`'s token failed at `at`.
+    Failed {
+        generation: u64,
+        at: Instant,
+        failure: Failure,
+    },
+}
+
+#[derive(Clone)]
+struct Failure {
+    /// It may pass by itself (5xx, timeout, no connection), as opposed to
+    /// a refusal of the credentials or a bad setting.
+    transient: bool,
+    why: String,
+}
+
+impl Shared {
+    fn now(&self) -> Arc<Session> {
+        self.session
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn renewal(&self) -> std::sync::MutexGuard<'_, Renewal> {
+        self.renewal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The renewal task: a successor of `generation`'s token, or the
+    /// failure remembered; then `done` is told.
+    async fn renew(self: Arc<Self>, generation: u64, origin: String, done: watch::Sender<bool>) {
+        // Bounded by the client's timeout (the origin's request timeout),
+        // body included: not by any request's stall bound.
+        let got = self
+            .auth
+            .token(&self.client)
+            .await
+            .and_then(|(e, t)| session(e, t, generation + 1));
+        let next = match got {
+            Ok(s) => {
+                *self.session.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+                tracing::info!(%origin, "token renewed after a 401");
+                Renewal::Idle
+            }
+            Err(e) => {
+                let transient = matches!(e.kind(), ErrorKind::Origin | ErrorKind::TimedOut);
+                tracing::warn!(%origin, error = %e, transient,
+                    retry_after_s = RENEWAL_BACKOFF.as_secs(), "token renewal failed");
+                Renewal::Failed {
+                    generation,
+                    at: Instant::now(),
+                    failure: Failure {
+                        transient,
+                        why: e.to_string(),
+                    },
+                }
+            }
+        };
+        *self.renewal() = next;
+        let _ = done.send(true);
+    }
 }
 
 impl Tokens {
     /// The first token (the open fails without one). `need_token`: the
-    /// service refuses anonymous requests (Swift).
+    /// service refuses anonymous requests (Swift). `client` MUST follow no
+    /// redirects (`http::client(.., false)`), and its timeout bounds each
+    /// request for a token.
     pub(super) async fn start(
         auth: Auth,
         client: reqwest::Client,
@@ -442,91 +615,117 @@ impl Tokens {
             ));
         }
         Ok(Tokens {
-            session: RwLock::new(Arc::new(session(endpoint, token, 0)?)),
-            auth,
-            client,
-            renewing: tokio::sync::Mutex::new(()),
-            last_error: Mutex::new(None),
+            shared: Arc::new(Shared {
+                session: RwLock::new(Arc::new(session(endpoint, token, 0)?)),
+                auth,
+                client,
+                renewal: Mutex::new(Renewal::Idle),
+            }),
         })
-    }
-
-    fn now(&self) -> Arc<Session> {
-        self.session
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
     }
 
     /// The service's endpoint (Swift: the account's storage URL).
     pub(super) fn endpoint(&self) -> Url {
-        self.now().endpoint.clone()
+        self.shared.now().endpoint.clone()
     }
 
     pub(super) fn describe(&self) -> String {
-        self.auth.describe()
+        self.shared.auth.describe()
     }
 
     /// The `X-Auth-Token` of a request made now.
     pub(super) fn auth(&self) -> Option<TargetAuth> {
-        let s = self.now();
+        let s = self.shared.now();
         let token = s.token.clone()?;
         let mut headers = HeaderMap::new();
         headers.insert("x-auth-token", token);
+        let renewal_failing = matches!(
+            &*self.shared.renewal(),
+            Renewal::Failed { generation, failure, .. }
+                if *generation == s.generation && failure.transient
+        );
         Some(TargetAuth {
             headers,
             generation: s.generation,
+            renewal_failing,
         })
     }
 
     /// A request with generation `generation`'s token got 401: a new token,
-    /// unless another request got one meanwhile. True when a retry may
-    /// succeed.
+    /// unless another request got one meanwhile, one is being got (then
+    /// this waits for it), or getting one failed less than
+    /// [`RENEWAL_BACKOFF`] ago. True when a retry may succeed.
     pub(super) async fn renew(&self, generation: u64, origin: &str) -> bool {
-        let _one = self.renewing.lock().await;
-        if self.now().generation != generation {
-            return true;
-        }
-        let fail = |why: String| {
-            *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-            false
+        let mut done = {
+            let mut r = self.shared.renewal();
+            if self.shared.now().generation != generation {
+                return true;
+            }
+            match &*r {
+                Renewal::Running {
+                    generation: g,
+                    done,
+                } if *g == generation => done.clone(),
+                Renewal::Failed {
+                    generation: g, at, ..
+                } if *g == generation && at.elapsed() < RENEWAL_BACKOFF => return false,
+                _ if !self.shared.auth.renewable() => {
+                    *r = Renewal::Failed {
+                        generation,
+                        at: Instant::now(),
+                        failure: Failure {
+                            transient: false,
+                            why: "the token given in OS_AUTH_TOKEN was refused (expired?), and \
+                                  without credentials (ST_* or OS_*) lazybd cannot get another"
+                                .into(),
+                        },
+                    };
+                    return false;
+                }
+                _ => {
+                    let (tx, rx) = watch::channel(false);
+                    *r = Renewal::Running {
+                        generation,
+                        done: rx.clone(),
+                    };
+                    tokio::spawn(
+                        self.shared
+                            .clone()
+                            .renew(generation, origin.to_string(), tx),
+                    );
+                    rx
+                }
+            }
         };
-        if !self.auth.renewable() {
-            return fail(
-                "the token given in OS_AUTH_TOKEN was refused (expired?), and without \
-                 credentials (ST_* or OS_*) lazybd cannot get another"
-                    .into(),
-            );
-        }
-        match self
-            .auth
-            .token(&self.client)
-            .await
-            .and_then(|(e, t)| session(e, t, generation + 1))
-        {
-            Ok(s) => {
-                *self.session.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
-                tracing::info!(%origin, "token renewed after a 401");
-                true
-            }
-            Err(e) => {
-                tracing::warn!(%origin, error = %e, "token renewal failed");
-                fail(e.to_string())
-            }
-        }
+        // Err: the task is gone without a word (the runtime shutting down).
+        let _ = done.wait_for(|d| *d).await;
+        self.shared.now().generation != generation
     }
 
     /// Why a 401 stands: the token refused, and why no new one came.
     pub(super) fn refused(&self, service: &str) -> String {
-        format!(
-            "{service} refused the token ({}){}",
-            self.auth.describe(),
-            self.last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_deref()
-                .map(|e| format!("; getting a new one failed: {e}"))
-                .unwrap_or_default()
-        )
+        let failure = match &*self.shared.renewal() {
+            Renewal::Failed { failure, .. } => Some(failure.clone()),
+            _ => None,
+        };
+        let why = match failure {
+            Some(f) if f.transient => format!(
+                "; getting a new one failed, for now (asked again every {} s): {}",
+                RENEWAL_BACKOFF.as_secs(),
+                f.why
+            ),
+            Some(f) => format!("; getting a new one failed: {}", f.why),
+            None => String::new(),
+        };
+        format!("{service} refused the token ({}){why}", self.describe())
+    }
+
+    /// Make a remembered failure `by` older (tests of the backoff).
+    #[cfg(test)]
+    pub(super) fn age_failure(&self, by: Duration) {
+        if let Renewal::Failed { at, .. } = &mut *self.shared.renewal() {
+            *at -= by;
+        }
     }
 }
 
@@ -632,6 +831,303 @@ mod tests {
                 .expect("refused")
                 .to_string();
             assert!(e.contains(want), "{vars:?}: {e}");
+        }
+    }
+
+    use crate::origin::http::fake::{self, Reply};
+    use crate::origin::OriginOptions;
+    use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+    use std::time::Duration;
+
+    /// A Swift v1 auth endpoint: the first request gets token `t0`; later
+    /// ones wait `delay` ms, then answer `status` (a token `tN` if 200).
+    struct V1Auth {
+        url: String,
+        asked: Arc<AtomicU64>,
+        status: Arc<AtomicU16>,
+        delay: Arc<AtomicU64>,
+    }
+
+    async fn v1_auth() -> V1Auth {
+        let asked = Arc::new(AtomicU64::new(0));
+        let status = Arc::new(AtomicU16::new(200));
+        let delay = Arc::new(AtomicU64::new(0));
+        let (a, st, d) = (asked.clone(), status.clone(), delay.clone());
+        let base = fake::serve(move |req| {
+            let n = a.fetch_add(1, Ordering::SeqCst);
+            let ok = req.header("x-auth-key") == Some("k3y");
+            let status = if n == 0 {
+                200
+            } else {
+                st.load(Ordering::SeqCst)
+            };
+            let delay = if n == 0 { 0 } else { d.load(Ordering::SeqCst) };
+            async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                match (ok, status) {
+                    (true, 200) => Reply::status(200)
+                        .header("x-storage-url", "http://127.0.0.1:1/v1/AUTH_t")
+                        .header("x-auth-token", &format!("t{n}")),
+                    (false, _) => Reply::status(401),
+                    (true, s) => Reply::status(s),
+                }
+            }
+        })
+        .await;
+        V1Auth {
+            url: format!("{base}/auth/v1.0"),
+            asked,
+            status,
+            delay,
+        }
+    }
+
+    async fn v1_tokens(a: &V1Auth, opts: &OriginOptions) -> Tokens {
+        let auth = Auth::V1 {
+            url: Url::parse(&a.url).unwrap(),
+            user: "test:tester".into(),
+            key: Secret::new("k3y"),
+        };
+        let client = http::client(opts, "http", "test", false).unwrap();
+        Tokens::start(auth, client, true).await.unwrap()
+    }
+
+    /// Every request that got a 401 waits for one renewal; when it fails,
+    /// the failure stands for the backoff (nobody asks again), is told to
+    /// the waiters, and is marked as passing (a 503) or not (a 401).
+    #[tokio::test]
+    async fn one_renewal_for_all_and_its_failure_remembered() {
+        let a = v1_auth().await;
+        let tokens = Arc::new(v1_tokens(&a, &OriginOptions::default()).await);
+        assert_eq!(a.asked.load(Ordering::SeqCst), 1);
+        a.status.store(503, Ordering::SeqCst);
+        a.delay.store(100, Ordering::SeqCst);
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let t = tokens.clone();
+                tokio::spawn(async move { t.renew(0, "swift://c/o").await })
+            })
+            .collect();
+        for w in waiters {
+            assert!(!w.await.unwrap());
+        }
+        assert_eq!(a.asked.load(Ordering::SeqCst), 2, "one renewal for all");
+        // Remembered: later 401s are answered without asking.
+        for _ in 0..5 {
+            assert!(!tokens.renew(0, "swift://c/o").await);
+        }
+        assert_eq!(
+            a.asked.load(Ordering::SeqCst),
+            2,
+            "asked again within the backoff"
+        );
+        let auth = tokens.auth().unwrap();
+        assert!(auth.renewal_failing && auth.generation == 0);
+        let why = tokens.refused("Swift");
+        assert!(why.contains("HTTP 503") && why.contains("for now"), "{why}");
+        // After the backoff: asked again; a refusal is no passing failure.
+        a.status.store(401, Ordering::SeqCst);
+        tokens.age_failure(RENEWAL_BACKOFF);
+        assert!(!tokens.renew(0, "swift://c/o").await);
+        assert_eq!(a.asked.load(Ordering::SeqCst), 3);
+        assert!(!tokens.auth().unwrap().renewal_failing);
+        let why = tokens.refused("Swift");
+        assert!(
+            why.contains("HTTP 401") && why.contains("credentials were refused"),
+            "{why}"
+        );
+        // And once it answers again: a new token.
+        a.status.store(200, Ordering::SeqCst);
+        tokens.age_failure(RENEWAL_BACKOFF);
+        assert!(tokens.renew(0, "swift://c/o").await);
+        let auth = tokens.auth().unwrap();
+        assert_eq!(
+            (
+                auth.generation,
+                auth.headers["x-auth-token"].to_str().unwrap()
+            ),
+            (1, "t3")
+        );
+        assert!(!auth.renewal_failing);
+        // A 401 to the old token now just means: retry with the new one.
+        assert!(tokens.renew(0, "swift://c/o").await);
+        assert_eq!(a.asked.load(Ordering::SeqCst), 4);
+    }
+
+    /// A request given up while the renewal runs (its read's deadline, a
+    /// hedge that lost) does not cancel it: the next 401 finds its result.
+    #[tokio::test]
+    async fn a_renewal_outlives_the_request_that_started_it() {
+        let a = v1_auth().await;
+        let tokens = v1_tokens(&a, &OriginOptions::default()).await;
+        a.delay.store(400, Ordering::SeqCst);
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(100), tokens.renew(0, "swift://c/o")).await;
+        assert!(gave_up.is_err());
+        assert!(tokens.renew(0, "swift://c/o").await);
+        assert_eq!(tokens.auth().unwrap().generation, 1);
+        assert_eq!(
+            a.asked.load(Ordering::SeqCst),
+            2,
+            "the renewal was asked twice"
+        );
+    }
+
+    /// The renewal is bounded by the client's own timeout (the origin's
+    /// request timeout), and its timing out is a failure that passes.
+    #[tokio::test]
+    async fn a_renewal_that_gets_no_answer_times_out() {
+        let a = v1_auth().await;
+        let opts = OriginOptions {
+            request_timeout: Duration::from_millis(300),
+            ..OriginOptions::default()
+        };
+        let tokens = v1_tokens(&a, &opts).await;
+        a.delay.store(60_000, Ordering::SeqCst);
+        let started = Instant::now();
+        assert!(!tokens.renew(0, "swift://c/o").await);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(tokens.auth().unwrap().renewal_failing);
+    }
+
+    /// Keystone's answer is read up to 16 MiB, then refused.
+    #[tokio::test]
+    async fn keystones_answer_is_capped() {
+        let catalog = r#"{"token":{"catalog":[{"type":"object-store","endpoints":[
+            {"interface":"public","url":"http://127.0.0.1:1/v1/AUTH_p"}]}]}}"#;
+        let huge = Arc::new(AtomicU64::new(0));
+        let h = huge.clone();
+        let base = fake::serve(move |req| {
+            assert_eq!(req.method, "POST");
+            let v: serde_json::Value = serde_json::from_slice(&req.body).unwrap();
+            assert_eq!(v["auth"]["identity"]["methods"][0], "password");
+            let mode = h.load(Ordering::SeqCst);
+            let body = if mode == 1 {
+                vec![b' '; CATALOG_MAX as usize + 1]
+            } else {
+                catalog.as_bytes().to_vec()
+            };
+            let reply = Reply::status(201)
+                .header("x-subject-token", "ks1")
+                .body(body);
+            let reply = if mode == 2 {
+                reply.stall_body(Duration::from_secs(60))
+            } else {
+                reply
+            };
+            async move { reply }
+        })
+        .await;
+        let env = env(&[
+            ("OS_AUTH_URL", &format!("{base}/v3")),
+            ("OS_USERNAME", "u"),
+            ("OS_PASSWORD", "p"),
+            ("OS_PROJECT_NAME", "p1"),
+        ]);
+        let client = http::client(&OriginOptions::default(), "http", "test", false).unwrap();
+        let auth = Auth::from_env(&env, &SWIFT).unwrap();
+        let (endpoint, token) = auth.token(&client).await.unwrap();
+        assert_eq!(endpoint.as_str(), "http://127.0.0.1:1/v1/AUTH_p");
+        assert_eq!(token.unwrap().expose(), "ks1");
+        huge.store(1, Ordering::SeqCst);
+        let e = auth.token(&client).await.unwrap_err().to_string();
+        assert!(e.contains("larger than 16 MiB"), "{e}");
+        // A body that stops coming is bounded by the client's timeout.
+        huge.store(2, Ordering::SeqCst);
+        let opts = OriginOptions {
+            request_timeout: Duration::from_millis(300),
+            ..OriginOptions::default()
+        };
+        let client = http::client(&opts, "http", "test", false).unwrap();
+        let started = Instant::now();
+        let e = auth.token(&client).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "{e}");
+        assert_eq!(e.kind(), ErrorKind::Origin, "{e}");
+    }
+
+    /// A redirect from the auth service is not followed (the key would go
+    /// along): refused, saying where it pointed.
+    #[tokio::test]
+    async fn auth_redirects_are_not_followed() {
+        let elsewhere_asked = Arc::new(AtomicU64::new(0));
+        let n = elsewhere_asked.clone();
+        let elsewhere = fake::serve(move |_| {
+            n.fetch_add(1, Ordering::SeqCst);
+            async { Reply::status(200) }
+        })
+        .await;
+        let to = format!("{elsewhere}/auth/v1.0?temp=1");
+        let base = fake::serve(move |_| {
+            let r = Reply::status(307).header("location", &to);
+            async move { r }
+        })
+        .await;
+        let auth = Auth::V1 {
+            url: Url::parse(&format!("{base}/auth/v1.0")).unwrap(),
+            user: "u".into(),
+            key: Secret::new("k3y"),
+        };
+        let client = http::client(&OriginOptions::default(), "http", "test", false).unwrap();
+        let e = auth.token(&client).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::OriginRefused);
+        let e = e.to_string();
+        assert!(
+            e.contains(&format!("a redirect to {elsewhere}/auth/v1.0?temp=1"))
+                && e.contains("set ST_AUTH"),
+            "{e}"
+        );
+        assert_eq!(elsewhere_asked.load(Ordering::SeqCst), 0);
+    }
+
+    /// How tokens are got is shown in logs and errors: never with the
+    /// credentials or secret query values of the URLs given.
+    #[test]
+    fn describe_hides_credentials_in_urls() {
+        let a = Auth::from_env(
+            &env(&[
+                ("ST_AUTH", "https://op:pw1@k:8080/auth/v1.0?key=K3Y&x=1"),
+                ("ST_USER", "u"),
+                ("ST_KEY", "k"),
+            ]),
+            &SWIFT,
+        )
+        .unwrap();
+        assert_eq!(
+            a.describe(),
+            "v1 auth at https://k:8080/auth/v1.0?key=…&x=1 as u (ST_AUTH)"
+        );
+        let a = Auth::from_env(
+            &env(&[
+                ("OS_AUTH_URL", "https://op:pw2@k/identity?token=T0K"),
+                ("OS_USERNAME", "u"),
+                ("OS_PASSWORD", "p"),
+                ("OS_PROJECT_NAME", "p1"),
+            ]),
+            &SWIFT,
+        )
+        .unwrap();
+        let d = a.describe();
+        assert!(
+            !d.contains("pw2") && !d.contains("T0K") && !d.contains("op:"),
+            "{d}"
+        );
+        assert!(
+            d.starts_with("Keystone v3 at https://k/identity/v3/auth/tokens"),
+            "{d}"
+        );
+        for (var, url) in [
+            ("OS_AUTH_URL", "https://op:pw3@k/v2.0?token=T0K"),
+            ("OS_AUTH_URL", "ftp://op:pw3@k/?token=T0K"),
+            ("ST_AUTH", "op:pw3@k?token=T0K"),
+        ] {
+            let e = Auth::from_env(
+                &env(&[(var, url), ("ST_USER", "u"), ("ST_KEY", "k")]),
+                &SWIFT,
+            )
+            .err()
+            .expect("refused")
+            .to_string();
+            assert!(!e.contains("pw3") && !e.contains("T0K"), "{e}");
         }
     }
 

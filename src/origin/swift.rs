@@ -51,6 +51,20 @@ impl SwiftUrl {
         if container.is_empty() {
             return Err(bad("no container"));
         }
+        // `url` silently drops a "." or ".." segment it is asked to push,
+        // so the request would name another path of the account; and a
+        // '/' would be sent as %2F in one segment, which Swift's container
+        // names cannot hold.
+        if container == "." || container == ".." {
+            return Err(bad(
+                "a container named '.' or '..' cannot be addressed in a URL",
+            ));
+        }
+        if container.contains('/') {
+            return Err(bad(
+                "a container name cannot hold '/' (the first '/' ends the container)",
+            ));
+        }
         if object.is_empty() {
             return Err(bad("no object: name the object, not only its container"));
         }
@@ -193,6 +207,107 @@ impl Origin for SwiftOrigin {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::origin::aws::Secret;
+    use crate::origin::http::fake::{self, Reply};
+    use crate::origin::Hedge;
+    use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+    use std::time::Duration;
+
+    /// Swift's token expires while its auth service is down (a Keystone
+    /// restart): reads are retried until the deadline, not refused. When the
+    /// service refuses the credentials instead, the read fails at once and
+    /// says so; once it answers again, reads go on with a new token.
+    #[tokio::test]
+    async fn an_expired_token_while_auth_is_down_is_retried() {
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+        let expired = Arc::new(AtomicBool::new(false));
+        let gets = Arc::new(AtomicU64::new(0));
+        let (d, ex, g) = (data.clone(), expired.clone(), gets.clone());
+        let swift = fake::serve(move |req| {
+            g.fetch_add(1, Ordering::SeqCst);
+            let ok = match req.header("x-auth-token") {
+                Some("t0") => !ex.load(Ordering::SeqCst),
+                Some(t) => t.starts_with('t'),
+                None => false,
+            };
+            let reply = if ok && req.target == "/v1/AUTH_t/c/o" {
+                Reply::ranged(&d, &req)
+            } else {
+                Reply::status(401)
+            };
+            async move { reply }
+        })
+        .await;
+        let asked = Arc::new(AtomicU64::new(0));
+        let status = Arc::new(AtomicU16::new(200));
+        let (a, st, storage) = (asked.clone(), status.clone(), format!("{swift}/v1/AUTH_t"));
+        let auth = fake::serve(move |_| {
+            let n = a.fetch_add(1, Ordering::SeqCst);
+            let s = if n == 0 {
+                200
+            } else {
+                st.load(Ordering::SeqCst)
+            };
+            let reply = match s {
+                200 => Reply::status(200)
+                    .header("x-storage-url", &storage)
+                    .header("x-auth-token", &format!("t{n}")),
+                s => Reply::status(s),
+            };
+            async move { reply }
+        })
+        .await;
+        let opts = OriginOptions {
+            hedge: Hedge::Off,
+            deadline: Duration::from_millis(1500),
+            ..OriginOptions::default()
+        };
+        let v1 = Auth::V1 {
+            url: Url::parse(&format!("{auth}/auth/v1.0")).unwrap(),
+            user: "test:tester".into(),
+            key: Secret::new("k"),
+        };
+        let client = http::client(&opts, "http", "test", false).unwrap();
+        let target = Arc::new(SwiftTarget {
+            obj: SwiftUrl::parse("swift://c/o").unwrap(),
+            tokens: Tokens::start(v1, client, true).await.unwrap(),
+        });
+        let o = HttpOrigin::open_target(target.clone(), &opts, Arc::new(Stats::default()))
+            .await
+            .unwrap();
+        let r = ByteRange::new(0, 4096).unwrap();
+
+        expired.store(true, Ordering::SeqCst);
+        status.store(503, Ordering::SeqCst);
+        let before = gets.load(Ordering::SeqCst);
+        let e = o.read_range(r).await.unwrap_err();
+        let shown = e.to_string();
+        assert_eq!(e.kind(), ErrorKind::Origin, "{shown}");
+        assert!(
+            shown.starts_with("after ") && shown.contains("HTTP 503") && shown.contains("for now"),
+            "{shown}"
+        );
+        assert!(gets.load(Ordering::SeqCst) - before > 2, "retried");
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            2,
+            "auth asked once in the backoff"
+        );
+
+        status.store(401, Ordering::SeqCst);
+        target.tokens.age_failure(Duration::from_secs(60));
+        let e = o.read_range(r).await.unwrap_err();
+        let shown = e.to_string();
+        assert_eq!(e.kind(), ErrorKind::OriginRefused, "{shown}");
+        assert!(
+            !shown.starts_with("after ") && shown.contains("credentials were refused"),
+            "{shown}"
+        );
+
+        status.store(200, Ordering::SeqCst);
+        target.tokens.age_failure(Duration::from_secs(60));
+        assert_eq!(&o.read_range(r).await.unwrap()[..], &data[..4096]);
+    }
 
     #[test]
     fn swift_urls() {
@@ -212,9 +327,21 @@ mod tests {
             "swift://c",
             "swift://c/",
             "swift://c/a/../b",
+            "swift://c/./o",
             "s3://c/o",
         ] {
             assert!(SwiftUrl::parse(bad).is_err(), "{bad}");
+        }
+        // The container too: '.', '..' and an escaped '/' would all name
+        // another container's (or the account's) object.
+        for (bad, why) in [
+            ("swift://./o", "'.' or '..'"),
+            ("swift://../o", "'.' or '..'"),
+            ("swift://%2E%2E/o", "'.' or '..'"),
+            ("swift://a%2Fb/o", "cannot hold '/'"),
+        ] {
+            let e = SwiftUrl::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 }
