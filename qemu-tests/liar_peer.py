@@ -2,12 +2,13 @@
 """A lying lazybd peer for tests: answers every ranged GET of
 /v1/images/KEY with 206, the right Content-Range and length, and the bytes
 of FILE with every byte flipped (what a compromised or broken host would
-send). Usage: liar_peer.py PORT FILE"""
+send). Usage: liar_peer.py [ADDR:]PORT FILE (ADDR: 127.0.0.1)"""
 import http.server
 import os
 import sys
 
-PORT, FILE = int(sys.argv[1]), sys.argv[2]
+ADDR, _, PORT = sys.argv[1].rpartition(":")
+ADDR, PORT, FILE = ADDR or "127.0.0.1", int(PORT), sys.argv[2]
 SIZE = os.path.getsize(FILE)
 
 
@@ -30,4 +31,4 @@ class Liar(http.server.BaseHTTPRequestHandler):
         pass
 
 
-http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Liar).serve_forever()
+http.server.ThreadingHTTPServer((ADDR, PORT), Liar).serve_forever()

@@ -39,6 +39,7 @@ LAZYBD_PORT=""     # port of the first TCP listener
 LAZYBD_NAME=disk   # export name of the current lazybd
 _LAZYBD_N=0        # how many lazybd processes this test started
 BG_PIDS=()         # other background processes (bg_track) to kill at exit
+CLEANUP_FNS=()     # functions _cleanup calls at exit (before the origins stop)
 ORIGIN_URL=""      # http://127.0.0.1:PORT of the nginx origin
 ORIGIN_DIR=""      # directory nginx serves
 ORIGIN_CA=""       # CA certificate (PEM) of the https origin (ORIGIN_TLS=1)
@@ -94,6 +95,7 @@ _cleanup() {
   for p in "${BG_PIDS[@]}"; do
     _pid_alive "$p" && _kill_tree KILL "$p"
   done
+  for p in "${CLEANUP_FNS[@]}"; do "$p"; done
   origin_stop
   s3_stop
   wait 2>/dev/null
@@ -420,6 +422,7 @@ S3_SK=lazybd-test-secret-0001    # leak would be found by grep)
 # S3_URL and S3_PID. Bound and advertised on 127.0.0.1 only (its default
 # is another address), telemetry off; admin UI, WebDAV, Iceberg and Lance
 # off.
+_s3_exec() { if [[ -n ${S3_NETNS:-} ]]; then ip netns exec "$S3_NETNS" "$@"; else "$@"; fi; }
 s3_start() {
   require_cmd weed curl
   mkdir -p "$S3_STATE/data"
@@ -436,7 +439,7 @@ s3_start() {
     done
   done
   ((${#ports[@]} == 5)) || fail "s3_start: no free ports"
-  weed mini -dir="$S3_STATE/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+  _s3_exec weed mini -dir="$S3_STATE/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.port="${ports[0]}" -volume.port="${ports[1]}" -filer.port="${ports[2]}" \
     -s3.port="${ports[3]}" -admin.port="${ports[4]}" -admin.ui=false \
     -s3.config="$S3_STATE/ids.json" -master.telemetry=false -webdav=false \
@@ -445,7 +448,7 @@ s3_start() {
   S3_URL=http://127.0.0.1:${ports[3]}
   local deadline=$((SECONDS + 30)) code
   while :; do
-    code=$(curl -s -o /dev/null -w '%{http_code}' "$S3_URL/" 2>/dev/null || true)
+    code=$(_s3_exec curl -s -o /dev/null -w '%{http_code}' "$S3_URL/" 2>/dev/null || true)
     [[ $code =~ ^[1-5][0-9][0-9]$ ]] && break
     _pid_alive "$S3_PID" || fail "SeaweedFS exited: $(tail -n 5 "$S3_STATE/weed.log" | tr '\n' ' ')"
     ((SECONDS < deadline)) || fail "SeaweedFS S3 at $S3_URL not answering after 30 s"
@@ -469,7 +472,7 @@ s3_stop() {
 # s3_curl ARGS... : curl with a SigV4 signature by $S3_AK/$S3_SK (Debian's
 # curl signs with --aws-sigv4); fails on an HTTP error
 s3_curl() {
-  curl -fsS --aws-sigv4 "aws:amz:us-east-1:s3" --user "$S3_AK:$S3_SK" "$@"
+  _s3_exec curl -fsS --aws-sigv4 "aws:amz:us-east-1:s3" --user "$S3_AK:$S3_SK" "$@"
 }
 
 # s3_mb BUCKET : create a bucket
