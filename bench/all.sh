@@ -11,6 +11,7 @@
 #   bench/boot.sh        Boot (bench/boot.sh)                                  ~5 min
 #   bench/multi.sh       Many exports and writable exports (bench/multi.sh)    ~11 min (3 rounds)
 #   bench/hydrate.sh     Hydration (bench/hydrate.sh)                          ~1 min
+#   bench/origins.sh     Cloud origins (bench/origins.sh)                      ~10 min (3 rounds)
 #   bench/crash.sh       Crash loop (bench/crash.sh)                           ~6 min (200 cycles)
 #   bench/soak.sh        Soak (bench/soak.sh)                                  ~12 min
 #   bench/power-cut.sh   Power-loss simulation (bench/power-cut.sh)            ~1 min (+ a test build)
@@ -19,7 +20,7 @@
 # then bench/assemble.py (OUT's header with an index of the sections and their
 # stamps, the sections in this order; after a run of every script, sections
 # no script writes are dropped) and bench/reliability-table.py (RELIABILITY's
-# table from OUT). About 1.5 h in all at full size.
+# table from OUT). About 1.7 h in all at full size.
 #
 # A failing script does not stop the others: its section is whatever it
 # wrote (most scripts write their failures into it) or, if it wrote none, its
@@ -28,7 +29,7 @@
 #
 # Env:
 #   QUICK=1      every script's QUICK knob (small images, short runs, 1-2
-#                rounds): a smoke test of the whole chain in ~10 min; never into
+#                rounds): a smoke test of the whole chain in ~12 min; never into
 #                bench/RESULTS.md (default OUT: a copy of it in a temp dir)
 #   SCRIPTS      subset, in any order, run in the order above (e.g. "run boot");
 #                the other sections are kept as they are
@@ -43,7 +44,7 @@
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH/.." && pwd)
-ORDER="run block-size boot multi hydrate crash soak power-cut attach"
+ORDER="run block-size boot multi hydrate origins crash soak power-cut attach"
 QUICK=${QUICK:-0}
 SCRIPTS=${SCRIPTS:-$ORDER}
 for s in $SCRIPTS; do

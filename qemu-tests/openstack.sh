@@ -14,7 +14,9 @@
 #
 #   swift_start [TOKEN_LIFE_S]   memcached + account/container/object servers +
 #                                proxy (tempauth, user test:tester key testing,
-#                                .admin, account_autocreate), one replica in
+#                                .admin, account_autocreate; tempurl before
+#                                tempauth, so temp URLs work once the account
+#                                has X-Account-Meta-Temp-URL-Key), one replica in
 #                                $SWIFT_STATE/srv. Exports SWIFT_AUTH_URL
 #                                (http://127.0.0.1:P/auth/v1.0), SWIFT_USER,
 #                                SWIFT_KEY, SWIFT_PROXY_URL, SWIFT_STATE,
@@ -265,7 +267,7 @@ bind_port = $pp
 log_name = proxy-server
 
 [pipeline:main]
-pipeline = catch_errors proxy-logging cache tempauth proxy-logging proxy-server
+pipeline = catch_errors proxy-logging cache tempurl tempauth proxy-logging proxy-server
 
 [app:proxy-server]
 use = egg:swift#proxy
@@ -284,6 +286,9 @@ access_log_level = INFO
 [filter:cache]
 use = egg:swift#memcache
 memcache_servers = 127.0.0.1:$mp
+
+[filter:tempurl]
+use = egg:swift#tempurl
 
 [filter:tempauth]
 use = egg:swift#tempauth
