@@ -57,7 +57,7 @@ need=(qemu-img qemu-io qemu-system-x86_64 qemu-storage-daemon nbdkit nbdinfo nbd
       virt-xml-validate xmllint virsh systemd-analyze
       swift-proxy-server swift-account-server swift-container-server swift-object-server
       swift-ring-builder swift memcached glance-api glance-manage keystone-manage keystone-wsgi-public
-      libvirtd setpriv)
+      libvirtd setpriv gnuplot tc)
 missing=0
 for t in "${need[@]}"; do command -v "$t" >/dev/null 2>&1 || { missing=1; break; }; done
 [[ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]] || missing=1
@@ -89,7 +89,7 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
   nbdkit libnbd-bin python3-libnbd fio nginx-light nbd-server curl iproute2 procps openssl \
   syslinux syslinux-common mtools dosfstools busybox-static cpio fdisk kmod ca-certificates \
-  libvirt-clients libxml2-utils systemd
+  libvirt-clients libxml2-utils systemd gnuplot-nox
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-block-extra qemu-utils
 policy=/usr/sbin/policy-rc.d

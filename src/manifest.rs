@@ -445,6 +445,10 @@ impl Origin for Verified {
     fn sequential_only(&self) -> bool {
         self.inner.sequential_only()
     }
+
+    fn fetch_unit(&self) -> Option<u64> {
+        self.inner.fetch_unit()
+    }
 }
 
 /// Build the manifest of `origin`'s image at `block_size`, reading it

@@ -88,6 +88,9 @@ struct Inner {
     /// lookups/updates, never across `.await` or I/O.
     inflight: Mutex<HashMap<u64, Arc<Flight>>>,
     max_fetch: u64,
+    /// Blocks of the origin's fetch unit: no fetch crosses a multiple of it
+    /// (see `Origin::fetch_unit`).
+    fetch_unit_blocks: Option<u64>,
     stats: Arc<Stats>,
     /// Log "cannot store" once, not per block.
     store_warned: AtomicBool,
@@ -236,6 +239,9 @@ impl ImageCache {
         let background = (origin.connections() / 2).max(1);
         let blocks = store.map().blocks();
         let present = store.map().counts().0 * g.block_size.bytes();
+        let fetch_unit_blocks = origin
+            .fetch_unit()
+            .map(|u| (u / g.block_size.bytes()).max(1));
         ImageCache {
             inner: Arc::new(Inner {
                 pins: zeroed_u16s(blocks as usize),
@@ -248,6 +254,7 @@ impl ImageCache {
                 store,
                 inflight: Mutex::new(HashMap::new()),
                 max_fetch: DEFAULT_MAX_FETCH.max(g.block_size.bytes()),
+                fetch_unit_blocks,
                 stats,
                 store_warned: AtomicBool::new(false),
                 punch_warned: AtomicBool::new(false),
@@ -811,6 +818,9 @@ impl ImageCache {
                 while k + (n as usize) < claims.len()
                     && claims[k + n as usize].1 == first + n
                     && n < per_run
+                    && !inner
+                        .fetch_unit_blocks
+                        .is_some_and(|u| (first + n) % u == 0)
                 {
                     n += 1;
                 }

@@ -123,6 +123,14 @@ pub trait Origin: Send + Sync + 'static {
         None
     }
 
+    /// A size no fetch of the cache above should cross a multiple of.
+    /// Peers (`peer::client`) answer for 1 MiB units, each from its owner:
+    /// a fetch of two units waiting on two owners could wait on a fetch of
+    /// the other host's that waits on this one.
+    fn fetch_unit(&self) -> Option<u64> {
+        None
+    }
+
     /// Whether the origin can only be read from its start (one sequential
     /// pass, `stream.rs`): the daemon then hydrates the image at once, in
     /// the pass's order.

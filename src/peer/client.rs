@@ -387,6 +387,10 @@ impl Origin for Peered {
         self.inner.connections()
     }
 
+    fn fetch_unit(&self) -> Option<u64> {
+        Some(UNIT)
+    }
+
     fn sidecar(&self, suffix: &str, max: u64) -> BoxFuture<'_, Result<Option<Bytes>>> {
         self.inner.sidecar(suffix, max)
     }
