@@ -12,6 +12,7 @@
 #   bench/multi.sh       Many exports and writable exports (bench/multi.sh)    ~11 min (3 rounds)
 #   bench/hydrate.sh     Hydration (bench/hydrate.sh)                          ~1 min
 #   bench/origins.sh     Cloud origins (bench/origins.sh)                      ~10 min (3 rounds)
+#   bench/cluster.sh     Many hosts, one origin (bench/cluster.sh)             ~12 min (3 rounds + sweep)
 #   bench/crash.sh       Crash loop (bench/crash.sh)                           ~6 min (200 cycles)
 #   bench/soak.sh        Soak (bench/soak.sh)                                  ~12 min
 #   bench/power-cut.sh   Power-loss simulation (bench/power-cut.sh)            ~1 min (+ a test build)
@@ -44,7 +45,7 @@
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH/.." && pwd)
-ORDER="run block-size boot multi hydrate origins crash soak power-cut attach"
+ORDER="run block-size boot multi hydrate origins cluster crash soak power-cut attach"
 QUICK=${QUICK:-0}
 SCRIPTS=${SCRIPTS:-$ORDER}
 for s in $SCRIPTS; do
