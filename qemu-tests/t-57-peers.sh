@@ -11,6 +11,8 @@
 #      dead peer's units come from the origin
 #   3. the endpoint wants the token (401 without); an image without a
 #      manifest is not fetched from peers unless --peer-trust
+#   4. a peers file, re-read on SIGHUP: a host alone in it reads the origin;
+#      once another host is added and the file re-read, it reads from it
 . "$(dirname "$0")/lib.sh"
 require_cmd nbdcopy curl nginx python3
 
@@ -91,3 +93,19 @@ assert_ge "$(counter 1 peer_bytes)" $((MIB)) "with --peer-trust, an image withou
 assert_eq 0 "$(counter 4 peer_bytes)" "without it, no peer bytes"
 assert_grep 'no manifest for this image: its blocks are not fetched from peers' "${HOSTLOG[4]}" \
   "the refusal to use peers is said"
+
+# ---- 4. a peers file re-read on reload
+echo "$(peer_url 3)" > "$T/peers"
+host 0 "$url" "$(peer_url 0),$(peer_url 3)"
+lazybd_start "$url" --cache-dir "$T/cache-pf" --control none --peer-listen "127.0.0.1:${ports[3]}" \
+  --peers-file "$T/peers" --peer-token-file "$T/token" --no-readahead
+HOSTLOG[3]=$LAZYBD_LOG
+nbd_read_ok "$LAZYBD_URI" 0 "$T/origin/disk.img" || fail "read before the reload"
+printf '# the cluster\n%s\n%s\n' "$(peer_url 0)" "$(peer_url 3)" > "$T/peers"
+kill -HUP "$LAZYBD_PID"
+for _ in $(seq 50); do [[ $(grep -c 'peers list read' "$LAZYBD_LOG") -ge 2 ]] && break; sleep 0.1; done
+assert_grep 'peers list read peers=2' "$LAZYBD_LOG" "the peers file was re-read"
+assert_same_as_file "$T/origin/disk.img" "$LAZYBD_URI"
+lazybd_stop
+stop_hosts 0
+assert_ge "$(counter 3 peer_bytes)" $((MIB)) "after the reload the new peer served"
