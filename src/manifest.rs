@@ -331,6 +331,14 @@ pub async fn find(
                 tracing::debug!(image = %id.locator, "no manifest published beside the image");
                 return Ok(None);
             };
+            // A server that answers any path (an error page with 200, the
+            // image itself) publishes nothing: only a file that says it is
+            // a manifest is one, and is then held to it.
+            if !b.starts_with(MAGIC) {
+                tracing::warn!(image = %id.locator, manifest = %what,
+                    "the origin's answer for the manifest is not one: no manifest used");
+                return Ok(None);
+            }
             (Manifest::decode(&b, &what)?, what)
         }
     };

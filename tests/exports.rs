@@ -493,12 +493,13 @@ async fn a_stalled_origin_probe_stalls_no_other_image() {
         .unwrap()
         .unwrap();
     assert!(t.elapsed() < Duration::from_secs(25));
-    // One probe, and one read of the first block (the format rule looks
-    // at the image's first bytes), for both adds.
+    // One probe, one look for a manifest published beside the image, and
+    // one read of the first block (the format rule looks at the image's
+    // first bytes), for both adds.
     assert_eq!(
         slow.requests(),
-        2,
-        "one probe and one head read for two adds"
+        3,
+        "one probe, one manifest lookup and one head read for two adds"
     );
     assert_eq!(srv.daemon.image_stats_now().len(), 2, "one cache per image");
     for name in ["slow1", "slow2"] {
@@ -542,8 +543,8 @@ async fn an_add_cancelled_during_its_probe_hands_over_to_the_next() {
         .unwrap();
     assert_eq!(
         slow.requests(),
-        3,
-        "the cancelled probe, then one more, then the first block (the format rule)"
+        4,
+        "the cancelled probe, then one more, a manifest lookup, then the first block (the format rule)"
     );
     assert_eq!(srv.daemon.image_stats_now().len(), 2);
     let mut c = Client::to_export(&addr, "b").await;

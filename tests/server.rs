@@ -117,13 +117,17 @@ async fn restart_serves_everything_without_origin_traffic() {
     stop(srv).await;
     let before = o.requests();
     let (srv, addr) = start(config(&o.url, dir.path(), BS)).await;
-    assert_eq!(o.requests(), before + 1, "only the identity probe at open");
+    assert_eq!(
+        o.requests(),
+        before + 2,
+        "only the identity probe and the manifest lookup at open"
+    );
     let mut c = Client::connect(&addr, Opts::default()).await;
     assert!(c.read(0, 3 * MIB as u32).await.unwrap().data == img);
     assert!(c.read(12345, 777).await.unwrap().data == img[12345..12345 + 777]);
     assert_eq!(
         o.requests(),
-        before + 1,
+        before + 2,
         "second full read must not touch the origin"
     );
     stop(srv).await;
@@ -483,8 +487,8 @@ async fn objects_told_apart_by_the_query_never_share_a_cache() {
     let (got, requests) = serve_once(&o, &url(1, "b"), dir.path(), 2 * MIB).await;
     assert!(got == one);
     assert_eq!(
-        requests, 1,
-        "a re-signed URL is served from its cache (the probe only)"
+        requests, 2,
+        "a re-signed URL is served from its cache (the probe and the manifest lookup only)"
     );
     // Both at once, as two exports of one server.
     let mut cfg = config(&url(1, "c"), dir.path(), BS);
