@@ -18,7 +18,7 @@ git_stamp() { # short HEAD, +dirty when files other than the results differ from
   local rev
   rev=$(git -C "$BENCH_LIB_ROOT" rev-parse --short HEAD 2>/dev/null) || { echo "none (not a git tree)"; return 0; }
   if [[ -n $(git -C "$BENCH_LIB_ROOT" status --porcelain -- . ':!bench/RESULTS.md' ':!bench/RESULTS.tsv' \
-      ':!RELIABILITY.md' ':!bench/crash-evidence-*' 2>/dev/null) ]]; then
+      ':!RELIABILITY.md' ':!bench/crash-evidence-*' ':!bench/cluster.png' 2>/dev/null) ]]; then
     rev+=+dirty
   fi
   echo "$rev"
