@@ -16,8 +16,9 @@
 # cluster.png beside OUT.
 #
 # Reported per case: origin bytes / one host's, time until every host is
-# done (from the start of all) / one host alone, the busiest host's peak
-# uplink (its bridge port's rx bytes, sampled every 0.25 s). Goals: origin bytes <=
+# done (from the start of all) / one host alone, each host's peak
+# uplink (its bridge port's rx bytes, sampled every 0.25 s; min, median and
+# max over the hosts). Goals: origin bytes <=
 # 1.1x one host's at any N with peers; all done in <= 1.5x one host's cold
 # VM boot at N = 32 (the table also divides each case by its own kind alone).
 #
@@ -58,9 +59,12 @@ sampler() {
     sleep 0.25
   done >"$T/uplink.samples"
 }
-peak_uplink() {  # -> the highest Mbit/s any host sent at, over one sample step
-  awk '{ if (NR > 1) { dt = $1 - t; for (i = 2; i <= NF; i++) { r = ($i - p[i]) * 8 / dt / 1e6; if (r > m) m = r } }
-         t = $1; for (i = 2; i <= NF; i++) p[i] = $i } END { printf "%.0f", m }' "$T/uplink.samples"
+peak_uplink() {  # -> each host's peak Mbit/s over one sample step: "MIN/MEDIAN/MAX"
+  awk '{ if (NR > 1) { dt = $1 - t; for (i = 2; i <= NF; i++) { r = ($i - p[i]) * 8 / dt / 1e6; if (r > m[i]) m[i] = r } }
+         t = $1; for (i = 2; i <= NF; i++) p[i] = $i; n = NF }
+       END { for (i = 2; i <= n; i++) printf "%.0f\n", m[i] }' "$T/uplink.samples" |
+    sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) { print "0/0/0"; exit }
+      printf "%s/%s/%s", v[1], v[int((NR + 1) / 2)], v[NR] }'
 }
 
 # run MODE N PEERS: N hosts (1..N) start cold, then all boot (vm) or replay
@@ -95,7 +99,7 @@ run() {
   ((ok == n)) || fail "$mode x$n ($with): only $ok of $n hosts finished: $(cat "$T/run-1.out")"
   R_TIME=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", b-a}')
   R_UPLINK=$(peak_uplink)
-  log "$mode x$n $with: ${R_TIME} s, origin $((R_ORIGIN >> 20)) MiB, peak uplink ${R_UPLINK} Mbit/s"
+  log "$mode x$n $with: ${R_TIME} s, origin $((R_ORIGIN >> 20)) MiB, hosts' peak uplink (min/median/max) ${R_UPLINK} Mbit/s"
 }
 
 # ---- one host alone: the VM boot (and its trace), then the replay
@@ -164,15 +168,15 @@ goal() { awk -v v="$1" -v g="$2" 'BEGIN{print (v <= g) ? "yes" : "no"}'; }
   echo
   echo "One host alone, cold: VM boot **${SOLO_BOOT} s**, $((SOLO_ORIGIN >> 20)) MiB from the origin; trace replay **${SOLO_REPLAY} s**, $((SOLO_REPLAY_ORIGIN >> 20)) MiB."
   echo
-  echo "| case | peers | all done (s) | ÷ one host alone | origin bytes ÷ one host's | busiest host's peak uplink (Mbit/s) |"
+  echo "| case | peers | all done (s) | ÷ one host alone | origin bytes ÷ one host's | each host's peak uplink, min/median/max (Mbit/s) |"
   echo "|---|---|---|---|---|---|"
   for c in vm replay; do
     n=$VM_N solo=$SOLO_BOOT solo_o=$SOLO_ORIGIN
     [[ $c == replay ]] && n=$REPLAY_N solo=$SOLO_REPLAY solo_o=$SOLO_REPLAY_ORIGIN
     for with in peers nopeers; do
-      t=$(median "${T_[$c-$with]}") s=$(median "${S_[$c-$with]}") u=$(median "${U_[$c-$with]}")
+      t=$(median "${T_[$c-$with]}") s=$(median "${S_[$c-$with]}")
       rs=""; for x in ${S_[$c-$with]}; do rs+="$(ratio "$x" "$solo_o") "; done
-      echo "| $c × $n | ${with/nopeers/none} | $t [${T_[$c-$with]% }] | $(ratio "$t" "$solo") | **$(ratio "$s" "$solo_o")** [${rs% }] | $u [${U_[$c-$with]% }] |"
+      echo "| $c × $n | ${with/nopeers/none} | $t [${T_[$c-$with]% }] | $(ratio "$t" "$solo") | **$(ratio "$s" "$solo_o")** [${rs% }] | ${U_[$c-$with]% } (each round) |"
     done
   done
   echo
