@@ -200,37 +200,9 @@ fi
 
 # --------------------------------------------------------------- origins ---
 S3_URL_ANON=""; S3_PRESIGNED=""
-s3_origin_start() { # SeaweedFS as qemu-tests/lib.sh's s3_start, plus anonymous read of bucket "images"
-  mkdir -p "$S3_STATE/data"
-  printf '{"identities":[{"name":"lazybd","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List"]},{"name":"anonymous","actions":["Read:images"]}]}\n' \
-    "$S3_AK" "$S3_SK" > "$S3_STATE/ids.json"
-  local ports=() p i
-  for i in 1 2 3 4 5; do   # each service takes PORT and PORT+10000 (gRPC)
-    for _ in $(seq 50); do
-      p=$(free_port)
-      if [[ -z $(ss -Htan "( sport = :$((p + 10000)) )" 2>/dev/null) && " ${ports[*]} " != *" $p "* ]]; then
-        ports+=("$p"); break
-      fi
-    done
-  done
-  ((${#ports[@]} == 5)) || fail "SeaweedFS: no free ports"
-  local cmd=(weed mini -dir="$S3_STATE/data" -ip=127.0.0.1 -ip.bind=127.0.0.1
-    -master.port="${ports[0]}" -volume.port="${ports[1]}" -filer.port="${ports[2]}"
-    -s3.port="${ports[3]}" -admin.port="${ports[4]}" -admin.ui=false
-    -s3.config="$S3_STATE/ids.json" -master.telemetry=false -webdav=false
-    -s3.port.iceberg=0 -s3.port.lance=0)
-  note_cmd "origin-s3" "${cmd[*]}   # ids.json: identity lazybd (keys, everything), identity anonymous (Read:images)"
-  "${cmd[@]}" </dev/null >"$S3_STATE/weed.log" 2>&1 &
-  S3_PID=$!
-  S3_URL=http://127.0.0.1:${ports[3]}
-  local deadline=$((SECONDS + 30)) code
-  while :; do
-    code=$(curl -s -o /dev/null -w '%{http_code}' "$S3_URL/" 2>/dev/null || true)
-    [[ $code =~ ^[1-5][0-9][0-9]$ ]] && break
-    _pid_alive "$S3_PID" || fail "SeaweedFS exited: $(tail -n 5 "$S3_STATE/weed.log" | tr '\n' ' ')"
-    ((SECONDS < deadline)) || fail "SeaweedFS S3 at $S3_URL not answering after 30 s"
-    sleep 0.1
-  done
+s3_origin_start() { # SeaweedFS (qemu-tests/lib.sh's s3_start), bucket "images" also readable unsigned
+  S3_ANON_READ=images s3_start
+  note_cmd "origin-s3" "${S3_CMD[*]}   # ids.json: identity lazybd (keys, everything), identity anonymous (Read:images)"
   local t0=$SECONDS
   for _ in $(seq 50); do s3_curl -X PUT -o /dev/null "$S3_URL/images" 2>/dev/null && break; sleep 0.2; done
   s3_put "$T/img/disk.raw" images/disk.raw

@@ -426,8 +426,12 @@ _s3_exec() { if [[ -n ${S3_NETNS:-} ]]; then ip netns exec "$S3_NETNS" "$@"; els
 s3_start() {
   require_cmd weed curl
   mkdir -p "$S3_STATE/data"
-  printf '{"identities":[{"name":"lazybd","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List"]}]}\n' \
-    "$S3_AK" "$S3_SK" > "$S3_STATE/ids.json"
+  # S3_ANON_READ=BUCKET: anyone may read that bucket unsigned too (for
+  # clients that cannot sign: bench/origins.sh's peers)
+  local anon=""
+  [[ -n ${S3_ANON_READ:-} ]] && anon=",{\"name\":\"anonymous\",\"actions\":[\"Read:$S3_ANON_READ\"]}"
+  printf '{"identities":[{"name":"lazybd","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List"]}%s]}\n' \
+    "$S3_AK" "$S3_SK" "$anon" > "$S3_STATE/ids.json"
   # Each service takes PORT and PORT+10000 (gRPC): both must be free.
   local ports=() p i
   for i in 1 2 3 4 5; do
@@ -439,11 +443,12 @@ s3_start() {
     done
   done
   ((${#ports[@]} == 5)) || fail "s3_start: no free ports"
-  _s3_exec weed mini -dir="$S3_STATE/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-    -master.port="${ports[0]}" -volume.port="${ports[1]}" -filer.port="${ports[2]}" \
-    -s3.port="${ports[3]}" -admin.port="${ports[4]}" -admin.ui=false \
-    -s3.config="$S3_STATE/ids.json" -master.telemetry=false -webdav=false \
-    -s3.port.iceberg=0 -s3.port.lance=0 </dev/null >"$S3_STATE/weed.log" 2>&1 &
+  S3_CMD=(weed mini -dir="$S3_STATE/data" -ip=127.0.0.1 -ip.bind=127.0.0.1
+    -master.port="${ports[0]}" -volume.port="${ports[1]}" -filer.port="${ports[2]}"
+    -s3.port="${ports[3]}" -admin.port="${ports[4]}" -admin.ui=false
+    -s3.config="$S3_STATE/ids.json" -master.telemetry=false -webdav=false
+    -s3.port.iceberg=0 -s3.port.lance=0)
+  _s3_exec "${S3_CMD[@]}" </dev/null >"$S3_STATE/weed.log" 2>&1 &
   S3_PID=$!
   S3_URL=http://127.0.0.1:${ports[3]}
   local deadline=$((SECONDS + 30)) code

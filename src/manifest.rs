@@ -203,6 +203,22 @@ impl Manifest {
         }
     }
 
+    /// `r` widened to whole manifest blocks (the only unit a digest
+    /// checks), and the index of its first block.
+    pub fn widen(&self, r: ByteRange) -> (ByteRange, u64) {
+        let bs = self.block_size;
+        let first = r.offset / bs;
+        let start = first * bs;
+        let end = r.end().next_multiple_of(bs).min(self.image_size);
+        (
+            ByteRange {
+                offset: start,
+                len: end - start,
+            },
+            first,
+        )
+    }
+
     /// Check `data`, the bytes of blocks from `first` on (the last one may
     /// be the image's short tail): the index of the first block that does
     /// not match, if any.
@@ -383,14 +399,7 @@ const INLINE_HASH: usize = 256 << 10;
 impl Verified {
     async fn read(&self, r: ByteRange) -> Result<Bytes> {
         let bs = self.m.block_size;
-        // Whole manifest blocks, the only unit a digest checks.
-        let first = r.offset / bs;
-        let start = first * bs;
-        let end = r.end().next_multiple_of(bs).min(self.m.image_size);
-        let wide = ByteRange {
-            offset: start,
-            len: end - start,
-        };
+        let (wide, first) = self.m.widen(r);
         let data = self.inner.read_range(wide).await?;
         let bad = if data.len() <= INLINE_HASH {
             self.m.first_mismatch(first, &data)
@@ -416,7 +425,7 @@ impl Verified {
                 ),
             ));
         }
-        let at = (r.offset - start) as usize;
+        let at = (r.offset - wide.offset) as usize;
         Ok(data.slice(at..at + r.len as usize))
     }
 }

@@ -132,6 +132,37 @@ pub(crate) fn punch_hole(file: &std::fs::File, off: u64, len: u64) -> std::io::R
     }
 }
 
+/// Poll every one of `futs` together on the calling task (they may borrow
+/// from it, unlike spawned tasks); their results in order. For a few
+/// futures (the pieces of one read): polling each pending one on every
+/// wake costs less than spawning tasks.
+pub(crate) async fn join_all<'a, T>(
+    mut futs: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>>,
+) -> Vec<T> {
+    use std::task::Poll;
+    let mut done: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, d) in futs.iter_mut().zip(done.iter_mut()) {
+            if d.is_none() {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => *d = Some(v),
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    done.into_iter()
+        .map(|d| d.expect("every future finished"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,6 @@
 //! NBD export, with a progress bar on a terminal (log lines otherwise).
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use lazybd::block::parse_size;
@@ -20,8 +19,9 @@ pub fn run(a: CopyArgs) -> anyhow::Result<ExitCode> {
     spec.verify = !a.no_verify;
     spec.sha256 = a.sha256.as_deref().map(copy::parse_sha256).transpose()?;
     let env = std::env::var("LAZYBD_HEADERS").ok();
-    spec.origin_options.headers = header_source(&a.headers, env.as_deref(), &a.header_files)?;
-    spec.origin_options.ca_file = a.origin_ca;
+    spec.origin_options.headers =
+        header_source(&a.access.headers, env.as_deref(), &a.access.header_files)?;
+    spec.origin_options.ca_file = a.access.origin_ca;
     let bar = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -30,38 +30,8 @@ pub fn run(a: CopyArgs) -> anyhow::Result<ExitCode> {
     let report = rt.block_on(async move {
         let task = copy::start(spec);
         let p = task.progress.clone();
-        let pb = bar.then(|| {
-            let pb = indicatif::ProgressBar::new(0);
-            pb.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-                )
-                .expect("valid template"),
-            );
-            pb
-        });
-        let ticker = tokio::spawn(async move {
-            let mut last_log = std::time::Instant::now();
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let (done, total) = (p.done.load(Relaxed), p.total.load(Relaxed));
-                if let Some(pb) = &pb {
-                    pb.set_length(total);
-                    pb.set_position(done);
-                    if total > 0 && done == total {
-                        pb.finish();
-                        return;
-                    }
-                } else if last_log.elapsed() >= Duration::from_secs(5) && total > 0 {
-                    tracing::info!(
-                        "copied {} of {} ({:.1}%)",
-                        human_bytes(done),
-                        human_bytes(total),
-                        100.0 * done as f64 / total as f64
-                    );
-                    last_log = std::time::Instant::now();
-                }
-            }
+        let ticker = super::progress::spawn(bar, "copied", move || {
+            (p.done.load(Relaxed), p.total.load(Relaxed))
         });
         let r = task.wait().await;
         ticker.abort();

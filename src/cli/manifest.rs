@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use lazybd::block::parse_size;
@@ -71,8 +70,8 @@ fn build(a: ManifestBuildArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| default_output(&a.origin));
     let env = std::env::var("LAZYBD_HEADERS").ok();
     let opts = OriginOptions {
-        headers: header_source(&a.headers, env.as_deref(), &a.header_files)?,
-        ca_file: a.origin_ca.clone(),
+        headers: header_source(&a.access.headers, env.as_deref(), &a.access.header_files)?,
+        ca_file: a.access.origin_ca.clone(),
         ..OriginOptions::default()
     };
     let bar = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -86,34 +85,7 @@ fn build(a: ManifestBuildArgs) -> anyhow::Result<ExitCode> {
         let total = o.identity().size;
         let done = Arc::new(AtomicU64::new(0));
         let d = done.clone();
-        let ticker = tokio::spawn(async move {
-            let pb = bar.then(|| {
-                let pb = indicatif::ProgressBar::new(total);
-                pb.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-                    )
-                    .expect("valid template"),
-                );
-                pb
-            });
-            let mut last_log = std::time::Instant::now();
-            loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let n = d.load(Relaxed);
-                if let Some(pb) = &pb {
-                    pb.set_position(n);
-                } else if last_log.elapsed() >= Duration::from_secs(5) && total > 0 {
-                    tracing::info!(
-                        "read {} of {} ({:.1}%)",
-                        human_bytes(n),
-                        human_bytes(total),
-                        100.0 * n as f64 / total as f64
-                    );
-                    last_log = std::time::Instant::now();
-                }
-            }
-        });
+        let ticker = super::progress::spawn(bar, "read", move || (d.load(Relaxed), total));
         let r = manifest::build(o, block_size, a.jobs.max(1), 4 << 20, done).await;
         ticker.abort();
         r

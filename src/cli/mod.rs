@@ -11,6 +11,8 @@
 //! - `export.rs`   `lazybd export add|remove|list`: requests to a running
 //!   server's control socket
 //! - `copy.rs`     `lazybd copy`: a whole image, with a progress bar
+//! - `manifest.rs` `lazybd manifest build|show`: an image's per-block digests
+//! - `progress.rs` the progress bar (or log lines) of `copy` and `manifest build`
 //! - `profile.rs`  `lazybd profile show|export|import|stop`: boot profiles
 //! - `cache.rs`    `lazybd cache info|verify`: inspect and check a cache directory
 //! - `overlay.rs`  `lazybd overlay check`: verify (and repair) an overlay
@@ -25,6 +27,7 @@ pub mod export;
 pub mod manifest;
 pub mod overlay;
 pub mod profile;
+pub mod progress;
 pub mod serve;
 pub mod settings;
 
@@ -137,6 +140,22 @@ Examples:
   lazybd copy nbd://127.0.0.1/disk disk.raw
   lazybd copy base.raw 'nbd+unix:///vm1?socket=/run/lazybd.sock'";
 
+/// How a one-shot command (`copy`, `manifest build`) reaches an HTTP(S)
+/// source; S3 and OpenStack credentials come from their environment.
+#[derive(Args)]
+pub struct OriginAccess {
+    /// Extra HTTP header for the source, 'Name: value'. Repeatable.
+    #[arg(long = "header", short = 'H', value_name = "HEADER")]
+    pub headers: Vec<String>,
+    /// File of 'Name: value' lines for the source (as `serve
+    /// --header-file`); LAZYBD_HEADERS in the environment is read too.
+    #[arg(long = "header-file", value_name = "FILE")]
+    pub header_files: Vec<PathBuf>,
+    /// PEM file of extra CA certificates for an https:// source.
+    #[arg(long, value_name = "PEM")]
+    pub origin_ca: Option<PathBuf>,
+}
+
 #[derive(Args)]
 pub struct CopyArgs {
     /// What to copy: URL, path or NBD URI.
@@ -155,16 +174,8 @@ pub struct CopyArgs {
     /// Skip reading each chunk back from DEST to check its CRC32.
     #[arg(long)]
     pub no_verify: bool,
-    /// Extra HTTP header for the source, 'Name: value'. Repeatable.
-    #[arg(long = "header", short = 'H', value_name = "HEADER")]
-    pub headers: Vec<String>,
-    /// File of 'Name: value' lines for the source (as `serve
-    /// --header-file`); LAZYBD_HEADERS in the environment is read too.
-    #[arg(long = "header-file", value_name = "FILE")]
-    pub header_files: Vec<PathBuf>,
-    /// PEM file of extra CA certificates for an https:// source.
-    #[arg(long, value_name = "PEM")]
-    pub origin_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub access: OriginAccess,
     /// No progress bar even on a terminal (log lines instead).
     #[arg(long)]
     pub no_progress: bool,
@@ -209,16 +220,8 @@ pub struct ManifestBuildArgs {
     /// Requests in flight.
     #[arg(long, short = 'j', default_value_t = 8)]
     pub jobs: usize,
-    /// Extra HTTP header for the origin, 'Name: value'. Repeatable.
-    #[arg(long = "header", short = 'H', value_name = "HEADER")]
-    pub headers: Vec<String>,
-    /// File of 'Name: value' lines (as `serve --header-file`);
-    /// LAZYBD_HEADERS in the environment is read too.
-    #[arg(long = "header-file", value_name = "FILE")]
-    pub header_files: Vec<PathBuf>,
-    /// PEM file of extra CA certificates for an https:// origin.
-    #[arg(long, value_name = "PEM")]
-    pub origin_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub access: OriginAccess,
     /// No progress bar even on a terminal (log lines instead).
     #[arg(long)]
     pub no_progress: bool,

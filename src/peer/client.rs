@@ -190,9 +190,12 @@ impl Peered {
         if let [(whole, None)] = runs.as_slice() {
             return self.inner.read_range(*whole).await;
         }
-        let parts = futures_join(
+        let parts = crate::util::join_all(
             runs.iter()
-                .map(|(range, who)| self.part(*range, who.clone())),
+                .map(|(range, who)| {
+                    Box::pin(self.part(*range, who.clone())) as BoxFuture<'_, Result<Bytes>>
+                })
+                .collect(),
         )
         .await;
         let mut out = BytesMut::with_capacity(r.len as usize);
@@ -236,18 +239,7 @@ impl Peered {
         let size = self.inner.identity().size;
         // Whole manifest blocks: the unit a digest checks.
         let (wide, first) = match &self.manifest {
-            Some(m) => {
-                let first = range.offset / m.block_size;
-                let start = first * m.block_size;
-                let end = range.end().next_multiple_of(m.block_size).min(size);
-                (
-                    ByteRange {
-                        offset: start,
-                        len: end - start,
-                    },
-                    first,
-                )
-            }
+            Some(m) => m.widen(range),
             None => (range, 0),
         };
         let failed = |why: String| (Error::new(ErrorKind::Origin, why), AVOID_FAILED);
@@ -348,30 +340,6 @@ impl Peered {
         let at = (range.offset - wide.offset) as usize;
         Ok(body.slice(at..at + range.len as usize))
     }
-}
-
-/// Poll all of `futs` together, results in order.
-async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set: Vec<std::pin::Pin<Box<F>>> = futs.map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (i, f) in set.iter_mut().enumerate() {
-            if out[i].is_none() {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => out[i] = Some(v),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().map(|o| o.expect("all ready")).collect()
 }
 
 impl Origin for Peered {

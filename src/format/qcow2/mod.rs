@@ -731,34 +731,7 @@ fn shift(v: Vec<ByteRange>, by: u64) -> Vec<ByteRange> {
         .collect()
 }
 
-/// Poll every future until all are done, in their order. The pieces of one
-/// read are few, so polling each pending one on every wake costs less than
-/// spawning tasks.
-async fn join_all<T>(mut futs: Vec<BoxFuture<'_, T>>) -> Vec<T> {
-    let mut done: Vec<Option<T>> = futs.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (f, d) in futs.iter_mut().zip(done.iter_mut()) {
-            if d.is_none() {
-                match f.as_mut().poll(cx) {
-                    Poll::Ready(v) => *d = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    done.into_iter()
-        .map(|d| d.expect("every future finished"))
-        .collect()
-}
-
-/// [`join_all`] over batches of [`READ_BATCH`]: a read split into many
+/// [`crate::util::join_all`] over batches of [`READ_BATCH`]: a read split into many
 /// pieces (a hostile image of tiny clusters) costs linear polling, not
 /// quadratic.
 async fn join_batched<T>(futs: Vec<BoxFuture<'_, T>>) -> Vec<T> {
@@ -766,7 +739,7 @@ async fn join_batched<T>(futs: Vec<BoxFuture<'_, T>>) -> Vec<T> {
     let mut futs = futs.into_iter().peekable();
     while futs.peek().is_some() {
         let batch: Vec<_> = futs.by_ref().take(READ_BATCH).collect();
-        out.extend(join_all(batch).await);
+        out.extend(crate::util::join_all(batch).await);
     }
     out
 }
