@@ -66,8 +66,11 @@ pub use dir::CacheDir;
 /// Largest single origin request made by coalescing (bytes).
 const DEFAULT_MAX_FETCH: u64 = 4 << 20;
 
-/// The outcome of one origin fetch: the run's bytes, shared by all joiners.
-type FetchResult = Option<Result<Bytes>>;
+/// The outcome of one origin fetch: the run's bytes, shared by all joiners,
+/// and whether the flight has settled (its blocks are stored, or storing
+/// failed). Readers take the bytes as soon as they arrive; the store runs
+/// after that, off the reply's path; background work waits for the settle.
+type FetchResult = Option<(Result<Bytes>, bool)>;
 
 /// One origin fetch in progress covering blocks `[first, first + count)`,
 /// or (`evicting`) the marker of blocks being evicted: it resolves, with no
@@ -104,6 +107,8 @@ struct Inner {
     /// to throw away, so they wait: see [`ImageCache::storing`].
     store_failed_at: AtomicU64,
     opened: std::time::Instant,
+    /// No block was present or zero when the cache was opened.
+    opened_empty: bool,
     /// Holds the directory's exclusive flock for the cache's lifetime.
     _lock: File,
     /// Readers of each block's bytes right now (see [`Inner::pin`]): the
@@ -183,7 +188,7 @@ impl BackgroundFetch {
     /// this fetch claimed, counted on its kind's counter.
     pub(crate) async fn finish(self) -> Result<u64> {
         for f in &self.flights {
-            wait(f).await?;
+            wait_settled(f).await?;
         }
         let inner = &self.inner;
         let bytes = self.claimed * inner.bs.bytes();
@@ -238,7 +243,8 @@ impl ImageCache {
         let g = store.map().geometry();
         let background = (origin.connections() / 2).max(1);
         let blocks = store.map().blocks();
-        let present = store.map().counts().0 * g.block_size.bytes();
+        let (present_blocks, zero_blocks) = store.map().counts();
+        let present = present_blocks * g.block_size.bytes();
         let fetch_unit_blocks = origin
             .fetch_unit()
             .map(|u| (u / g.block_size.bytes()).max(1));
@@ -261,6 +267,7 @@ impl ImageCache {
                 punch_unsupported: AtomicBool::new(false),
                 store_failed_at: AtomicU64::new(0),
                 opened: std::time::Instant::now(),
+                opened_empty: present_blocks + zero_blocks == 0,
                 _lock: lock,
                 dir,
                 background: Arc::new(Semaphore::new(background)),
@@ -272,11 +279,11 @@ impl ImageCache {
         }
     }
 
-    pub(crate) fn block_size(&self) -> BlockSize {
+    pub fn block_size(&self) -> BlockSize {
         self.inner.bs
     }
 
-    pub(crate) fn stats(&self) -> &Arc<Stats> {
+    pub fn stats(&self) -> &Arc<Stats> {
         &self.inner.stats
     }
 
@@ -458,6 +465,12 @@ impl ImageCache {
         at == 0 || inner.opened.elapsed().as_millis() as u64 >= at + PAUSE_MS
     }
 
+    /// Whether the cache held no block when this process opened it (a
+    /// first start on this host), whatever has arrived since.
+    pub(crate) fn opened_empty(&self) -> bool {
+        self.inner.opened_empty
+    }
+
     /// (present, zero, total) blocks.
     pub fn counts(&self) -> (u64, u64, u64) {
         let map = self.inner.store.map();
@@ -560,32 +573,47 @@ impl ImageCache {
             for &b in &demoted {
                 wait_unpinned(&inner.pins[b as usize]);
             }
-            for &b in &demoted {
+            // One punch per run of adjacent victims (the clock hand takes
+            // them in order): small blocks would otherwise cost a system
+            // call and an extent split each.
+            for run in demoted.chunk_by(|a, b| a + 1 == *b) {
+                let (first, last) = (run[0], run[run.len() - 1]);
                 let res = if failed {
                     Ok(()) // not tried: restored below
                 } else {
-                    punch(&inner.store, inner.store.block_range(b))
+                    let (a, z) = (
+                        inner.store.block_range(first),
+                        inner.store.block_range(last),
+                    );
+                    punch(
+                        &inner.store,
+                        ByteRange {
+                            offset: a.offset,
+                            len: z.end() - a.offset,
+                        },
+                    )
                 };
                 if let Err(e) = &res {
                     failed = true;
                     self.punch_failed(e);
                 }
                 if failed {
-                    // Back to present: nothing wrote the block while its
-                    // marker was up, so its bytes and CRCs still agree (a
+                    // Back to present: nothing wrote the blocks while their
+                    // marker was up, so their bytes and CRCs still agree (a
                     // partial punch fails the CRC and is refetched).
-                    inner.store.map().transition(
-                        BlockIndex(b),
-                        BlockState::Missing,
-                        BlockState::Present,
-                    );
+                    for &b in run {
+                        inner.store.map().transition(
+                            BlockIndex(b),
+                            BlockState::Missing,
+                            BlockState::Present,
+                        );
+                    }
                     continue;
                 }
-                inner
-                    .present_bytes
-                    .fetch_sub(inner.bs.bytes(), Ordering::Relaxed);
-                Stats::add(&inner.stats.evictions, 1);
-                freed += inner.bs.bytes();
+                let bytes = run.len() as u64 * inner.bs.bytes();
+                inner.present_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                Stats::add(&inner.stats.evictions, run.len() as u64);
+                freed += bytes;
             }
             {
                 let mut inflight = inner.inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -596,7 +624,7 @@ impl ImageCache {
                 }
             }
             // Waiting readers plan again: the blocks are missing now.
-            let _ = tx.send(Some(Ok(Bytes::new())));
+            let _ = tx.send(Some((Ok(Bytes::new()), true)));
         }
         freed
     }
@@ -859,6 +887,10 @@ impl ImageCache {
                 len: end - start,
             };
             let res = inner.origin.read_range(range).await;
+            // The bytes go to the readers now: they need not wait for the
+            // store. The blocks stay in flight until it is done, so a later
+            // reader still joins this flight (its bytes are there at once).
+            let _ = tx.send(Some((res.clone(), false)));
             match &res {
                 Ok(bytes) => {
                     let (inner2, bytes2) = (inner.clone(), bytes.clone());
@@ -885,7 +917,11 @@ impl ImageCache {
                     inflight.remove(&b);
                 }
             }
-            let _ = tx.send(Some(res));
+            tx.send_modify(|v| {
+                if let Some((_, settled)) = v {
+                    *settled = true;
+                }
+            });
         });
         flight
     }
@@ -1117,15 +1153,25 @@ impl Inner {
     }
 }
 
+/// The flight's bytes, as soon as they arrive.
 async fn wait(f: &Flight) -> Result<Bytes> {
+    wait_for(f, false).await
+}
+
+/// The flight's bytes once its blocks are stored (or storing failed).
+async fn wait_settled(f: &Flight) -> Result<Bytes> {
+    wait_for(f, true).await
+}
+
+async fn wait_for(f: &Flight, settled: bool) -> Result<Bytes> {
     let mut rx = f.rx.clone();
     let r = rx
-        .wait_for(|v| v.is_some())
+        .wait_for(|v| v.as_ref().is_some_and(|(_, s)| *s || !settled))
         .await
         .map_err(|_| Error::new(ErrorKind::Io, "origin fetch task ended without a result"))?;
     match &*r {
-        Some(Ok(b)) => Ok(b.clone()),
-        Some(Err(e)) => Err(e.clone()),
+        Some((Ok(b), _)) => Ok(b.clone()),
+        Some((Err(e), _)) => Err(e.clone()),
         None => Err(Error::new(ErrorKind::Io, "origin fetch has no result")),
     }
 }
@@ -1266,6 +1312,14 @@ mod tests {
         (dir, cache)
     }
 
+    /// Wait until every fetch has stored its blocks: a read returns as
+    /// soon as its bytes arrive, before they are stored.
+    async fn settled(cache: &ImageCache) {
+        while !cache.inner.inflight.lock().unwrap().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     fn range(offset: u64, len: u64) -> ByteRange {
         ByteRange { offset, len }
     }
@@ -1292,6 +1346,7 @@ mod tests {
         let origin = MemOrigin::new(img.clone(), false);
         let (_dir, cache) = open(origin.clone());
         assert!(cache.read(range(0, MIB)).await.unwrap().data == img);
+        settled(&cache).await;
         assert_eq!(cache.present_bytes(), MIB);
         damage(&cache, 3 * BS + 5000);
         // The inline path finds the damage, demotes the block and gives up.
@@ -1301,11 +1356,13 @@ mod tests {
         // The full path refetches it.
         let r = cache.read(range(3 * BS, 8192)).await.unwrap();
         assert!(r.data == img[3 * BS as usize..3 * BS as usize + 8192]);
+        settled(&cache).await;
         assert_eq!(cache.present_bytes(), MIB);
         // Same through the full path alone.
         damage(&cache, 7 * BS + 100);
         let r = cache.read(range(7 * BS, 4096)).await.unwrap();
         assert!(r.data == img[7 * BS as usize..7 * BS as usize + 4096]);
+        settled(&cache).await;
         assert!(accounted(&cache), "{} bytes", cache.present_bytes());
         assert_eq!(cache.present_bytes(), MIB);
         assert_eq!(Stats::get(&cache.stats().crc_failures), 2);
@@ -1394,6 +1451,7 @@ mod tests {
         let origin = MemOrigin::new(img.clone(), false);
         let (_dir, cache) = open(origin.clone());
         cache.read(range(0, MIB)).await.unwrap();
+        settled(&cache).await;
         let fetched = origin.requests.load(Ordering::SeqCst);
         aim(&cache, 5);
         let (punching, go, evictor) = held_eviction(&cache);
@@ -1432,6 +1490,7 @@ mod tests {
         assert!(evicted.data == at(4 * BS + 100, 2 * BS));
         assert_eq!(origin.requests.load(Ordering::SeqCst), fetched + 1);
         // Fetched after the punch, so intact.
+        settled(&cache).await;
         let again = cache.read_now(range(5 * BS, BS)).expect("present").unwrap();
         assert!(again.data == at(5 * BS, BS));
         assert_eq!(cache.present_bytes(), MIB);
@@ -1447,6 +1506,7 @@ mod tests {
         let img = image(MIB);
         let (_dir, cache) = open(MemOrigin::new(img.clone(), false));
         cache.read(range(0, MIB)).await.unwrap();
+        settled(&cache).await;
         aim(&cache, 5);
         let reading = cache.inner.pin(5..6);
         let (punching, go, evictor) = held_eviction(&cache);
@@ -1521,6 +1581,7 @@ mod tests {
         let origin = MemOrigin::new(img.clone(), false);
         let (_dir, cache) = open(origin.clone());
         cache.read(range(0, MIB)).await.unwrap();
+        settled(&cache).await;
         let fetched = origin.requests.load(Ordering::SeqCst);
         let tries = AtomicU64::new(0);
         let failing = |kind: ErrorKind| {
@@ -1557,6 +1618,7 @@ mod tests {
     async fn a_punch_reports_its_outcome() {
         let (_dir, cache) = open(MemOrigin::new(image(MIB), false));
         cache.read(range(0, MIB)).await.unwrap();
+        settled(&cache).await;
         let store = &cache.inner.store;
         store.try_punch(range(2 * BS, BS)).unwrap();
         let mut page = vec![1u8; 4096];
@@ -1577,6 +1639,7 @@ mod tests {
         let origin = MemOrigin::new(img.clone(), false);
         let (_dir, cache) = open(origin.clone());
         cache.read(range(0, MIB)).await.unwrap();
+        settled(&cache).await;
         let fetched = origin.requests.load(Ordering::SeqCst);
         assert!(cache.read_now(range(3 * BS, 4096)).is_some());
         // Written back, then dropped from the page cache.

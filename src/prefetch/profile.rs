@@ -318,9 +318,9 @@ pub(crate) async fn find(cache: &ImageCache) -> Result<Option<Profile>> {
         return Ok(Some(p));
     }
     // A published profile is for the first, empty start on a host; a cache
-    // that holds blocks already has been through a boot.
-    let (present, zero, _) = cache.counts();
-    if present + zero > 0 {
+    // that held blocks already has been through a boot. (As opened: the
+    // export's own first reads may already have stored a block.)
+    if !cache.opened_empty() {
         return Ok(None);
     }
     let Some(bytes) = cache.origin().sidecar(SIDECAR_SUFFIX, MAX_BYTES).await? else {
