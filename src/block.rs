@@ -94,10 +94,12 @@ pub struct BlockSize(u32);
 impl BlockSize {
     pub const MIN: u32 = 4096;
     pub const MAX: u32 = 16 << 20;
-    /// 64 KiB: the cold-random benchmark (bench/RESULTS.md) favours small
-    /// blocks (bytes fetched per 4K read), boot traces read 32 KiB runs, and
-    /// readahead/coalescing make sequential reads large regardless.
-    pub(crate) const DEFAULT: BlockSize = BlockSize(64 << 10);
+    /// 4 KiB, one checksum page: a cold random read fetches what it reads
+    /// (bench/RESULTS.md: bytes fetched per 4K read bound cold random IOPS),
+    /// while coalescing, readahead, neighbourhood fetches of clustered
+    /// misses and profile replay make the fetches of sequential and boot
+    /// reads large regardless (see ARCHITECTURE.md, "Block size").
+    pub(crate) const DEFAULT: BlockSize = BlockSize(4 << 10);
 
     pub fn new(bytes: u64) -> Result<Self> {
         if !bytes.is_power_of_two() || bytes < Self::MIN as u64 || bytes > Self::MAX as u64 {

@@ -7,7 +7,7 @@
 //! cache_dir = "/var/cache/lazybd"
 //! control = "/run/lazybd/control.sock"   # `lazybd export add/remove/list`; "none": off
 //! metrics = "127.0.0.1:9109"              # Prometheus, GET /metrics
-//! block_size = "64k"
+//! block_size = "4k"
 //! cache_size = "50G"                      # LRU eviction of clean blocks
 //! tls = "require"                         # or "on" (optional), "off"
 //! tls_certificates = "/etc/pki/lazybd"    # ca-cert.pem, server-cert.pem, server-key.pem

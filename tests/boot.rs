@@ -78,6 +78,77 @@ async fn random_reads_do_not_trigger_readahead() {
     assert_eq!(Stats::get(&st.readahead_bytes), 0, "{st}");
 }
 
+/// With the default 4 KiB block, a miss fetches what it reads: scattered
+/// 4 KiB reads cost 4 KiB of origin bytes each. A miss next to a recent
+/// miss fetches the 64 KiB neighbourhood around it, so the reads that
+/// follow there are hits; sequential reads still become large requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_misses_fetch_what_they_read_and_clustered_ones_their_neighbourhood() {
+    const CELL: u64 = 64 << 10;
+    let img = image(64 * MIB, 9);
+    let o = TestOrigin::start(img.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&o.url, dir.path(), BS);
+    cfg.block_size = None; // the default
+    let (srv, addr) = start(cfg).await;
+    let mut c = Client::connect(&addr, Opts::default()).await;
+    let check = |r: &Reply, off: u64, len: u64| {
+        assert!(
+            r.data == img[off as usize..(off + len) as usize],
+            "read at {off}"
+        );
+    };
+    let cache = srv.cache(&o.url).await.unwrap();
+    assert_eq!(cache.block_size().bytes(), 4096, "the default block");
+    let fetched = || Stats::get(&cache.stats().origin_bytes);
+    // 1. Scattered reads, one cell (64 KiB) in every 17 MiB-ish apart.
+    let base = fetched();
+    let spots: Vec<u64> = (0..40u64)
+        .map(|i| (i * 1_573_000 + 8192) / 4096 * 4096)
+        .collect();
+    for &off in &spots {
+        check(&c.read(off, 4096).await.unwrap(), off, 4096);
+    }
+    assert_eq!(
+        fetched() - base,
+        40 * 4096,
+        "isolated misses fetch 4 KiB each"
+    );
+    // 2. A second miss in the cell of a recent one: the cell comes whole,
+    //    and the rest of it is served locally.
+    let cell = 5 * CELL * 100;
+    check(&c.read(cell + 4096, 4096).await.unwrap(), cell + 4096, 4096);
+    let before = fetched();
+    check(
+        &c.read(cell + 40960, 4096).await.unwrap(),
+        cell + 40960,
+        4096,
+    );
+    // The neighbourhood comes in the background: the read does not wait.
+    let cell_present = || (0..CELL / 4096).all(|k| !cache.is_missing((cell + k * 4096) / 4096));
+    until("the neighbourhood is stored", cell_present).await;
+    assert_eq!(
+        fetched() - before,
+        CELL - 4096,
+        "the neighbourhood, less what was there"
+    );
+    // 3. A sequential run still becomes large requests.
+    let (start_off, n) = (32 * MIB as u64, 64u64);
+    let requests = o.requests();
+    for i in 0..n {
+        let off = start_off + i * (128 << 10);
+        check(&c.read(off, 128 << 10).await.unwrap(), off, 128 << 10);
+    }
+    // Readahead windows grow from 256 KiB: most reads are served by them.
+    assert!(
+        o.requests() - requests <= n / 3,
+        "{} requests for {n} sequential reads",
+        o.requests() - requests
+    );
+    drop(c);
+    stop(srv).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recorded_profile_is_published_and_replayed_on_a_cold_start() {
     let img = image(8 * MIB, 5);

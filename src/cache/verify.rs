@@ -165,7 +165,7 @@ mod tests {
         let dir = tmp.path().join("image-0123456789abcdef");
         std::fs::create_dir_all(&dir).unwrap();
         let g = Geometry {
-            block_size: BlockSize::DEFAULT,
+            block_size: BlockSize::new(BS).unwrap(),
             image_size: 4 * BS,
             identity_hash: 1,
             crc_slots: 1,

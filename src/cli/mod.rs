@@ -382,7 +382,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "raw|qcow2|auto")]
     pub format: Option<lazybd::format::Format>,
     /// Cache block size: the unit fetched and tracked (power of two, 4k..16M).
-    /// Default 64k for a new cache; an existing cache keeps its own.
+    /// Default 4k for a new cache (a miss still fetches more when reads are
+    /// sequential or clustered); an existing cache keeps its own.
     #[arg(long, value_name = "SIZE")]
     pub block_size: Option<String>,
     /// Limit on cached data across all images (e.g. 50G): least recently

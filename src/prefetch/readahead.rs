@@ -16,6 +16,15 @@
 //! background fetch, started only if a permit is free at once (per export:
 //! [`MAX_INFLIGHT`] fetches of at most [`MAX_WINDOW`] bytes; per image: the
 //! cache's background permits), otherwise skipped.
+//!
+//! A miss that is no stream's fetches only its own blocks (the cache block
+//! is a 4 KiB page by default), unless it lands next to another recent miss
+//! ([`CELL`]-sized neighbourhoods, the last [`RECENT`] remembered): data
+//! laid out together is read together (a file system's inode table and
+//! directories, a small file read in pieces, a database page's neighbours),
+//! and one fetch of the whole cell saves the round trips of the reads that
+//! follow. Scattered random reads rarely meet a recent cell (32 cells of a
+//! 1 GiB image are 0.2% of it), so they stay at the bytes they ask for.
 
 use std::sync::{Arc, Mutex};
 
@@ -40,6 +49,10 @@ const MAX_INFLIGHT: usize = 4;
 const BEHIND: u64 = 1 << 20;
 /// Largest forward gap that still continues a stream.
 const MAX_GAP: u64 = 1 << 20;
+/// The neighbourhood a miss next to a recent miss fetches whole.
+const CELL: u64 = 64 << 10;
+/// Recent misses (their cells) remembered per export.
+const RECENT: usize = 32;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Stream {
@@ -59,6 +72,24 @@ struct Stream {
 struct Streams {
     s: [Stream; STREAMS],
     tick: u64,
+    /// Cells of recent misses that were no stream's (+1: 0 = empty slot).
+    recent: [u64; RECENT],
+    next_recent: usize,
+}
+
+impl Streams {
+    /// Remember the miss at `r`; true if a recent one was in the same or
+    /// an adjacent cell.
+    fn near_recent_miss(&mut self, r: ByteRange) -> bool {
+        let (c0, c1) = (r.offset / CELL + 1, (r.end() - 1) / CELL + 1);
+        let near = self
+            .recent
+            .iter()
+            .any(|&c| c != 0 && c + 1 >= c0 && c <= c1 + 1);
+        self.recent[self.next_recent] = c0;
+        self.next_recent = (self.next_recent + 1) % RECENT;
+        near
+    }
 }
 
 pub(crate) struct Readahead {
@@ -141,6 +172,17 @@ impl Readahead {
                     }
                 }
                 None => {
+                    let bs = self.cache.block_size().bytes();
+                    if bs < CELL && self.cache.is_missing(r.offset / bs) && st.near_recent_miss(r) {
+                        // Planned before the read reaches the cache, which
+                        // joins these fetches for its own blocks.
+                        let from = r.offset / CELL * CELL;
+                        let to = r.end().div_ceil(CELL).saturating_mul(CELL).min(size);
+                        self.cache.prefetch(ByteRange {
+                            offset: from,
+                            len: to - from,
+                        });
+                    }
                     let i = (0..STREAMS).min_by_key(|&i| st.s[i].tick).unwrap_or(0);
                     st.s[i] = Stream {
                         next: r.end(),

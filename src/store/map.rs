@@ -640,11 +640,17 @@ mod tests {
 
     #[test]
     fn the_map_is_sparse_until_blocks_arrive() {
+        the_map_is_sparse_until_blocks_arrive_with(BlockSize::DEFAULT);
+        the_map_is_sparse_until_blocks_arrive_with(BlockSize::new(64 << 10).unwrap());
+    }
+
+    fn the_map_is_sparse_until_blocks_arrive_with(bs: BlockSize) {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("meta");
+        let per = bs.bytes() / PAGE;
         let g = Geometry {
-            block_size: BlockSize::DEFAULT,
+            block_size: bs,
             image_size: 1 << 40,
             identity_hash: 1,
             crc_slots: 1,
@@ -662,7 +668,7 @@ mod tests {
         for i in 0..1024u64 {
             let b = i * 16_381 % m.blocks();
             m.ensure_blocks(b, b + 1).unwrap();
-            for p in b * 16..b * 16 + 16 {
+            for p in b * per..(b + 1) * per {
                 m.set_page_crc(p, 7);
             }
             m.set_state(BlockIndex(b), BlockState::Present);
@@ -688,7 +694,7 @@ mod tests {
         );
         // Opening a 1 TiB map is quick (no scan of holes, no preallocation).
         assert!(t.elapsed() < std::time::Duration::from_secs(5));
-        m.set_state(BlockIndex(16_381), BlockState::Missing);
+        m.set_state(BlockIndex(16_381 % m.blocks()), BlockState::Missing);
         assert_eq!(m.counts(), (1023, 0));
     }
 
