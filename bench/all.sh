@@ -9,6 +9,7 @@
 #   bench/run.sh         lazybd against its peers (bench/run.sh)               ~22 min (3 rounds)
 #   bench/block-size.sh  Block size sweep (bench/block-size.sh)                ~22 min (6 sizes, 3 rounds + boots)
 #   bench/boot.sh        Boot (bench/boot.sh)                                  ~5 min
+#   bench/realboot.sh    Real distribution boot (bench/realboot.sh)            ~9 min (3 rounds; + image build once)
 #   bench/multi.sh       Many exports and writable exports (bench/multi.sh)    ~11 min (3 rounds)
 #   bench/hydrate.sh     Hydration (bench/hydrate.sh)                          ~1 min
 #   bench/origins.sh     Cloud origins (bench/origins.sh)                      ~10 min (3 rounds)
@@ -21,7 +22,7 @@
 # then bench/assemble.py (OUT's header with an index of the sections and their
 # stamps, the sections in this order; after a run of every script, sections
 # no script writes are dropped) and bench/reliability-table.py (RELIABILITY's
-# table from OUT). About 1.7 h in all at full size.
+# table from OUT). About 1.9 h in all at full size.
 #
 # A failing script does not stop the others: its section is whatever it
 # wrote (most scripts write their failures into it) or, if it wrote none, its
@@ -31,7 +32,9 @@
 # Env:
 #   QUICK=1      every script's QUICK knob (small images, short runs, 1-2
 #                rounds): a smoke test of the whole chain in ~12 min; never into
-#                bench/RESULTS.md (default OUT: a copy of it in a temp dir)
+#                bench/RESULTS.md (default OUT: a copy of it in a temp dir).
+#                realboot is left out of it (its boots take ~30 s each and
+#                its first run builds a Debian image) unless SCRIPTS names it
 #   SCRIPTS      subset, in any order, run in the order above (e.g. "run boot");
 #                the other sections are kept as they are
 #   OUT          bench/RESULTS.md (QUICK: $TMPDIR/lazybd-quick/RESULTS.md)
@@ -45,8 +48,12 @@
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH/.." && pwd)
-ORDER="run block-size boot multi hydrate origins cluster crash soak power-cut attach"
+ORDER="run block-size boot realboot multi hydrate origins cluster crash soak power-cut attach"
+QUICK_SKIP="realboot"   # not in a QUICK run of everything (see QUICK above)
 QUICK=${QUICK:-0}
+if [[ -z ${SCRIPTS:-} && $QUICK == 1 ]]; then
+  SCRIPTS=""; for s in $ORDER; do [[ " $QUICK_SKIP " == *" $s "* ]] || SCRIPTS+="$s "; done
+fi
 SCRIPTS=${SCRIPTS:-$ORDER}
 for s in $SCRIPTS; do
   [[ " $ORDER " == *" $s "* ]] || { echo "all.sh: unknown script $s (one of: $ORDER)" >&2; exit 2; }

@@ -15,6 +15,9 @@
 #   BOOT_SHA      expected data sha256 (e.g. data_sha256 of IMG.meta): a marker
 #                 with another one counts as a failure
 #   BOOT_QUIET=1  no stderr notes
+#   BOOT_MARKER   marker prefix (default LAZYBD-BOOT): PREFIX-INIT, PREFIX-OK,
+#                 PREFIX-FAIL / PREFIX-BAD (LAZYBD-DEBIAN for the image of
+#                 qemu-tests/debian-image.sh)
 #
 # Prints one line on stdout, e.g.
 #   BOOT status=ok marker_s=3.612 exit_s=3.804 init_s=2.950 guest_t=1.94 data=<sha> rw=0 wrote= log=FILE
@@ -36,6 +39,8 @@ env = os.environ
 quiet = env.get("BOOT_QUIET") == "1"
 ro = env.get("BOOT_READONLY", "on")
 want_sha = env.get("BOOT_SHA", "")
+mk = env.get("BOOT_MARKER", "LAZYBD-BOOT")
+MK_INIT, MK_OK, MK_BAD = mk + "-INIT", mk + "-OK", (mk + "-FAIL", mk + "-BAD")
 drive = f"file={disk},format=raw,if=virtio,readonly={ro}{env.get('BOOT_DRIVE_EXTRA', '')}"
 cmd = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-machine", "pc",
        "-accel", env.get("BOOT_ACCEL", "tcg"), "-m", env.get("BOOT_MEM", "256"), "-smp", "1",
@@ -61,21 +66,22 @@ def handle(line, now):
     global status, marker_s, init_s, guest_t, data, rw, wrote, detail
     s = line.decode("utf-8", "replace").replace("\r", "")
     log.write(f"[{now - t0:8.3f}] {s}\n".encode())
-    if "LAZYBD-BOOT-INIT" in s and init_s is None:
+    if MK_INIT in s and init_s is None:
         init_s = now - t0
     m = re.search(r"LAZYBD-BOOT-WROTE off=(\d+) id=(\S+)", s)
     if m:
         wrote = f"{m.group(1)}:{m.group(2)}"
-    if "LAZYBD-BOOT-OK" in s or "LAZYBD-BOOT-FAIL" in s:
+    bad = any(b in s for b in MK_BAD)
+    if MK_OK in s or bad:
         marker_s = now - t0
         m = re.search(r"t=([0-9.]+)", s); guest_t = m.group(1) if m else ""
         m = re.search(r"data=(\S+)", s); data = m.group(1) if m else ""
         m = re.search(r"rw=(\d)", s); rw = m.group(1) if m else ""
-        if "LAZYBD-BOOT-OK" in s and (not want_sha or data == want_sha):
+        if MK_OK in s and not bad and (not want_sha or data == want_sha):
             status = "ok"
         else:
             status = "fail"
-            detail = s.strip() if "FAIL" in s else f"data {data} != expected {want_sha}"
+            detail = s.strip() if bad else f"data {data} != expected {want_sha}"
         return True
     return False
 

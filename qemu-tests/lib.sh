@@ -879,3 +879,32 @@ for a, b in iv:
         end = b
 print(uniq, total - uniq, len(iv))'
 }
+
+# ---------------------------------------------------------------- Debian boots (t-58, bench/realboot.sh)
+
+# debian_image DIR [NAME] : build (or reuse, see qemu-tests/debian-image.sh)
+# the systemd Debian image as DIR/NAME (default debian.img). Sets DEBIAN_IMG
+# (its path) and DEBIAN_SHA (the payload's sha256 the guest must report).
+DEBIAN_IMG="" DEBIAN_SHA=""
+debian_image() {
+  local dir=$1 name=${2:-debian.img}
+  mkdir -p "$dir"
+  "$REPO/qemu-tests/debian-image.sh" "$dir/$name" >&2 || fail "debian-image.sh $dir/$name failed"
+  DEBIAN_IMG=$dir/$name
+  DEBIAN_SHA=$(sed -n 's/^data_sha256=//p' "$DEBIAN_IMG.meta")
+  [[ -n $DEBIAN_SHA ]] || fail "debian_image: no data_sha256 in $DEBIAN_IMG.meta"
+}
+
+# debian_boot_vm DISK [TIMEOUT_S=300] : boot_vm for the Debian image: its
+# markers (LAZYBD-DEBIAN-*), its payload sha, 512 MiB of guest memory
+# (BOOT_MEM overrides), and a disk the guest may write to whose writes stay
+# in qemu's temporary overlay (snapshot=on): DISK (a file or a read-only
+# export) is only read. Sets what boot_vm sets, and DEBIAN_LINE (the guest's
+# marker line: pid1=, udevd=, dbus=, failed=).
+DEBIAN_LINE=""
+debian_boot_vm() {
+  local disk=$1 to=${2:-300}
+  BOOT_SHA=$DEBIAN_SHA BOOT_MARKER=LAZYBD-DEBIAN BOOT_READONLY=off BOOT_DRIVE_EXTRA=",snapshot=on" \
+    BOOT_MEM=${BOOT_MEM:-512} boot_vm "$disk" "$to"
+  DEBIAN_LINE=$(grep -ao 'LAZYBD-DEBIAN-\(OK\|BAD\) .*' "$BOOT_LOG" | tail -n 1 | tr -d '\r' || true)
+}

@@ -11,7 +11,9 @@
 # exactly "N passed, N failed". Exit status 1 if any test failed.
 #
 # Env: LAZYBD (binary under test, passed on to the tests), TEST_TIMEOUT
-# (seconds per test, default 240), TEST_LOG_DIR (default: a temp dir, removed
+# (seconds per test, default 240; a test that needs longer says so in a
+# line "# run.sh timeout: SECONDS" among its first 30, which then applies
+# when it is the larger), TEST_LOG_DIR (default: a temp dir, removed
 # when everything passed), VERBOSE=1 (show every test's output).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -50,7 +52,10 @@ for t in "${tests[@]}"; do
   name=$(basename "$t" .sh)
   out=$logdir/$name.log
   t0=$(date +%s.%N)
-  timeout -k 15 "$timeout_s" bash "$t" > "$out" 2>&1
+  tt=$timeout_s
+  own=$(head -n 30 "$t" | sed -n 's/^# run\.sh timeout: \([0-9][0-9]*\).*/\1/p' | head -n 1)
+  [[ -n $own ]] && ((own > tt)) && tt=$own
+  timeout -k 15 "$tt" bash "$t" > "$out" 2>&1
   rc=$?
   dt=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
   if ((rc == 0)); then
@@ -60,7 +65,7 @@ for t in "${tests[@]}"; do
   else
     failed=$((failed + 1)); failed_names+=("$name")
     reason="exit status $rc"
-    ((rc == 124 || rc == 137)) && reason="timed out after ${timeout_s}s (status $rc)"
+    ((rc == 124 || rc == 137)) && reason="timed out after ${tt}s (status $rc)"
     printf 'FAIL  %-28s %6ss  (%s)\n' "$name" "$dt" "$reason"
     if [[ ${VERBOSE:-0} == 1 ]]; then sed 's/^/      | /' "$out"; else tail -n 60 "$out" | sed 's/^/      | /'; fi
   fi

@@ -28,6 +28,13 @@
 # policy-rc.d refuses every start, unless one exists already.
 # libvirt-daemon (libvirtd, without -system's units): qemu-tests/t-45 runs a
 # private libvirtd of its own, in session mode under its temp dir.
+#
+# The Debian boot image (qemu-tests/debian-image.sh, for t-58 and
+# bench/realboot.sh) is built with debootstrap onto an ext4 partition of a
+# loop device and made bootable with the host's GRUB: grub-install from
+# grub2-common with grub-pc-bin's i386-pc modules (neither touches the
+# host's own boot loader), mkfs.ext4 from e2fsprogs, losetup/partx from
+# util-linux, sfdisk from fdisk.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -57,7 +64,8 @@ need=(qemu-img qemu-io qemu-system-x86_64 qemu-storage-daemon nbdkit nbdinfo nbd
       virt-xml-validate xmllint virsh systemd-analyze
       swift-proxy-server swift-account-server swift-container-server swift-object-server
       swift-ring-builder swift memcached glance-api glance-manage keystone-manage keystone-wsgi-public
-      libvirtd setpriv gnuplot tc)
+      libvirtd setpriv gnuplot tc
+      debootstrap grub-install mkfs.ext4 losetup partx)
 missing=0
 for t in "${need[@]}"; do command -v "$t" >/dev/null 2>&1 || { missing=1; break; }; done
 [[ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]] || missing=1
@@ -65,6 +73,8 @@ nbdkit curl --version >/dev/null 2>&1 || missing=1   # the curl plugin loads
 # the boot test image (qemu-tests/boot-image.sh): syslinux's MBR and a static busybox
 [[ -e /usr/lib/syslinux/mbr/mbr.bin ]] || missing=1
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' || missing=1
+# the Debian boot image (qemu-tests/debian-image.sh): GRUB's BIOS modules
+[[ -e /usr/lib/grub/i386-pc/boot.img ]] || missing=1
 # python3-libnbd: the qemu-tests send raw NBD requests with /usr/bin/python3 + libnbd
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || missing=1
 # glance_store's swift driver needs swiftclient under the python glance-api runs
@@ -89,7 +99,8 @@ apt-get update -q
 apt-get install -y -q --no-install-recommends \
   nbdkit libnbd-bin python3-libnbd fio nginx-light nbd-server curl iproute2 procps openssl \
   syslinux syslinux-common mtools dosfstools busybox-static cpio fdisk kmod ca-certificates \
-  libvirt-clients libxml2-utils systemd gnuplot-nox
+  libvirt-clients libxml2-utils systemd gnuplot-nox \
+  debootstrap grub-pc-bin grub2-common e2fsprogs util-linux
 apt-get install -y -q --no-install-recommends -t bookworm-backports \
   qemu-system-x86 qemu-block-extra qemu-utils
 policy=/usr/sbin/policy-rc.d
