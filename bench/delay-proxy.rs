@@ -14,14 +14,17 @@
 //!
 //! If the link is booked more than `--queue-ms` ahead, the reader stops
 //! reading, so TCP backpressure reaches the sender (a bounded router queue).
-//! Sleeps are nanosleep with a 1 ns timer slack, finished by a short
-//! yield-spin, which keeps sub-millisecond delays accurate.
+//! Sleeps are nanosleep with a 1 ns timer slack (accurate to the wakeup
+//! latency, tens of microseconds); `--spin-us N` finishes each sleep with a
+//! yield-spin of up to N µs for more accuracy, at a CPU cost that competes
+//! with the servers under test at high request rates on a small machine, so
+//! it is off by default. Benchmarks measure the RTT they get and use that.
 //!
 //! std only. Build: `rustc -O -o delay-proxy bench/delay-proxy.rs`
 //! Usage:
 //!   delay-proxy --listen 127.0.0.1:PORT --upstream 127.0.0.1:PORT
 //!               [--delay-ms 0.5] [--rate-mbit 0 (no cap)] [--queue-ms 10]
-//!               [--duration-s 3600 (then it exits)]
+//!               [--duration-s 3600 (then it exits)] [--spin-us 0]
 //! Use it on loopback only.
 
 use std::io::{ErrorKind, Read, Write};
@@ -37,8 +40,6 @@ use std::time::{Duration, Instant};
 const CHUNK: usize = 64 * 1024;
 /// Chunks a direction may hold between its reader and writer.
 const QUEUE_CHUNKS: usize = 4096;
-/// The last stretch before a deadline is spun (with yields), not slept.
-const SPIN: Duration = Duration::from_micros(40);
 
 extern "C" {
     fn prctl(option: i32, arg2: u64, arg3: u64, arg4: u64, arg5: u64) -> i32;
@@ -51,6 +52,8 @@ struct Conf {
     /// bytes per second; 0 = unlimited
     rate: f64,
     queue: Duration,
+    /// The last stretch before a deadline is spun (with yields), not slept.
+    spin: Duration,
 }
 
 /// One direction of the emulated link, shared by every connection.
@@ -80,15 +83,15 @@ impl Link {
     }
 }
 
-fn sleep_until(t: Instant) {
+fn sleep_until(t: Instant, spin: Duration) {
     loop {
         let now = Instant::now();
         if now >= t {
             return;
         }
         let left = t - now;
-        if left > SPIN {
-            thread::sleep(left - SPIN);
+        if left > spin {
+            thread::sleep(left - spin);
         } else {
             thread::yield_now();
         }
@@ -113,7 +116,7 @@ fn reader(mut from: TcpStream, tx: SyncSender<(Instant, Vec<u8>)>, link: Arc<Lin
         if conf.rate > 0.0 {
             let now = Instant::now();
             if left_bottleneck > now + conf.queue {
-                sleep_until(left_bottleneck - conf.queue);
+                sleep_until(left_bottleneck - conf.queue, conf.spin);
             }
         }
     }
@@ -122,9 +125,9 @@ fn reader(mut from: TcpStream, tx: SyncSender<(Instant, Vec<u8>)>, link: Arc<Lin
 }
 
 /// Sends each queued chunk to `to` at its delivery time.
-fn writer(mut to: TcpStream, rx: Receiver<(Instant, Vec<u8>)>) {
+fn writer(mut to: TcpStream, rx: Receiver<(Instant, Vec<u8>)>, spin: Duration) {
     while let Ok((due, data)) = rx.recv() {
-        sleep_until(due);
+        sleep_until(due, spin);
         if data.is_empty() {
             let _ = to.shutdown(Shutdown::Write);
             return;
@@ -141,7 +144,7 @@ fn pump(from: TcpStream, to: TcpStream, link: Arc<Link>, conf: Conf) -> thread::
     let (tx, rx) = sync_channel(QUEUE_CHUNKS);
     let r = thread::spawn(move || reader(from, tx, link, conf));
     thread::spawn(move || {
-        writer(to, rx);
+        writer(to, rx, conf.spin);
         let _ = r.join();
     })
 }
@@ -149,7 +152,7 @@ fn pump(from: TcpStream, to: TcpStream, link: Arc<Link>, conf: Conf) -> thread::
 fn usage() -> ! {
     eprintln!(
         "usage: delay-proxy --listen HOST:PORT --upstream HOST:PORT [--delay-ms F] \
-         [--rate-mbit F] [--queue-ms F] [--duration-s N]"
+         [--rate-mbit F] [--queue-ms F] [--duration-s N] [--spin-us N]"
     );
     std::process::exit(2)
 }
@@ -158,6 +161,7 @@ fn main() {
     let mut listen = None;
     let mut upstream = None;
     let (mut delay_ms, mut rate_mbit, mut queue_ms, mut duration_s) = (0.5f64, 0.0f64, 10.0f64, 3600u64);
+    let mut spin_us = 0u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
@@ -168,6 +172,7 @@ fn main() {
             "--rate-mbit" => rate_mbit = val().parse().unwrap_or_else(|_| usage()),
             "--queue-ms" => queue_ms = val().parse().unwrap_or_else(|_| usage()),
             "--duration-s" => duration_s = val().parse().unwrap_or_else(|_| usage()),
+            "--spin-us" => spin_us = val().parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -176,6 +181,7 @@ fn main() {
         delay: Duration::from_secs_f64(delay_ms / 1e3),
         rate: rate_mbit * 1e6 / 8.0,
         queue: Duration::from_secs_f64(queue_ms / 1e3),
+        spin: Duration::from_micros(spin_us),
     };
     // SAFETY: prctl(PR_SET_TIMERSLACK, 1) only changes this thread's timer
     // slack (inherited by threads spawned later); no memory is passed.
