@@ -20,11 +20,11 @@
 # wins each measure (every size within TIE_PCT % / TIE_S s of the best is
 # listed as a winner).
 #
-# Env: BLOCK_SIZES ("16k 32k 64k 128k 256k 1M")  DEFAULT_BS (64k)  ROUNDS (3)
+# Env: BLOCK_SIZES ("4k 16k 32k 64k 128k 256k 1M")  DEFAULT_BS (4k)  ROUNDS (3)
 #      PARTS ("reads boot")  IMG_MIB (1024)  RUNTIME/COLD_READS/DELAY_MS/RATE_MBIT (run.sh's)
 #      BOOT_RTT (10)  BOOT_REPEAT (3)  TIE_PCT (5)  TIE_S (0.05)
 #      OUT (bench/RESULTS.md)  LAZYBD  LAZYBD_ARGS  KEEP (1: keep the temp dir)
-#      QUICK (1: BLOCK_SIZES="16k 64k" IMG_MIB=64 ROUNDS=2 BOOT_REPEAT=1, a smoke run)
+#      QUICK (1: BLOCK_SIZES="4k 64k" IMG_MIB=64 ROUNDS=2 BOOT_REPEAT=1, a smoke run)
 # Exit status: 0 if every run produced numbers, 1 otherwise.
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -33,10 +33,10 @@ ROOT=$(cd "$BENCH/.." && pwd)
 stamp_begin
 QUICK=${QUICK:-0}
 if [[ $QUICK == 1 ]]; then
-  BLOCK_SIZES=${BLOCK_SIZES:-16k 64k}; IMG_MIB=${IMG_MIB:-64}; ROUNDS=${ROUNDS:-2}; BOOT_REPEAT=${BOOT_REPEAT:-1}
+  BLOCK_SIZES=${BLOCK_SIZES:-4k 64k}; IMG_MIB=${IMG_MIB:-64}; ROUNDS=${ROUNDS:-2}; BOOT_REPEAT=${BOOT_REPEAT:-1}
 fi
-BLOCK_SIZES=${BLOCK_SIZES:-16k 32k 64k 128k 256k 1M}
-DEFAULT_BS=${DEFAULT_BS:-64k}
+BLOCK_SIZES=${BLOCK_SIZES:-4k 16k 32k 64k 128k 256k 1M}
+DEFAULT_BS=${DEFAULT_BS:-4k}
 ROUNDS=${ROUNDS:-3}
 PARTS=${PARTS:-reads boot}
 IMG_MIB=${IMG_MIB:-1024}
@@ -74,7 +74,7 @@ if has "$PARTS" reads; then
     for bs in $sizes; do
       log "reads: round $round, block size $bs (peers: $peers)"
       rc=0
-      BLOCK_SIZE=$bs PEERS=$peers CASES=$CASES_SWEEP ROUNDS=1 IMG=$T/img/disk.img QUICK=$QUICK \
+      BLOCK_SIZE=$bs LAZYBD_BLOCK_SIZE=$bs PEERS=$peers CASES=$CASES_SWEEP ROUNDS=1 IMG=$T/img/disk.img QUICK=$QUICK \
         OUT=$T/run-$bs-r$round.md "$BENCH/run.sh" > "$T/run-$bs-r$round.log" 2>&1 || rc=$?
       [[ $rc == 0 ]] || { FAILED=1; log "run.sh at $bs, round $round: exit $rc (its rows say why)"; tail -n 5 "$T/run-$bs-r$round.log" >&2; }
       if [[ -s $T/run-$bs-r$round.tsv ]]; then
@@ -92,7 +92,7 @@ if has "$PARTS" boot; then
   for bs in $BLOCK_SIZES; do
     log "boot: block size $bs, RTT $BOOT_RTT ms, $BOOT_REPEAT repetition(s)"
     rc=0
-    BLOCK_SIZE=$bs RTTS=$BOOT_RTT REPEAT=$BOOT_REPEAT CASES="local lazybd-cold lazybd-profile" QUICK=$QUICK \
+    BLOCK_SIZE=$bs LAZYBD_BLOCK_SIZE=$bs RTTS=$BOOT_RTT REPEAT=$BOOT_REPEAT CASES="local lazybd-cold lazybd-profile" QUICK=$QUICK \
       OUT="" ROWS_OUT=$T/boot-$bs.tsv "$BENCH/boot.sh" > "$T/boot-$bs.log" 2>&1 || rc=$?
     [[ $rc == 0 ]] || { FAILED=1; log "boot.sh at $bs: exit $rc"; tail -n 5 "$T/boot-$bs.log" >&2; }
   done

@@ -48,7 +48,8 @@
 #   QUICK=1        RTTS=10, REPEAT=1, CASES="local lazybd-cold lazybd-profile
 #                  lazybd-warm", OUT="" (report on stdout only); ~1 min
 #   RTTS ("10 1")  REPEAT (3)  RATE_MBIT (1000)  CASES (all)  NVMS (4)
-#   BLOCK_SIZE (64k)  QSD_READAHEAD (0) QSD_RA (4194304): qemu http readahead, bytes
+#   BLOCK_SIZE (64k: nbdkit cache-min-block-size, qcow2 cluster_size)
+#   LAZYBD_BLOCK_SIZE (lazybd's --block-size; empty: its default, 4k)  QSD_READAHEAD (0) QSD_RA (4194304): qemu http readahead, bytes
 #   BOOT_TIMEOUT (180 s per boot)  OUT (bench/RESULTS.md; "" = none)
 #   LAZYBD (target/release/lazybd; copied into the temp dir first)
 #   LAZYBD_ARGS (extra `serve` options for every lazybd case)
@@ -72,6 +73,10 @@ RATE_MBIT=${RATE_MBIT:-1000}
 CASES=${CASES:-local lazybd-cold lazybd-warm lazybd-profile nbdkit-cache qsd qsd-ra lazybd-4vm}
 NVMS=${NVMS:-4}
 BLOCK_SIZE=${BLOCK_SIZE:-64k}
+LAZYBD_BLOCK_SIZE=${LAZYBD_BLOCK_SIZE:-}
+# lazybd's block option, when one is asked for (else its default).
+LZ_BS=()
+[[ -z $LAZYBD_BLOCK_SIZE ]] || LZ_BS=(--block-size "$LAZYBD_BLOCK_SIZE")
 QSD_READAHEAD=${QSD_READAHEAD:-0}
 QSD_RA=${QSD_RA:-4194304}
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-180}
@@ -205,7 +210,7 @@ if has lazybd-profile; then
   if [[ $HAVE_PROFILE == 1 ]]; then
     log "recording a boot profile (direct origin, --record-profile 0, saved at SIGTERM)"
     lazybd_start "$URL_DIRECT" --cache-dir "$T/rec-cache" --control none --no-profile --record-profile 0 \
-      --block-size "$BLOCK_SIZE"
+      "${LZ_BS[@]}"
     boot_vm "$LAZYBD_URI" "$BOOT_TIMEOUT"
     assert_booted
     lazybd_stop
@@ -245,22 +250,22 @@ run_case() {  # RTT CASE REP URL
       boot_one "$BOOT_IMG" ;;
     lazybd-cold)
       WARM_CACHE=$T/cache/cold-$rtt-$rep
-      lazybd_start "$url" --cache-dir "$WARM_CACHE" --control none --no-profile --block-size "$BLOCK_SIZE" $LAZYBD_ARGS
+      lazybd_start "$url" --cache-dir "$WARM_CACHE" --control none --no-profile "${LZ_BS[@]}" $LAZYBD_ARGS
       boot_one "$LAZYBD_URI"; lz_stop ;;
     lazybd-warm)
       if [[ -z $WARM_CACHE ]]; then  # lazybd-cold not selected: warm a cache first (untimed)
         WARM_CACHE=$T/cache/warm-$rtt-$rep
-        lazybd_start "$url" --cache-dir "$WARM_CACHE" --control none --no-profile --block-size "$BLOCK_SIZE" $LAZYBD_ARGS
+        lazybd_start "$url" --cache-dir "$WARM_CACHE" --control none --no-profile "${LZ_BS[@]}" $LAZYBD_ARGS
         boot_vm "$LAZYBD_URI" "$BOOT_TIMEOUT"; lz_stop
         mark=$(origin_mark)
       fi
-      lazybd_start "$url" --cache-dir "$WARM_CACHE" --control none --no-profile --block-size "$BLOCK_SIZE" $LAZYBD_ARGS
+      lazybd_start "$url" --cache-dir "$WARM_CACHE" --control none --no-profile "${LZ_BS[@]}" $LAZYBD_ARGS
       boot_one "$LAZYBD_URI"; lz_stop
       rm -rf "$WARM_CACHE"; WARM_CACHE="" ;;
     lazybd-profile)
       if [[ $HAVE_PROFILE != 1 ]]; then R_STATUS=n/a; R_NOTE="lazybd has no profile command; "
       else
-        lazybd_start "$url" --cache-dir "$T/cache/profile-$rtt-$rep" --control none --block-size "$BLOCK_SIZE" $LAZYBD_ARGS
+        lazybd_start "$url" --cache-dir "$T/cache/profile-$rtt-$rep" --control none "${LZ_BS[@]}" $LAZYBD_ARGS
         boot_one "$LAZYBD_URI"; lz_stop
         rm -rf "$T/cache/profile-$rtt-$rep"
         [[ ${R_PROF:-0} -gt 0 ]] || R_NOTE+="no profile replay (profile_bytes=${R_PROF:-?}); "
@@ -276,8 +281,9 @@ run_case() {  # RTT CASE REP URL
       port=$(free_port)
       mkdir -p "$T/cache"
       {
-        printf '[server]\nlisten = ["127.0.0.1:%s"]\ncache_dir = "%s"\ncontrol = "none"\nblock_size = "%s"\n' \
-          "$port" "$T/cache/4vm-$rtt-$rep" "$BLOCK_SIZE"
+        printf '[server]\nlisten = ["127.0.0.1:%s"]\ncache_dir = "%s"\ncontrol = "none"\n' \
+          "$port" "$T/cache/4vm-$rtt-$rep"
+        [[ -z $LAZYBD_BLOCK_SIZE ]] || printf 'block_size = "%s"\n' "$LAZYBD_BLOCK_SIZE"
         for ((i = 1; i <= NVMS; i++)); do
           printf '\n[[export]]\nname = "vm%s"\nimage = "%s"\n' "$i" "$url"
           uris+=("nbd://127.0.0.1:$port/vm$i")
@@ -358,6 +364,7 @@ META=$T/meta.tsv
   printf 'rtt_measured\t%s\n' "$RTT_MEASURED"
   printf 'repeat\t%s\n' "$REPEAT"
   printf 'block_size\t%s\n' "$BLOCK_SIZE"
+  printf 'lazybd_block_size\t%s\n' "${LAZYBD_BLOCK_SIZE:-4k (its default)}"
   printf 'qsd_readahead\t%s\n' "$QSD_READAHEAD"
   printf 'qsd_ra\t%s\n' "$QSD_RA"
   printf 'nvms\t%s\n' "$NVMS"
@@ -470,7 +477,7 @@ o.append(f"- qemu {meta['qemu']}, nbdkit {meta['nbdkit']}, nginx {meta['nginx']}
 o.append(f"- lazybd {meta['lazybd']}")
 o.append(f"- image: {meta['image']}")
 o.append(f"- origin: nginx on loopback behind `bench/delay-proxy` (half the RTT each way, {meta['rate_mbit']} Mbit/s per direction shared by all connections); measured 4 KiB ranged GET: {meta['rtt_measured']}")
-o.append(f"- {meta['repeat']} repetitions per case, interleaved; medians reported; cache block {meta['block_size']} (lazybd `--block-size`, nbdkit `cache-min-block-size`, qcow2 `cluster_size`), qsd http `readahead={meta['qsd_readahead']}` (as bench/run.sh) and `readahead={meta['qsd_ra']}` (qsd-ra)")
+o.append(f"- {meta['repeat']} repetitions per case, interleaved; medians reported; lazybd block {meta.get('lazybd_block_size', meta['block_size'])} (`--block-size`), peers' cache block {meta['block_size']} (nbdkit `cache-min-block-size`, qcow2 `cluster_size`), qsd http `readahead={meta['qsd_readahead']}` (as bench/run.sh) and `readahead={meta['qsd_ra']}` (qsd-ra)")
 o.append(f"- profile for `lazybd cold, with profile`: recorded once during a boot (`serve --record-profile 0`, saved at SIGTERM), published beside the image with `lazybd profile export` as `base.img.lazybd-profile`; each run starts with an empty cache and fetches it at open. {meta['profile']}")
 if meta.get("lazybd_args"): o.append(f"- extra lazybd options: `{meta['lazybd_args']}`")
 o.append("")

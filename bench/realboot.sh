@@ -39,7 +39,9 @@
 # A boot that fails makes the script exit 1 (after the report).
 #
 # Env:
-#   ROUNDS (3)  RTT (10 ms)  RATE_MBIT (1000)  CASES (all)  BLOCK_SIZE (64k)
+#   ROUNDS (3)  RTT (10 ms)  RATE_MBIT (1000)  CASES (all)
+#   BLOCK_SIZE (64k: nbdkit cache-min-block-size, qcow2 cluster_size)
+#   LAZYBD_BLOCK_SIZE (lazybd's --block-size; empty: its default, 4k)
 #   QSD_RA (4194304)  BOOT_TIMEOUT (300 s per boot)
 #   OUT (bench/RESULTS.md; "" = stdout only)  QUICK=1: ROUNDS=1, OUT="" unless set
 #   LAZYBD (target/release/lazybd; copied into the temp dir first)
@@ -59,6 +61,9 @@ RTT=${RTT:-10}
 RATE_MBIT=${RATE_MBIT:-1000}
 CASES=${CASES:-local lazybd-cold lazybd-profile qsd-ra nbdkit-cache}
 BLOCK_SIZE=${BLOCK_SIZE:-64k}
+LAZYBD_BLOCK_SIZE=${LAZYBD_BLOCK_SIZE:-}
+LZ_BS=()
+[[ -z $LAZYBD_BLOCK_SIZE ]] || LZ_BS=(--block-size "$LAZYBD_BLOCK_SIZE")
 QSD_RA=${QSD_RA:-4194304}
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-300}
 OUT=${OUT-$BENCH/RESULTS.md}
@@ -175,7 +180,7 @@ PROFILE_INFO="n/a"
 if has lazybd-profile; then
   log "recording a boot profile (direct origin, --record-profile 0, saved at SIGTERM)"
   lazybd_start "$URL_DIRECT" --cache-dir "$T/rec-cache" --control none --no-profile --record-profile 0 \
-    --block-size "$BLOCK_SIZE"
+    "${LZ_BS[@]}"
   debian_boot_vm "$LAZYBD_URI" "$BOOT_TIMEOUT"
   assert_booted
   lazybd_stop
@@ -203,10 +208,10 @@ run_case() {  # ROUND CASE URL
   case $c in
     local) debian_boot_vm "$DEBIAN_IMG" "$BOOT_TIMEOUT" ;;
     lazybd-cold)
-      lazybd_start "$url" --cache-dir "$T/cache/cold-$rd" --control none --no-profile --block-size "$BLOCK_SIZE" $LAZYBD_ARGS
+      lazybd_start "$url" --cache-dir "$T/cache/cold-$rd" --control none --no-profile "${LZ_BS[@]}" $LAZYBD_ARGS
       debian_boot_vm "$LAZYBD_URI" "$BOOT_TIMEOUT"; lz_stop; rm -rf "$T/cache/cold-$rd" ;;
     lazybd-profile)
-      lazybd_start "$url" --cache-dir "$T/cache/profile-$rd" --control none --block-size "$BLOCK_SIZE" $LAZYBD_ARGS
+      lazybd_start "$url" --cache-dir "$T/cache/profile-$rd" --control none "${LZ_BS[@]}" $LAZYBD_ARGS
       debian_boot_vm "$LAZYBD_URI" "$BOOT_TIMEOUT"; lz_stop; rm -rf "$T/cache/profile-$rd"
       [[ ${R_PROF:-0} -gt 0 ]] || R_NOTE+="no profile replay (profile_bytes=${R_PROF:-?}); " ;;
     qsd-ra) qsd_start "$url" "$QSD_RA"; debian_boot_vm "$SRV_URI" "$BOOT_TIMEOUT"; stop_pid "$SRV_PID" ;;
@@ -264,6 +269,7 @@ META=$T/meta.tsv
   printf 'rate_mbit\t%s\n' "$RATE_MBIT"
   printf 'rounds\t%s\n' "$ROUNDS"
   printf 'block_size\t%s\n' "$BLOCK_SIZE"
+  printf 'lazybd_block_size\t%s\n' "${LAZYBD_BLOCK_SIZE:-4k (its default)}"
   printf 'qsd_ra\t%s\n' "$QSD_RA"
   printf 'profile\t%s\n' "$PROFILE_INFO"
   printf 'lazybd_args\t%s\n' "$LAZYBD_ARGS"
@@ -313,7 +319,7 @@ o.append(f"- lazybd {meta['lazybd']}")
 o.append(f"- image: {meta['image']}")
 o.append(f"- origin: nginx on loopback behind `bench/delay-proxy` at {meta['rtt']} ms RTT, {meta['rate_mbit']} Mbit/s "
          f"per direction; measured 4 KiB ranged GET: {meta['rtt_measured']} ms")
-o.append(f"- cache block {meta['block_size']} (lazybd `--block-size`, nbdkit `cache-min-block-size`, qcow2 `cluster_size`)")
+o.append(f"- lazybd block {meta.get('lazybd_block_size', meta['block_size'])} (`--block-size`); peers' cache block {meta['block_size']} (nbdkit `cache-min-block-size`, qcow2 `cluster_size`)")
 o.append(f"- profile for `lazybd cold, with profile`: recorded once during a boot (`serve --record-profile 0`), published "
          f"beside the image with `lazybd profile export`; each run starts with an empty cache. {meta['profile']}")
 if meta.get("lazybd_args"): o.append(f"- extra lazybd options: `{meta['lazybd_args']}`")

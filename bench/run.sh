@@ -8,7 +8,8 @@
 # Client: fio's libnbd `nbd` ioengine, one NBD connection per job.
 #
 # Peers (PEERS):
-#   lazybd        target/release/lazybd serve URL (cold = fresh --cache-dir)
+#   lazybd        target/release/lazybd serve URL (cold = fresh --cache-dir;
+#                 its own default block, 4 KiB, unless LAZYBD_BLOCK_SIZE)
 #   nbdkit-cache  nbdkit curl plugin + cache filter, cache-on-read=true,
 #                 cache-min-block-size=$BLOCK_SIZE
 #   qsd           qemu-storage-daemon: http (curl) blockdev, readahead=0 ->
@@ -28,7 +29,9 @@
 #
 # Env knobs:
 #   QUICK (1: IMG_MIB=64 RUNTIME=2 ROUNDS=2 SEQ_MAX=COLD_MAX=20 STALL_S=10, a smoke run)
-#   ROUNDS (3)  IMG_MIB (1024)  RUNTIME (10 s per timed case)  BLOCK_SIZE (64k)
+#   ROUNDS (3)  IMG_MIB (1024)  RUNTIME (10 s per timed case)
+#   BLOCK_SIZE (64k: the peers' cache granularity, qemu's and nbdkit's default)
+#   LAZYBD_BLOCK_SIZE (lazybd's --block-size; empty: its default, 4k)
 #   PEERS ("lazybd nbdkit-cache qsd nbdkit-file nbd-server")
 #   CASES ("cold-seq warm-seq warm-rand1-tcp warm-rand32-tcp warm-rand1-unix
 #           warm-rand32-unix cold-rand32-rtt cold-seq-rtt")
@@ -55,6 +58,7 @@ ROUNDS=${ROUNDS:-3}
 IMG_MIB=${IMG_MIB:-1024}
 RUNTIME=${RUNTIME:-10}
 BLOCK_SIZE=${BLOCK_SIZE:-64k}
+LAZYBD_BLOCK_SIZE=${LAZYBD_BLOCK_SIZE:-}
 PEERS=${PEERS:-lazybd nbdkit-cache qsd nbdkit-file nbd-server}
 CASES=${CASES:-cold-seq warm-seq warm-rand1-tcp warm-rand32-tcp warm-rand1-unix warm-rand32-unix cold-rand32-rtt cold-seq-rtt}
 OUT=${OUT:-$BENCH/RESULTS.md}
@@ -230,7 +234,8 @@ start_server() {
     lazybd)
       local la; if [[ $tr == tcp ]]; then la=127.0.0.1:$port; else la=unix:$sock; fi
       # shellcheck disable=SC2206
-      cmd=("$LAZYBD" serve "$url" --cache-dir "$SRV_DIR/cache" --listen "$la" --name disk --block-size "$BLOCK_SIZE" $LAZYBD_ARGS)
+      cmd=("$LAZYBD" serve "$url" --cache-dir "$SRV_DIR/cache" --listen "$la" --name disk
+           ${LAZYBD_BLOCK_SIZE:+--block-size "$LAZYBD_BLOCK_SIZE"} $LAZYBD_ARGS)
       note_cmd lazybd "${cmd[@]}"
       "${cmd[@]}" > "$SRV_LOG" 2>&1 &
       SRV_PID=$! ;;
@@ -536,6 +541,7 @@ META=$T/meta.tsv
   printf 'img_bytes\t%s\n' "$IMG_BYTES"
   printf 'block_size\t%s\n' "$BLOCK_SIZE"
   printf 'block_bytes\t%s\n' "$BLOCK_BYTES"
+  printf 'lazybd_block_size\t%s\n' "${LAZYBD_BLOCK_SIZE:-4k (its default)}"
   printf 'runtime\t%s\n' "$RUNTIME"
   printf 'delay_ms\t%s\n' "$DELAY_MS"
   printf 'rate_mbit\t%s\n' "$RATE_MBIT"
@@ -547,7 +553,7 @@ META=$T/meta.tsv
   printf 'lazybd_args\t%s\n' "$LAZYBD_ARGS"
   printf 'elapsed_s\t%s\n' "$ELAPSED"
   printf 'rounds\t%s\n' "$ROUNDS"
-  printf 'invocation\t%s\n' "QUICK=$QUICK ROUNDS=$ROUNDS IMG_MIB=$IMG_MIB RUNTIME=$RUNTIME BLOCK_SIZE=$BLOCK_SIZE PEERS=\"$PEERS\" CASES=\"$CASES\" DELAY_MS=$DELAY_MS RATE_MBIT=$RATE_MBIT COLD_READS=$COLD_READS${LAZYBD_ARGS:+ LAZYBD_ARGS=\"$LAZYBD_ARGS\"} bench/run.sh"
+  printf 'invocation\t%s\n' "QUICK=$QUICK ROUNDS=$ROUNDS IMG_MIB=$IMG_MIB RUNTIME=$RUNTIME BLOCK_SIZE=$BLOCK_SIZE${LAZYBD_BLOCK_SIZE:+ LAZYBD_BLOCK_SIZE=$LAZYBD_BLOCK_SIZE} PEERS=\"$PEERS\" CASES=\"$CASES\" DELAY_MS=$DELAY_MS RATE_MBIT=$RATE_MBIT COLD_READS=$COLD_READS${LAZYBD_ARGS:+ LAZYBD_ARGS=\"$LAZYBD_ARGS\"} bench/run.sh"
   printf 'load\t%s at start, %s at end\n' "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
 } > "$META"
 mkdir -p "$(dirname "$OUT")"
