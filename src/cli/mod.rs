@@ -431,8 +431,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS")]
     pub origin_deadline: Option<u64>,
     /// Send a second copy of an origin request still unanswered after MS
-    /// milliseconds: 'auto' (twice the recent p95 latency), 'off', or MS
-    /// [default: auto].
+    /// milliseconds: 'auto' (twice the recent p95 latency, plus the body's
+    /// time at 100 Mbit/s), 'off', or MS [default: auto].
     #[arg(long, value_name = "MS|auto|off")]
     pub origin_hedge: Option<lazybd::origin::Hedge>,
     /// PEM file of extra CA certificates to trust for an https:// origin.

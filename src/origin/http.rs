@@ -1143,15 +1143,26 @@ impl Origin for HttpOrigin {
     }
 }
 
+/// The slowest transfer rate (bytes/s) automatic hedging expects of a
+/// healthy origin on a busy link: 100 Mbit/s, a tenth of a shared 1 Gbit/s.
+const HEDGE_FLOOR_RATE: f64 = 12.5e6;
+
 impl HttpOrigin {
-    /// The hedge delay now, if hedging.
-    fn hedge_delay(&self) -> Option<Duration> {
+    /// The hedge delay now for a request of `len` bytes, if hedging.
+    ///
+    /// Automatic hedging waits twice the recent p95 latency plus the time
+    /// the body takes at [`HEDGE_FLOOR_RATE`]: the p95 is mostly that of
+    /// small requests, and a large one on a busy link is slow because the
+    /// link is, where a twin only adds to the load (and fetches its bytes
+    /// twice). A stalled large request is still hedged, a little later.
+    fn hedge_delay(&self, len: u64) -> Option<Duration> {
         match self.hedge {
             Hedge::Off => None,
             Hedge::After(d) => Some(d),
             Hedge::Auto => {
                 let p95 = self.stats.origin_latency.quantile(0.95, 32)?;
-                Some((p95 * 2).max(Duration::from_millis(50)))
+                let body = Duration::from_secs_f64(len as f64 / HEDGE_FLOOR_RATE);
+                Some((p95 * 2).max(Duration::from_millis(50)) + body)
             }
         }
     }
@@ -1159,7 +1170,7 @@ impl HttpOrigin {
     /// One attempt, with a twin sent if it is slow and a connection is
     /// free; the first correct answer wins, the other is dropped.
     async fn fetch_hedged(&self, range: ByteRange) -> Result<Bytes> {
-        let Some(delay) = self.hedge_delay() else {
+        let Some(delay) = self.hedge_delay(range.len) else {
             return self.fetch_once(range).await;
         };
         let first = self.fetch_once(range);
