@@ -66,6 +66,14 @@ pub use dir::CacheDir;
 /// Largest single origin request made by coalescing (bytes).
 const DEFAULT_MAX_FETCH: u64 = 4 << 20;
 
+/// Fetches up to this size are stored on the runtime thread that received
+/// them: a pwrite of a few pages into the page cache and their CRCs take a
+/// few microseconds, less than handing them to the blocking pool and back
+/// (two thread wake-ups), which dominated the CPU cost of a cold random
+/// read. Larger fetches go to the blocking pool, so a big store (or a disk
+/// that throttles writeback) never holds up the other connections.
+const INLINE_STORE_MAX: u64 = 64 << 10;
+
 /// The outcome of one origin fetch: the run's bytes, shared by all joiners,
 /// and whether the flight has settled (its blocks are stored, or storing
 /// failed). Readers take the bytes as soon as they arrive; the store runs
@@ -893,9 +901,12 @@ impl ImageCache {
             let _ = tx.send(Some((res.clone(), false)));
             match &res {
                 Ok(bytes) => {
-                    let (inner2, bytes2) = (inner.clone(), bytes.clone());
-                    let stored =
-                        tokio::task::spawn_blocking(move || inner2.store(first, &bytes2)).await;
+                    let stored = if bytes.len() as u64 <= INLINE_STORE_MAX {
+                        Ok(inner.store(first, bytes))
+                    } else {
+                        let (inner2, bytes2) = (inner.clone(), bytes.clone());
+                        tokio::task::spawn_blocking(move || inner2.store(first, &bytes2)).await
+                    };
                     if let Ok(Err(e)) | Err(e) =
                         stored.map_err(|e| Error::with_source(ErrorKind::Io, "cache store task", e))
                     {
