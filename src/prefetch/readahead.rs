@@ -7,9 +7,11 @@
 //!
 //! A guest booting or copying reads long sequential runs, one request at a
 //! time; each cold request would cost a full origin round trip. Readahead
-//! watches a few streams per export; a read that continues a stream grows
-//! its window (doubling up to [`MAX_WINDOW`]) and keeps the cache filled
-//! that far ahead; a stream that is not continued is forgotten (least
+//! watches a few streams per export; a read that continues a stream keeps
+//! the cache filled a window ahead, and the window doubles (up to
+//! [`MAX_WINDOW`]) each time the reader has consumed a whole window, so a
+//! stream earns its window by reading and one that stops leaves little
+//! fetched for nothing; a stream that is not continued is forgotten (least
 //! recently used of [`STREAMS`]), so a new one starts small again.
 //!
 //! Readahead never delays the read that triggered it: it is a spawned
@@ -64,6 +66,9 @@ struct Stream {
     ahead: u64,
     /// Sequential reads seen in a row.
     run: u32,
+    /// Where the stream was when its window last grew: it grows again only
+    /// once the reader has consumed a whole window past that point.
+    grown_at: u64,
     /// For least-recently-used replacement.
     tick: u64,
 }
@@ -136,8 +141,14 @@ impl Readahead {
                     }
                     s.next = r.end();
                     s.run += 1;
-                    if s.run > 2 {
+                    // The window doubles only after the reader has used a
+                    // whole window's worth since it last grew: what a
+                    // stream that stops leaves fetched and unread is then
+                    // at most about what it read, not MAX_WINDOW (a boot
+                    // reads many files of a few hundred KiB in order).
+                    if s.run > 2 && s.next >= s.grown_at + s.window {
                         s.window = (s.window * 2).min(MAX_WINDOW);
+                        s.grown_at = s.next;
                     }
                     // Top up when less than half a window is left ahead.
                     // Ranges end on a grid (the window, up to one origin
@@ -189,6 +200,7 @@ impl Readahead {
                         window: MIN_WINDOW,
                         ahead: r.end(),
                         run: 1,
+                        grown_at: r.end(),
                         tick,
                     };
                     None
