@@ -62,7 +62,9 @@ if soak:
                  f"{int(kv(line, 'hostile_peak_rss_kib')) / 1024:.0f} MiB ({stamp(soak)})"))
 attach = section("Attach of a 1 TiB template")
 if attach:
-    cells = re.findall(r"^\| (read-only|writable) \| (cold|warm) \| \*\*([\d.]+) ms\*\*[^|]*\| ([\d.]+) MiB \|", attach, re.M)
+    # lazybd's own rows (the peers' follow them in the same table).
+    cells = re.findall(r"^\| (?:lazybd \| \w+ \| )?(read-only|writable) \| (cold|warm) \| \*\*([\d.]+) ms\*\*[^|]*\| ([\d.]+) MiB \|",
+                       attach, re.M)
     worst = max(float(c[2]) for c in cells) if cells else float("nan")
     rss = max(float(c[3]) for c in cells) if cells else float("nan")
     rows.append(("1 TiB template: attach and metadata", "t-38 (sizes)", "`bench/attach.sh`",
