@@ -74,6 +74,15 @@ const DEFAULT_MAX_FETCH: u64 = 4 << 20;
 /// that throttles writeback) never holds up the other connections.
 const INLINE_STORE_MAX: u64 = 64 << 10;
 
+/// Rounds of one read in which blocks failed their CRC before it gives up
+/// (each such round refetched them from the origin).
+const MAX_CRC_ROUNDS: u32 = 3;
+
+/// Rounds of one read before it gives up on blocks the evictor keeps
+/// taking (see `ImageCache::read_impl`): far beyond any real cache, which
+/// evicts what was read least recently, not what a read is waiting for.
+const MAX_READ_ROUNDS: u32 = 1000;
+
 /// The outcome of one origin fetch: the run's bytes, shared by all joiners,
 /// and whether the flight has settled (its blocks are stored, or storing
 /// failed). Readers take the bytes as soon as they arrive; the store runs
@@ -724,9 +733,17 @@ impl ImageCache {
         }
         // Blocks of this read not yet in `out`.
         let mut todo: Vec<u64> = blocks.clone().collect();
-        // A block can fail its CRC or be evicted between planning and
-        // reading; a few rounds settle that, more means real trouble.
-        for _round in 0..4 {
+        // Rounds in which a block failed its CRC: a refetch or two settles
+        // a damaged block; failing again after that means real trouble
+        // (the disk returns bad bytes, or the origin changes under us).
+        let mut crc_rounds = 0;
+        // A block can also be evicted between planning and reading, or
+        // published by another reader's fetch and evicted again before this
+        // round reads it. Such a round is not a failure and does not spin
+        // (it waited for an eviction or a fetch), but the evictor could in
+        // principle keep winning; a cache that small is reported, not
+        // looped on forever.
+        for _round in 0..MAX_READ_ROUNDS {
             let mut pass = inner.local_pass(r, &todo, &mut out, &mut zero, true)?;
             if !pass.blocked.is_empty() {
                 // The disk reads go to the blocking pool, `out` with them.
@@ -743,11 +760,21 @@ impl ImageCache {
                 zero.extend(z);
                 let slow = slow?;
                 pass.local += slow.local;
+                pass.failed += slow.failed;
                 pass.need.extend(slow.need);
                 // Ascending, so that planning coalesces adjacent blocks.
                 pass.need.sort_unstable();
             }
             Stats::add(&inner.stats.hits, pass.local);
+            if pass.failed > 0 {
+                crc_rounds += 1;
+                if crc_rounds > MAX_CRC_ROUNDS {
+                    return Err(Error::new(
+                        ErrorKind::Corrupt,
+                        format!("read {r}: blocks keep failing their checksum after refetch"),
+                    ));
+                }
+            }
             let need = pass.need;
             if need.is_empty() {
                 merge_ranges(&mut zero);
@@ -782,8 +809,11 @@ impl ImageCache {
             }
         }
         Err(Error::new(
-            ErrorKind::Corrupt,
-            format!("read {r}: blocks keep failing their checksum after refetch"),
+            ErrorKind::Io,
+            format!(
+                "read {r}: its blocks were evicted {MAX_READ_ROUNDS} times while it ran; \
+                 the cache is too small for the working set (raise --cache-size)"
+            ),
         ))
     }
 
@@ -975,6 +1005,8 @@ struct Pass {
     /// Blocks that must come from the origin: missing, or demoted because
     /// they failed their CRC or were evicted.
     need: Vec<u64>,
+    /// Of `need`, the blocks that failed their CRC in this pass.
+    failed: u64,
     /// Present blocks not read because their bytes are not in the page
     /// cache (only with `nowait`): read them on the blocking pool.
     blocked: Vec<u64>,
@@ -1075,6 +1107,7 @@ impl Inner {
                         self.refs[k as usize].store(1, Ordering::Relaxed);
                     }
                     pass.local += e - b - bad.len() as u64;
+                    pass.failed += bad.len() as u64;
                     pass.need.extend(bad);
                 }
                 BlockState::Zero => {
