@@ -2,7 +2,8 @@
 # compares (sourced by bench/boot.sh and bench/realboot.sh, after
 # qemu-tests/lib.sh). Uses T, BLOCK_SIZE (the peers' cache block) and
 # IMG_BYTES; appends to R_NOTE what went wrong while stopping; lz_stop sets
-# R_SERVED, R_RA and R_PROF from lazybd's exit summary.
+# R_SERVED, R_RA, R_PROF, R_WAITS and R_WAIT_MS (guest reads that waited for
+# the origin, and their total wait) from lazybd's exit summary.
 
 stop_pid() {  # PID : TERM, up to 5 s, then KILL (daemons too: no wait needed)
   local pid=$1 i
@@ -25,6 +26,8 @@ lz_stop() {  # stop the current lazybd without failing the bench
   R_SERVED=$(sed -n 's/.*bytes_served=\([0-9]*\).*/\1/p' <<<"$s")
   R_RA=$(sed -n 's/.*readahead_bytes=\([0-9]*\).*/\1/p' <<<"$s")
   R_PROF=$(sed -n 's/.*profile_bytes=\([0-9]*\).*/\1/p' <<<"$s")
+  R_WAITS=$(sed -n 's/.*guest_waits=\([0-9]*\).*/\1/p' <<<"$s")
+  R_WAIT_MS=$(sed -n 's/.*guest_wait_ms=\([0-9]*\).*/\1/p' <<<"$s")
 }
 
 nbdkit_start() {  # URL -> SRV_URI, SRV_PID

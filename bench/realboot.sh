@@ -25,17 +25,28 @@
 #                   copy-on-read, exported over NBD
 #   nbdkit-cache    nbdkit curl plugin + cache filter (cache-on-read=true,
 #                   cache-min-block-size=BLOCK_SIZE)
+#   local-4vm       four VMs at once, each opening the raw file (the baseline
+#                   of four boots sharing the 2 cores)
+#   lazybd-4vm      four VMs at once from one lazybd (--no-profile, fresh
+#                   cache), all on one read-only export: each block should
+#                   come from the origin once (*fetched twice* 0) and the
+#                   origin bytes stay those of one boot
+# A 4-VM case's boot time is its slowest VM's; its extra is over local-4vm.
 # Every server is started and answering (nbdinfo) before qemu starts; origin
 # requests and bytes are counted from nginx's access log from server start to
 # server stop (open probe and profile download included). Guest bytes are
 # what the guest read from its disk, as lazybd counts it (bytes_served of the
 # round's lazybd-cold boot; the peers' guests read the same image the same
 # way): origin bytes ÷ guest bytes says how much more than the guest needed a
-# server fetched.
+# server fetched. For lazybd, the summary also tells how many guest reads
+# waited for the origin and for how long in all: what a boot of dependent
+# reads loses to the origin's distance.
 #
 # Report: a "Real distribution boot (bench/realboot.sh)" section in OUT
-# (replacing an earlier one): conditions and a table (median boot, extra over
-# local per round, origin MiB, origin ÷ guest bytes, bytes fetched twice).
+# (replacing an earlier one; at an RTT other than 10 ms, its own section
+# "Real distribution boot at RTT ms RTT"): conditions and a table (median
+# boot, extra over local per round, origin MiB, origin ÷ guest bytes, bytes
+# fetched twice, guest waits).
 # A boot that fails makes the script exit 1 (after the report).
 #
 # Env:
@@ -47,8 +58,10 @@
 #   LAZYBD (target/release/lazybd; copied into the temp dir first)
 #   LAZYBD_ARGS (extra `serve` options for every lazybd case)
 #   KEEP_TMP=1 (keep the temp dir: logs, serial consoles, access log, rows.tsv)
-# About 30 s per boot on 2 cores: ~9 min at ROUNDS=3, plus the image build
-# on the first run (qemu-tests/debian-image.sh; needs root).
+# About 45 s per boot on 2 cores and 2-3 min per 4-VM case: ~25 min at
+# ROUNDS=3, plus the image build on the first run (qemu-tests/debian-image.sh;
+# needs root). At 1 ms: RTT=1 CASES="local lazybd-cold lazybd-profile
+# nbdkit-cache" (qemu-storage-daemon's 4 MiB readahead is slowest there).
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH/.." && pwd)
@@ -59,7 +72,7 @@ if [[ $QUICK == 1 ]]; then ROUNDS=${ROUNDS:-1}; OUT=${OUT-}; fi
 ROUNDS=${ROUNDS:-3}
 RTT=${RTT:-10}
 RATE_MBIT=${RATE_MBIT:-1000}
-CASES=${CASES:-local lazybd-cold lazybd-profile qsd-ra nbdkit-cache}
+CASES=${CASES:-local lazybd-cold lazybd-profile qsd-ra nbdkit-cache local-4vm lazybd-4vm}
 BLOCK_SIZE=${BLOCK_SIZE:-64k}
 LAZYBD_BLOCK_SIZE=${LAZYBD_BLOCK_SIZE:-}
 LZ_BS=()
@@ -71,7 +84,7 @@ LAZYBD_ARGS=${LAZYBD_ARGS:-}
 LAZYBD_SRC=${LAZYBD:-$ROOT/target/release/lazybd}
 
 for c in $CASES; do
-  case $c in local|lazybd-cold|lazybd-profile|qsd-ra|nbdkit-cache) ;;
+  case $c in local|lazybd-cold|lazybd-profile|qsd-ra|nbdkit-cache|local-4vm|lazybd-4vm) ;;
     *) echo "bench/realboot.sh: unknown case $c" >&2; exit 2 ;; esac
 done
 has() { [[ " $CASES " == *" $1 "* ]]; }
@@ -137,12 +150,58 @@ fi
 
 # ---------------------------------------------------------------- rounds
 ROWS=$T/rows.tsv
-printf 'round\tcase\tstatus\tboot_s\tinit_s\torigin_reqs\torigin_bytes\tdup_bytes\tserved\tprofile\tnote\n' >"$ROWS"
+printf 'round\tcase\tstatus\tboot_s\tinit_s\torigin_reqs\torigin_bytes\tdup_bytes\tserved\tprofile\twaits\twait_ms\tnote\n' >"$ROWS"
 FAILED=0
+
+# debian_boot_many N DISK : N VMs boot DISK at once (debian_boot_vm's
+# settings, each its own serial log). Sets BOOT_RC (0: all reached the OK
+# marker), BOOT_STATUS, BOOT_S (the slowest VM's marker time), BOOT_INIT_S
+# (the slowest VM's systemd start), BOOT_LOG (a failed VM's log, else the
+# last), DEBIAN_LINE (a VM's marker line with failed units, else the last),
+# and appends every VM's time to R_NOTE.
+MANY_N=0
+debian_boot_many() {
+  local n=$1 disk=$2 i line st ms ok=0 times=() inits=() pids=()
+  MANY_N=$((MANY_N + 1))
+  for ((i = 1; i <= n; i++)); do
+    BOOT_SHA=$DEBIAN_SHA BOOT_MARKER=LAZYBD-DEBIAN BOOT_READONLY=off BOOT_DRIVE_EXTRA=",snapshot=on" \
+      BOOT_MEM=512 BOOT_QUIET=1 BOOT_LOG=$T/many-$MANY_N-$i.log \
+      "$ROOT/qemu-tests/boot.sh" "$disk" "$BOOT_TIMEOUT" >"$T/many-$MANY_N-$i.line" 2>&1 &
+    pids+=("$!")
+  done
+  # boot.sh ends its qemu at the marker or the timeout: these waits end.
+  for i in "${pids[@]}"; do wait "$i" || true; done
+  BOOT_STATUS="" BOOT_S="" BOOT_INIT_S="" DEBIAN_LINE=""
+  for ((i = 1; i <= n; i++)); do
+    line=$(grep -a '^BOOT ' "$T/many-$MANY_N-$i.line" | tail -n 1 || true)
+    st=$(grep -o ' status=[^ ]*' <<<"$line" | cut -d= -f2 || true)
+    ms=$(grep -o ' marker_s=[^ ]*' <<<"$line" | cut -d= -f2 || true)
+    BOOT_LOG=$T/many-$MANY_N-$i.log
+    local dl; dl=$(grep -ao 'LAZYBD-DEBIAN-\(OK\|BAD\) .*' "$BOOT_LOG" | tail -n 1 | tr -d '\r' || true)
+    [[ -n $DEBIAN_LINE && $DEBIAN_LINE != *"failed=none"* ]] || DEBIAN_LINE=$dl
+    if [[ $st == ok && -n $ms ]]; then
+      ok=$((ok + 1)); times+=("$ms")
+      inits+=("$(grep -o ' init_s=[^ ]*' <<<"$line" | cut -d= -f2 || true)")
+    else
+      FAILED_LOG=$BOOT_LOG
+    fi
+  done
+  [[ -z ${FAILED_LOG:-} ]] || BOOT_LOG=$FAILED_LOG
+  unset FAILED_LOG
+  R_NOTE+="VMs ${times[*]:-none} s; "
+  if ((ok == n)); then
+    BOOT_RC=0 BOOT_STATUS=ok
+    BOOT_S=$(printf '%s\n' "${times[@]}" | sort -g | tail -n 1)
+    BOOT_INIT_S=$(printf '%s\n' "${inits[@]}" | sort -g | tail -n 1)
+  else
+    BOOT_RC=1 BOOT_STATUS="$((n - ok))-of-$n-failed"
+  fi
+  log "  $n VMs from $disk: $ok ok, slowest ${BOOT_S:-?} s"
+}
 
 run_case() {  # ROUND CASE URL
   local rd=$1 c=$2 url=$3 mark reqs bytes uniq dup n
-  R_STATUS="" R_BOOT="" R_INIT="" R_NOTE="" R_SERVED="" R_PROF=""
+  R_STATUS="" R_BOOT="" R_INIT="" R_NOTE="" R_SERVED="" R_PROF="" R_WAITS="" R_WAIT_MS=""
   log "round $rd: $c"
   mark=$(origin_mark)
   # shellcheck disable=SC2086
@@ -157,6 +216,10 @@ run_case() {  # ROUND CASE URL
       [[ ${R_PROF:-0} -gt 0 ]] || R_NOTE+="no profile replay (profile_bytes=${R_PROF:-?}); " ;;
     qsd-ra) qsd_start "$url" "$QSD_RA"; debian_boot_vm "$SRV_URI" "$BOOT_TIMEOUT"; stop_pid "$SRV_PID" ;;
     nbdkit-cache) nbdkit_start "$url"; debian_boot_vm "$SRV_URI" "$BOOT_TIMEOUT"; stop_pid "$SRV_PID" ;;
+    local-4vm) debian_boot_many 4 "$DEBIAN_IMG" ;;
+    lazybd-4vm)
+      lazybd_start "$url" --cache-dir "$T/cache/4vm-$rd" --control none --no-profile "${LZ_BS[@]}" $LAZYBD_ARGS
+      debian_boot_many 4 "$LAZYBD_URI"; lz_stop; rm -rf "$T/cache/4vm-$rd" ;;
   esac
   R_STATUS=$BOOT_STATUS R_BOOT=$BOOT_S R_INIT=$BOOT_INIT_S
   [[ $BOOT_RC == 0 ]] || { R_NOTE+="boot $BOOT_STATUS (serial: $(grep -a 'LAZYBD-DEBIAN' "$BOOT_LOG" | tail -n 1 | cut -c1-80)); "; FAILED=1; }
@@ -164,9 +227,9 @@ run_case() {  # ROUND CASE URL
   reqs=$(origin_all_requests_since "$mark")
   bytes=$(origin_bytes_since "$mark")
   read -r uniq dup n < <(origin_ranges_since "$mark" /debian.img)
-  [[ $c == local ]] && reqs="" bytes="" dup=""
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rd" "$c" "${R_STATUS:-fail}" "$R_BOOT" "$R_INIT" \
-    "$reqs" "$bytes" "$dup" "$R_SERVED" "$R_PROF" "${R_NOTE%; }" >>"$ROWS"
+  [[ $c == local* ]] && reqs="" bytes="" dup=""
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rd" "$c" "${R_STATUS:-fail}" "$R_BOOT" "$R_INIT" \
+    "$reqs" "$bytes" "$dup" "$R_SERVED" "$R_PROF" "$R_WAITS" "$R_WAIT_MS" "${R_NOTE%; }" >>"$ROWS"
   log "  -> ${R_STATUS:-fail} boot ${R_BOOT:-?} s (systemd at ${R_INIT:-?} s); origin ${reqs:-0} requests, ${bytes:-0} bytes (${dup:-0} fetched twice)${R_NOTE:+; ${R_NOTE%; }}"
 }
 
@@ -226,13 +289,15 @@ from resultsmd import rounds_cell
 meta = dict(l.rstrip("\n").split("\t", 1) for l in open(meta_p) if "\t" in l)
 rows = list(csv.DictReader(open(rows_p), delimiter="\t"))
 NR = int(meta["rounds"])
-ORDER = ["local", "lazybd-cold", "lazybd-profile", "qsd-ra", "nbdkit-cache"]
+ORDER = ["local", "lazybd-cold", "lazybd-profile", "qsd-ra", "nbdkit-cache", "local-4vm", "lazybd-4vm"]
 LABEL = {
     "local": "local file (qemu opens the raw file)",
     "lazybd-cold": "lazybd cold, no profile",
     "lazybd-profile": "lazybd cold, with profile",
     "qsd-ra": f"qemu-storage-daemon http (readahead={int(meta['qsd_ra']) >> 10} KiB) + qcow2 + copy-on-read",
     "nbdkit-cache": "nbdkit curl + cache filter",
+    "local-4vm": "4 VMs at once, local file",
+    "lazybd-4vm": "4 VMs at once, one lazybd, cold, no profile",
 }
 def med(v): return statistics.median(v) if v else None
 def fnum(x, nd=2): return "—" if x is None else f"{x:.{nd}f}"
@@ -240,8 +305,12 @@ ok = lambda r: r["status"] == "ok" and r["boot_s"]
 def by_round(c, key, conv=float):
     return {r["round"]: conv(r[key]) for r in rows if r["case"] == c and ok(r) and r[key]}
 loc = by_round("local", "boot_s")
+loc4 = by_round("local-4vm", "boot_s")
 guest = by_round("lazybd-cold", "served", int)
-o = [f"## Real distribution boot (bench/realboot.sh)\n"]
+title = "## Real distribution boot (bench/realboot.sh)"
+if float(meta["rtt"]) != 10:
+    title = f"## Real distribution boot at {meta['rtt']} ms RTT (bench/realboot.sh RTT={meta['rtt']})"
+o = [title + "\n"]
 o.append(f"{NR} round(s) of every case, the order alternating (odd rounds as listed, even rounds reversed); "
          f"{meta['elapsed_s']} s.\n")
 o.append("Time from starting `qemu-system-x86_64` (TCG) to the `LAZYBD-DEBIAN-OK` line on the guest's serial console. "
@@ -252,7 +321,11 @@ o.append("Time from starting `qemu-system-x86_64` (TCG) to the `LAZYBD-DEBIAN-OK
          "qemu starts. *Extra* = boot − the same round's local-file boot (median of the rounds, each round's in "
          "parentheses). Origin bytes come from nginx's access log from server start to stop (open probe and profile "
          "download included); *guest bytes* are the bytes the guest read from its disk (lazybd's bytes_served in the "
-         "same round's cold boot); *fetched twice* is image bytes covered by more than one ranged GET.\n")
+         "same round's cold boot; for 4 VMs, still one guest's bytes); *fetched twice* is image bytes covered by more "
+         "than one ranged GET. *Guest waits* (lazybd only): guest reads that waited for the origin, and the sum of "
+         "their waits (`guest_waits`, `guest_wait_ms` of its summary; medians): a boot is mostly one chain of "
+         "dependent reads, so this sum is about what the origin's distance adds to it. A 4-VM case's boot is its "
+         "slowest VM's and its extra is over the same round's 4-VM local boot.\n")
 o.append("Conditions:\n")
 o.append(f"- machine: {meta['machine']}; load average {meta['load']}")
 o.append(f"- qemu {meta['qemu']}, nbdkit {meta['nbdkit']}, nginx {meta['nginx']}")
@@ -265,8 +338,8 @@ o.append(f"- profile for `lazybd cold, with profile`: recorded once during a boo
          f"beside the image with `lazybd profile export`; each run starts with an empty cache. {meta['profile']}")
 if meta.get("lazybd_args"): o.append(f"- extra lazybd options: `{meta['lazybd_args']}`")
 o.append("")
-o.append("| case | boot s (median) | extra s | runs s | origin requests | origin MiB | origin ÷ guest bytes | fetched twice | notes |")
-o.append("|---|---|---|---|---|---|---|---|---|")
+o.append("| case | boot s (median) | extra s | runs s | origin requests | origin MiB | origin ÷ guest bytes | fetched twice | guest waits | notes |")
+o.append("|---|---|---|---|---|---|---|---|---|---|")
 for c in ORDER:
     rs = [r for r in rows if r["case"] == c]
     if not rs: continue
@@ -274,12 +347,17 @@ for c in ORDER:
     boot = med([float(r["boot_s"]) for r in good])
     runs = ", ".join(r["boot_s"] or r["status"] for r in sorted(rs, key=lambda r: int(r["round"])))
     b = by_round(c, "boot_s")
-    ex = [b[k] - loc[k] for k in sorted(b, key=int) if k in loc]
+    base = loc4 if c.endswith("-4vm") else loc
+    ex = [b[k] - base[k] for k in sorted(b, key=int) if k in base]
     notes = sorted({r["note"] for r in rs if r["note"]})
     if len(good) < len(rs): notes.append(f"{len(rs) - len(good)} of {len(rs)} runs FAILED")
-    if c == "local":
-        o.append(f"| {LABEL[c]} | {fnum(boot)} | — | {runs} | — | — | — | — | {'; '.join(notes)} |")
+    if c.startswith("local"):
+        o.append(f"| {LABEL[c]} | {fnum(boot)} | — | {runs} | — | — | — | — | — | {'; '.join(notes)} |")
         continue
+    waits = med([int(r["waits"]) for r in good if r["waits"]])
+    wait_s = med([int(r["wait_ms"]) / 1e3 for r in good if r["wait_ms"]])
+    wcell = "—" if waits is None or wait_s is None else f"{int(waits)} reads, {wait_s:.2f} s"
+
     ob = by_round(c, "origin_bytes", int)
     ratio = [ob[k] / guest[k] for k in sorted(ob, key=int) if k in guest and guest[k] > 0]
     reqs = med([int(r["origin_reqs"]) for r in good if r["origin_reqs"]])
@@ -290,7 +368,7 @@ for c in ORDER:
         if pb is not None: notes.append(f"profile replay fetched {pb / 2**20:.1f} MiB")
     o.append(f"| {LABEL[c]} | {fnum(boot)} | {rounds_cell(ex, 2, ' s', rounds=NR)} | {runs} | "
              f"{'—' if reqs is None else int(reqs)} | {fnum(mib, 1)} | {rounds_cell(ratio, 2, '×', rounds=NR)} | "
-             f"{'—' if dup is None else dup} | {'; '.join(notes)} |")
+             f"{'—' if dup is None else dup} | {wcell} | {'; '.join(notes)} |")
 g = med(list(guest.values()))
 o.append("")
 if g: o.append(f"Guest bytes (median of the rounds): {g / 2**20:.1f} MiB.\n")

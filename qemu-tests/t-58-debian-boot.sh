@@ -15,6 +15,10 @@
 #    (/metrics), origin requests and bytes (nginx access log); asserted: the
 #    marker with the right sha, systemd as PID 1 with udev running, no byte
 #    fetched twice from the origin, origin bytes no more than the image.
+#  - qcow2: the same system as a zlib-compressed qcow2 template (qemu-img
+#    convert -c, how image services and distributions ship them) served
+#    with --format qcow2, cold: boots with the right sha, systemd and udev;
+#    no byte fetched twice, origin bytes no more than the qcow2 file.
 # The first run builds the image (about a minute plus ~150 MiB of package
 # downloads; needs root), hence the longer timeout.
 # run.sh timeout: 900
@@ -70,5 +74,25 @@ assert_le "$cold_bytes" "$size" "origin bytes of a cold boot"
 assert_eq "$mtime" "$(stat -c %Y "$DEBIAN_IMG")" "mtime of the image file after the boots"
 assert_origin_only_read
 
-log "RESULT debian boot: local ${local_s}s, cold ${cold_s}s; guest read $((read_bytes / 1024)) KiB in $read_reqs requests;" \
+# ---- qcow2 template, cold
+t_conv=$SECONDS
+qemu-img convert -q -m 2 -W -c -f raw -O qcow2 "$DEBIAN_IMG" "$T/origin/debian.qcow2" ||
+  fail "qemu-img convert -c of the Debian image failed"
+qsize=$(stat -c %s "$T/origin/debian.qcow2")
+log "qcow2 template: $qsize bytes (zlib clusters), converted in $((SECONDS - t_conv)) s"
+m1=$(origin_mark)
+lazybd_start "$ORIGIN_URL/debian.qcow2" --format qcow2 --cache-dir "$T/cache-qcow2" --control none --no-profile
+debian_boot_vm "$LAZYBD_URI" 300
+assert_booted
+assert_genuine
+qcow2_s=$BOOT_S
+lazybd_stop
+q_bytes=$(origin_bytes_since "$m1" /debian.qcow2)
+read -r _ q_dup _ < <(origin_ranges_since "$m1" /debian.qcow2)
+log "qcow2 cold boot: ${qcow2_s}s; origin $q_bytes bytes of the $qsize-byte file ($q_dup fetched twice)"
+assert_eq 0 "$q_dup" "bytes the origin sent twice during the qcow2 boot"
+assert_le "$q_bytes" "$qsize" "origin bytes of the qcow2 boot"
+assert_origin_only_read
+
+log "RESULT debian boot: local ${local_s}s, cold ${cold_s}s, qcow2 ${qcow2_s}s; guest read $((read_bytes / 1024)) KiB in $read_reqs requests;" \
   "origin $cold_reqs requests, $((cold_bytes / 1024)) KiB ($(awk -v o="$cold_bytes" -v g="$read_bytes" 'BEGIN{printf "%.2f", o / g}')x guest bytes)"

@@ -50,6 +50,16 @@ impl Histogram {
         None
     }
 
+    /// Samples recorded.
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Sum of the samples, in seconds.
+    pub(crate) fn sum_secs(&self) -> f64 {
+        self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
     /// (sum in seconds, count, per-bucket (upper bound, count)); the
     /// encoder makes them cumulative.
     pub(crate) fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
@@ -113,6 +123,11 @@ pub struct Stats {
     pub hydrate_bytes: AtomicU64,
     /// Time of successful origin requests, body included.
     pub(crate) origin_latency: Histogram,
+    /// Time guest reads spent waiting for the origin (from their first
+    /// wait for a fetch to their answer), one sample per read that waited.
+    /// Its sum bounds what a cold boot made of dependent reads loses to
+    /// the origin's distance: reads that hit the cache are not in it.
+    pub(crate) guest_wait: Histogram,
 }
 
 /// Who brought bytes in ahead of the guest: each kind of background work
@@ -152,7 +167,8 @@ impl fmt::Display for Stats {
             "reads={} bytes_served={} hits={} misses={} origin_requests={} origin_bytes={} \
              origin_errors={} crc_failures={} store_failures={} zero_blocks={} evictions={} \
              punch_failures={} readahead_bytes={} profile_bytes={} hydrate_bytes={} origin_hedges={} \
-             manifest_failures={} peer_bytes={} peer_failures={} peer_served_bytes={}",
+             manifest_failures={} peer_bytes={} peer_failures={} peer_served_bytes={} \
+             guest_waits={} guest_wait_ms={}",
             g(&self.reads),
             g(&self.bytes_served),
             g(&self.hits),
@@ -173,6 +189,8 @@ impl fmt::Display for Stats {
             g(&self.peer_bytes),
             g(&self.peer_failures),
             g(&self.peer_served_bytes),
+            self.guest_wait.count(),
+            (self.guest_wait.sum_secs() * 1e3).round() as u64,
         )
     }
 }

@@ -57,7 +57,7 @@ use crate::block::{BlockIndex, BlockSize, ByteRange};
 use crate::device::{BlockDevice, BoxFuture, Extent, ReadData};
 use crate::error::{Error, ErrorKind, Result};
 use crate::origin::Origin;
-use crate::stats::{Stats, Work};
+use crate::stats::{Histogram, Stats, Work};
 use crate::store::map::BlockState;
 use crate::store::BlockStore;
 
@@ -228,6 +228,29 @@ impl<'a> Waiting<'a> {
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Records how long a guest read waited for the origin when it ends
+/// (however it ends): from its first wait for a fetch, if it had one.
+struct OriginWait<'a> {
+    into: Option<&'a Histogram>,
+    since: Option<std::time::Instant>,
+}
+
+impl OriginWait<'_> {
+    fn begin(&mut self) {
+        if self.into.is_some() && self.since.is_none() {
+            self.since = Some(std::time::Instant::now());
+        }
+    }
+}
+
+impl Drop for OriginWait<'_> {
+    fn drop(&mut self) {
+        if let (Some(h), Some(t)) = (self.into, self.since) {
+            h.record(t.elapsed());
+        }
     }
 }
 
@@ -728,7 +751,11 @@ impl ImageCache {
         }
         let blocks = inner.bs.covering(r);
         let _waiting = Waiting::new(&inner.guest_waiting);
-        if let Some(data) = self.cold_read(r, blocks.clone()).await? {
+        let mut clock = OriginWait {
+            into: observed.then_some(&inner.stats.guest_wait),
+            since: None,
+        };
+        if let Some(data) = self.cold_read(r, blocks.clone(), &mut clock).await? {
             return Ok(ReadData { data, zero });
         }
         // Blocks of this read not yet in `out`.
@@ -790,6 +817,7 @@ impl ImageCache {
                 match plan {
                     Plan::Done => todo.push(*b),
                     Plan::Wait(f) => {
+                        clock.begin();
                         let bytes = wait(&f).await?;
                         if f.evicting {
                             // Punched now: the next round fetches it.
@@ -821,7 +849,12 @@ impl ImageCache {
     /// flight brings them all, hand out a slice of the fetched bytes instead
     /// of copying them into a fresh buffer. `None`: take the general path
     /// (any flight started here is joined there, nothing is fetched twice).
-    async fn cold_read(&self, r: ByteRange, blocks: std::ops::Range<u64>) -> Result<Option<Bytes>> {
+    async fn cold_read(
+        &self,
+        r: ByteRange,
+        blocks: std::ops::Range<u64>,
+        clock: &mut OriginWait<'_>,
+    ) -> Result<Option<Bytes>> {
         let inner = &self.inner;
         if blocks
             .clone()
@@ -842,6 +875,7 @@ impl ImageCache {
             return Ok(None);
         }
         Stats::add(&inner.stats.misses, need.len() as u64);
+        clock.begin();
         let bytes = wait(f).await?;
         let start = (r.offset - f.first * inner.bs.bytes()) as usize;
         let part = start..start + r.len as usize;
@@ -1614,6 +1648,32 @@ mod tests {
         assert!(evictor.join().unwrap() > 0);
         assert_eq!(Stats::get(&cache.stats().crc_failures), 0);
         assert!(accounted(&cache));
+    }
+
+    /// Guest reads that wait for the origin are timed, one sample each,
+    /// however many fetches they wait for; hits and lazybd's own reads are
+    /// not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn guest_reads_that_wait_for_the_origin_are_timed() {
+        let (_dir, cache) = open(MemOrigin::new(image(2 * MIB), false));
+        let waits = |c: &ImageCache| c.stats().guest_wait.count();
+        cache.read_unobserved(range(0, BS)).await.unwrap();
+        assert_eq!(waits(&cache), 0, "lazybd's own read");
+        let t = std::time::Instant::now();
+        cache.read(range(2 * BS, BS)).await.unwrap();
+        assert_eq!(waits(&cache), 1);
+        settled(&cache).await;
+        // Blocks 1 (missing), 2 (cached above) and 3 (missing): two fetches.
+        cache.read(range(BS, 3 * BS)).await.unwrap();
+        assert_eq!(waits(&cache), 2, "one sample per read");
+        let sum = cache.stats().guest_wait.sum_secs();
+        assert!(sum > 0.0 && sum <= t.elapsed().as_secs_f64(), "{sum} s");
+        settled(&cache).await;
+        cache.read(range(0, 4 * BS)).await.unwrap();
+        assert!(cache.read_now(range(BS, BS)).is_some());
+        assert_eq!(waits(&cache), 2, "hits wait for nothing");
+        let s = cache.stats().to_string();
+        assert!(s.contains("guest_waits=2 guest_wait_ms="), "{s}");
     }
 
     /// A hole that cannot be punched: the block stays cached and correct,

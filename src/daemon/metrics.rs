@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use super::state::Daemon;
 use crate::error::{Error, Result};
 use crate::prefetch::hydrate;
-use crate::stats::Stats;
+use crate::stats::{Histogram, Stats};
 use std::sync::atomic::Ordering::Relaxed;
 
 type Field = fn(&Stats) -> u64;
@@ -137,17 +137,25 @@ impl Collector for DaemonCollector {
                     .encode_counter::<NoLabelSet, _, u64>(&field(st), None)?;
             }
         }
-        let mut m = enc.encode_descriptor(
-            "lazybd_origin_request_seconds",
-            "Latency of successful origin requests",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (image, st) in &images {
-            let (sum, count, buckets) = st.origin_latency.snapshot();
-            let labels = [("image", image.as_str())];
-            m.encode_family(&labels)?
-                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        for (name, help, pick) in [
+            (
+                "lazybd_origin_request_seconds",
+                "Latency of successful origin requests",
+                (|s: &Stats| &s.origin_latency) as fn(&Stats) -> &Histogram,
+            ),
+            (
+                "lazybd_guest_origin_wait_seconds",
+                "Time guest reads waited for the origin (reads that waited)",
+                |s: &Stats| &s.guest_wait,
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (image, st) in &images {
+                let (sum, count, buckets) = pick(st).snapshot();
+                let labels = [("image", image.as_str())];
+                m.encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+            }
         }
         let hydrations = d.hydrations();
         for (name, help, pick) in [
