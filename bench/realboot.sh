@@ -148,6 +148,24 @@ if has lazybd-profile; then
   log "profile published as debian.img.lazybd-profile: $PROFILE_INFO"
 fi
 
+# ---------------------------------------------------------------- pattern
+# One boot from the local file through nbdkit's log filter: every read the
+# guest makes, in order, with its times (bench/boot-pattern.py reads them).
+PATTERN_MD=$T/pattern.md
+if [[ ${PATTERN:-1} == 1 ]]; then
+  log "recording the boot's read pattern (nbdkit --filter=log file, local)"
+  pport=$(free_port)
+  mkdir -p "$T/pattern"
+  nbdkit -P "$T/pattern/pid" --log=stderr -r -e disk -i 127.0.0.1 -p "$pport" --filter=log \
+    file "$DEBIAN_IMG" logfile="$T/pattern/requests.log" >"$T/pattern/log" 2>&1 || true
+  _daemon_ready "$T/pattern" "nbd://127.0.0.1:$pport/disk"
+  debian_boot_vm "$SRV_URI" "$BOOT_TIMEOUT"
+  assert_booted
+  stop_pid "$SRV_PID"
+  "$BENCH/boot-pattern.py" "$T/pattern/requests.log" >"$PATTERN_MD" || fail "bench/boot-pattern.py failed"
+  cat "$PATTERN_MD" >&2
+fi
+
 # ---------------------------------------------------------------- rounds
 ROWS=$T/rows.tsv
 printf 'round\tcase\tstatus\tboot_s\tinit_s\torigin_reqs\torigin_bytes\tdup_bytes\tserved\tprofile\twaits\twait_ms\tnote\n' >"$ROWS"
@@ -278,6 +296,7 @@ META=$T/meta.tsv
   printf 'profile\t%s\n' "$PROFILE_INFO"
   printf 'lazybd_args\t%s\n' "$LAZYBD_ARGS"
   printf 'elapsed_s\t%s\n' "$ELAPSED"
+  printf 'pattern_md\t%s\n' "$PATTERN_MD"
 } >"$META"
 
 SECTION=$T/section.md
@@ -376,6 +395,15 @@ g = med(list(guest.values()))
 o.append("")
 if g: o.append(f"Guest bytes (median of the rounds): {g / 2**20:.1f} MiB.\n")
 o.append("Raw rows (every run) are in the bench's temp dir (`KEEP_TMP=1`), `rows.tsv`.\n")
+try:
+    pattern = open(meta["pattern_md"]).read().strip()
+except OSError:
+    pattern = ""
+if pattern:
+    o.append("### The boot's read pattern\n")
+    o.append("One boot from the local file through `nbdkit --filter=log file` (no network: the guest's own "
+             "pattern), analysed by `bench/boot-pattern.py`:\n")
+    o.append(pattern + "\n")
 open(out_p, "w").write("\n".join(o) + "\n")
 PY
 echo

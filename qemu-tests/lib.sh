@@ -448,7 +448,13 @@ s3_start() {
     -s3.port="${ports[3]}" -admin.port="${ports[4]}" -admin.ui=false
     -s3.config="$S3_STATE/ids.json" -master.telemetry=false -webdav=false
     -s3.port.iceberg=0 -s3.port.lance=0)
-  _s3_exec "${S3_CMD[@]}" </dev/null >"$S3_STATE/weed.log" 2>&1 &
+  # Started directly, not through _s3_exec: a function run with & is a
+  # subshell whose child weed would outlive a signal to $! (it leaked).
+  if [[ -n ${S3_NETNS:-} ]]; then
+    ip netns exec "$S3_NETNS" "${S3_CMD[@]}" </dev/null >"$S3_STATE/weed.log" 2>&1 &
+  else
+    "${S3_CMD[@]}" </dev/null >"$S3_STATE/weed.log" 2>&1 &
+  fi
   S3_PID=$!
   S3_URL=http://127.0.0.1:${ports[3]}
   local deadline=$((SECONDS + 30)) code
@@ -465,9 +471,9 @@ s3_start() {
 s3_stop() {
   [[ -n $S3_PID ]] || return 0
   if _pid_alive "$S3_PID"; then
-    kill -TERM "$S3_PID" 2>/dev/null
+    _kill_tree TERM "$S3_PID"
     for _ in $(seq 50); do _pid_alive "$S3_PID" || break; sleep 0.1; done
-    _pid_alive "$S3_PID" && kill -KILL "$S3_PID" 2>/dev/null
+    _pid_alive "$S3_PID" && _kill_tree KILL "$S3_PID"
   fi
   wait "$S3_PID" 2>/dev/null
   S3_PID=""
