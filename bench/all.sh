@@ -9,8 +9,9 @@
 #   bench/run.sh         lazybd against its peers (bench/run.sh)               ~22 min (3 rounds)
 #   bench/block-size.sh  Block size sweep (bench/block-size.sh)                ~22 min (6 sizes, 3 rounds + boots)
 #   bench/boot.sh        Boot (bench/boot.sh)                                  ~5 min
-#   bench/realboot.sh    Real distribution boot (bench/realboot.sh)            ~9 min (3 rounds; + image build once)
+#   bench/realboot.sh    Real distribution boot (bench/realboot.sh), also at 1 ms  ~20 min (3 rounds; + image build once)
 #   bench/multi.sh       Many exports and writable exports (bench/multi.sh)    ~11 min (3 rounds)
+#   bench/fleet.sh       Many VMs on one host (bench/fleet.sh)                 ~4 min (3 rounds)
 #   bench/hydrate.sh     Hydration (bench/hydrate.sh)                          ~1 min
 #   bench/origins.sh     Cloud origins (bench/origins.sh)                      ~10 min (3 rounds)
 #   bench/cluster.sh     Many hosts, one origin (bench/cluster.sh)             ~12 min (3 rounds + sweep)
@@ -22,7 +23,7 @@
 # then bench/assemble.py (OUT's header with an index of the sections and their
 # stamps, the sections in this order; after a run of every script, sections
 # no script writes are dropped) and bench/reliability-table.py (RELIABILITY's
-# table from OUT). About 1.9 h in all at full size.
+# table from OUT). About 2.1 h in all at full size.
 #
 # A failing script does not stop the others: its section is whatever it
 # wrote (most scripts write their failures into it) or, if it wrote none, its
@@ -48,7 +49,7 @@
 set -euo pipefail
 BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$BENCH/.." && pwd)
-ORDER="run block-size boot realboot multi hydrate origins cluster crash soak power-cut attach"
+ORDER="run block-size boot realboot multi fleet hydrate origins cluster crash soak power-cut attach"
 QUICK_SKIP="realboot"   # not in a QUICK run of everything (see QUICK above)
 QUICK=${QUICK:-0}
 if [[ -z ${SCRIPTS:-} && $QUICK == 1 ]]; then

@@ -8,7 +8,11 @@ streams (how long a stream lives, how many interleave), and how many were
 issued with no other read outstanding (the dependent chain a boot is: each
 such read that misses costs one full round trip to the origin).
 
-Prints a markdown fragment (bench/realboot.sh puts it in its section).
+Record it with every read delayed (nbdkit --filter=log --filter=delay
+rdelay=10ms file IMAGE): answered at local speed, every read would be done
+before the guest issues the next, and the log could not show which reads a
+guest issues together. Prints a markdown fragment (bench/realboot.sh puts
+it in its section).
 
 Streams: a read continues a stream when it starts where one of the
 STREAMS_TRACKED most recently used streams ended (or up to GAP bytes past
