@@ -3,7 +3,8 @@
 # qemu-tests/lib.sh). Uses T, BLOCK_SIZE (the peers' cache block) and
 # IMG_BYTES; appends to R_NOTE what went wrong while stopping; lz_stop sets
 # R_SERVED, R_RA, R_PROF, R_WAITS and R_WAIT_MS (guest reads that waited for
-# the origin, and their total wait) from lazybd's exit summary.
+# the origin, and their total wait) from lazybd's exit summary, and notes
+# hedged origin requests (they show as bytes fetched twice).
 
 stop_pid() {  # PID : TERM, up to 5 s, then KILL (daemons too: no wait needed)
   local pid=$1 i
@@ -28,6 +29,8 @@ lz_stop() {  # stop the current lazybd without failing the bench
   R_PROF=$(sed -n 's/.*profile_bytes=\([0-9]*\).*/\1/p' <<<"$s")
   R_WAITS=$(sed -n 's/.*guest_waits=\([0-9]*\).*/\1/p' <<<"$s")
   R_WAIT_MS=$(sed -n 's/.*guest_wait_ms=\([0-9]*\).*/\1/p' <<<"$s")
+  local h; h=$(sed -n 's/.*origin_hedges=\([0-9]*\).*/\1/p' <<<"$s")
+  [[ ${h:-0} == 0 ]] || R_NOTE+="$h origin requests hedged (sent twice: slow answers); "
 }
 
 nbdkit_start() {  # URL -> SRV_URI, SRV_PID
