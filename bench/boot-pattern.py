@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
 """bench/boot-pattern.py LOGFILE [BLOCK]
+bench/boot-pattern.py LOGFILE --unread RANGES IMAGE
+
 
 The read pattern of one boot, from an nbdkit log filter's file (every
 request the guest made, in order, with issue and completion times): how
@@ -19,6 +21,12 @@ STREAMS_TRACKED most recently used streams ended (or up to GAP bytes past
 it: a file system skips a few blocks between extents); otherwise it starts
 a new one, displacing the least recently used. A stream *dies* when it is
 displaced or the boot ends.
+
+With --unread: RANGES holds a server's origin GETs of one cold boot of the
+same image ("START END" per line, END exclusive): how many of the bytes it
+fetched the guest never read (by the size of the GET that brought them),
+and how many of those are zeros in IMAGE (the file system's free space:
+what readahead running past the end of a file's data brings).
 """
 import re
 import statistics
@@ -74,10 +82,53 @@ def streams(reads):
     return every, owner
 
 
+SIZE_CLASSES = [(4 << 10, "4 KiB"), (16 << 10, "≤ 16 KiB"), (64 << 10, "≤ 64 KiB"),
+                (256 << 10, "≤ 256 KiB"), (1 << 20, "≤ 1 MiB"), (1 << 62, "> 1 MiB")]
+
+
+def unread(reads, ranges_path, image_path, block=4096):
+    """Markdown table: origin bytes the guest never read, by GET size."""
+    guest = set()
+    for _, _, off, ln in reads:
+        guest.update(range(off // block, (off + ln - 1) // block + 1))
+    gets = [tuple(map(int, l.split())) for l in open(ranges_path) if l.strip()]
+    img = open(image_path, "rb")
+    zero_page = bytes(block)
+
+    def is_zero(b):
+        img.seek(b * block)
+        return img.read(block) == zero_page
+
+    rows = {label: [0, 0, 0, 0] for _, label in SIZE_CLASSES}  # gets, bytes, unread, zero
+    for a, z in gets:
+        label = next(lb for hi, lb in SIZE_CLASSES if z - a <= hi)
+        r = rows[label]
+        r[0] += 1
+        r[1] += z - a
+        for b in range(a // block, (z - 1) // block + 1):
+            if b not in guest:
+                r[2] += block
+                r[3] += block if is_zero(b) else 0
+    tot = [sum(r[i] for r in rows.values()) for i in range(4)]
+    mib = lambda x: f"{x / 2**20:.1f}"
+    out = ["| origin GET size | GETs | MiB | MiB the guest never read | of them zeros |",
+           "|---|---|---|---|---|"]
+    for _, label in SIZE_CLASSES:
+        g, b, u, zr = rows[label]
+        if g:
+            out.append(f"| {label} | {g} | {mib(b)} | {mib(u)} | {mib(zr)} |")
+    out.append(f"| all | {tot[0]} | {mib(tot[1])} | {mib(tot[2])} ({tot[2] / max(1, tot[1]):.0%}) | "
+               f"{mib(tot[3])} |")
+    return "\n".join(out)
+
+
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
     reads = parse(sys.argv[1])
+    if len(sys.argv) == 5 and sys.argv[2] == "--unread":
+        print(unread(reads, sys.argv[3], sys.argv[4]))
+        return
     block = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
     if not reads:
         sys.exit(f"boot-pattern: no reads in {sys.argv[1]}")

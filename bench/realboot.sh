@@ -251,6 +251,11 @@ run_case() {  # ROUND CASE URL
   reqs=$(origin_all_requests_since "$mark")
   bytes=$(origin_bytes_since "$mark")
   read -r uniq dup n < <(origin_ranges_since "$mark" /debian.img)
+  # The first cold boot's GETs, for what it fetched that the guest never read
+  if [[ $c == lazybd-cold && ! -s $T/cold-gets.txt ]]; then
+    _origin_lines "$mark" | awk -F'|' '$2 == "GET" && $3 == "/debian.img" && $5 ~ /^bytes=[0-9]+-[0-9]+$/ && $5 != "bytes=0-0" {
+      split(substr($5, 7), r, "-"); printf "%.0f %.0f\n", r[1], r[2] + 1 }' >"$T/cold-gets.txt"
+  fi
   [[ $c == local* ]] && reqs="" bytes="" dup=""
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rd" "$c" "${R_STATUS:-fail}" "$R_BOOT" "$R_INIT" \
     "$reqs" "$bytes" "$dup" "$R_SERVED" "$R_PROF" "$R_WAITS" "$R_WAIT_MS" "${R_NOTE%; }" >>"$ROWS"
@@ -303,6 +308,11 @@ META=$T/meta.tsv
   printf 'lazybd_args\t%s\n' "$LAZYBD_ARGS"
   printf 'elapsed_s\t%s\n' "$ELAPSED"
   printf 'pattern_md\t%s\n' "$PATTERN_MD"
+  if [[ -s $T/cold-gets.txt && -s $T/pattern/requests.log ]]; then
+    "$BENCH/boot-pattern.py" "$T/pattern/requests.log" --unread "$T/cold-gets.txt" "$DEBIAN_IMG" >"$T/unread.md" ||
+      log "boot-pattern.py --unread failed"
+    printf 'unread_md\t%s\n' "$T/unread.md"
+  fi
 } >"$META"
 
 SECTION=$T/section.md
@@ -411,6 +421,15 @@ if pattern:
              "(every read answered one RTT late, as if each were a miss at the origin), analysed by "
              "`bench/boot-pattern.py`:\n")
     o.append(pattern + "\n")
+try:
+    unread = open(meta.get("unread_md", "")).read().strip()
+except OSError:
+    unread = ""
+if unread:
+    o.append("What lazybd's first cold boot (no profile) fetched that the guest never read (the guest's reads: the "
+             "boot above; its own would differ by a few requests), by the size of the ranged GET that brought it; "
+             "*zeros*: blocks that are zero in the image (free space of the file system):\n")
+    o.append(unread + "\n")
 open(out_p, "w").write("\n".join(o) + "\n")
 PY
 echo
