@@ -118,7 +118,6 @@ LAZYBD=$T/lazybd
 LAZYBD_INFO="$(readlink -f "$LAZYBD_SRC"), built $(date -u -r "$LAZYBD_SRC" '+%Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$LAZYBD_SRC" | cut -c1-12)"
 HAVE_PROFILE=1
 "$LAZYBD" profile --help >/dev/null 2>&1 || HAVE_PROFILE=0
-LOAD_START=$STAMP_LOAD
 START=$SECONDS
 
 boot_image "$T/origin"
@@ -287,10 +286,7 @@ ELAPSED=$((SECONDS - START))
 META=$T/meta.tsv
 {
   printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
-  printf 'machine\t%s cores (%s), %s, kernel %s\n' "$(nproc)" \
-    "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
-    "$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)" "$(uname -r)"
-  printf 'load\t%s at start, %s at end\n' "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
+  meta_host
   printf 'qemu\t%s\n' "$(qemu-system-x86_64 --version | head -n 1 | sed 's/QEMU emulator version //')"
   printf 'nbdkit\t%s\n' "$(nbdkit --version 2>/dev/null | awk '{print $2}')"
   printf 'nginx\t%s\n' "$(nginx -v 2>&1 | sed 's/.*\///')"
@@ -315,12 +311,12 @@ META=$T/meta.tsv
 
 SECTION=$T/section.md
 python3 - "$ROWS" "$META" "$SECTION" "$BENCH" <<'PY'
-import csv, statistics, sys
+import statistics, sys
 rows_p, meta_p, out_p, bench = sys.argv[1:]
 sys.path.insert(0, bench)
-from resultsmd import rounds_cell
-meta = dict(l.rstrip("\n").split("\t", 1) for l in open(meta_p) if "\t" in l)
-rows = list(csv.DictReader(open(rows_p), delimiter="\t"))
+from resultsmd import read_meta, read_rows, rounds_cell
+meta = read_meta(meta_p)
+rows = read_rows(rows_p)
 rtts = []
 for r in rows:
     if r["rtt"] not in rtts: rtts.append(r["rtt"])

@@ -68,7 +68,6 @@ fi
 cp "$LAZYBD_SRC" "$T/lazybd"   # a rebuild during the run must not change it
 LAZYBD=$T/lazybd
 LAZYBD_INFO="$(readlink -f "$LAZYBD_SRC"), built $(date -u -r "$LAZYBD_SRC" '+%Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$LAZYBD_SRC" | cut -c1-12)"
-LOAD_START=$STAMP_LOAD
 START=$SECONDS
 RW_BYTES=$((RW_MIB * 1048576))
 
@@ -192,10 +191,7 @@ ELAPSED=$((SECONDS - START))
 
 META=$T/meta.tsv
 {
-  printf 'machine\t%s cores (%s), %s, kernel %s\n' "$(nproc)" \
-    "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
-    "$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)" "$(uname -r)"
-  printf 'load\t%s at start, %s at end\n' "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
+  meta_host
   printf 'versions\tfio %s, nbdkit %s, libnbd %s, nginx %s\n' "$(fio --version | sed 's/^fio-//')" \
     "$(nbdkit --version | awk '{print $2}')" "$(nbdinfo --version 2>/dev/null | awk 'NR==1 {print $2}')" \
     "$(nginx -v 2>&1 | sed 's/.*\///')"
@@ -209,12 +205,12 @@ META=$T/meta.tsv
 
 SECTION=$T/section.md
 python3 - "$ROWS" "$META" "$SECTION" "$BENCH" <<'PY'
-import csv, statistics, sys
+import statistics, sys
 rows_p, meta_p, out_p, bench = sys.argv[1:]
 sys.path.insert(0, bench)
-from resultsmd import paired, rounds_cell
-meta = dict(l.rstrip("\n").split("\t", 1) for l in open(meta_p) if "\t" in l)
-rows = list(csv.DictReader(open(rows_p), delimiter="\t"))
+from resultsmd import paired, read_meta, read_rows, rounds_cell
+meta = read_meta(meta_p)
+rows = read_rows(rows_p)
 NR = int(meta["rounds"])
 def clients(r): return [float(x) for x in r["clients_iops"].split(",") if x]
 o = ["## Many VMs on one host (bench/fleet.sh)\n"]

@@ -31,6 +31,13 @@ stamp_begin() { # record what the stamp says about the start of the run
   STAMP_T0=$SECONDS
 }
 
+meta_host() { # -> the "machine" and "load" lines of a bench's meta.tsv (load: from stamp_begin to now)
+  printf 'machine\t%s cores (%s), %s, kernel %s\n' "$(nproc)" \
+    "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
+    "$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)" "$(uname -r)"
+  printf 'load\t%s at start, %s at end\n' "$STAMP_LOAD" "$(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
 stamp_text() { # -> the stamp line of the running script (without the *Stamp: ...* markup)
   local script quick=""
   script=bench/$(basename "$0")

@@ -114,7 +114,6 @@ fi
 cp "$LAZYBD_SRC" "$T/lazybd"
 LAZYBD=$T/lazybd
 LAZYBD_INFO="$(readlink -f "$LAZYBD_SRC"), built $(date -u -r "$LAZYBD_SRC" '+%Y-%m-%d %H:%M UTC'), sha256 $(sha256sum "$LAZYBD_SRC" | cut -c1-12)"
-LOAD_START=$STAMP_LOAD
 START=$SECONDS
 
 debian_image "$T/origin"
@@ -188,9 +187,9 @@ debian_boot_many() {
   local n=$1 disk=$2 i line st ms ok=0 times=() inits=() pids=()
   MANY_N=$((MANY_N + 1))
   for ((i = 1; i <= n; i++)); do
-    BOOT_SHA=$DEBIAN_SHA BOOT_MARKER=LAZYBD-DEBIAN BOOT_READONLY=off BOOT_DRIVE_EXTRA=",snapshot=on" \
-      BOOT_MEM=512 BOOT_QUIET=1 BOOT_LOG=$T/many-$MANY_N-$i.log \
-      "$ROOT/qemu-tests/boot.sh" "$disk" "$BOOT_TIMEOUT" >"$T/many-$MANY_N-$i.line" 2>&1 &
+    # exec: the pid waited for is boot.sh's own, not a subshell's
+    BOOT_QUIET=1 BOOT_LOG=$T/many-$MANY_N-$i.log \
+      debian_boot_env exec "$ROOT/qemu-tests/boot.sh" "$disk" "$BOOT_TIMEOUT" >"$T/many-$MANY_N-$i.line" 2>&1 &
     pids+=("$!")
   done
   # boot.sh ends its qemu at the marker or the timeout: these waits end.
@@ -285,10 +284,7 @@ ELAPSED=$((SECONDS - START))
 # ---------------------------------------------------------------- report
 META=$T/meta.tsv
 {
-  printf 'machine\t%s cores (%s), %s, kernel %s\n' "$(nproc)" \
-    "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)" \
-    "$(awk '/^MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)" "$(uname -r)"
-  printf 'load\t%s at start, %s at end\n' "$LOAD_START" "$(cut -d' ' -f1-3 /proc/loadavg)"
+  meta_host
   printf 'qemu\t%s\n' "$(qemu-system-x86_64 --version | head -n 1 | sed 's/QEMU emulator version //')"
   printf 'nbdkit\t%s\n' "$(nbdkit --version 2>/dev/null | awk '{print $2}')"
   printf 'nginx\t%s\n' "$(nginx -v 2>&1 | sed 's/.*\///')"
@@ -317,12 +313,12 @@ META=$T/meta.tsv
 
 SECTION=$T/section.md
 python3 - "$ROWS" "$META" "$SECTION" "$BENCH" <<'PY'
-import csv, statistics, sys
+import statistics, sys
 rows_p, meta_p, out_p, bench = sys.argv[1:]
 sys.path.insert(0, bench)
-from resultsmd import rounds_cell
-meta = dict(l.rstrip("\n").split("\t", 1) for l in open(meta_p) if "\t" in l)
-rows = list(csv.DictReader(open(rows_p), delimiter="\t"))
+from resultsmd import read_meta, read_rows, rounds_cell
+meta = read_meta(meta_p)
+rows = read_rows(rows_p)
 NR = int(meta["rounds"])
 ORDER = ["local", "lazybd-cold", "lazybd-profile", "qsd-ra", "nbdkit-cache", "local-4vm", "lazybd-4vm"]
 LABEL = {

@@ -133,6 +133,19 @@ def write(path, text):
     os.replace(tmp, path)
 
 
+# ---- a bench's temp files ---------------------------------------------
+
+def read_meta(path):
+    """meta.tsv ("KEY<TAB>VALUE" lines) -> dict."""
+    return dict(l.rstrip("\n").split("\t", 1) for l in open(path) if "\t" in l)
+
+
+def read_rows(path):
+    """rows.tsv (a header line, tab-separated) -> list of dicts."""
+    import csv
+    return list(csv.DictReader(open(path), delimiter="\t"))
+
+
 # ---- per-round numbers -------------------------------------------------
 
 def median(xs):

@@ -901,6 +901,15 @@ debian_image() {
   [[ -n $DEBIAN_SHA ]] || fail "debian_image: no data_sha256 in $DEBIAN_IMG.meta"
 }
 
+# debian_boot_env CMD... : run CMD (boot_vm, or qemu-tests/boot.sh itself)
+# with boot.sh's settings for the Debian image: its markers, its payload sha,
+# a writable disk whose writes stay in qemu (snapshot=on), 512 MiB of guest
+# memory (BOOT_MEM overrides)
+debian_boot_env() {
+  BOOT_SHA=$DEBIAN_SHA BOOT_MARKER=LAZYBD-DEBIAN BOOT_READONLY=off BOOT_DRIVE_EXTRA=",snapshot=on" \
+    BOOT_MEM=${BOOT_MEM:-512} "$@"
+}
+
 # debian_boot_vm DISK [TIMEOUT_S=300] : boot_vm for the Debian image: its
 # markers (LAZYBD-DEBIAN-*), its payload sha, 512 MiB of guest memory
 # (BOOT_MEM overrides), and a disk the guest may write to whose writes stay
@@ -910,7 +919,6 @@ debian_image() {
 DEBIAN_LINE=""
 debian_boot_vm() {
   local disk=$1 to=${2:-300}
-  BOOT_SHA=$DEBIAN_SHA BOOT_MARKER=LAZYBD-DEBIAN BOOT_READONLY=off BOOT_DRIVE_EXTRA=",snapshot=on" \
-    BOOT_MEM=${BOOT_MEM:-512} boot_vm "$disk" "$to"
+  debian_boot_env boot_vm "$disk" "$to"
   DEBIAN_LINE=$(grep -ao 'LAZYBD-DEBIAN-\(OK\|BAD\) .*' "$BOOT_LOG" | tail -n 1 | tr -d '\r' || true)
 }

@@ -69,11 +69,7 @@ impl Histogram {
             let bound = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::MAX);
             out.push((bound, b.load(Ordering::Relaxed)));
         }
-        (
-            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            self.count.load(Ordering::Relaxed),
-            out,
-        )
+        (self.sum_secs(), self.count(), out)
     }
 }
 
