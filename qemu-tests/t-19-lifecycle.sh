@@ -10,7 +10,11 @@
 . "$(dirname "$0")/lib.sh"
 require_cmd nbdcopy nginx
 
-mkimage "$T/origin/disk.img" 128
+# 384 MiB: each killed client caches some 30 MiB before it is killed, and
+# the third must still find far more cold bytes than it can fetch before the
+# poll sees 12 MiB go by (with 128 MiB it had ~60 MiB left, which loopback
+# serves in about 0.13 s: it sometimes finished first).
+mkimage "$T/origin/disk.img" 384
 img=$T/origin/disk.img
 origin_start "$T/origin" >/dev/null
 url=$ORIGIN_URL/disk.img
